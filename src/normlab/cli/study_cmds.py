@@ -1,7 +1,98 @@
-"""CLI commands (filled in by their issue)."""
+"""``normlab study NAME`` (run a study and write its report), ``normlab study --list`` and
+``normlab report PATH`` (render a report from a study output folder or a results store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from normlab.errors import NormlabError
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("study")(study)
+    app.command("report")(report)
+
+
+def study(
+    name: Annotated[str | None, typer.Argument(help="Study name (see --list) or a recipe path.")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the studies and exit.")] = False,
+    scale: Annotated[str, typer.Option(help="tiny (seconds), quick (CPU minutes), paper (GPU).")] = "quick",
+    seeds: Annotated[int, typer.Option(help="Seeds per configuration; tables show mean ± 95% CI.")] = 3,
+    device: Annotated[str, typer.Option(help="Torch device for training, e.g. cpu or cuda.")] = "cpu",
+    out: Annotated[Path, typer.Option(help="Output folder; the report goes to OUT/NAME/.")] = Path("studies"),
+    store: Annotated[Path | None, typer.Option(help="Results store (default OUT/NAME/runs.sqlite).")] = None,
+    workers: Annotated[int, typer.Option(help="Parallel training processes (1 = in this process).")] = 1,
+) -> None:
+    """Run a study: train its variants, measure, and write OUT/NAME/report.html + report.md."""
+    from rich.console import Console
+
+    from normlab.studies import get_study, list_studies
+
+    console = Console()
+    if list_:
+        for study_name in list_studies():
+            recipe = get_study(study_name)
+            console.print(f"[bold]{study_name}[/bold]  {recipe.title}  [dim]({recipe.paper})[/dim]")
+        return
+    if name is None:
+        raise NormlabError(f"give a study name or --list; valid studies: {', '.join(list_studies())}")
+    if not isinstance(workers, int) or workers < 1:
+        raise NormlabError(f"--workers must be >= 1, got {workers!r}")
+    from normlab.studies.runner import run_study
+
+    err = Console(stderr=True)
+    executor = _executor(workers)
+    outcome, files = run_study(
+        name,
+        scale=scale,
+        seeds=seeds,
+        device=device,
+        out=out,
+        store=store,
+        executor=executor,
+        progress=lambda message: err.print(f"[dim]{message}[/dim]"),
+    )
+    _print_markdown(console, files.markdown_text)
+    console.print(f"report: {files.html}")
+
+
+def report(
+    path: Annotated[Path, typer.Argument(help="A study output folder (with outcome.json) or a store file.")],
+    out: Annotated[Path | None, typer.Option(help="Where a store report goes (default: beside).")] = None,
+    quiet: Annotated[bool, typer.Option(help="Do not print the Markdown summary.")] = False,
+) -> None:
+    """Render report.html + report.md from a study output folder or a results store, and print the summary."""
+    from rich.console import Console
+
+    from normlab.reports.store_report import store_report
+    from normlab.studies.runner import render_study_folder
+
+    if not path.exists():
+        raise NormlabError(f"report path {path} does not exist; give a study output folder or a store file")
+    if path.is_dir():
+        files = render_study_folder(path)
+    else:
+        from normlab.store import Store
+
+        files = store_report(Store(path), out if out is not None else path.parent / f"{path.stem}-report")
+    console = Console()
+    if not quiet:
+        _print_markdown(console, files.markdown_text)
+    console.print(f"report: {files.html}")
+
+
+def _executor(workers: int):
+    if workers == 1:
+        return None
+    from normlab.sweep import LocalPoolExecutor
+
+    return LocalPoolExecutor(workers=workers)
+
+
+def _print_markdown(console, text: str) -> None:
+    from rich.markdown import Markdown
+
+    console.print(Markdown(text))

@@ -1,0 +1,160 @@
+"""Speed of normlab's layers and AGC against their PyTorch baselines, measured in the same run.
+
+    python benchmarks/layers.py [--repeat 10] [--threads 1]
+
+Prints three tables of median times and ratios (lower is better):
+1. forward+backward (training mode) of every registered norm on a (128, 64, 32, 32) float32 CPU tensor,
+   divided by ``nn.BatchNorm2d``'s;
+2. ``ScaledStdConv2d`` (3x3, 64 -> 64) divided by ``nn.Conv2d`` + ``nn.BatchNorm2d``, batch 128;
+3. ``adaptive_clip_grad_`` on a list of parameters with the shapes of torchvision's resnet50 (built here
+   without torchvision), divided by timm's per-parameter loop (``timm.utils.agc.adaptive_clip_grad``).
+Timings are interleaved round-robin (one run of each candidate per round) so that load changes on a
+shared machine hit all candidates alike; each figure is the median over ``--repeat`` rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from normlab.layers import ScaledStdConv2d, activation_gamma, create_norm
+from normlab.optim import adaptive_clip_grad_
+
+
+def timm_agc_reference(parameters: list[torch.Tensor], clip_factor: float = 0.01, eps: float = 1e-3) -> None:
+    """timm's ``adaptive_clip_grad`` (timm/utils/agc.py), reproduced as the baseline."""
+
+    def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+        if x.ndim <= 1:
+            return x.norm(2.0)
+        return x.norm(2.0, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+    for p in parameters:
+        if p.grad is None:
+            continue
+        p_data, g_data = p.detach(), p.grad.detach()
+        max_norm = unitwise_norm(p_data).clamp_(min=eps).mul_(clip_factor)
+        grad_norm = unitwise_norm(g_data)
+        clipped_grad = g_data * (max_norm / grad_norm.clamp(min=1e-6))
+        new_grads = torch.where(grad_norm < max_norm, g_data, clipped_grad)
+        p.grad.detach().copy_(new_grads)
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of torchvision's resnet50 in ``named_parameters`` order (25,557,032 numbers)."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    in_ch = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            out = width * 4
+            shapes += [(width, in_ch, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,),
+                       (out, width, 1, 1), (out,), (out,)]
+            if b == 0:
+                shapes += [(out, in_ch, 1, 1), (out,), (out,)]
+            in_ch = out
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def interleaved_medians(fns: dict[str, Callable[[], None]], repeat: int, warmup: int = 2) -> dict[str, float]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        module(x).backward(grad)
+
+    return run
+
+
+def print_table(title: str, baseline: str, medians: dict[str, float]) -> None:
+    print(f"\n{title}")
+    print(f"{'candidate':<34}{'median ms':>12}{'ratio':>9}")
+    for name, t in medians.items():
+        print(f"{name:<34}{t * 1e3:>12.2f}{t / medians[baseline]:>9.2f}")
+
+
+def bench_norms(repeat: int) -> None:
+    x = torch.randn(128, 64, 32, 32, requires_grad=True)
+    grad = torch.randn_like(x)
+    layers: dict[str, nn.Module] = {"nn.BatchNorm2d (baseline)": nn.BatchNorm2d(64)}
+    for name in ("bn", "ghost_bn", "batch_renorm", "noisy_bn", "evalnorm", "frozen_bn", "noise", "gn", "ln",
+                 "in"):
+        layers[name] = create_norm(name, 64, dims=2)
+    layers["noisy_bn(noise_after_affine=False)"] = create_norm("noisy_bn", 64, noise_after_affine=False)
+    layers["noisy_bn(per_position=True)"] = create_norm("noisy_bn", 64, per_position=True)
+    layers["evalnorm (eval, sample_weight=0.25)"] = create_norm("evalnorm", 64, sample_weight=0.25).eval()
+    fns = {name: forward_backward(m, x, grad) for name, m in layers.items()}
+    print_table("Norm layers, forward+backward, (128, 64, 32, 32) float32, ratio to nn.BatchNorm2d",
+                "nn.BatchNorm2d (baseline)", interleaved_medians(fns, repeat))
+
+
+def bench_ws_conv(repeat: int) -> None:
+    x = torch.randn(128, 64, 16, 16, requires_grad=True)
+    grad = torch.randn(128, 64, 16, 16)
+    conv_bn = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64))
+    ws = ScaledStdConv2d(64, 64, 3, padding=1, gamma=activation_gamma("relu"))
+    fns = {"Conv2d + BatchNorm2d (baseline)": forward_backward(conv_bn, x, grad),
+           "ScaledStdConv2d": forward_backward(ws, x, grad)}
+    print_table("Scaled WS conv 3x3 64->64, forward+backward, (128, 64, 16, 16) float32",
+                "Conv2d + BatchNorm2d (baseline)", interleaved_medians(fns, repeat))
+
+
+def bench_agc(repeat: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, generator=gen) * 0.05) for s in resnet50_shapes()]
+    grads = [torch.randn(s, generator=gen) * 0.01 for s in resnet50_shapes()]
+
+    def with_fresh_grads(fn: Callable[[list[torch.Tensor]], None]) -> Callable[[], None]:
+        def run() -> None:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            fn(params)
+
+        return run
+
+    def reset_only(ps: list[torch.Tensor]) -> None:
+        pass
+
+    medians = interleaved_medians({"grad reset only": with_fresh_grads(reset_only),
+                                   "timm per-parameter loop (baseline)": with_fresh_grads(timm_agc_reference),
+                                   "adaptive_clip_grad_": with_fresh_grads(adaptive_clip_grad_)}, repeat)
+    # The gradient copies are the same for both candidates; subtract them to compare the clipping alone.
+    reset = medians.pop("grad reset only")
+    medians = {name: max(t - reset, 1e-9) for name, t in medians.items()}
+    print(f"\n(resnet50: {len(params)} tensors, {sum(p.numel() for p in params):,} numbers; "
+          f"gradient reset {reset * 1e3:.2f} ms subtracted)")
+    print_table("AGC on resnet50-shaped parameters, ratio to timm's loop",
+                "timm per-parameter loop (baseline)", medians)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=10, help="timed rounds per candidate (median reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeat} rounds")
+    bench_norms(args.repeat)
+    bench_ws_conv(args.repeat)
+    bench_agc(args.repeat)
+
+
+if __name__ == "__main__":
+    main()

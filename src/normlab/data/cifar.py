@@ -1,0 +1,196 @@
+"""CIFAR-10 and CIFAR-100 (Krizhevsky 2009) from the official python-pickle archives.
+
+``root`` may hold the extracted folder (``cifar-10-batches-py`` / ``cifar-100-python``), the archive
+(``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``, MD5-verified then extracted), or nothing, in which
+case ``download=True`` fetches the archive from www.cs.toronto.edu/~kriz/ with MD5 verification. The batch
+files are pickles, read as torchvision does: only from the official archive or a folder the user points at.
+
+Inputs are scaled to [0, 1], then normalized per channel with the training split's mean and standard
+deviation (recorded in ``meta``); x is (N, 3, 32, 32) float32, y (N,) int64.
+"""
+
+from __future__ import annotations
+
+import pickle
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from normlab.data import download as fetch
+from normlab.data.dataset import Dataset, default_root, register_dataset
+from normlab.errors import NormlabError
+
+URL = "https://www.cs.toronto.edu/~kriz/"
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    name: str
+    archive: str
+    md5: str
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+
+
+CIFAR10 = CifarSpec(
+    name="cifar10",
+    archive="cifar-10-python.tar.gz",
+    md5="c58f30108f718f92721af3b95e74349a",
+    folder="cifar-10-batches-py",
+    train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+    test_files=("test_batch",),
+    meta_file="batches.meta",
+)
+CIFAR100 = CifarSpec(
+    name="cifar100",
+    archive="cifar-100-python.tar.gz",
+    md5="eb9058c3a382ffc7106e4002c42a8d85",
+    folder="cifar-100-python",
+    train_files=("train",),
+    test_files=("test",),
+    meta_file="meta",
+)
+
+
+def locate(spec: CifarSpec, root: Path, download: bool) -> Path:
+    """The extracted folder of ``spec`` under ``root``, extracting or downloading the archive if needed."""
+    if (root / spec.meta_file).exists():  # root is the extracted folder itself
+        return root
+    folder = root / spec.folder
+    if folder.is_dir():
+        return folder
+    archive = root / spec.archive
+    if archive.exists():
+        fetch.check_md5(archive, spec.md5)
+    elif download:
+        fetch.download(URL + spec.archive, archive, spec.md5)
+    else:
+        raise NormlabError(
+            f"{spec.name} not found under {root} (looked for {spec.folder}/ and {spec.archive}); pass "
+            f"download=True (CLI: --download) to fetch it from {URL}, or root= (CLI: --data-root) to point "
+            "at a folder that holds it"
+        )
+    return extract(archive, root, spec.folder)
+
+
+def extract(archive: Path, root: Path, folder: str) -> Path:
+    """Extract ``archive`` into ``root`` through a temporary folder, so ``root/folder`` appears complete
+    or not at all."""
+    with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(tmp, filter="data")
+        if not (Path(tmp) / folder).is_dir():
+            raise NormlabError(
+                f"{archive} does not contain the folder {folder}/; is it the official archive?"
+            )
+        (Path(tmp) / folder).rename(root / folder)
+    return root / folder
+
+
+def read_batches(folder: Path, files: tuple[str, ...], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate the pickled batches: data rows (N, 3072) uint8, the R, G, B planes of 32x32 pixels,
+    become (N, 3, 32, 32)."""
+    xs, ys = [], []
+    for name in files:
+        path = folder / name
+        if not path.exists():
+            raise NormlabError(
+                f"{path} is missing; the folder {folder} is incomplete, delete it and extract again"
+            )
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch[label_key], dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def read_label_names(folder: Path, meta_file: str, key: bytes) -> list[str]:
+    with open(folder / meta_file, "rb") as f:
+        meta = pickle.load(f, encoding="bytes")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[key]]
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) standard deviation over N, H, W of x (N, C, H, W), in float64."""
+    x64 = x.to(torch.float64)
+    return x64.mean(dim=(0, 2, 3)), x64.std(dim=(0, 2, 3), correction=0)
+
+
+def build(
+    spec: CifarSpec,
+    root: Path | None,
+    download: bool,
+    *,
+    label_key: bytes,
+    names_key: bytes,
+    num_classes: int,
+    normalize: bool,
+) -> Dataset:
+    if not isinstance(normalize, bool):
+        raise NormlabError(f"normalize must be True or False, got {normalize!r}")
+    root = root or default_root()
+    if not root.exists() and download:
+        root.mkdir(parents=True)
+    folder = locate(spec, root, download)
+    x_train, y_train = read_batches(folder, spec.train_files, label_key)
+    x_test, y_test = read_batches(folder, spec.test_files, label_key)
+    xtr = torch.from_numpy(x_train).float().div_(255)
+    xte = torch.from_numpy(x_test).float().div_(255)
+    meta: dict = {"source": str(folder), "label_names": read_label_names(folder, spec.meta_file, names_key)}
+    if normalize:
+        mean, std = channel_stats(xtr)
+        shift, scale = mean.float().view(1, 3, 1, 1), std.float().view(1, 3, 1, 1)
+        xtr.sub_(shift).div_(scale)
+        xte.sub_(shift).div_(scale)
+        meta.update(mean=mean.tolist(), std=std.tolist())
+    return Dataset(
+        x_train=xtr,
+        y_train=torch.from_numpy(y_train),
+        x_test=xte,
+        y_test=torch.from_numpy(y_test),
+        num_classes=num_classes,
+        in_channels=3,
+        dims=2,
+        task="classification",
+        input_shape=(3, 32, 32),
+        name=spec.name,
+        meta=meta,
+    )
+
+
+@register_dataset("cifar10")
+def load_cifar10(root: Path | None, download: bool, *, normalize: bool = True) -> Dataset:
+    """CIFAR-10: 50,000 train / 10,000 test 32x32 RGB images, 10 classes."""
+    return build(
+        CIFAR10,
+        root,
+        download,
+        label_key=b"labels",
+        names_key=b"label_names",
+        num_classes=10,
+        normalize=normalize,
+    )
+
+
+@register_dataset("cifar100")
+def load_cifar100(
+    root: Path | None, download: bool, *, normalize: bool = True, labels: str = "fine"
+) -> Dataset:
+    """CIFAR-100: 50,000 train / 10,000 test images; ``labels="fine"`` (100 classes) or ``"coarse"`` (20)."""
+    if labels not in ("fine", "coarse"):
+        raise NormlabError(f"labels must be 'fine' or 'coarse', got {labels!r}")
+    return build(
+        CIFAR100,
+        root,
+        download,
+        label_key=f"{labels}_labels".encode(),
+        names_key=f"{labels}_label_names".encode(),
+        num_classes=100 if labels == "fine" else 20,
+        normalize=normalize,
+    )

@@ -1,0 +1,102 @@
+"""ImageNet-style image folders: ``root/train/<class>/*.{png,jpg,jpeg}`` and ``root/val/<class>/...``,
+loaded with PIL into memory.
+
+Each image is converted to RGB, its shorter side resized to ``image_size`` (bilinear) and the centre
+``image_size x image_size`` square cropped (the standard ImageNet evaluation transform, which keeps the
+aspect ratio), scaled to [0, 1] and normalized per channel with the training split's mean and standard
+deviation. Classes are the sorted folder names of ``train/``; y indexes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from normlab.data.cifar import channel_stats
+from normlab.data.dataset import Dataset, register_dataset
+from normlab.errors import NormlabError
+
+EXTENSIONS = (".png", ".jpg", ".jpeg")
+SPLITS = ("train", "val")
+
+
+def list_images(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """(path, class index) of every image in ``split_dir/<class>/``, in sorted order."""
+    items = []
+    for index, name in enumerate(classes):
+        class_dir = split_dir / name
+        if class_dir.is_dir():
+            items += [(p, index) for p in sorted(class_dir.iterdir()) if p.suffix.lower() in EXTENSIONS]
+    return items
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """(3, size, size) uint8: RGB, shorter side resized to ``size``, centre-cropped."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = size / min(w, h)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def load_split(split_dir: Path, classes: list[str], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    items = list_images(split_dir, classes)
+    if not items:
+        raise NormlabError(f"no images ({', '.join(EXTENSIONS)}) under {split_dir}/<class>/")
+    x = np.stack([load_image(path, size) for path, _ in items])
+    y = np.array([label for _, label in items], dtype=np.int64)
+    return torch.from_numpy(x).float().div_(255), torch.from_numpy(y)
+
+
+@register_dataset("imagefolder")
+def load_imagefolder(
+    root: Path | None, download: bool, *, image_size: int = 64, normalize: bool = True
+) -> Dataset:
+    """Images under ``root/train/<class>/`` and ``root/val/<class>/``; x (N, 3, image_size, image_size)."""
+    if root is None:
+        raise NormlabError(
+            "imagefolder needs root= (CLI: --data-root): a folder with train/<class>/ and val/<class>/"
+        )
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise NormlabError(f"image_size must be a positive int, got {image_size!r}")
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            raise NormlabError(
+                f"{root / split} is not a folder; imagefolder expects {root}/train/<class>/ and val/<class>/"
+            )
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise NormlabError(f"no class folders under {root / 'train'}")
+    extra = sorted({p.name for p in (root / "val").iterdir() if p.is_dir()} - set(classes))
+    if extra:
+        raise NormlabError(f"val/ has classes that train/ lacks: {', '.join(extra)}")
+    x_train, y_train = load_split(root / "train", classes, image_size)
+    x_test, y_test = load_split(root / "val", classes, image_size)
+    meta: dict = {"source": str(root), "label_names": classes}
+    if normalize:
+        mean, std = channel_stats(x_train)
+        shift, scale = mean.float().view(1, 3, 1, 1), std.float().clamp_min(1e-8).view(1, 3, 1, 1)
+        x_train.sub_(shift).div_(scale)
+        x_test.sub_(shift).div_(scale)
+        meta.update(mean=mean.tolist(), std=std.tolist())
+    return Dataset(
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
+        num_classes=len(classes),
+        in_channels=3,
+        dims=2,
+        task="classification",
+        input_shape=(3, image_size, image_size),
+        name="imagefolder",
+        meta=meta,
+    )

@@ -1,0 +1,267 @@
+"""Normalizer-free pre-activation ResNet (NF-ResNet; Brock, De & Smith 2021a, arXiv 2101.08692, Sec. 4),
+CIFAR layout (see ``normlab.models.resnet``); science.md section 4.
+
+Each block computes, with ``h = act(x) * beta``::
+
+    out = shortcut + alpha * skip_gain * branch(h)
+    shortcut = x                       (same width and resolution)
+             = conv1x1(avgpool2(h))    (where the block changes width or resolution; timm's DownsampleAvg)
+    branch   = ScaledStdConv3x3 -> act -> ScaledStdConv3x3
+
+``beta = 1 / sqrt(expected_var)``, the analytic variance of the block's input: it starts at 1 (the stem's
+output on unit-variance input), grows by ``alpha^2`` after every block and is reset to ``1 + alpha^2`` after
+the first block of each stage, whose projection shortcut re-normalizes the signal (timm
+``timm/models/nfnet.py`` schedule). Every conv after an activation is Scaled WS with the activation's gain
+gamma in the conv (timm's default); the stem sees the data, so its gamma is 1 (DeepMind applies gamma in
+the activation, which leaves the stem unscaled too). No norm layers anywhere. The classifier is
+zero-initialized as in the NF paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.errors import NormlabError
+from normlab.models._layers import (
+    activation_gamma,
+    blocks_per_stage,
+    check_dropout,
+    check_choice,
+    check_positive_float,
+    create_act,
+    global_avg_pool,
+    nf_eps,
+    scaled_std_conv,
+)
+from normlab.models.factory import NF, check_classes, register_model
+
+
+#: Shortcut of a block that changes width or resolution: "avg" = 2x2 average pool then 1x1 conv (timm's
+#: DownsampleAvg), "conv" = strided 1x1 conv (the ResNet-V2 projection).
+DOWNSAMPLES = ("avg", "conv")
+
+
+class NFPreact(nn.Module):
+    """``act(x) * beta``: the block input scaled to unit variance (beta = 1/sqrt(expected var))."""
+
+    def __init__(self, activation: str, beta: float) -> None:
+        super().__init__()
+        self.act = create_act(activation)
+        self.beta = beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x) * self.beta
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta:.6g}"
+
+
+class NFSkipGain(nn.Module):
+    """``x * skip_gain * alpha``: a learnable scalar gain (init ``skip_gain_init``, 0 in the NF paper) times
+    the fixed residual scale alpha; the branch's contribution at the block output."""
+
+    def __init__(self, alpha: float, init: float = 0.0) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.gain = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (self.gain * self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}"
+
+
+class AvgPool(nn.Module):
+    """2x average pooling (stride 2, ceil mode, padding excluded), the pool of timm's DownsampleAvg."""
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool = F.avg_pool1d if self.dims == 1 else F.avg_pool2d
+        return pool(x, 2, 2, ceil_mode=True, count_include_pad=False)
+
+
+class NFBlock(nn.Module):
+    """One NF-ResNet basic block (``normlab.models.blocks`` contract)."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int,
+        *,
+        dims: int,
+        alpha: float,
+        beta: float,
+        skip_gain_init: float,
+        activation: str,
+        eps: float,
+        dropout: float = 0.0,
+        downsample: str = "avg",
+    ) -> None:
+        super().__init__()
+        gamma = activation_gamma(activation)
+        self.preact = NFPreact(activation, beta)
+        branch = [
+            scaled_std_conv(dims, in_ch, out_ch, 3, stride, 1, gamma=gamma, eps=eps),
+            create_act(activation),
+        ]
+        if dropout > 0:
+            branch.append(nn.Dropout(dropout))
+        branch.append(scaled_std_conv(dims, out_ch, out_ch, 3, 1, 1, gamma=gamma, eps=eps))
+        self.branch = nn.Sequential(*branch)
+        self.skip_scale = NFSkipGain(alpha, skip_gain_init)
+        self.projects = stride != 1 or in_ch != out_ch
+        if self.projects and downsample == "conv":
+            self.shortcut = scaled_std_conv(dims, in_ch, out_ch, 1, stride, gamma=gamma, eps=eps)
+        elif self.projects:
+            pool = AvgPool(dims) if stride != 1 else nn.Identity()
+            self.shortcut = nn.Sequential(pool, scaled_std_conv(dims, in_ch, out_ch, 1, gamma=gamma, eps=eps))
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.preact(x)
+        return self.shortcut(pre if self.projects else x) + self.skip_scale(self.branch(pre))
+
+
+def expected_variances(num_stages: int, blocks_per_stage: int, alpha: float) -> list[float]:
+    """The analytic variance of every block's input, in forward order (beta = 1/sqrt of it).
+
+    expected_var = 1 at the first block; after each block it grows by alpha^2, except after a stage's
+    first block, whose output is ``1 + alpha^2`` (the shortcut is re-normalized). timm nfnet.py does the
+    same (``if block_idx == 0: expected_var = 1.``, then ``+= alpha**2``).
+    """
+    variances, var = [], 1.0
+    for _ in range(num_stages):
+        for j in range(blocks_per_stage):
+            variances.append(var)
+            var = (1.0 if j == 0 else var) + alpha**2
+    return variances
+
+
+class NFResNet(nn.Module):
+    """NF-ResNet: stem (Scaled WS 3x3 conv, gamma 1), stages of :class:`NFBlock`, ``act``, global average
+    pool, zero-initialized ``classifier``.
+
+    Shapes: input (N, in_channels, L) (``dims=1``) or (N, in_channels, H, W) (``dims=2``); output
+    (N, num_classes). At init with ``skip_gain_init=1`` the block outputs' average channel variance on unit
+    Gaussian input follows ``expected_variances`` shifted by one block (1 + k alpha^2 within a stage); with
+    the paper's ``skip_gain_init=0`` every block starts as (a projection of) the identity and stays near 1.
+    """
+
+    def __init__(
+        self,
+        *,
+        stem_width: int,
+        stage_widths: tuple[int, ...],
+        blocks_per_stage: int,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        dims: int = 2,
+        activation: str = "relu",
+        alpha: float = 0.2,
+        skip_gain_init: float = 0.0,
+        dropout: float = 0.0,
+        downsample: str = "avg",
+        norm_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_float("alpha", alpha)
+        check_choice("downsample", downsample, DOWNSAMPLES)
+        if isinstance(skip_gain_init, bool) or not isinstance(skip_gain_init, (int, float)):
+            raise NormlabError(f"skip_gain_init must be a number, got {skip_gain_init!r}")
+        eps = nf_eps(dict(norm_options or {}))
+        self.alpha = alpha
+        self.stem = scaled_std_conv(dims, in_channels, stem_width, 3, 1, 1, gamma=1.0, eps=eps)
+        variances = iter(expected_variances(len(stage_widths), blocks_per_stage, alpha))
+        stages, channels = [], stem_width
+        for i, width in enumerate(stage_widths):
+            blocks = []
+            for j in range(blocks_per_stage):
+                stride = 2 if i > 0 and j == 0 else 1
+                beta = next(variances) ** -0.5
+                blocks.append(
+                    NFBlock(
+                        channels,
+                        width,
+                        stride,
+                        dims=dims,
+                        alpha=alpha,
+                        beta=beta,
+                        skip_gain_init=skip_gain_init,
+                        activation=activation,
+                        eps=eps,
+                        dropout=dropout,
+                        downsample=downsample,
+                    )
+                )
+                channels = width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        self.final = create_act(activation)
+        self.pool = global_avg_pool(dims)
+        self.classifier = nn.Linear(channels, num_classes)
+        nn.init.zeros_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+
+    def blocks(self) -> Iterator[tuple[str, nn.Module]]:
+        """(qualified name, block) for every residual block, in forward order."""
+        for i, stage in enumerate(self.stages):
+            for j, block in enumerate(stage):
+                yield f"stages.{i}.{j}", block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.classifier(self.pool(self.final(x)))
+
+
+@register_model("nf_resnet", default_norm=NF)
+def nf_resnet(
+    *,
+    norm: str,
+    num_classes: int,
+    in_channels: int,
+    dims: int,
+    width: float | None,
+    depth: int | None,
+    norm_options: dict,
+    activation: str = "relu",
+    alpha: float = 0.2,
+    skip_gain_init: float = 0.0,
+    dropout: float = 0.0,
+    downsample: str = "avg",
+) -> nn.Module:
+    """NF-ResNet with the CIFAR ResNet layout: ``depth`` = 6n+2 (default 20), stage widths 16/32/64 times
+    ``width``; ``alpha`` (0.2), ``skip_gain_init`` (0, the paper), ``activation`` (its gamma is used)."""
+    if norm != NF:
+        raise NormlabError(
+            f"nf_resnet is normalizer-free: norm must be 'nf', got {norm!r} (for a normalized net use resnet)"
+        )
+    depth = 20 if depth is None else depth
+    n = blocks_per_stage("nf_resnet", depth, 2, "20, 32, 44, 56, 110")
+    width = 1.0 if width is None else check_positive_float("width", width)
+    widths = tuple(max(1, round(c * width)) for c in (16, 32, 64))
+    return NFResNet(
+        stem_width=widths[0],
+        stage_widths=widths,
+        blocks_per_stage=n,
+        num_classes=check_classes("nf_resnet", num_classes),
+        in_channels=in_channels,
+        dims=dims,
+        activation=activation,
+        alpha=alpha,
+        skip_gain_init=skip_gain_init,
+        dropout=check_dropout(dropout),
+        downsample=downsample,
+        norm_options=norm_options,
+    )

@@ -1,0 +1,108 @@
+"""Adaptive Gradient Clipping (Brock, De, Smith & Simonyan 2021b, arXiv 2102.06171, Sec. 4.1, Eq. 3).
+
+Per unit i (a row of a linear weight, an output filter of a conv: index 0; a 0-D or 1-D tensor such as a
+bias or gain counts as one unit), with ``||W_i||* = max(||W_i||_F, eps)``:
+
+    G_i <- clip * ||W_i||* / ||G_i||_F * G_i      if ||G_i||_F / ||W_i||* > clip,   else unchanged.
+
+Reference code: deepmind-research ``nfnets/agc_optax.py``; timm ``timm/utils/agc.py`` (a per-parameter loop).
+Do not clip the final classifier: pass :func:`agc_parameters` (model). With AMP, the gradients must be
+unscaled first: ``scaler.scale(loss).backward(); scaler.unscale_(optimizer);
+adaptive_clip_grad_(agc_parameters(model)); scaler.step(optimizer)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from normlab.errors import NormlabError
+
+
+def unitwise_norms(tensors: list[Tensor]) -> list[Tensor]:
+    """The unit-wise L2 norms of each tensor: shape (size(0),) for >= 2-D tensors, (1,) for 0-D and 1-D.
+
+    Tensors of the same shape are stacked and reduced by one batched ``vector_norm``; 0-D/1-D ones go
+    through one ``torch._foreach_norm``.
+    """
+    out: list[Tensor | None] = [None] * len(tensors)
+    whole = [i for i, t in enumerate(tensors) if t.dim() <= 1]
+    if whole:
+        for i, n in zip(whole, torch._foreach_norm([tensors[i] for i in whole]), strict=True):
+            out[i] = n.reshape(1)
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.dim() > 1:
+            groups.setdefault((t.shape, t.dtype, t.device), []).append(i)
+    for idx in groups.values():
+        if len(idx) == 1:
+            t = tensors[idx[0]]
+            out[idx[0]] = torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
+            continue
+        stacked = torch.stack([tensors[i] for i in idx]).flatten(2)
+        for i, n in zip(idx, torch.linalg.vector_norm(stacked, dim=2).unbind(0), strict=True):
+            out[i] = n
+    return out  # type: ignore[return-value]
+
+
+def adaptive_clip_grad_(parameters: Iterable[Tensor] | Tensor, clip: float = 0.01, eps: float = 1e-3) -> None:
+    """Clip the gradients of ``parameters`` in place, unit by unit (formula in the module docstring).
+
+    Parameters without ``.grad`` are skipped. All the per-unit arithmetic is batched: norms per same-shape
+    group (:func:`unitwise_norms`), clip factors on one concatenated vector, and one ``torch._foreach_mul_``
+    that rescales every gradient. (The ``max(||G_i||, 1e-6)`` in the denominator only guards the division;
+    a unit with a zero gradient is never clipped.)
+
+    Raises:
+        NormlabError: ``clip <= 0`` or ``eps <= 0`` (or not finite).
+    """
+    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+        raise NormlabError(f"AGC clip must be a finite number > 0, got {clip!r}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise NormlabError(f"AGC eps must be a finite number > 0, got {eps!r}")
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return
+    with torch.no_grad():
+        grads = [p.grad for p in params]
+        w_norms = unitwise_norms([p.detach() for p in params])
+        g_norms = unitwise_norms(grads)
+        scales: list[Tensor] = [torch.empty(0)] * len(params)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, g in enumerate(grads):
+            by_device.setdefault(g.device, []).append(i)
+        for idx in by_device.values():
+            w_all = torch.cat([w_norms[i].float() for i in idx])
+            g_all = torch.cat([g_norms[i].float() for i in idx])
+            split = _clip_scale(w_all, g_all, clip, eps).split([w_norms[i].numel() for i in idx])
+            for i, s in zip(idx, split, strict=True):
+                scales[i] = s
+        shaped = [s.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) if g.dim() > 1 else s.to(g.dtype).reshape(())
+                  for s, g in zip(scales, grads, strict=True)]
+        torch._foreach_mul_(grads, shaped)
+
+
+def _clip_scale(w_norm: Tensor, g_norm: Tensor, clip: float, eps: float) -> Tensor:
+    """The factor each unit's gradient is multiplied by: ``min(1, clip * max(||W||, eps) / ||G||)``."""
+    max_norm = w_norm.clamp_min(eps).mul_(clip)
+    return torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(1e-6), torch.ones_like(g_norm))
+
+
+def agc_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters AGC should clip: all that require grad except the final classifier's.
+
+    The classifier is ``model.classifier`` when the model has that attribute (the normlab model contract),
+    otherwise the last ``nn.Linear`` in module order (Brock et al. 2021b, Sec. 4.1: clipping the final
+    linear layer hurts).
+    """
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, nn.Module):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    skip = set() if head is None else {id(p) for p in head.parameters()}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in skip]

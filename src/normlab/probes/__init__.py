@@ -1,0 +1,55 @@
+"""Probes: measure what BatchNorm does on any ``nn.Module``, in training mode by default.
+
+Each probe is one function ``probe(model, ...) -> dataclass`` of plain numbers with a ``mode`` field
+("train": BN-like layers use batch statistics; "eval": running estimates) and ``to_dict()``. No probe
+changes the model's parameters, buffers (BN running statistics), train/eval flags, RNG state or an
+optimizer's state. :class:`ProbeSchedule` runs probes from the trainer's callback point.
+"""
+
+from normlab.probes._result import ProbeResult
+from normlab.probes.activations import (
+    ActivationSnapshot,
+    ActivationStats,
+    ActivationTracker,
+    ActivationTrajectory,
+    activation_stats,
+)
+from normlab.probes.batch_coupling import BatchDependence, batch_dependence
+from normlab.probes.covariate_shift import ICS, ics
+from normlab.probes.eval_gap import TrainEvalGap, TrainEvalGapCurve, train_eval_gap, train_eval_gap_curve
+from normlab.probes.hessian_spectrum import Hessian, hessian
+from normlab.probes.loss_landscape import Landscape, landscape
+from normlab.probes.residual import ResidualScale, residual_scale
+from normlab.probes.schedule import DEFAULT_PROBES, PROBES, ProbeSchedule
+from normlab.probes.signal_prop import SignalPropagation, signal_propagation
+from normlab.probes.similarity import ExampleSimilarity, example_similarity
+
+__all__ = [
+    "DEFAULT_PROBES",
+    "PROBES",
+    "ActivationSnapshot",
+    "ProbeSchedule",
+    "ICS",
+    "ActivationStats",
+    "ActivationTracker",
+    "ActivationTrajectory",
+    "BatchDependence",
+    "ExampleSimilarity",
+    "Hessian",
+    "Landscape",
+    "ProbeResult",
+    "ResidualScale",
+    "SignalPropagation",
+    "TrainEvalGap",
+    "TrainEvalGapCurve",
+    "activation_stats",
+    "batch_dependence",
+    "example_similarity",
+    "hessian",
+    "ics",
+    "landscape",
+    "residual_scale",
+    "signal_propagation",
+    "train_eval_gap",
+    "train_eval_gap_curve",
+]

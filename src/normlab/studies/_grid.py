@@ -1,0 +1,114 @@
+"""Shared pieces of the training-based studies: recipe parameters -> TrainConfig fields, variants, and
+per-cell statistics over seeds.
+
+A *variant* is a label in a recipe's ``norms`` / ``variants`` list. Most are a norm name (``bn``, ``gn``...)
+and train that norm with its options from the recipe's ``norm_options.<name>`` table. Three are more:
+``nf`` = the model's normalizer-free form (Scaled WS) trained with AGC (``agc_clip``); ``skipinit`` = the
+unnormalized model with a SkipInit scalar (init 0) on every residual branch; ``precise_bn`` = BN training
+whose population statistics are recomputed after training (the study does the recomputation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+from normlab.studies.base import mean_ci
+
+# Recipe fields copied into every TrainConfig when present.
+_BASE_FIELDS = ("model", "width", "depth", "dataset", "subset", "weight_decay", "epochs")
+
+
+def base_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig fields a recipe's scale table sets for every run."""
+    return {k: params[k] for k in _BASE_FIELDS if k in params}
+
+
+def variant_fields(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig fields of variant ``name`` (see the module docstring)."""
+    if name == "nf":
+        return {"norm": "nf", "agc_clip": float(params["agc_clip"])}
+    if name == "skipinit":
+        return {"norm": "none", "model_options": {"skipinit": True}}
+    if name == "precise_bn":
+        name = "bn"
+    options = dict(params.get("norm_options", {}).get(name, {}))
+    return {"norm": name, "norm_options": options} if options else {"norm": name}
+
+
+def group_results(keys: Sequence[Hashable], results: Sequence[Any]) -> dict[Hashable, list[Any]]:
+    """``{key: [results...]}`` pairing ``keys[i]`` with ``results[i]`` (the seeds of one grid cell)."""
+    cells: dict[Hashable, list[Any]] = defaultdict(list)
+    for key, result in zip(keys, results, strict=True):
+        cells[key].append(result)
+    return dict(cells)
+
+
+def finished(results: Sequence[Any]) -> list[Any]:
+    return [r for r in results if r.status == "finished"]
+
+
+def stat(results: Sequence[Any], field: str) -> tuple[float, float]:
+    """Mean ± 95% CI of ``field`` over the finished runs of one cell (NaN when none finished)."""
+    return mean_ci(getattr(r, field) for r in finished(results))
+
+
+def diff_stat(results: Sequence[Any], field_a: str, field_b: str) -> tuple[float, float]:
+    """Mean ± 95% CI of ``field_a - field_b`` over the finished runs of one cell (paired per seed)."""
+    return mean_ci(getattr(r, field_a) - getattr(r, field_b) for r in finished(results))
+
+
+def mean_of(results: Sequence[Any], field: str) -> float:
+    return stat(results, field)[0]
+
+
+def count_status(results: Sequence[Any], status: str) -> int:
+    return sum(r.status == status for r in results)
+
+
+def is_stable(results: Sequence[Any], min_acc: float) -> bool:
+    """Every seed finished (none diverged or failed) and the mean test accuracy reaches ``min_acc``."""
+    if not results or any(r.status != "finished" for r in results):
+        return False
+    acc = mean_of(results, "final_test_acc")
+    return math.isfinite(acc) and acc >= min_acc
+
+
+def pct(value: float, digits: int = 1) -> str:
+    """``0.9123 -> '91.2%'``; NaN -> ``'n/a'``."""
+    return "n/a" if not math.isfinite(value) else f"{100 * value:.{digits}f}%"
+
+
+def pts(value: float, digits: int = 1) -> str:
+    """A difference of fractions in percentage points with its sign: ``0.031 -> '+3.1 pts'``."""
+    return "n/a" if not math.isfinite(value) else f"{100 * value:+.{digits}f} pts"
+
+
+def pct_cell(cell: tuple[float, float], digits: int = 2) -> tuple[float, float]:
+    """``(mean, hw)`` of fractions as percentages rounded to ``digits`` decimals, for tables."""
+    mean, half = cell
+    return round(100 * mean, digits), round(100 * half, digits)
+
+
+def lr_summary(by_lr: dict[float, Sequence[Any]], min_acc: float) -> dict[str, Any]:
+    """Summarise an lr grid of one (variant, batch): the best stable lr (highest mean test accuracy among
+    the stable lrs, :func:`is_stable`), its test accuracy ± CI and steps/s, the largest stable lr, and the
+    number of diverged and failed runs. lrs with no stable setting give ``best_lr = None`` and NaN."""
+    stable = [lr for lr, runs in by_lr.items() if is_stable(runs, min_acc)]
+    best = max(stable, key=lambda lr: mean_of(by_lr[lr], "final_test_acc")) if stable else None
+    runs_all = [r for runs in by_lr.values() for r in runs]
+    return {
+        "best_lr": best,
+        "largest_stable_lr": max(stable) if stable else None,
+        "acc": stat(by_lr[best], "final_test_acc") if best is not None else (math.nan, math.nan),
+        "steps_per_s": stat(by_lr[best], "steps_per_s") if best is not None else (math.nan, math.nan),
+        "diverged": count_status(runs_all, "diverged"),
+        "failed": count_status(runs_all, "failed"),
+        "runs": len(runs_all),
+    }
+
+
+def lr_text(lr: float | None) -> str:
+    return "none" if lr is None else f"{lr:g}"

@@ -1,0 +1,241 @@
+"""The study contract: a loaded recipe (:class:`Study`), what a study module gets (:class:`StudyContext`)
+and what it returns (:class:`StudyOutcome`).
+
+A study module exposes ``run(ctx: StudyContext) -> StudyOutcome``. It reads its grid from ``ctx.params``
+(the recipe's ``[scale.<scale>]`` table), trains through :meth:`StudyContext.train_grid` (a resumable
+:mod:`normlab.sweep` over ``ctx.store``: rerunning an interrupted study skips finished runs), saves figures
+with :meth:`StudyContext.save_figure`, and summarises in :class:`Table` s whose cells are
+``(mean, half_width)`` from :func:`mean_ci` over ``ctx.seeds``. The verdict sentence is formatted from the
+table's values, and ``agrees_with_paper`` / ``discrepancy`` say whether the numbers agree with the claim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from normlab.errors import NormlabError
+from normlab.reports.figure import Figure, save_matplotlib
+from normlab.reports.table import Table
+
+__all__ = [
+    "SCALES",
+    "Figure",
+    "Study",
+    "StudyContext",
+    "StudyOutcome",
+    "Table",
+    "mean_ci",
+    "t_quantile_975",
+]
+
+SCALES = ("tiny", "quick", "paper")
+
+
+@dataclass(frozen=True)
+class Study:
+    """A loaded, validated recipe ``src/normlab/studies/recipes/<name>.toml``.
+
+    ``scales`` maps each of ``tiny`` / ``quick`` / ``paper`` to its parameter table.
+    """
+
+    name: str
+    title: str
+    claim: str
+    paper: str
+    module: str
+    scales: dict[str, dict[str, Any]]
+    path: Path | None = None
+
+    def params(self, scale: str) -> dict[str, Any]:
+        """The ``[scale.<scale>]`` table (a copy)."""
+        if scale not in self.scales:
+            raise NormlabError(
+                f"study {self.name!r} has no scale {scale!r}; valid scales: {', '.join(self.scales)}"
+            )
+        return dict(self.scales[scale])
+
+    @property
+    def module_name(self) -> str:
+        """``normlab.studies.<module>`` for a built-in study; a dotted ``module`` is imported as given."""
+        return self.module if "." in self.module else f"normlab.studies.{self.module}"
+
+    def load_module(self) -> Any:
+        """Import :attr:`module_name`; it must define ``run(ctx) -> StudyOutcome``."""
+        import importlib
+
+        try:
+            module = importlib.import_module(self.module_name)
+        except ModuleNotFoundError as exc:
+            raise NormlabError(
+                f"recipe {self.path or self.name}: module {self.module_name!r} cannot be imported ({exc})"
+            ) from None
+        if not callable(getattr(module, "run", None)):
+            raise NormlabError(f"study module {self.module_name} has no run(ctx) function")
+        return module
+
+
+@dataclass
+class StudyOutcome:
+    """What a study returns: tables, figures, the verdict sentence and the raw data behind them.
+
+    ``verdict`` is one sentence whose numbers come from ``tables``; ``agrees_with_paper`` is None when the
+    study cannot decide (e.g. every run diverged); ``discrepancy`` explains a disagreement and is shown in
+    the report. ``data`` holds JSON-ready raw values (per-seed numbers, curves) for later analysis.
+    """
+
+    tables: list[Table]
+    figures: list[Figure]
+    verdict: str
+    agrees_with_paper: bool | None = None
+    discrepancy: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tables": [t.to_dict() for t in self.tables],
+            "figures": [f.to_dict() for f in self.figures],
+            "verdict": self.verdict,
+            "agrees_with_paper": self.agrees_with_paper,
+            "discrepancy": self.discrepancy,
+            "data": self.data,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudyOutcome:
+        return cls(
+            tables=[Table.from_dict(t) for t in data["tables"]],
+            figures=[Figure.from_dict(f) for f in data["figures"]],
+            verdict=data["verdict"],
+            agrees_with_paper=data.get("agrees_with_paper"),
+            discrepancy=data.get("discrepancy"),
+            data=data.get("data", {}),
+        )
+
+
+@dataclass
+class StudyContext:
+    """Everything a study's ``run`` needs.
+
+    Attributes:
+        study: the loaded recipe.
+        scale: ``"tiny"``, ``"quick"`` or ``"paper"``.
+        params: the recipe's ``[scale.<scale>]`` table.
+        seeds: the seeds to repeat every configuration with (``range(n)`` for ``--seeds n``).
+        device: torch device string for training (``"cpu"``, ``"cuda"``...).
+        out_dir: this study's output folder ``<out>/<name>`` (figures are saved here).
+        store: the :class:`normlab.store.Store` every run is recorded in (resumable).
+        executor: a :class:`normlab.sweep.Executor` or None for the sweep's default (local).
+        progress: ``progress(message)``, a one-line status reporter (the CLI prints it).
+    """
+
+    study: Study
+    scale: str
+    params: dict[str, Any]
+    seeds: list[int]
+    device: str
+    out_dir: Path
+    store: Any
+    executor: Any = None
+    progress: Callable[[str], None] = field(default=lambda message: None)
+
+    def param(self, name: str, kind: type | tuple[type, ...] | None = None) -> Any:
+        """``params[name]``, or a NormlabError naming the recipe, scale and field when it is missing/wrong."""
+        where = f"{self.study.path or self.study.name} [scale.{self.scale}]"
+        if name not in self.params:
+            raise NormlabError(f"{where}: missing field {name!r}")
+        value = self.params[name]
+        kinds = _tuple(kind) if kind is not None else ()
+        # bool is an int subclass: True must not pass where an int is expected.
+        if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise NormlabError(
+                f"{where}: field {name!r} must be {names}, got {type(value).__name__} {value!r}"
+            )
+        return value
+
+    def config(self, **fields: Any) -> Any:
+        """A :class:`normlab.train.TrainConfig` with ``device`` set to this context's device."""
+        from normlab.train import TrainConfig
+
+        fields.setdefault("device", self.device)
+        return TrainConfig(**fields)
+
+    def train_grid(
+        self, configs: Sequence[Any], callbacks_factory: Callable[..., list] | None = None
+    ) -> list[Any]:
+        """Train ``configs`` via :func:`normlab.sweep.run_sweep` on ``self.store``; results in input order.
+
+        Finished runs (same config key) are read back from the store instead of retrained, so an interrupted
+        study resumes where it stopped. Failed and diverged runs come back with their status set; they do
+        not stop the grid. ``callbacks_factory`` must be a picklable module-level function (the process
+        pool calls it in the worker) returning the run's callbacks, e.g. ``[ProbeSchedule(...)]``.
+        """
+        from normlab.sweep import run_sweep
+
+        configs = list(configs)
+        self.progress(f"{self.study.name}: {len(configs)} runs")
+        return list(
+            run_sweep(
+                configs,
+                store=self.store,
+                executor=self.executor,
+                callbacks_factory=callbacks_factory,
+            )
+        )
+
+    def save_figure(self, fig: Any, name: str, caption: str) -> Figure:
+        """Save matplotlib ``fig`` as ``<out_dir>/<name>.png``, close it, and return the :class:`Figure`."""
+        return save_matplotlib(fig, self.out_dir, name, caption)
+
+    def metrics(self, run_id: Any, name: str) -> list[tuple[int, float]]:
+        """The ``(step, value)`` series of metric ``name`` for run ``run_id`` (e.g. ``probe/ics/...``)."""
+        return [(int(s), float(v)) for s, v in self.store.metrics(run_id, name)]
+
+
+def mean_ci(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and half-width of the two-sided 95% Student-t confidence interval.
+
+    ``half = t_{0.975, n-1} * s / sqrt(n)`` with ``s`` the sample (n-1) standard deviation. Non-finite
+    values (diverged runs) are dropped first; one value gives ``(x, nan)``; none gives ``(nan, nan)``.
+    """
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(xs)
+    if n == 0:
+        return math.nan, math.nan
+    mean = math.fsum(xs) / n
+    if n == 1:
+        return mean, math.nan
+    var = math.fsum((x - mean) ** 2 for x in xs) / (n - 1)
+    return mean, t_quantile_975(n - 1) * math.sqrt(var / n)
+
+
+# Two-sided 95% Student-t critical values t_{0.975, df} (standard tables, 4 decimals).
+_T975 = {
+    1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 7: 2.3646, 8: 2.3060, 9: 2.2622,
+    10: 2.2281, 11: 2.2010, 12: 2.1788, 13: 2.1604, 14: 2.1448, 15: 2.1314, 16: 2.1199, 17: 2.1098,
+    18: 2.1009, 19: 2.0930, 20: 2.0860, 21: 2.0796, 22: 2.0739, 23: 2.0687, 24: 2.0639, 25: 2.0595,
+    26: 2.0555, 27: 2.0518, 28: 2.0484, 29: 2.0452, 30: 2.0423, 40: 2.0211, 60: 2.0003, 120: 1.9799,
+}  # fmt: skip
+_Z975 = 1.959964
+
+
+def t_quantile_975(df: int) -> float:
+    """``t_{0.975, df}``: tabulated up to 30, then interpolated linearly in ``1/df`` (exact to ~1e-4)."""
+    if not isinstance(df, int) or df < 1:
+        raise NormlabError(f"degrees of freedom must be a positive int, got {df!r}")
+    if df in _T975:
+        return _T975[df]
+    knots = [(k, v) for k, v in sorted(_T975.items()) if k >= 30] + [(math.inf, _Z975)]
+    for (d0, t0), (d1, t1) in zip(knots, knots[1:], strict=False):
+        if d0 < df < d1:
+            w = (1 / d0 - 1 / df) / (1 / d0 - (0 if math.isinf(d1) else 1 / d1))
+            return t0 + w * (t1 - t0)
+    raise AssertionError("unreachable")
+
+
+def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)

@@ -1,0 +1,165 @@
+"""Study ``large-batch``: final accuracy and largest stable learning rate over a batch-size x lr grid for
+BN, no normalization, and the normalizer-free form with AGC.
+
+De & Smith (2020) find BN's benefit is mostly that it allows larger learning rates, which matters at large
+batch; Brock et al. (2021b) add AGC to normalizer-free nets to recover that stability at large batch
+(science.md sections 3 and 4). For every (variant, batch size) the study trains each lr of the grid for
+the same epochs and reports the best stable lr with its test accuracy and the largest stable lr (stable:
+every seed finished and the mean test accuracy reaches ``min_acc``; see :func:`~normlab.studies._grid.
+lr_summary`). The claim holds when, at the largest batch, BN's largest stable lr is at least that of the
+unnormalized net and NF+AGC's best accuracy comes within ``max(2 pts, its CI)`` of BN's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from normlab.studies._grid import (
+    base_fields,
+    group_results,
+    lr_summary,
+    lr_text,
+    mean_of,
+    pct,
+    pct_cell,
+    variant_fields,
+)
+from normlab.studies.base import StudyContext, StudyOutcome, Table
+
+PARAMS = {
+    "model": str,
+    "width": (int, float),
+    "dataset": str,
+    "subset": int,
+    "variants": {"list": str},
+    "batch_sizes": {"list": int},
+    "lrs": {"list": float},
+    "epochs": int,
+    "weight_decay": float,
+    "agc_clip": float,
+    "min_acc": float,
+}
+
+LABELS = {"bn": "BN", "none": "no norm", "nf": "NF+AGC"}
+
+
+def run(ctx: StudyContext) -> StudyOutcome:
+    p = ctx.params
+    configs, keys = [], []
+    for variant in p["variants"]:
+        for batch in p["batch_sizes"]:
+            for lr in p["lrs"]:
+                for seed in ctx.seeds:
+                    configs.append(
+                        ctx.config(
+                            **base_fields(p), **variant_fields(variant, p), batch_size=batch, lr=lr, seed=seed
+                        )
+                    )
+                    keys.append((variant, batch, lr))
+    cells = group_results(keys, ctx.train_grid(configs))
+
+    summaries: dict[tuple[str, int], dict[str, Any]] = {}
+    table = Table(
+        "Best stable lr, its test accuracy (%, mean ± 95% CI) and the largest stable lr",
+        ["variant", "batch", "best lr", "test acc at best lr", "largest stable lr", "diverged runs"],
+        notes=[
+            f"{len(ctx.seeds)} seeds; {p['epochs']} epochs; lr grid {', '.join(map(lr_text, p['lrs']))}.",
+            f"Stable lr: every seed finished and mean test accuracy >= {pct(p['min_acc'], 0)}.",
+            f"NF+AGC: normalizer-free {p['model']} (Scaled WS) with AGC clip {p['agc_clip']:g}.",
+        ],
+    )
+    for variant in p["variants"]:
+        for batch in p["batch_sizes"]:
+            s = lr_summary({lr: cells[(variant, batch, lr)] for lr in p["lrs"]}, p["min_acc"])
+            summaries[(variant, batch)] = s
+            table.add_row(
+                LABELS.get(variant, variant),
+                batch,
+                lr_text(s["best_lr"]),
+                pct_cell(s["acc"]),
+                lr_text(s["largest_stable_lr"]),
+                f"{s['diverged']}/{s['runs']}",
+            )
+    verdict, agrees, discrepancy = judge(summaries, max(p["batch_sizes"]))
+    figure = ctx.save_figure(
+        _plot(cells, p), "acc_vs_lr", "Final test accuracy vs learning rate per batch size (mean over seeds; "
+        "x = at least one seed diverged)."
+    )
+    data = {
+        "mean_test_acc": {f"{v}/{b}/{lr:g}": mean_of(r, "final_test_acc") for (v, b, lr), r in cells.items()},
+        "summaries": {f"{v}/{b}": {k: s[k] for k in ("best_lr", "largest_stable_lr", "diverged")}
+                      for (v, b), s in summaries.items()},
+    }
+    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data)
+
+
+def judge(
+    summaries: dict[tuple[str, int], dict[str, Any]], batch: int
+) -> tuple[str, bool | None, str | None]:
+    """Verdict at the largest batch: BN's largest stable lr vs no-norm's, NF+AGC's accuracy vs BN's."""
+    bn, none, nf = (summaries.get((v, batch)) for v in ("bn", "none", "nf"))
+    if bn is None or bn["best_lr"] is None:
+        return f"Undecided: BN has no stable learning rate at batch {batch}.", None, None
+
+    def stable_lr(s: dict[str, Any] | None) -> float:
+        return -math.inf if s is None or s["largest_stable_lr"] is None else s["largest_stable_lr"]
+
+    parts = [f"At batch {batch}, the largest stable lr is {lr_text(bn['largest_stable_lr'])} with BN"]
+    checks, problems = [], []
+    if none is not None:
+        parts.append(f"{lr_text(none['largest_stable_lr'])} without normalization")
+        ok = bn["largest_stable_lr"] >= stable_lr(none)
+        checks.append(ok)
+        if not ok:
+            problems.append(
+                f"the unnormalized net is stable up to lr {lr_text(none['largest_stable_lr'])}, above BN's "
+                f"{lr_text(bn['largest_stable_lr'])}"
+            )
+    if nf is not None:
+        parts.append(f"{lr_text(nf['largest_stable_lr'])} for NF+AGC")
+    sentence = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+    sentence += f"; best test accuracy BN {pct(bn['acc'][0])}"
+    if none is not None:
+        sentence += f", no norm {pct(none['acc'][0])}"
+    if nf is not None:
+        sentence += f", NF+AGC {pct(nf['acc'][0])}"
+        tolerance = max(0.02, nf["acc"][1] if math.isfinite(nf["acc"][1]) else 0.0)
+        ok = math.isfinite(nf["acc"][0]) and nf["acc"][0] >= bn["acc"][0] - tolerance
+        checks.append(ok)
+        if not ok:
+            problems.append(
+                f"NF+AGC's best accuracy {pct(nf['acc'][0])} is more than {pct(tolerance)} below BN's "
+                f"{pct(bn['acc'][0])}"
+            )
+    agrees = all(checks) if checks else None
+    sentence += "." if agrees is None else (
+        ": consistent with the claim." if agrees else ": not consistent with the claim."
+    )
+    discrepancy = "; ".join(problems) + "." if problems else None
+    return sentence, agrees, discrepancy
+
+
+def _plot(cells: dict, p: dict[str, Any]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = p["batch_sizes"]
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.4), squeeze=False, sharey=True)
+    for ax, batch in zip(axes[0], batches, strict=True):
+        for variant in p["variants"]:
+            lrs = p["lrs"]
+            accs = [100 * mean_of(cells[(variant, batch, lr)], "final_test_acc") for lr in lrs]
+            (line,) = ax.plot(lrs, accs, marker="o", label=LABELS.get(variant, variant))
+            bad = [lr for lr in lrs if any(r.status != "finished" for r in cells[(variant, batch, lr)])]
+            if bad:
+                ax.plot(bad, [10.0] * len(bad), "x", color=line.get_color(), markersize=9)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(f"batch {batch}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].legend()
+    return fig

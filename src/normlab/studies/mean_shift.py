@@ -1,0 +1,265 @@
+"""Study ``mean-shift``: signal propagation in ReLU ResNets at initialization (Brock, De, Smith 2021a).
+
+Brock et al. (arXiv 2101.08692, Sec. 3 and Fig. 1) explain what BN does at initialization with signal
+propagation plots (SPPs): on a batch of unit Gaussian input, at the stem output and every block output,
+
+    avg_sq_mean = mean_C(mean_{N,spatial}(x)^2)      (the mean shift)
+    avg_var     = mean_C(var_{N,spatial}(x))
+    res_avg_var = mean_C(var_{N,spatial}(branch))    (end of each residual branch)
+
+In an unnormalized ReLU ResNet the ReLUs' positive mean is carried forward by the skip path, so the squared
+channel mean grows with depth; BN removes it in every block; an NF-ResNet keeps it small and lets the
+variance grow by alpha^2 per block. The mean shift makes the hidden activations of *different* examples
+increasingly alike (cross-example cosine similarity near 1), which shows up as prediction collapse: the
+network assigns most examples to one class at initialization (Brock et al. 2021a, Sec. 3; De & Smith 2020).
+
+Protocol: for every depth of the recipe and variant (``none``: the plain pre-activation ReLU ResNet, He
+init; ``bn``; ``nf``: the NF-ResNet of the same layout), build the model with seed ``s`` and measure, in
+training mode (BN uses batch statistics, as at the first training step):
+
+- :func:`normlab.probes.signal_propagation` on ``spp_batch`` samples of N(0, 1) in the dataset's input
+  shape (Brock/timm use N(0, 1) inputs);
+- :func:`normlab.probes.example_similarity` on the first ``similarity_batch`` test examples of the
+  dataset: the mean off-diagonal cosine similarity of the last block's output and the share of examples
+  in the most-predicted class (prediction collapse).
+
+NOTE: Brock's Fig. 1 NF-ResNet has its skip gains at 1 (the variance grows by alpha^2 per block); the NF
+paper trains with gains initialized to 0, which would make every branch vanish at init. The recipe's
+``nf_skip_gain_init`` (1.0 by default) sets it. No training is involved: the per-seed numbers are the
+study's raw data (``outcome.data``), not store runs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
+
+PARAMS: dict[str, Any] = {
+    "model": str,
+    "depths": {"list": int},
+    "width": float,
+    "variants": {"list": str},
+    "dataset": str,
+    "spp_batch": int,
+    "similarity_batch": int,
+    "nf_skip_gain_init": float,
+}
+
+VARIANT_LABELS = {"none": "no norm", "bn": "BN", "nf": "NF-ResNet"}
+
+
+def measure(
+    model_name: str,
+    variant: str,
+    depth: int,
+    width: float,
+    dataset: Any,
+    spp_batch: int,
+    similarity_batch: int,
+    nf_skip_gain_init: float,
+    seed: int,
+) -> dict[str, Any]:
+    """SPP and cross-example similarity of one freshly initialized model (seed ``seed``), train mode."""
+    from normlab.models import create_model
+    from normlab.probes import example_similarity, signal_propagation
+
+    options = {"skip_gain_init": nf_skip_gain_init} if variant == "nf" else {}
+    torch.manual_seed(seed)
+    model = create_model(
+        model_name,
+        norm=variant,
+        depth=depth,
+        width=width,
+        num_classes=max(dataset.num_classes, 1),
+        in_channels=dataset.in_channels,
+        dims=dataset.dims,
+        **options,
+    )
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((spp_batch, *dataset.input_shape), generator=generator)
+    spp = signal_propagation(model, noise, mode="train")
+    sim = example_similarity(model, dataset.x_test[:similarity_batch], mode="train")
+    last_block = list(sim.mean_cosine)[-1]
+    return {
+        "avg_sq_mean": list(spp.avg_sq_mean.values()),
+        "avg_var": list(spp.avg_var.values()),
+        "res_avg_var": list(spp.res_avg_var.values()),
+        "cosine": list(sim.mean_cosine.values()),
+        "final_cosine": float(sim.mean_cosine[last_block]),
+        "collapse": float(sim.collapse),
+    }
+
+
+def summarize(results: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Per variant and depth, ``(mean, half_width)`` over seeds of the last block's ``avg_sq_mean``, its
+    growth over the stem's value, the mean-shift share ``avg_sq_mean / (avg_sq_mean + avg_var)`` (the part
+    of the second moment that is a shared offset), the last block's cross-example cosine similarity and the collapse.
+    """
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for variant, by_depth in results.items():
+        out[variant] = {}
+        for depth, runs in by_depth.items():
+            last = [r["avg_sq_mean"][-1] for r in runs]
+            growth = [r["avg_sq_mean"][-1] / r["avg_sq_mean"][0] if r["avg_sq_mean"][0] > 0 else math.nan
+                      for r in runs]
+            share = [r["avg_sq_mean"][-1] / (r["avg_sq_mean"][-1] + r["avg_var"][-1]) for r in runs]
+            out[variant][depth] = {
+                "sq_mean": mean_ci(last),
+                "growth": mean_ci(growth),
+                "var": mean_ci([r["avg_var"][-1] for r in runs]),
+                "share": mean_ci(share),
+                "cosine": mean_ci([r["final_cosine"] for r in runs]),
+                "collapse": mean_ci([r["collapse"] for r in runs]),
+            }
+    return out
+
+
+def verdict(summary: dict[str, dict[int, dict[str, Any]]]) -> tuple[str, bool | None, str | None]:
+    """The verdict sentence from the summary table, and whether it agrees with Brock et al. 2021a.
+
+    Agreement needs, at the deepest depth: the unnormalized net's mean shift grew with depth (its
+    last-block ``avg_sq_mean`` is larger at the deepest than at the shallowest depth), its mean-shift share
+    is above BN's, and its last-block activations are more alike across examples than BN's (higher cosine).
+    """
+    if "none" not in summary or "bn" not in summary:
+        return ("The recipe must include the variants 'none' and 'bn' to test the mean-shift claim.", None,
+                None)
+    depths = sorted(summary["none"])
+    lo, hi = depths[0], depths[-1]
+    none_hi, none_lo, bn_hi = summary["none"][hi], summary["none"][lo], summary["bn"][hi]
+    values = [none_hi["sq_mean"][0], none_lo["sq_mean"][0], bn_hi["sq_mean"][0], none_hi["cosine"][0],
+              bn_hi["cosine"][0]]
+    if not all(math.isfinite(v) for v in values):
+        return "The measurements are not finite (an activation overflowed), so no verdict.", None, None
+    parts = [
+        f"At depth {hi} the unnormalized ReLU ResNet's last-block squared channel mean is "
+        f"{_f(none_hi['sq_mean'])} (depth {lo}: {_f(none_lo['sq_mean'])}; {_f(none_hi['share'], pct=True)} "
+        f"of its second moment), its last-block activations have cross-example cosine similarity "
+        f"{_f(none_hi['cosine'])} and {_f(none_hi['collapse'], pct=True)} of examples get the top class",
+        f"BN gives {_f(bn_hi['sq_mean'])} ({_f(bn_hi['share'], pct=True)}), cosine {_f(bn_hi['cosine'])} and "
+        f"{_f(bn_hi['collapse'], pct=True)}",
+    ]
+    if "nf" in summary and hi in summary["nf"]:
+        nf_hi = summary["nf"][hi]
+        parts.append(
+            f"NF gives {_f(nf_hi['sq_mean'])} ({_f(nf_hi['share'], pct=True)}), cosine {_f(nf_hi['cosine'])} "
+            f"and {_f(nf_hi['collapse'], pct=True)}"
+        )
+    sentence = "; ".join(parts) + "."
+    grows = none_hi["sq_mean"][0] > none_lo["sq_mean"][0] or len(depths) == 1
+    checks = {
+        f"the unnormalized net's mean shift does not grow from depth {lo} to {hi}": grows,
+        "the unnormalized net's mean-shift share is not above BN's": none_hi["share"][0] > bn_hi["share"][0],
+        "the unnormalized net's activations are not more alike across examples than BN's":
+            none_hi["cosine"][0] > bn_hi["cosine"][0],
+    }
+    failed = [text for text, ok in checks.items() if not ok]
+    discrepancy = ("Brock et al. 2021a predict the opposite: " + "; ".join(failed) + ".") if failed else None
+    return sentence, not failed, discrepancy
+
+
+def run(ctx: StudyContext) -> StudyOutcome:
+    from normlab.data import load_dataset
+
+    model_name = ctx.param("model", str)
+    depths = ctx.param("depths", list)
+    variants = ctx.param("variants", list)
+    dataset = load_dataset(ctx.param("dataset", str), download=bool(ctx.params.get("download", False)))
+    results: dict[str, dict[int, list[dict[str, Any]]]] = {v: {d: [] for d in depths} for v in variants}
+    for variant in variants:
+        for depth in depths:
+            ctx.progress(f"mean-shift: {variant} depth {depth}")
+            for seed in ctx.seeds:
+                results[variant][depth].append(
+                    measure(model_name, variant, depth, float(ctx.param("width", (int, float))), dataset,
+                            ctx.param("spp_batch", int), ctx.param("similarity_batch", int),
+                            float(ctx.param("nf_skip_gain_init", (int, float))), seed)
+                )
+    summary = summarize(results)
+    sentence, agrees, discrepancy = verdict(summary)
+    table = Table(
+        "Signal propagation and cross-example similarity at initialization (train mode)",
+        ["variant", "depth", "last-block avg_sq_mean", "growth over stem", "mean-shift share",
+         "last-block avg_var", "last-block cosine", "top-class share"],
+        notes=[f"mean ± 95% CI over {len(ctx.seeds)} seeds (model init); SPP on N(0, 1) input of "
+               f"{ctx.param('spp_batch', int)} samples; similarity on {ctx.param('similarity_batch', int)} "
+               "test examples.",
+               "mean-shift share = avg_sq_mean / (avg_sq_mean + avg_var) at the last block."],
+    )
+    for variant in variants:
+        for depth in depths:
+            s = summary[variant][depth]
+            table.add_row(VARIANT_LABELS.get(variant, variant), depth, s["sq_mean"], s["growth"], s["share"],
+                          s["var"], s["cosine"], s["collapse"])
+    figures = [_spp_figure(ctx, results, variants, max(depths)), _depth_figure(ctx, summary, variants, depths)]
+    return StudyOutcome(tables=[table], figures=figures, verdict=sentence, agrees_with_paper=agrees,
+                        discrepancy=discrepancy, data={"per_seed": _jsonable_keys(results)})
+
+
+def _spp_figure(ctx: StudyContext, results: dict, variants: list[str], depth: int) -> Any:
+    """Brock et al. 2021a Fig. 1: the three SPP quantities against block index, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for variant in variants:
+        runs = results[variant][depth]
+        for ax, key in zip(axes, ("avg_sq_mean", "avg_var", "res_avg_var"), strict=True):
+            curve = torch.tensor([r[key] for r in runs], dtype=torch.float64).mean(0)
+            start = 1 if key == "res_avg_var" else 0  # branches start at block 1, block outputs at the stem
+            ax.plot(range(start, start + len(curve)), curve.tolist(), marker="o", ms=3,
+                    label=VARIANT_LABELS.get(variant, variant))
+    for ax, title in zip(axes, ("Average squared channel mean", "Average channel variance",
+                                "Residual branch: average channel variance"), strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("block (0 = stem output)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    return ctx.save_figure(fig, "signal_propagation",
+                           f"Signal propagation plot at initialization, depth {depth}, N(0, 1) input, mean over "
+                           "seeds (Brock et al. 2021a, Fig. 1).")
+
+
+def _depth_figure(ctx: StudyContext, summary: dict, variants: list[str], depths: list[int]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for variant in variants:
+        label = VARIANT_LABELS.get(variant, variant)
+        for ax, key in zip(axes, ("sq_mean", "cosine", "collapse"), strict=True):
+            means = [summary[variant][d][key][0] for d in depths]
+            halves = [summary[variant][d][key][1] for d in depths]
+            halves = [0.0 if not math.isfinite(h) else h for h in halves]
+            ax.errorbar(depths, means, yerr=halves, marker="o", ms=4, capsize=3, label=label)
+    axes[0].set_yscale("log")
+    for ax, title in zip(axes, ("Last-block squared channel mean", "Cross-example cosine (last block)",
+                                "Share of examples in the top class"), strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("depth")
+        ax.legend(fontsize=8)
+    return ctx.save_figure(fig, "mean_shift_vs_depth",
+                           "Mean shift, cross-example similarity and prediction collapse at initialization "
+                           "against depth (mean ± 95% CI over seeds).")
+
+
+def _f(cell: tuple[float, float], pct: bool = False) -> str:
+    mean, half = cell
+    scale, unit = (100.0, "%") if pct else (1.0, "")
+    text = f"{mean * scale:.3g}{unit}"
+    if math.isfinite(half):
+        text += f" ± {half * scale:.2g}{unit}"
+    return text
+
+
+def _jsonable_keys(results: dict) -> dict:
+    return {v: {str(d): runs for d, runs in by_depth.items()} for v, by_depth in results.items()}

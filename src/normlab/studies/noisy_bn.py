@@ -1,0 +1,284 @@
+"""Study ``noisy-bn``: is BN's benefit the stability of layer input distributions? (Santurkar et al. 2018).
+
+Santurkar, Tsipras, Ilyas, Madry (arXiv 1805.11604, Sec. 2.1, Fig. 1-2, Alg. 1) train a VGG four ways:
+standard (no norm), with BN, with "noisy" BN -- after every BN layer, at every step, per channel j
+``mu_j ~ U(-n_mu, n_mu)``, ``sigma_j ~ U(1, n_sigma)`` and per sample and channel
+``m_ij ~ U(mu_j - r_mu, mu_j + r_mu)``, ``s_ij ~ N(sigma_j, r_sigma)``, ``a_ij <- s_ij a_ij + m_ij``
+(n_mu = 0.5, n_sigma = 1.25, r_mu = r_sigma = 0.1; training mode only) -- and with the same noise but no
+BN. Their finding: noisy BN trains about as well as BN although its layers' input distributions are far
+less stable (Fig. 2's percentile bands), while the noise alone prevents training.
+
+Protocol: norms ``none`` / ``bn`` / ``noisy_bn`` / ``noise`` (``normlab.layers``), plain SGD (no momentum,
+no weight decay), constant LR, for every LR of ``lrs`` and every seed. Every ``track_every`` steps an
+:class:`normlab.probes.ActivationTracker` measures, on the step's batch in training mode (so the noise is
+included: it is what the next layer sees), ``units`` sampled channels of the norm slots ``track_layers``
+(1-based: the module right after the i-th conv / hidden linear layer, i.e. the BN, noisy BN, noise or
+identity output before the ReLU). Logged per step: the {1, 15, 50, 85, 99}th percentiles of each unit
+(``probe/activation_stats/p<q>/<layer>/<unit>``) and the tracker's step-to-step mean change ``|mu_{t+1} -
+mu_t|``, variance change and drift from the first step (``probe/activation_stats/<field>/<layer>``).
+
+Table: final test accuracy per norm and LR, and the stability numbers averaged over training and the
+tracked layers. The verdict uses the first LR.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+from torch import nn
+
+from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
+
+PARAMS: dict[str, Any] = {
+    "model": str,
+    "width": float,
+    "dataset": str,
+    "subset": int,
+    "batch_size": int,
+    "steps": int,
+    "lrs": {"list": float},
+    "norms": {"list": str},
+    "eval_every": int,
+    "track_every": int,
+    "track_layers": {"list": int},
+    "units": int,
+}
+
+LABELS = {"none": "standard", "bn": "BN", "noisy_bn": "noisy BN", "noise": "noise, no BN"}
+PERCENTILES = (1.0, 15.0, 50.0, 85.0, 99.0)
+#: "about as well as BN" / "prevents training": accuracy margins in percentage points.
+ACC_TOLERANCE = 2.0
+STABILITY_FIELDS = ("mean_change", "var_change", "mean_drift")
+
+
+def norm_slots(model: nn.Module) -> list[str]:
+    """Names of the modules that directly follow a conv or hidden linear layer inside a Sequential, in
+    forward order: where VGG/CNN/MLP models put their norm (``nn.Identity`` for ``norm="none"``)."""
+    weight_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    slots = []
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for (_, module), (name, _) in zip(children, children[1:], strict=False):
+            if isinstance(module, weight_types) or "StdConv" in type(module).__name__:
+                slots.append(f"{parent_name}.{name}" if parent_name else name)
+    return slots
+
+
+class StabilityProbe:
+    """Trainer callback: an :class:`~normlab.probes.ActivationTracker` on the chosen norm slots, logging
+    every unit's percentiles and the tracker's moment changes at every ``every_n_steps``-th step."""
+
+    def __init__(self, every_n_steps: int, slots: list[int], units: int, seed: int) -> None:
+        self.every_n_steps = every_n_steps
+        self.slots = slots
+        self.units = units
+        self.seed = seed
+        self.tracker: Any = None
+
+    def __call__(self, ctx: Any) -> None:
+        from normlab.probes import ActivationTracker
+
+        if self.tracker is None:
+            names = norm_slots(ctx.model)
+            bad = [i for i in self.slots if not 1 <= i <= len(names)]
+            if bad:
+                from normlab.errors import NormlabError
+
+                raise NormlabError(f"track_layers {bad} out of range: the model has {len(names)} norm slots (1-based)")
+            self.tracker = ActivationTracker(layers=[names[i - 1] for i in self.slots], units_per_layer=self.units,
+                                             percentiles=PERCENTILES, mode="train", seed=self.seed)
+        stats = self.tracker.update(ctx.model, ctx.batch[0], ctx.step)
+        for layer, units in stats.units.items():
+            for unit, values in zip(units, stats.percentiles[layer], strict=True):
+                for level, value in zip(PERCENTILES, values, strict=True):
+                    ctx.log(f"probe/activation_stats/p{level:g}/{layer}/{unit}", value)
+        trajectory = self.tracker.result()
+        for field in STABILITY_FIELDS:
+            for layer, series in getattr(trajectory, field).items():
+                ctx.log(f"probe/activation_stats/{field}/{layer}", series[-1])
+
+
+def callbacks(config: Any, *, every: int, slots: list[int], units: int) -> list:
+    """The callbacks of one run; module level so the process pool can pickle it (via ``partial``)."""
+    return [StabilityProbe(every, slots, units, seed=config.seed)]
+
+
+def stability(metrics: dict[str, list[tuple[int, float]]], field: str) -> float:
+    """Mean over tracked layers and recorded steps of ``probe/activation_stats/<field>/<layer>``; for the
+    changes the first step (0 by definition) is left out, for the drift only the last step counts."""
+    prefix = f"probe/activation_stats/{field}/"
+    per_layer = []
+    for name, series in metrics.items():
+        if not name.startswith(prefix) or not series:
+            continue
+        values = [v for _, v in sorted(series)]
+        values = values[-1:] if field == "mean_drift" else values[1:] or values
+        per_layer.append(math.fsum(values) / len(values))
+    return math.fsum(per_layer) / len(per_layer) if per_layer else math.nan
+
+
+def verdict(lr: float, acc: dict[str, tuple[float, float]], change: dict[str, tuple[float, float]]
+            ) -> tuple[str, bool | None, str | None]:
+    """The verdict from test accuracies (%) and step-to-step mean changes per norm at LR ``lr``.
+
+    Agrees with Santurkar et al. when noisy BN is within ``ACC_TOLERANCE`` points of BN (or above), its
+    tracked units move more per step than BN's, and the noise without BN ends more than ``ACC_TOLERANCE``
+    points below the standard net.
+    """
+    needed = ("none", "bn", "noisy_bn", "noise")
+    if any(n not in acc for n in needed):
+        return "The recipe must train none, bn, noisy_bn and noise to test the claim.", None, None
+    sentence = (
+        f"At LR {lr:g}, noisy BN reached {_f(acc['noisy_bn'])}% test accuracy vs {_f(acc['bn'])}% with BN and "
+        f"{_f(acc['none'])}% for the standard net, the same noise without BN {_f(acc['noise'])}%; the tracked "
+        f"units' mean moved {_f(change['noisy_bn'])} per measurement with noisy BN vs {_f(change['bn'])} with BN "
+        f"and {_f(change['none'])} in the standard net."
+    )
+    values = [acc[n][0] for n in needed] + [change["noisy_bn"][0], change["bn"][0]]
+    if not all(math.isfinite(v) for v in values):
+        return sentence, None, None
+    failed = []
+    if acc["noisy_bn"][0] < acc["bn"][0] - ACC_TOLERANCE:
+        failed.append(f"noisy BN trails BN by {acc['bn'][0] - acc['noisy_bn'][0]:.3g} points (> {ACC_TOLERANCE:g})")
+    if not change["noisy_bn"][0] > change["bn"][0]:
+        failed.append("noisy BN's layer inputs are not less stable than BN's")
+    if not acc["noise"][0] < acc["none"][0] - ACC_TOLERANCE:
+        failed.append(f"the noise without BN does not prevent training ({acc['noise'][0]:.3g}% vs the standard "
+                      f"net's {acc['none'][0]:.3g}%)")
+    discrepancy = ("Santurkar et al. find noisy BN as good as BN despite unstable inputs and the noise alone "
+                   "harmful, but " + "; ".join(failed) + ".") if failed else None
+    return sentence, not failed, discrepancy
+
+
+def run(ctx: StudyContext) -> StudyOutcome:
+    norms, lrs = ctx.param("norms", list), ctx.param("lrs", list)
+    subset = ctx.param("subset", int)
+    base = {
+        "model": ctx.param("model", str), "width": ctx.param("width", (int, float)),
+        "dataset": ctx.param("dataset", str), "subset": subset or None,
+        "download": bool(ctx.params.get("download", False)), "batch_size": ctx.param("batch_size", int),
+        "steps": ctx.param("steps", int), "eval_every": ctx.param("eval_every", int),
+        # Santurkar et al.: plain SGD with a fixed learning rate, no weight decay.
+        "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0, "schedule": "constant", "group": "study/noisy-bn",
+    }
+    grid = [(lr, norm, seed) for lr in lrs for norm in norms for seed in ctx.seeds]
+    configs = [ctx.config(**base, lr=lr, norm=norm, seed=seed) for lr, norm, seed in grid]
+    factory = functools.partial(callbacks, every=ctx.param("track_every", int), slots=ctx.param("track_layers", list),
+                                units=ctx.param("units", int))
+    results = ctx.train_grid(configs, callbacks_factory=factory)
+
+    runs: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    for (lr, norm, _), result in zip(grid, results, strict=True):
+        record: dict[str, Any] = {"run_id": result.run_id, "status": result.status,
+                                  "test_acc": 100.0 * result.final_test_acc, "train_acc": 100.0 * result.final_train_acc}
+        metrics = {}
+        if result.run_id is not None:
+            metrics = {n: ctx.metrics(result.run_id, n) for n in ctx.store.metric_names(result.run_id)
+                       if n.startswith("probe/activation_stats/")}
+        for field in STABILITY_FIELDS:
+            record[field] = stability(metrics, field) if result.status == "finished" else math.nan
+        runs.setdefault((lr, norm), []).append(record)
+
+    table = Table(
+        "Final accuracy and distributional stability (Santurkar et al. 2018, Sec. 2.1)",
+        ["lr", "network", "test acc %", "train acc %", "|mu_t+1 - mu_t|", "|var_t+1 - var_t|", "|mu_T - mu_0|",
+         "finished"],
+        notes=[f"mean ± 95% CI over {len(ctx.seeds)} seeds; units tracked in norm slots "
+               f"{ctx.param('track_layers', list)} every {ctx.param('track_every', int)} steps, train mode "
+               "(noise included), averaged over sampled units, layers and measurements."],
+    )
+    summary: dict[float, dict[str, dict[str, tuple[float, float]]]] = {}
+    for lr in lrs:
+        summary[lr] = {}
+        for norm in norms:
+            rs = runs[(lr, norm)]
+            s = {key: mean_ci(r[key] for r in rs) for key in ("test_acc", "train_acc", *STABILITY_FIELDS)}
+            summary[lr][norm] = s
+            table.add_row(lr, LABELS.get(norm, norm), s["test_acc"], s["train_acc"], s["mean_change"],
+                          s["var_change"], s["mean_drift"], f"{sum(r['status'] == 'finished' for r in rs)}/{len(rs)}")
+    lr0 = lrs[0]
+    sentence, agrees, discrepancy = verdict(
+        lr0, {n: s["test_acc"] for n, s in summary[lr0].items()}, {n: s["mean_change"] for n, s in summary[lr0].items()}
+    )
+    figures = [_accuracy_figure(ctx, lrs, norms, runs)] + [_band_figure(ctx, lr, norms, runs) for lr in lrs]
+    data = {f"{lr}/{norm}": [{k: v for k, v in r.items()} for r in runs[(lr, norm)]] for lr in lrs for norm in norms}
+    return StudyOutcome(tables=[table], figures=figures, verdict=sentence, agrees_with_paper=agrees,
+                        discrepancy=discrepancy, data=data)
+
+
+def _accuracy_figure(ctx: StudyContext, lrs: list[float], norms: list[str], runs: dict) -> Any:
+    """Santurkar Fig. 1 / 2 (left): training and test accuracy over steps, mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(lrs), 2, figsize=(11, 3.6 * len(lrs)), squeeze=False)
+    for row, lr in enumerate(lrs):
+        for norm in norms:
+            ids = [r["run_id"] for r in runs[(lr, norm)] if r["run_id"] is not None]
+            for col, name in enumerate(("train/acc", "test/acc")):
+                steps, mean = _mean_curve([ctx.metrics(i, name) for i in ids])
+                axes[row][col].plot(steps, [100 * m for m in mean], label=LABELS.get(norm, norm))
+                axes[row][col].set_title(f"{'training' if col == 0 else 'test'} accuracy, lr {lr:g}", fontsize=10)
+        for ax in axes[row]:
+            ax.set_xlabel("step")
+            ax.set_ylabel("accuracy %")
+            ax.legend(fontsize=8)
+    return ctx.save_figure(fig, "accuracy", "Training and test accuracy of standard, BN, noisy BN and noise-only "
+                           "networks (Santurkar et al. 2018, Fig. 2 left); mean over seeds.")
+
+
+def _band_figure(ctx: StudyContext, lr: float, norms: list[str], runs: dict) -> Any:
+    """Santurkar Fig. 2 (right): one sampled unit per tracked layer, its {15, 50, 85}th percentiles (dark)
+    and {1, 99}th (light) over training, first seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = {norm: next((r["run_id"] for r in runs[(lr, norm)] if r["run_id"] is not None), None) for norm in norms}
+    units_by_norm = {}
+    for norm, run_id in first.items():
+        names = ctx.store.metric_names(run_id) if run_id is not None else []
+        prefix = "probe/activation_stats/p50/"
+        units_by_norm[norm] = sorted({n[len(prefix):].rsplit("/", 1)[0] + "/" + n.rsplit("/", 1)[1]
+                                      for n in names if n.startswith(prefix)})
+    layers = sorted({u.rsplit("/", 1)[0] for us in units_by_norm.values() for u in us})
+    fig, axes = plt.subplots(max(len(layers), 1), len(norms), figsize=(3.2 * len(norms), 2.6 * max(len(layers), 1)),
+                             squeeze=False, sharex=True)
+    for col, norm in enumerate(norms):
+        for row, layer in enumerate(layers):
+            ax = axes[row][col]
+            unit = next((u for u in units_by_norm[norm] if u.rsplit("/", 1)[0] == layer), None)
+            if unit is None or first[norm] is None:
+                continue
+            series = {q: dict(ctx.metrics(first[norm], f"probe/activation_stats/p{q:g}/{unit}")) for q in PERCENTILES}
+            steps = sorted(series[50.0])
+            get = lambda q: [series[q][s] for s in steps]  # noqa: E731
+            ax.fill_between(steps, get(1.0), get(99.0), alpha=0.2, color="C0", lw=0)
+            ax.fill_between(steps, get(15.0), get(85.0), alpha=0.45, color="C0", lw=0)
+            ax.plot(steps, get(50.0), color="C0", lw=1)
+            ax.set_title(f"{LABELS.get(norm, norm)}: {layer}, unit {unit.rsplit('/', 1)[1]}", fontsize=8)
+            if row == len(layers) - 1:
+                ax.set_xlabel("step")
+    return ctx.save_figure(fig, f"stability_lr{lr:g}", f"Distribution of one sampled unit per tracked layer over "
+                           f"training at lr {lr:g}: 15-85th (dark) and 1-99th (light) percentiles and the median "
+                           "(Santurkar et al. 2018, Fig. 2 right).")
+
+
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
+    if not curves or not all(curves):
+        return [], []
+    steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
+    lookup = [dict(c) for c in curves]
+    return steps, [math.fsum(d[s] for d in lookup) / len(lookup) for s in steps]
+
+
+def _f(cell: tuple[float, float]) -> str:
+    mean, half = cell
+    return f"{mean:.3g}" + (f" ± {half:.2g}" if math.isfinite(half) else "")

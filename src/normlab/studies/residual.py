@@ -1,0 +1,231 @@
+"""Study ``residual``: BN biases residual blocks toward the identity (De & Smith 2020).
+
+De & Smith (arXiv 2002.10444, Sec. 2-3) show that in a normalized ResNet at initialization the skip path's
+variance grows with the block index while BN keeps every residual branch at unit scale, so the branch is
+downscaled relative to the skip path by a factor of order sqrt(depth): the network starts close to the
+identity, which is what makes deep ResNets trainable. SkipInit (a learnable scalar initialized to 0 at the
+end of every branch) reproduces the effect without normalization.
+
+Protocol:
+
+1. At initialization, for every depth and variant (``bn``; ``none``: plain pre-activation ReLU ResNet, He
+   init; ``skipinit``: no norm, ``SkipInit(0)`` on every branch), :func:`normlab.probes.residual_scale` on
+   ``probe_batch`` training examples in train mode gives, per block, ``ratio = std(branch contribution)
+   / std(skip path)``. The study reports the last block's ratio against depth and the least-squares slope
+   of ``log(ratio)`` on ``log(depth)`` per seed: De & Smith predict about -0.5 for BN (the skip variance of
+   the final stage grows linearly in its number of blocks, (depth - 2) / 6), about 0 without
+   normalization (every branch is as large as its input), and SkipInit's branches are exactly 0.
+2. Training curves: the ``[train]`` table (TrainConfig fields) trained once per variant and seed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
+
+PARAMS: dict[str, Any] = {
+    "model": str,
+    "depths": {"list": int},
+    "width": float,
+    "variants": {"list": str},
+    "dataset": str,
+    "probe_batch": int,
+    "train": dict,
+}
+
+LABELS = {"bn": "BN", "none": "no norm", "skipinit": "SkipInit"}
+#: De & Smith: branch/skip ratio ~ depth^-1/2 for BN; accepted window for the fitted exponent.
+SLOPE_WINDOW = (-0.75, -0.25)
+
+
+def variant_options(variant: str) -> dict[str, Any]:
+    """``norm`` and ``model_options`` of a variant: ``skipinit`` is the unnormalized net with SkipInit(0)."""
+    if variant == "skipinit":
+        return {"norm": "none", "model_options": {"skipinit": True}}
+    return {"norm": variant, "model_options": {}}
+
+
+def branch_ratios(model_name: str, variant: str, depth: int, width: float, dataset: Any, batch: int,
+                  seed: int) -> list[float]:
+    """Per-block ``std(branch) / std(skip)`` of a fresh model (seed ``seed``) on ``batch`` training inputs."""
+    from normlab.models import create_model
+    from normlab.probes import residual_scale
+
+    options = variant_options(variant)
+    torch.manual_seed(seed)
+    model = create_model(model_name, norm=options["norm"], depth=depth, width=width,
+                         num_classes=max(dataset.num_classes, 1), in_channels=dataset.in_channels,
+                         dims=dataset.dims, **options["model_options"])
+    return list(residual_scale(model, dataset.x_train[:batch], mode="train").ratio.values())
+
+
+def log_slope(depths: list[int], ratios: list[float]) -> float:
+    """Least-squares slope of ``log(ratio)`` on ``log(depth)``; NaN if any ratio is not positive."""
+    if len(depths) < 2 or any(not (r > 0 and math.isfinite(r)) for r in ratios):
+        return math.nan
+    xs, ys = [math.log(d) for d in depths], [math.log(r) for r in ratios]
+    mx, my = math.fsum(xs) / len(xs), math.fsum(ys) / len(ys)
+    sxx = math.fsum((x - mx) ** 2 for x in xs)
+    return math.fsum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+
+
+def verdict(depths: list[int], last: dict[str, dict[int, tuple[float, float]]],
+            slope: dict[str, tuple[float, float]], acc: dict[str, tuple[float, float]]
+            ) -> tuple[str, bool | None, str | None]:
+    """The verdict from the last-block ratios, the fitted exponents and the trained accuracies.
+
+    Agrees with De & Smith when BN's exponent lies in ``SLOPE_WINDOW`` (about -1/2) and, at the deepest
+    depth, the unnormalized net's branch is larger relative to its skip path than BN's.
+    """
+    if "bn" not in last:
+        return "The recipe must include the variant 'bn' to test the downscaling claim.", None, None
+    lo, hi = depths[0], depths[-1]
+    bn_slope = slope["bn"][0]
+    parts = [f"With BN the last block's branch/skip std ratio falls from {_f(last['bn'][lo])} at depth {lo} "
+             f"to {_f(last['bn'][hi])} at depth {hi} (fitted exponent {_f(slope['bn'])}; De & Smith predict "
+             "about -0.5)"]
+    if "none" in last:
+        parts.append(f"without normalization it is {_f(last['none'][hi])} at depth {hi} "
+                     f"(exponent {_f(slope['none'])})")
+    if "skipinit" in last:
+        parts.append(f"SkipInit's is {_f(last['skipinit'][hi])}")
+    if acc:
+        parts.append("trained: " + ", ".join(f"{LABELS.get(v, v)} {_f(a, pct=True)}" for v, a in acc.items())
+                     + " test accuracy")
+    sentence = "; ".join(parts) + "."
+    if not math.isfinite(bn_slope):
+        return sentence, None, None
+    failed = []
+    if not SLOPE_WINDOW[0] <= bn_slope <= SLOPE_WINDOW[1]:
+        failed.append(f"BN's fitted exponent {bn_slope:.3g} is outside [{SLOPE_WINDOW[0]}, {SLOPE_WINDOW[1]}]")
+    if "none" in last and not last["none"][hi][0] > last["bn"][hi][0]:
+        failed.append(f"at depth {hi} the unnormalized net's branch ratio {last['none'][hi][0]:.3g} is not "
+                      f"above BN's {last['bn'][hi][0]:.3g}")
+    discrepancy = ("De & Smith predict an order-sqrt(depth) downscaling by BN, but " + "; ".join(failed) + "."
+                   ) if failed else None
+    return sentence, not failed, discrepancy
+
+
+def run(ctx: StudyContext) -> StudyOutcome:
+    from normlab.data import load_dataset
+
+    model_name = ctx.param("model", str)
+    depths = sorted(ctx.param("depths", list))
+    variants = ctx.param("variants", list)
+    width = float(ctx.param("width", (int, float)))
+    batch = ctx.param("probe_batch", int)
+    dataset = load_dataset(ctx.param("dataset", str), download=bool(ctx.params.get("download", False)))
+
+    ratios: dict[str, dict[int, list[list[float]]]] = {v: {d: [] for d in depths} for v in variants}
+    for variant in variants:
+        ctx.progress(f"residual: branch scale at init, {variant}")
+        for depth in depths:
+            for seed in ctx.seeds:
+                ratios[variant][depth].append(branch_ratios(model_name, variant, depth, width, dataset, batch, seed))
+    last = {v: {d: mean_ci(r[-1] for r in ratios[v][d]) for d in depths} for v in variants}
+    mean_block = {v: {d: mean_ci(math.fsum(r) / len(r) for r in ratios[v][d]) for d in depths} for v in variants}
+    slope = {v: mean_ci(log_slope(depths, [ratios[v][d][i][-1] for d in depths]) for i in range(len(ctx.seeds)))
+             for v in variants}
+
+    train = ctx.param("train", dict)
+    grid = [(v, s) for v in variants for s in ctx.seeds]
+    configs = [ctx.config(**{**train, **variant_options(v), "seed": s, "group": "study/residual"}) for v, s in grid]
+    results = ctx.train_grid(configs)
+    by_variant: dict[str, list[Any]] = {}
+    for (variant, _), result in zip(grid, results, strict=True):
+        by_variant.setdefault(variant, []).append(result)
+    acc = {v: mean_ci(r.final_test_acc for r in rs) for v, rs in by_variant.items()}
+
+    sentence, agrees, discrepancy = verdict(depths, last, slope, acc)
+    init_table = Table(
+        "Residual branch scale at initialization: std(branch contribution) / std(skip path)",
+        ["variant", "depth", "last block", "mean over blocks", "fitted exponent (log ratio vs log depth)"],
+        notes=[f"mean ± 95% CI over {len(ctx.seeds)} seeds; {batch} training examples, train mode.",
+               "De & Smith 2020 predict an exponent of about -0.5 for BN."],
+    )
+    for variant in variants:
+        for depth in depths:
+            init_table.add_row(LABELS.get(variant, variant), depth, last[variant][depth],
+                               mean_block[variant][depth], slope[variant] if depth == depths[-1] else None)
+    train_table = Table(
+        f"Training: {train.get('model')} depth {train.get('depth')} on {train.get('dataset')}",
+        ["variant", "test accuracy", "train loss", "finished", "diverged"],
+        notes=[f"mean ± 95% CI over {len(ctx.seeds)} seeds; lr {train.get('lr')}, batch {train.get('batch_size')}."],
+    )
+    for variant, rs in by_variant.items():
+        train_table.add_row(LABELS.get(variant, variant), acc[variant], mean_ci(r.final_train_loss for r in rs),
+                            sum(r.status == "finished" for r in rs), sum(r.status == "diverged" for r in rs))
+    figures = [_scale_figure(ctx, depths, variants, ratios), _curve_figure(ctx, by_variant)]
+    data = {"ratios": {v: {str(d): ratios[v][d] for d in depths} for v in variants},
+            "runs": {v: [r.run_id for r in rs] for v, rs in by_variant.items()}}
+    return StudyOutcome(tables=[init_table, train_table], figures=figures, verdict=sentence,
+                        agrees_with_paper=agrees, discrepancy=discrepancy, data=data)
+
+
+def _scale_figure(ctx: StudyContext, depths: list[int], variants: list[str], ratios: dict) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_depth, ax_block) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for variant in variants:
+        label = LABELS.get(variant, variant)
+        means = [math.fsum(r[-1] for r in ratios[variant][d]) / len(ratios[variant][d]) for d in depths]
+        ax_depth.plot(depths, means, marker="o", label=label)
+        deepest = torch.tensor(ratios[variant][depths[-1]], dtype=torch.float64).mean(0)
+        ax_block.plot(range(1, len(deepest) + 1), deepest.tolist(), label=label)
+    if all(m > 0 for m in [math.fsum(r[-1] for r in ratios["bn"][d]) for d in depths]) if "bn" in ratios else False:
+        ref0 = math.fsum(r[-1] for r in ratios["bn"][depths[0]]) / len(ratios["bn"][depths[0]])
+        ax_depth.plot(depths, [ref0 * math.sqrt(depths[0] / d) for d in depths], "k--", lw=1,
+                      label="BN reference ∝ depth^-1/2")
+    ax_depth.set_xscale("log")
+    ax_depth.set_yscale("symlog", linthresh=1e-3)
+    ax_depth.set_xlabel("depth")
+    ax_depth.set_ylabel("last block: std(branch) / std(skip)")
+    ax_block.set_xlabel(f"block (depth {depths[-1]})")
+    ax_block.set_ylabel("std(branch) / std(skip)")
+    for ax in (ax_depth, ax_block):
+        ax.legend(fontsize=8)
+    return ctx.save_figure(fig, "branch_scale", "Residual branch scale at initialization against depth and "
+                           "block index, mean over seeds (De & Smith 2020, Sec. 2-3).")
+
+
+def _curve_figure(ctx: StudyContext, by_variant: dict[str, list[Any]]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for variant, rs in by_variant.items():
+        for ax, name in ((ax_loss, "train/loss"), (ax_acc, "test/acc")):
+            curves = [ctx.metrics(r.run_id, name) for r in rs if r.run_id is not None and r.status == "finished"]
+            steps, mean = _mean_curve(curves)
+            if steps:
+                ax.plot(steps, mean, label=LABELS.get(variant, variant))
+    ax_loss.set_yscale("log")
+    for ax, name in ((ax_loss, "training loss"), (ax_acc, "test accuracy")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.legend(fontsize=8)
+    return ctx.save_figure(fig, "training_curves", "Training loss and test accuracy, mean over finished seeds.")
+
+
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
+    if not curves or not all(curves):
+        return [], []
+    steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
+    lookup = [dict(c) for c in curves]
+    return steps, [math.fsum(d[s] for d in lookup) / len(lookup) for s in steps]
+
+
+def _f(cell: tuple[float, float], pct: bool = False) -> str:
+    mean, half = cell
+    scale, unit = (100.0, "%") if pct else (1.0, "")
+    text = f"{mean * scale:.3g}{unit}"
+    return text + (f" ± {half * scale:.2g}{unit}" if math.isfinite(half) else "")

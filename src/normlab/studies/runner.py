@@ -1,0 +1,165 @@
+"""Run a study end to end: load the recipe, train through the store, write the report.
+
+Output layout, for ``out="studies"`` and study ``regularization``::
+
+    studies/regularization/report.html   self-contained (figures inlined)
+    studies/regularization/report.md     Markdown summary
+    studies/regularization/*.png         the figures
+    studies/regularization/outcome.json  tables, verdict, raw data, config and environment (re-rendered
+                                          by ``normlab report studies/regularization``)
+
+The runs go to ``store`` (default ``<out>/<name>/runs.sqlite``); rerunning an interrupted study reads
+the finished runs back and trains only the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from normlab.errors import NormlabError
+from normlab.reports.document import ReportFiles, Section, write_report
+from normlab.studies.base import SCALES, Study, StudyContext, StudyOutcome
+from normlab.studies.registry import get_study
+
+OUTCOME_FILE = "outcome.json"
+
+
+def run_study(
+    name: str | Path,
+    *,
+    scale: str = "quick",
+    seeds: int = 3,
+    device: str = "cpu",
+    out: str | Path = "studies",
+    store: Any = None,
+    executor: Any = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[StudyOutcome, ReportFiles]:
+    """Run study ``name`` (a built-in name or a recipe path) and write its report under ``<out>/<name>``.
+
+    Args:
+        scale: ``tiny`` (tests), ``quick`` (CPU minutes) or ``paper`` (the paper's settings).
+        seeds: number of seeds (0 ... seeds-1) every configuration is repeated with.
+        store: a :class:`normlab.store.Store`, a path to one, or None for ``<out>/<name>/runs.sqlite``.
+
+    Raises:
+        NormlabError: unknown study or scale, ``seeds < 1``, an output folder that is a file, a bad recipe.
+    """
+    if scale not in SCALES:
+        raise NormlabError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise NormlabError(f"seeds must be a positive int, got {seeds!r}")
+    study = get_study(name)
+    out_dir = prepare_out_dir(Path(out), study.name)
+    from normlab.store import Store
+
+    if store is None or isinstance(store, (str, Path)):
+        store = Store(Path(store) if store is not None else out_dir / "runs.sqlite")
+    ctx = StudyContext(
+        study=study,
+        scale=scale,
+        params=study.params(scale),
+        seeds=list(range(seeds)),
+        device=device,
+        out_dir=out_dir,
+        store=store,
+        executor=executor,
+        progress=progress or (lambda message: None),
+    )
+    start = time.perf_counter()
+    outcome = study.load_module().run(ctx)
+    if not isinstance(outcome, StudyOutcome):
+        raise NormlabError(
+            f"study module {study.module_name}.run returned {type(outcome).__name__}, "
+            "expected StudyOutcome"
+        )
+    wall = time.perf_counter() - start
+    meta = study_meta(study, ctx, wall)
+    (out_dir / OUTCOME_FILE).write_text(
+        json.dumps({"meta": meta, "outcome": outcome.to_dict()}, indent=1, default=_json_default),
+        encoding="utf-8",
+    )
+    return outcome, write_study_report(out_dir, meta, outcome)
+
+
+def prepare_out_dir(out: Path, name: str) -> Path:
+    """Create ``<out>/<name>``; NormlabError if ``out`` or ``<out>/<name>`` exists and is a file."""
+    for path in (out, out / name):
+        if path.exists() and not path.is_dir():
+            raise NormlabError(f"output folder {path} exists and is a file; give a folder path with --out")
+    (out / name).mkdir(parents=True, exist_ok=True)
+    return out / name
+
+
+def study_meta(study: Study, ctx: StudyContext, wall_time: float) -> dict[str, Any]:
+    """The recipe, scale parameters and environment recorded beside a study's outcome."""
+    from normlab.store.environment import environment_info
+
+    return {
+        "name": study.name,
+        "title": study.title,
+        "claim": study.claim,
+        "paper": study.paper,
+        "scale": ctx.scale,
+        "seeds": ctx.seeds,
+        "device": ctx.device,
+        "params": ctx.params,
+        "store": str(getattr(ctx.store, "path", ctx.store)),
+        "wall_time_s": round(wall_time, 2),
+        "environment": environment_info(ctx.device),
+    }
+
+
+def write_study_report(out_dir: Path, meta: dict[str, Any], outcome: StudyOutcome) -> ReportFiles:
+    """Render ``outcome`` into ``<out_dir>/report.html`` + ``report.md``."""
+    if outcome.agrees_with_paper is None:
+        kind, agreement = "info", "Undecided against the paper"
+    elif outcome.agrees_with_paper:
+        kind, agreement = "ok", "Agrees with the paper"
+    else:
+        kind, agreement = "warn", "Disagrees with the paper"
+    verdict = Section(
+        "Verdict",
+        text=[f"Paper's claim ({meta['paper']}): {meta['claim']}", f"{agreement}."],
+        callout=outcome.verdict,
+        callout_kind=kind,
+    )
+    if outcome.discrepancy:
+        verdict.text.append(f"Discrepancy: {outcome.discrepancy}")
+    sections = [verdict, Section("Results", tables=outcome.tables)]
+    if outcome.figures:
+        sections.append(Section("Figures", figures=outcome.figures))
+    run_info = {k: meta[k] for k in ("scale", "seeds", "device", "store", "wall_time_s")}
+    sections += [
+        Section("Configuration", text=[f"Scale {meta['scale']!r} of recipe {meta['name']!r}."],
+                data={**run_info, "params": meta["params"]}),
+        Section("Environment", data=meta["environment"]),
+    ]
+    subtitle = f"normlab study {meta['name']} --scale {meta['scale']} --seeds {len(meta['seeds'])}"
+    return write_report(out_dir, meta["title"], sections, subtitle=subtitle)
+
+
+def render_study_folder(folder: str | Path) -> ReportFiles:
+    """Re-render the report of a study output folder from its ``outcome.json``."""
+    folder = Path(folder)
+    file = folder / OUTCOME_FILE
+    if not file.is_file():
+        raise NormlabError(f"{folder} is not a study output folder: it has no {OUTCOME_FILE}")
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+        meta, outcome = saved["meta"], StudyOutcome.from_dict(saved["outcome"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise NormlabError(f"{file} is not a valid study outcome: {exc}") from None
+    return write_study_report(folder, meta, outcome)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

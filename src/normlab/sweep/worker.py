@@ -1,0 +1,67 @@
+"""What runs one config, in this process or in a pool worker: :func:`run_config` never raises for a bad
+run; a failure comes back as a ``failed`` :class:`RunResult` and is recorded in the store."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from normlab.train import RunResult, TrainConfig, Trainer
+
+CallbacksFactory = Callable[[TrainConfig], list[Any]]
+
+
+def run_config(
+    config: dict[str, Any],
+    store_path: str | None,
+    callbacks_factory: CallbacksFactory | None = None,
+) -> RunResult:
+    """Train ``config`` (a :meth:`TrainConfig.to_dict`) into the store at ``store_path`` without a progress
+    bar; ``callbacks_factory(config)`` builds the run's callbacks here, where the run lives."""
+    from normlab.store import Store
+
+    store = Store(store_path) if store_path is not None else None
+    trainer = None
+    try:
+        cfg = TrainConfig.from_dict(config)
+        callbacks = callbacks_factory(cfg) if callbacks_factory is not None else ()
+        trainer = Trainer(cfg, store=store, callbacks=callbacks, progress=False)
+        return trainer.fit()
+    except Exception as exc:
+        run_id = trainer.run_id if trainer is not None else None
+        return failed_result(config, f"{type(exc).__name__}: {exc}", store, run_id)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def failed_result(config: dict[str, Any], error: str, store: Any, run_id: int | None) -> RunResult:
+    """A ``failed`` result; when the run never reached the store (it failed while being built), a run
+    record with status ``failed`` is written so the sweep's outcome is complete."""
+    key = _key(config)
+    if store is not None and run_id is None:
+        run_id = store.start_run(config, key=key, name=config.get("name"), group=config.get("group"))
+        store.finish_run(run_id, "failed", error=error, summary={"status": "failed", "error": error})
+    return RunResult(status="failed", error=error, run_id=run_id, config=dict(config), config_key=key)
+
+
+def init_worker(threads: int) -> None:
+    """Pool initializer: ``threads`` intra-op torch threads per worker (workers x threads <= cores)."""
+    torch.set_num_threads(threads)
+    # Nested BLAS/OpenMP pools would oversubscribe the cores the other workers use.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def _key(config: dict[str, Any]) -> str | None:
+    try:
+        return TrainConfig.from_dict(config).key()
+    except Exception:
+        from normlab.store import config_key
+
+        try:
+            return config_key(config)
+        except Exception:
+            return None

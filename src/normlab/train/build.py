@@ -1,0 +1,80 @@
+"""From a :class:`TrainConfig` to the objects a run needs: device, data, model, loss.
+
+Each builder validates through the package that owns the concept (``load_dataset``, ``create_model``),
+so an unknown name fails here, before anything is written to the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from normlab.errors import NormlabError
+from normlab.train.config import TrainConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available, else mps, else cpu; an unavailable device raises NormlabError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NormlabError(f"device={name!r} but CUDA is not available here; use device='cpu' or 'auto'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise NormlabError(f"device={name!r} but MPS is not available here; use device='cpu' or 'auto'")
+    return device
+
+
+def load_data(config: TrainConfig):
+    """The dataset of ``config`` (in-memory tensors, see :func:`normlab.data.load_dataset`)."""
+    from normlab.data import load_dataset
+
+    return load_dataset(
+        config.dataset,
+        root=config.data_root,
+        download=config.download,
+        subset=config.subset,
+        seed=config.seed,
+    )
+
+
+def build_model(config: TrainConfig, data) -> nn.Module:
+    """``create_model`` for ``config`` shaped to ``data`` (channels, dims, classes, input length)."""
+    from normlab.models import create_model, model_options
+
+    options = dict(config.model_options)
+    # Models that size a flatten/linear layer from the input need its length; the data knows it.
+    if "input_size" in model_options(config.model) and "input_size" not in options:
+        options["input_size"] = int(data.input_shape[-1])
+    if data.task == "classification":
+        outputs = data.num_classes
+    else:
+        outputs = int(data.y_train.shape[-1]) if data.y_train.ndim > 1 else 1
+    return create_model(
+        config.model,
+        norm=config.norm,
+        num_classes=outputs,
+        in_channels=data.in_channels,
+        dims=data.dims,
+        width=config.width,
+        depth=config.depth,
+        norm_options=config.norm_options,
+        **options,
+    )
+
+
+def loss_function(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy for classification; mean squared error for regression (e.g. the DLN's ``||f(x)-Ax||^2``
+    averaged over examples and outputs)."""
+    if task == "classification":
+        return F.cross_entropy
+    if task == "regression":
+        return F.mse_loss
+    raise NormlabError(f"unknown task {task!r}; allowed: classification, regression")

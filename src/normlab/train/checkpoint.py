@@ -1,0 +1,87 @@
+"""Checkpoints: everything a run needs to continue bit-for-bit, written atomically.
+
+A checkpoint is written to ``<file>.tmp`` and moved over ``<file>`` with ``os.replace`` (atomic on POSIX
+and Windows), so a crash while saving leaves the previous checkpoint intact. It is read with
+``torch.load(weights_only=True)``: only tensors and plain containers, no arbitrary pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from normlab.errors import NormlabError
+
+FORMAT = "normlab-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write ``state`` (plus format tag and version) to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; anything else raises NormlabError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise NormlabError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types (pickle, zip, runtime) for a damaged file
+        raise NormlabError(f"checkpoint {str(path)!r} is corrupt or not a checkpoint: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise NormlabError(f"checkpoint {str(path)!r} is not a normlab checkpoint")
+    if state.get("version") != VERSION:
+        raise NormlabError(
+            f"checkpoint {str(path)!r} has format version {state.get('version')!r}; normlab reads {VERSION}"
+        )
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states of torch (CPU and CUDA), numpy and Python, as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and Python's ``random`` with ``seed``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)

@@ -1,0 +1,400 @@
+"""The training engine: :class:`Trainer` and :func:`train`.
+
+``Trainer.fit`` is one loop that reads top to bottom, as nanoGPT's ``train.py``: get batch, set lr,
+forward, loss (stop if diverged), backward, grad norm, AGC, optimizer step, log, callbacks, evaluate,
+checkpoint. Everything else (probes, studies) plugs in through :meth:`Trainer.add_callback`.
+
+Determinism: torch, numpy and Python are seeded with ``config.seed`` before the data and the model are
+built, and the data order comes from the batch iterator's own generator, so a run is reproducible and a
+checkpoint (model, optimizer, iterator, RNG states, step) resumes it bit-for-bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from normlab.errors import NormlabError
+from normlab.train.build import build_model, load_data, loss_function, resolve_device
+from normlab.train.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from normlab.train.config import TrainConfig
+from normlab.train.context import Callback, StepContext, normalize_callbacks
+from normlab.train.evaluate import evaluate
+from normlab.train.optimizer import build_optimizer
+from normlab.train.progress import StepProgress
+from normlab.train.result import RunResult
+from normlab.train.schedule import learning_rate
+
+_FLUSH_ROWS = 2000
+
+
+class Trainer:
+    """One training run of ``config``.
+
+    Args:
+        config: the run.
+        store: a :class:`normlab.store.Store` to record the run, its metrics and summary in (optional).
+        callbacks: items for :meth:`add_callback`: ``fn``, ``(fn, every_n_steps)`` or a callable object with
+            an ``every_n_steps`` attribute.
+        progress: show a progress bar: True, False, or None = only when stderr is a terminal.
+        resume: a checkpoint file to continue from, or True for this config's checkpoint in
+            ``config.checkpoint_dir`` when there is one.
+
+    Building the trainer loads the data and the model: bad names or values raise NormlabError here,
+    before the store is touched.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        store: Any = None,
+        callbacks: Iterable[Any] = (),
+        progress: bool | None = None,
+        resume: str | os.PathLike | bool | None = None,
+    ) -> None:
+        if not isinstance(config, TrainConfig):
+            raise NormlabError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self._started = time.perf_counter()
+        self.config = config
+        self.store = store
+        self.progress = progress
+        self.callbacks = normalize_callbacks(callbacks)
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self.device = resolve_device(config.device)
+
+        seed_everything(config.seed)
+        self.data = load_data(config)
+        self.classification = self.data.task == "classification"
+        self.loss_fn = loss_function(self.data.task)
+        self.model = build_model(config, self.data).to(self.device)
+        self.optimizer = build_optimizer(self.model, config)
+        self.agc_params = self._agc_parameters()
+        self.batches = self._batch_iterator()
+        self.total_steps = config.steps or config.epochs * len(self.batches)
+        self.x_test, self.y_test = self.data.x_test.to(self.device), self.data.y_test.to(self.device)
+
+        self.step = 0
+        self.run_id: int | None = None
+        self._train_time = 0.0
+        self._elapsed_before = 0.0  # wall time of the interrupted part of a resumed run
+        self._pending: list[tuple[int, int, str, float]] = []
+        checkpoint = self._checkpoint_to_resume(resume)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    def add_callback(self, fn: Callback, every_n_steps: int = 1) -> None:
+        """Call ``fn(ctx: StepContext)`` after every ``every_n_steps``-th optimizer step."""
+        self.callbacks += normalize_callbacks([(fn, every_n_steps)])
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        """``<checkpoint_dir>/<config key>.pt``: one file per distinct run, so sweeps can share a folder."""
+        if self.config.checkpoint_dir is None:
+            return None
+        return Path(self.config.checkpoint_dir) / f"{self.config.key()}.pt"
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def fit(self) -> RunResult:
+        """Train to ``total_steps`` (or divergence) and return the :class:`RunResult`.
+
+        Divergence ends the run with status ``diverged``; any exception is recorded as ``failed`` in the
+        store and re-raised.
+        """
+        self._open_run()
+        try:
+            status, reason = self._loop()
+            result = self._result(status, reason)
+        except BaseException as exc:
+            self._flush()
+            self._close_run("failed", error=f"{type(exc).__name__}: {exc}", summary={})
+            raise
+        self._flush()
+        self._close_run(result.status, error=result.error, summary=result.summary(), wall=result.wall_time)
+        return result
+
+    def _loop(self) -> tuple[str, str | None]:
+        cfg, model, optimizer = self.config, self.model, self.optimizer
+        params = [p for p in model.parameters() if p.requires_grad]
+        model.train()
+        with StepProgress(self.total_steps, self.progress, cfg.name or f"{cfg.model}/{cfg.norm}") as bar:
+            bar.update(self.step, math.nan, 0.0)
+            while self.step < self.total_steps:
+                tick = time.perf_counter()
+                x, y = self.batches.next_batch()
+                lr = learning_rate(
+                    self.step,
+                    lr=cfg.lr,
+                    total_steps=self.total_steps,
+                    schedule=cfg.schedule,
+                    warmup_steps=cfg.warmup_steps,
+                    milestones=cfg.milestones,
+                    gamma=cfg.gamma,
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                out = model(x)
+                loss = self.loss_fn(out, y)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value) or loss_value > cfg.divergence_bound:
+                    self.log("train/loss", loss_value, step=self.step + 1)
+                    return "diverged", (
+                        f"loss {loss_value:.4g} at step {self.step + 1} "
+                        f"(non-finite or above divergence_bound={cfg.divergence_bound:g})"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
+                grad_norm = _grad_norm(params) if log_now else math.nan
+                if self.agc_params is not None:
+                    self._clip(self.agc_params, cfg.agc_clip, cfg.agc_eps)
+                optimizer.step()
+                self.step += 1
+                self._train_time += time.perf_counter() - tick
+
+                if log_now:
+                    self.log("train/loss", loss_value)
+                    self.log("train/grad_norm", grad_norm)
+                    self.log("train/lr", lr)
+                    if self.classification:
+                        self.log("train/acc", (out.argmax(dim=1) == y).float().mean().item())
+                    bar.update(self.step, loss_value, self.step / max(self._train_time, 1e-9))
+                for fn, every in self.callbacks:
+                    if self.step % every == 0:
+                        fn(self._context(x, y))
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self._evaluate_test()
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        if self.checkpoint_path is not None:
+            self.save_checkpoint()
+        return "finished", None
+
+    # -- pieces of the loop -------------------------------------------------------------------------
+
+    def log(self, name: str, value: float, step: int | None = None) -> None:
+        """Record metric ``name`` at ``step`` (default: the current step) in the history and the store."""
+        step = self.step if step is None else step
+        value = float(value)
+        self.history[name].append((step, value))
+        if self.store is not None and self.run_id is not None:
+            self._pending.append((self.run_id, step, name, value))
+            if len(self._pending) >= _FLUSH_ROWS:
+                self._flush()
+
+    def _context(self, x: torch.Tensor, y: torch.Tensor) -> StepContext:
+        return StepContext(
+            model=self.model,
+            optimizer=self.optimizer,
+            loss_fn=self.loss_fn,
+            step=self.step,
+            batch=(x, y),
+            config=self.config,
+            log=self.log,
+            store=self.store,
+            run_id=self.run_id,
+        )
+
+    def _evaluate_test(self) -> tuple[float, float]:
+        loss, acc = evaluate(
+            self.model,
+            self.x_test,
+            self.y_test,
+            self.loss_fn,
+            batch_size=self.config.eval_batch_size,
+            classification=self.classification,
+        )
+        self.log("test/loss", loss)
+        if self.classification:
+            self.log("test/acc", acc)
+        self._flush()
+        return loss, acc
+
+    def _batch_iterator(self):
+        from normlab.data import BatchIterator
+
+        # next_batch() rolls over epochs and its state resumes mid-epoch (normlab.data.BatchIterator).
+        return BatchIterator(
+            self.data.x_train,
+            self.data.y_train,
+            self.config.batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=self.config.seed,
+            augment=self.config.augment,
+            device=self.device,
+        )
+
+    def _agc_parameters(self) -> list[torch.nn.Parameter] | None:
+        if self.config.agc_clip is None:
+            return None
+        from normlab.optim import adaptive_clip_grad_, agc_parameters
+
+        self._clip = adaptive_clip_grad_
+        return list(agc_parameters(self.model))
+
+    # -- end of run ---------------------------------------------------------------------------------
+
+    def _result(self, status: str, reason: str | None) -> RunResult:
+        wall = self._elapsed_before + time.perf_counter() - self._started
+        result = RunResult(
+            status=status,
+            steps=self.step,
+            wall_time=wall,
+            steps_per_s=self.step / self._train_time if self._train_time > 0 else math.nan,
+            run_id=self.run_id,
+            error=reason,
+            config=self.config.to_dict(),
+            config_key=self.config.key(),
+        )
+        if status != "finished":
+            return result
+        test_loss, test_acc = self._evaluate_test()
+        n_train = min(self.config.eval_train_samples, self.data.x_train.shape[0])
+        if n_train:
+            result.final_train_loss, result.final_train_acc = evaluate(
+                self.model,
+                self.data.x_train[:n_train].to(self.device),
+                self.data.y_train[:n_train].to(self.device),
+                self.loss_fn,
+                batch_size=self.config.eval_batch_size,
+                classification=self.classification,
+            )
+        result.final_test_loss, result.final_test_acc = test_loss, test_acc
+        if self.classification:
+            gap = self._train_eval_gap()
+            result.test_acc_train_mode = gap.acc_train_mode
+            result.test_acc_eval_mode = gap.acc_eval_mode
+            result.train_eval_gap = gap.acc_gap
+        # The evaluation above is part of the run's wall time.
+        result.wall_time = self._elapsed_before + time.perf_counter() - self._started
+        return result
+
+    def _train_eval_gap(self):
+        from normlab.probes import train_eval_gap
+
+        # Batch statistics over batches of the training batch size (the whole test set if it is smaller).
+        batch_size = min(self.config.batch_size, self.x_test.shape[0])
+        return train_eval_gap(self.model, self.x_test, self.y_test, batch_size=batch_size)
+
+    # -- store --------------------------------------------------------------------------------------
+
+    def _open_run(self) -> None:
+        if self.store is None:
+            return
+        from normlab.store import environment_info
+
+        if self.run_id is not None and self._stored_key(self.run_id) == self.config.key():
+            self.store.reopen_run(self.run_id)
+            return
+        self.run_id = self.store.start_run(
+            self.config.to_dict(),
+            key=self.config.key(),
+            name=self.config.name,
+            group=self.config.group,
+            environment=environment_info(str(self.device)),
+        )
+
+    def _stored_key(self, run_id: int) -> str | None:
+        runs = self.store.runs(config_key=self.config.key())
+        return self.config.key() if any(run.id == run_id for run in runs) else None
+
+    def _close_run(self, status: str, *, error: str | None, summary: dict, wall: float | None = None) -> None:
+        if self.store is None or self.run_id is None:
+            return
+        if wall is None:
+            wall = self._elapsed_before + time.perf_counter() - self._started
+        self.store.finish_run(self.run_id, status, summary=summary, error=error, wall_time=wall)
+        if status == "finished" and self.checkpoint_path is not None:
+            self.store.add_artifact(self.run_id, str(self.checkpoint_path), "checkpoint")
+
+    def _flush(self) -> None:
+        if self._pending:
+            rows, self._pending = self._pending, []
+            self.store.log_metric_rows(rows)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+        """Write model, optimizer, iterator and RNG states and the step atomically; returns the file."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None:
+            raise NormlabError("save_checkpoint needs a path or config.checkpoint_dir")
+        self._flush()
+        save_checkpoint(
+            path,
+            {
+                "config": self.config.to_dict(),
+                "key": self.config.key(),
+                "step": self.step,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "iterator": self.batches.state_dict(),
+                "rng": rng_state(),
+                "run_id": self.run_id,
+                "elapsed": self._elapsed_before + time.perf_counter() - self._started,
+                "train_time": self._train_time,
+            },
+        )
+        return path
+
+    def _checkpoint_to_resume(self, resume: str | os.PathLike | bool | None) -> dict | None:
+        if resume is None or resume is False:
+            return None
+        if resume is True:
+            path = self.checkpoint_path
+            if path is None:
+                raise NormlabError("resume=True needs config.checkpoint_dir (where the checkpoint is)")
+            return load_checkpoint(path) if path.is_file() else None
+        return load_checkpoint(resume)
+
+    def _restore(self, state: dict) -> None:
+        if state.get("key") != self.config.key():
+            raise NormlabError(
+                f"checkpoint is of another config (key {state.get('key')!r}, this config is "
+                f"{self.config.key()!r}); resume with the config that wrote it"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.batches.load_state_dict(state["iterator"])
+            set_rng_state(state["rng"])
+            self.step = int(state["step"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise NormlabError(f"checkpoint does not match this run: {exc}") from None
+        self.run_id = state.get("run_id")
+        self._elapsed_before = float(state.get("elapsed", 0.0))
+        self._train_time = float(state.get("train_time", 0.0))
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> float:
+    """Global L2 norm of all gradients, ``sqrt(sum_p ||g_p||^2)`` (one fused ``_foreach_norm``)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
+
+
+def train(
+    config: TrainConfig,
+    store: Any = None,
+    callbacks: Iterable[Any] = (),
+    progress: bool | None = None,
+    resume: str | os.PathLike | bool | None = None,
+) -> RunResult:
+    """Train ``config`` and return its :class:`RunResult` (see :class:`Trainer` for the arguments)."""
+    return Trainer(config, store=store, callbacks=callbacks, progress=progress, resume=resume).fit()

@@ -1,0 +1,385 @@
+"""normlab.layers norms: equality with PyTorch, by-hand formulas, gradcheck in float64, bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import gradcheck
+
+from normlab.errors import NormlabError
+from normlab.layers import (
+    BatchRenorm,
+    EvalNorm,
+    FrozenBatchNorm,
+    GhostBatchNorm,
+    NoisyBatchNorm,
+    create_norm,
+    fit_evalnorm,
+    list_norms,
+    noisy_batch_norm,
+    sample_bn_noise,
+)
+from normlab.layers.batch_renorm import batch_renorm, renorm_limits
+from normlab.layers.evalnorm import eval_norm
+from normlab.layers.ghost_bn import ghost_batch_norm
+
+CUSTOM = ["frozen_bn", "ghost_bn", "batch_renorm", "noisy_bn", "noise", "evalnorm"]
+SHAPES = [(6, 4), (6, 4, 5), (6, 4, 3, 3)]
+
+
+def _randomize(layer: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean"):
+            t = getattr(layer, name, None)
+            if t is not None:
+                t.copy_(torch.randn_like(t))
+        if getattr(layer, "running_var", None) is not None:
+            layer.running_var.copy_(torch.rand_like(layer.running_var) + 0.5)
+    return layer
+
+
+def _by_hand_bn(x, weight, bias, eps=1e-5):
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (x - mean) / torch.sqrt(var + eps) * weight.view(shape) + bias.view(shape)
+
+
+# --- registry and PyTorch equality ---------------------------------------------------------------------
+
+def test_all_names_registered():
+    assert set(CUSTOM + ["bn", "gn", "ln", "in", "none"]) <= set(list_norms())
+
+
+@pytest.mark.parametrize("dims,shape", [(1, (8, 6)), (1, (8, 6, 5)), (2, (8, 6, 4, 4)), (3, (4, 6, 2, 3, 3))])
+def test_bn_equals_pytorch(dims, shape):
+    ours = _randomize(create_norm("bn", 6, dims=dims))
+    ref = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](6)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+def test_gn_and_ln_equal_pytorch():
+    x = torch.randn(4, 64, 5, 5)
+    gn = _randomize(create_norm("gn", 64))
+    ref = nn.GroupNorm(32, 64)
+    ref.load_state_dict(gn.state_dict())
+    torch.testing.assert_close(gn(x), ref(x))
+    # LN over (C, H, W): F.layer_norm at its default (unit) affine parameters.
+    torch.testing.assert_close(create_norm("ln", 64)(x), F.layer_norm(x, x.shape[1:]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", CUSTOM)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_custom_norms_run_on_every_shape(name, shape, dtype):
+    layer = create_norm(name, shape[1], dims=1 if len(shape) < 4 else 2).to(dtype)
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape and y.dtype == dtype and torch.isfinite(y).all()
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    layer.eval()
+    assert layer(x).shape == x.shape
+
+
+# --- frozen BN ---------------------------------------------------------------------------------------------
+
+def test_frozen_bn_equals_bn_eval_and_loads_bn_state_dict():
+    bn = _randomize(nn.BatchNorm2d(5)).eval()
+    frozen = FrozenBatchNorm(5)
+    frozen.load_state_dict(bn.state_dict())
+    x = torch.randn(3, 5, 4, 4)
+    torch.testing.assert_close(frozen.train()(x), bn(x))
+    torch.testing.assert_close(FrozenBatchNorm.from_bn(bn)(x), bn(x))
+    assert list(frozen.parameters()) == []
+
+
+# --- ghost BN --------------------------------------------------------------------------------------------
+
+def test_ghost_bn_with_virtual_equal_to_batch_is_bn():
+    ghost, bn = GhostBatchNorm(4, virtual_batch_size=8), nn.BatchNorm2d(4)
+    _randomize(ghost)
+    bn.load_state_dict(ghost.state_dict())
+    for _ in range(3):
+        x = torch.randn(8, 4, 3, 3)
+        torch.testing.assert_close(ghost(x), bn(x))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ghost, name), getattr(bn, name))
+    ghost.eval(), bn.eval()
+    x = torch.randn(5, 4, 3, 3)
+    torch.testing.assert_close(ghost(x), bn(x))
+
+
+def test_ghost_bn_normalizes_each_ghost_batch_and_updates_stats_in_order():
+    ghost = _randomize(GhostBatchNorm(3, virtual_batch_size=2, momentum=0.2))
+    rm0, rv0 = ghost.running_mean.clone(), ghost.running_var.clone()
+    x = torch.randn(5, 3, 4)  # ghost batches of 2, 2 and 1 sample (the last has 4 values per channel)
+    y = ghost(x)
+    expected = torch.cat([_by_hand_bn(c, ghost.weight, ghost.bias) for c in x.split(2)])
+    torch.testing.assert_close(y, expected)
+    rm, rv = rm0, rv0
+    for c in x.split(2):
+        var, mean = torch.var_mean(c, dim=[0, 2], correction=1)
+        rm, rv = 0.8 * rm + 0.2 * mean, 0.8 * rv + 0.2 * var
+    torch.testing.assert_close(ghost.running_mean, rm)
+    torch.testing.assert_close(ghost.running_var, rv)
+    assert int(ghost.num_batches_tracked) == 3
+
+
+# --- batch renorm ---------------------------------------------------------------------------------------
+
+def test_renorm_with_rmax_1_dmax_0_is_bn():
+    renorm, bn = BatchRenorm(4, r_max=1.0, d_max=0.0), nn.BatchNorm2d(4)
+    _randomize(renorm)
+    bn.load_state_dict(renorm.state_dict(), strict=False)
+    for _ in range(2):
+        warm = torch.randn(6, 4, 3, 3)
+        renorm(warm), bn(warm)
+    x = torch.randn(6, 4, 3, 3)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = renorm(xa), bn(xb)
+    torch.testing.assert_close(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g), yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(renorm.weight.grad, bn.weight.grad)
+    torch.testing.assert_close(renorm.running_mean, bn.running_mean)
+    torch.testing.assert_close(renorm.running_var, bn.running_var)
+
+
+def test_renorm_matches_ioffe_formula_by_hand():
+    torch.manual_seed(1)
+    layer = BatchRenorm(3, r_max=1.5, d_max=0.5, momentum=0.1)
+    _randomize(layer)
+    rm, rv = layer.running_mean.clone(), layer.running_var.clone()
+    x = torch.randn(10, 3, 4) * 2 + 1
+    y = layer(x)
+    var_b, mu_b = torch.var_mean(x, dim=[0, 2], correction=0)
+    sigma_b, sigma = torch.sqrt(var_b + 1e-5), torch.sqrt(rv + 1e-5)
+    r = (sigma_b / sigma).clamp(1 / 1.5, 1.5)
+    d = ((mu_b - rm) / sigma).clamp(-0.5, 0.5)
+    v = lambda t: t.view(1, -1, 1)  # noqa: E731
+    expected = v(layer.weight) * ((x - v(mu_b)) / v(sigma_b) * v(r) + v(d)) + v(layer.bias)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(layer.running_mean, 0.9 * rm + 0.1 * mu_b)
+    torch.testing.assert_close(layer.running_var, 0.9 * rv + 0.1 * var_b * 40 / 39)
+
+
+def test_renorm_unclipped_training_output_is_the_inference_function():
+    layer = _randomize(BatchRenorm(3, r_max=1e6, d_max=1e6, momentum=0.0))
+    x = torch.randn(8, 3, 5, dtype=torch.float64)
+    layer.double()
+    y_train = layer(x)
+    torch.testing.assert_close(y_train, layer.eval()(x))
+
+
+def test_renorm_warmup_schedule():
+    assert renorm_limits(0, 3.0, 5.0, 10, 4) == (1.0, 0.0)
+    assert renorm_limits(3, 3.0, 5.0, 10, 4) == (1.0, 0.0)
+    assert renorm_limits(9, 3.0, 5.0, 10, 4) == pytest.approx((2.0, 2.5))
+    assert renorm_limits(14, 3.0, 5.0, 10, 4) == (3.0, 5.0)
+    assert renorm_limits(100, 3.0, 5.0, 0, 0) == (3.0, 5.0)
+    layer = BatchRenorm(2, r_max=3.0, d_max=5.0, warmup_steps=4, bn_steps=2)
+    seen = []
+    for _ in range(7):
+        seen.append(layer.current_limits())
+        layer(torch.randn(4, 2))
+    assert seen == [(1.0, 0.0), (1.0, 0.0), (1.0, 0.0), (1.5, 1.25), (2.0, 2.5), (2.5, 3.75), (3.0, 5.0)]
+    assert int(layer.renorm_steps) == 7
+
+
+def test_renorm_gradcheck_with_saturated_clips():
+    # r and d carry no gradient; with both clipped they are locally constant, so finite differences agree.
+    x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.full((3,), 10.0, dtype=torch.float64), torch.full((3,), 100.0, dtype=torch.float64)
+    fn = lambda x, w, b: batch_renorm(x, rm, rv, w, b, training=True, r_max=2.0, d_max=0.5, momentum=0.0)  # noqa: E731
+    assert gradcheck(fn, (x, w, b))
+
+
+# --- noisy BN and noise ---------------------------------------------------------------------------------
+
+def test_noise_moments_match_algorithm_1():
+    gen = torch.Generator().manual_seed(0)
+    n_mu, n_sigma, r_mu, r_sigma = 0.5, 1.25, 0.1, 0.1
+    draws = [sample_bn_noise((16, 64, 3, 3), generator=gen) for _ in range(400)]
+    s = torch.stack([d[0] for d in draws]).double()
+    m = torch.stack([d[1] for d in draws]).double()
+    assert s.shape == (400, 16, 64, 1, 1)
+    assert abs(m.mean().item()) < 0.01
+    assert m.var().item() == pytest.approx(n_mu**2 / 3 + r_mu**2 / 3, rel=0.03)
+    assert s.mean().item() == pytest.approx((1 + n_sigma) / 2, abs=0.003)
+    assert s.var().item() == pytest.approx((n_sigma - 1) ** 2 / 12 + r_sigma**2, rel=0.03)
+    # Within one draw and channel, m_ij stays within r_mu of the channel's mu_j.
+    spread = m.amax(dim=1) - m.amin(dim=1)
+    assert spread.max().item() <= 2 * r_mu + 1e-6
+    assert sample_bn_noise((4, 3, 5, 5), per_position=True)[0].shape == (4, 3, 5, 5)
+
+
+def test_noisy_bn_output_is_noise_times_bn_plus_noise_and_eval_is_clean():
+    layer = _randomize(NoisyBatchNorm(4))
+    ref = nn.BatchNorm2d(4)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(6, 4, 3, 3)
+    layer.generator = torch.Generator().manual_seed(3)
+    y = layer(x)
+    s, m = sample_bn_noise(x.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(y, s * _by_hand_bn(x, layer.weight, layer.bias) + m)
+    ref(x)
+    torch.testing.assert_close(layer.running_var, ref.running_var)
+    layer.eval(), ref.eval()
+    torch.testing.assert_close(layer(x), ref(x))
+
+
+def test_noisy_bn_noise_before_affine():
+    layer = _randomize(NoisyBatchNorm(4, noise_after_affine=False))
+    layer.generator = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, 2, 2)
+    y = layer(x)
+    s, m = sample_bn_noise(x.shape, generator=torch.Generator().manual_seed(5))
+    x_hat = _by_hand_bn(x, torch.ones(4), torch.zeros(4))
+    torch.testing.assert_close(y, layer.weight.view(1, -1, 1, 1) * (s * x_hat + m) + layer.bias.view(1, -1, 1, 1))
+
+
+def test_noise_layer_is_noise_without_normalization():
+    layer = create_norm("noise", 4)
+    layer.generator = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 4, 3, 3) * 5 + 2
+    s, m = sample_bn_noise(x.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(layer(x), s * x + m)
+    assert torch.equal(layer.eval()(x), x)
+
+
+@pytest.mark.parametrize("after", [True, False])
+@pytest.mark.parametrize("per_position", [False, True])
+def test_noisy_bn_gradcheck_with_frozen_noise(after, per_position):
+    x = torch.randn(5, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        return noisy_batch_norm(x, None, None, w, b, training=True, noise_after_affine=after,
+                                per_position=per_position, generator=torch.Generator().manual_seed(0))
+
+    assert gradcheck(fn, (x, w, b))
+
+
+# --- EvalNorm ---------------------------------------------------------------------------------------------
+
+def test_evalnorm_sample_weight_0_is_bn_and_training_is_bn():
+    ev, bn = _randomize(EvalNorm(4)), nn.BatchNorm2d(4)
+    bn.load_state_dict(ev.state_dict(), strict=False)
+    x = torch.randn(6, 4, 3, 3)
+    torch.testing.assert_close(ev(x), bn(x))
+    torch.testing.assert_close(ev.running_var, bn.running_var)
+    ev.eval(), bn.eval()
+    torch.testing.assert_close(ev(x), bn(x))
+
+
+def test_evalnorm_blend_by_hand_and_weight_1_is_instance_norm():
+    ev = _randomize(EvalNorm(4, sample_weight=1.0)).eval()
+    x = torch.randn(3, 4, 5, 5)
+    expected = F.instance_norm(x, weight=ev.weight, bias=ev.bias, eps=1e-5)
+    torch.testing.assert_close(ev(x), expected, atol=1e-5, rtol=1e-5)
+    a, b = 0.3, 0.6
+    var_x, mu_x = torch.var_mean(x, dim=(2, 3), correction=0, keepdim=True)
+    rm, rv = ev.running_mean.view(1, -1, 1, 1), ev.running_var.view(1, -1, 1, 1)
+    mu, var = a * mu_x + (1 - a) * rm, b * var_x + (1 - b) * rv
+    expected = (x - mu) / torch.sqrt(var + 1e-5) * ev.weight.view(1, -1, 1, 1) + ev.bias.view(1, -1, 1, 1)
+    got = eval_norm(x, ev.running_mean, ev.running_var, ev.weight, ev.bias, alpha=a, beta=b)
+    torch.testing.assert_close(got, expected)
+
+
+def test_evalnorm_gradcheck():
+    x = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
+    assert gradcheck(lambda x, w, b: eval_norm(x, rm, rv, w, b, alpha=0.3, beta=0.6), (x, w, b))
+
+
+def test_fit_evalnorm_recovers_one_over_batch_size():
+    # A single EvalNorm on i.i.d. samples whose running statistics are the population ones: a sample has
+    # weight 1/B in its batch mean, so the least-squares blend weight a is 1/B.
+    torch.manual_seed(0)
+    B = 4
+    model = nn.Sequential(EvalNorm(8)).eval()
+    model[0].running_mean.fill_(0.0)
+    model[0].running_var.fill_(1.0 + 0.25)  # per-sample means ~N(0, 1), within-sample noise var 0.25
+    batches = [torch.randn(B, 8, 1, 1) + 0.5 * torch.randn(B, 8, 6, 6) for _ in range(300)]
+    fit_evalnorm(model, batches)
+    assert float(model[0].alpha) == pytest.approx(1 / B, abs=0.03)
+    assert 0.0 <= float(model[0].beta) <= 1.0
+    assert not model.training and torch.equal(model[0].running_var, torch.full((8,), 1.25))
+
+
+def test_fit_evalnorm_one_batch_by_hand():
+    model = nn.Sequential(_randomize(EvalNorm(3)))
+    x = torch.randn(4, 3, 5)
+    fit_evalnorm(model, [x])
+    ev = model[0]
+    sd = torch.sqrt(ev.running_var + ev.eps)
+    mu_x, mu_b = x.mean(dim=2), x.mean(dim=(0, 2))
+    dx, db = (mu_x - ev.running_mean) / sd, (mu_b - ev.running_mean) / sd
+    expected = ((dx * db).sum() / (dx * dx).sum()).clamp(0, 1)
+    assert float(ev.alpha) == pytest.approx(expected.item(), rel=1e-5)
+    assert model.training
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+def test_unknown_name_lists_valid_norms():
+    with pytest.raises(NormlabError, match=r"unknown norm 'batchnorm'; valid norms: .*ghost_bn"):
+        create_norm("batchnorm", 4)
+
+
+@pytest.mark.parametrize("name,option,value,text", [
+    ("ghost_bn", "virtual_batch_size", 1, "virtual_batch_size must be an int >= 2, got 1"),
+    ("ghost_bn", "momentum", 1.5, "momentum must be in [0, 1] or None, got 1.5"),
+    ("batch_renorm", "r_max", 0.5, "r_max must be a finite number >= 1, got 0.5"),
+    ("batch_renorm", "d_max", -1.0, "d_max must be a finite number >= 0, got -1.0"),
+    ("batch_renorm", "warmup_steps", -3, "warmup_steps must be an int >= 0, got -3"),
+    ("batch_renorm", "bn_steps", 2.5, "bn_steps must be an int >= 0, got 2.5"),
+    ("noisy_bn", "n_sigma", 0.9, "n_sigma must be a finite number >= 1, got 0.9"),
+    ("noisy_bn", "r_sigma", -0.1, "r_sigma must be a finite number >= 0, got -0.1"),
+    ("noise", "n_mu", math.inf, "n_mu must be a finite number >= 0, got inf"),
+    ("evalnorm", "sample_weight", 1.5, "sample_weight must be a number in [0, 1], got 1.5"),
+    ("frozen_bn", "eps", 0.0, "eps must be > 0, got 0.0"),
+    ("frozen_bn", "dims", 4, "dims must be 1, 2 or 3, got 4"),
+    ("ghost_bn", "bogus", 1, "unknown option(s) bogus for norm 'ghost_bn'; valid options: virtual_batch_size"),
+])
+def test_bad_option_values(name, option, value, text):
+    with pytest.raises(NormlabError) as err:
+        create_norm(name, 4, **{option: value})
+    assert text in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["ghost_bn", "batch_renorm", "noisy_bn", "evalnorm"])
+def test_one_value_per_channel_in_training_raises(name):
+    layer = create_norm(name, 4, dims=1)
+    with pytest.raises(NormlabError, match="expected more than 1 value per channel when training"):
+        layer(torch.randn(1, 4))
+    layer.eval()(torch.randn(1, 4))  # evaluation uses running statistics: fine
+
+
+def test_ghost_batch_of_one_value_raises():
+    with pytest.raises(NormlabError, match="more than 1 value per channel"):
+        ghost_batch_norm(torch.randn(5, 3), None, None, None, None, virtual_batch_size=2, training=True)
+
+
+@pytest.mark.parametrize("name", CUSTOM)
+def test_wrong_channel_count_names_expected_and_got(name):
+    layer = create_norm(name, 8)
+    with pytest.raises(NormlabError, match=r"expected 8 channels \(input.shape\[1\]\), got 3"):
+        layer(torch.randn(4, 3, 2, 2))
+
+
+def test_wrong_rank_raises():
+    with pytest.raises(NormlabError, match=r"got shape \(4,\)"):
+        create_norm("ghost_bn", 4)(torch.randn(4))

@@ -1,0 +1,307 @@
+"""normlab.models: every model x norm builds and trains, the paper layouts, the residual-block contract,
+NF-ResNet signal propagation at init, parameter counts, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.errors import NormlabError
+from normlab.layers import ScaledStdConv2d, ScaledStdLinear, SkipInit, activation_gamma
+from normlab.models import ResidualBlock, ResidualModel, create_model, list_models
+from normlab.models.nf_resnet import NFSkipGain, expected_variances
+
+SMALL = {  # small but complete configurations, so the fast tier stays fast
+    "vgg": dict(width=0.125),
+    "mlp": dict(width=32),
+    "dln": dict(depth=6),
+    "cnn": dict(),
+    "resnet": dict(depth=8),
+    "wide_resnet": dict(depth=10, width=1),
+    "nf_resnet": dict(depth=8),
+}
+NORMS = ["bn", "gn", "ln", "none", "nf", "in", "ghost_bn"]
+
+
+def _input(name: str, dims: int, n: int = 8) -> tuple[torch.Tensor, dict]:
+    if name == "dln":
+        return torch.randn(n, 10), {}
+    if dims == 1:
+        return torch.randn(n, 2, 40), dict(in_channels=2)
+    sized = {"input_size": 16} if name in ("mlp", "cnn") else {}
+    return torch.randn(n, 3, 16, 16), dict(in_channels=3, **sized)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("name", list(SMALL))
+def test_every_model_and_norm_trains(name: str, dims: int) -> None:
+    norms = ["nf"] if name == "nf_resnet" else NORMS
+    for norm in norms:
+        torch.manual_seed(0)
+        x, extra = _input(name, dims)
+        y = torch.randint(0, 10, (len(x),))
+        model = create_model(name, norm=norm, dims=dims, num_classes=10, **SMALL[name], **extra)
+        assert isinstance(model.classifier, nn.Linear)
+        opt = torch.optim.SGD(model.parameters(), lr=0.02)
+        losses = []
+        for _ in range(4):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert all(math.isfinite(v) for v in losses), (name, norm, dims, losses)
+        assert losses[-1] < losses[0], (name, norm, dims, losses)
+
+
+def test_norm_layers_are_the_requested_ones() -> None:
+    model = create_model("resnet", norm="gn", depth=8, dims=2, in_channels=3, norm_options={"groups": 4})
+    gns = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(gns) == 2 * 3 + 1 and all(m.num_groups == 4 for m in gns)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    nf = create_model("vgg", norm="nf", dims=2, in_channels=3, width=0.125)
+    assert not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) for m in nf.modules())
+    convs = [m for m in nf.features if isinstance(m, ScaledStdConv2d)]
+    # the first conv sees the data (gamma 1); the others follow a ReLU (its gamma)
+    assert [c.gamma for c in convs] == [1.0] + [activation_gamma("relu")] * 7
+    assert all(isinstance(m, ScaledStdLinear) for m in nf.head if isinstance(m, nn.Linear))
+
+
+# --- VGG-A (Santurkar et al. 2018, AlexeyGB/batch-norm-helps-optimization src/models/vgg.py) -------------
+
+
+def _vgg_layout(model: nn.Module) -> list[str]:
+    out = []
+    for m in [*model.features, *model.head, model.classifier]:
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            out.append(f"conv{m.out_channels}")
+        elif isinstance(m, nn.Linear):
+            out.append(f"fc{m.out_features}")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            out.append("bn")
+        elif isinstance(m, nn.ReLU):
+            out.append("relu")
+        elif type(m).__name__ == "MaxPool":
+            out.append("M")
+    return out
+
+
+def test_vgg_a_layout_matches_the_paper() -> None:
+    c = lambda n: [f"conv{n}", "bn", "relu"]  # noqa: E731
+    f = lambda n: [f"fc{n}", "bn", "relu"]  # noqa: E731
+    paper = [*c(64), "M", *c(128), "M", *c(256), *c(256), "M", *c(512), *c(512), "M", *c(512), *c(512), "M"]
+    paper += [*f(512), *f(512), "fc10"]
+    for dims in (1, 2):
+        model = create_model("vgg", norm="bn", dims=dims, in_channels=3)
+        assert _vgg_layout(model) == paper
+        convs = [m for m in model.features if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+        assert all(m.kernel_size == (3,) * dims and m.padding == (1,) * dims for m in convs)
+    # no norm after the last layer; Glorot-uniform bound sqrt(6 / (fan_in + fan_out)) on the classifier
+    model = create_model("vgg", dims=2, in_channels=3)
+    bound = math.sqrt(6 / (512 + 10))
+    assert model.classifier.weight.abs().max() <= bound
+    assert model.classifier.weight.std() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    assert _vgg_layout(create_model("vgg", dims=2, in_channels=3, width=0.5))[0] == "conv32"
+
+
+def test_vgg_pooling_on_short_and_paper_sized_inputs() -> None:
+    model = create_model("vgg", norm="none", dims=1, in_channels=1, width=0.125).eval()
+    sizes = []
+    for m in model.features:
+        if type(m).__name__ == "MaxPool":
+            m.register_forward_hook(lambda mod, i, o: sizes.append(o.shape[-1]))
+    model(torch.randn(2, 1, 40))
+    assert sizes == [20, 10, 5, 2, 1]  # MNIST-1D: five halvings end at one position, as 32x32 -> 1x1
+    sizes.clear()
+    assert model(torch.randn(2, 1, 6)).shape == (2, 10)  # pools skip dims already of size 1
+    assert sizes == [3, 1, 1, 1, 1]
+
+
+# --- residual models ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("resnet", dict(norm="bn")),
+        ("resnet", dict(norm="none", skipinit=True, skipinit_value=0.3)),
+        ("wide_resnet", dict(norm="gn", width=2, depth=10)),
+        ("nf_resnet", dict(skip_gain_init=0.7)),
+        ("nf_resnet", dict(skip_gain_init=0.5, downsample="conv")),
+    ],
+)
+def test_blocks_contract_out_equals_shortcut_plus_scaled_branch(name: str, kwargs: dict) -> None:
+    kwargs = {"depth": 8, **kwargs}
+    model = create_model(name, dims=2, in_channels=3, **kwargs).eval()
+    assert isinstance(model, ResidualModel)
+    blocks = list(model.blocks())
+    assert [n for n, _ in blocks] == [f"stages.{i}.0" for i in range(3)]
+    modules = dict(model.named_modules())
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+    for qname, block in blocks:
+        assert isinstance(block, ResidualBlock) and modules[qname] is block
+        rec = seen.setdefault(qname, {})
+        for part in ("preact", "branch", "skip_scale", "shortcut"):
+            getattr(block, part).register_forward_hook(lambda m, i, o, rec=rec, part=part: rec.__setitem__(part, o))
+        block.register_forward_hook(lambda m, i, o, rec=rec: rec.__setitem__("out", o))
+        block.branch.register_forward_hook(lambda m, i, o, rec=rec: rec.__setitem__("branch_in", i[0]))
+    stem_out = []
+    model.stem.register_forward_hook(lambda m, i, o: stem_out.append(o))
+    model(torch.randn(4, 3, 16, 16))
+    for qname, block in blocks:
+        rec = seen[qname]
+        torch.testing.assert_close(rec["out"], rec["shortcut"] + rec["skip_scale"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(rec["branch_in"], rec["preact"])  # the branch runs on preact(x)
+        # skip_scale multiplies the branch output by its scalar
+        scale = {SkipInit: lambda b: b.alpha, NFSkipGain: lambda b: b.gain * b.alpha}.get(type(block.skip_scale))
+        if scale is not None:
+            torch.testing.assert_close(rec["skip_scale"], rec["branch"] * scale(block.skip_scale))
+    assert blocks[0][1].shortcut.__class__ is nn.Identity or name == "wide_resnet"
+    assert stem_out[0].shape[1] == blocks[0][1].preact(stem_out[0]).shape[1]
+
+
+def _count_resnet20_params() -> int:
+    # He et al. 2016 CIFAR ResNet-20 (3 stages x 3 blocks, 16/32/64 channels), pre-activation, counted by
+    # hand: bias-free 3x3 convs, 2 affine norm params per channel, 1x1 projections where width changes.
+    conv = lambda cin, cout, k=3: cin * cout * k * k  # noqa: E731
+    total = conv(3, 16)
+    cin = 16
+    for cout in (16, 32, 64):
+        for j in range(3):
+            total += 2 * cin + conv(cin, cout) + 2 * cout + conv(cout, cout)
+            if cin != cout:
+                total += conv(cin, cout, 1)
+            cin = cout
+    return total + 2 * 64 + 64 * 10 + 10
+
+
+def test_param_counts_match_the_papers() -> None:
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    resnet20 = create_model("resnet20", dims=2, in_channels=3)
+    assert count(resnet20) == _count_resnet20_params() == 272_282  # paper: 0.27M
+    assert count(create_model("resnet56", dims=2, in_channels=3)) == pytest.approx(0.85e6, rel=0.02)
+    assert count(create_model("resnet110", dims=2, in_channels=3)) == pytest.approx(1.7e6, rel=0.02)
+    wrn = create_model("wide_resnet", dims=2, in_channels=3, depth=16, width=8)
+    assert count(wrn) == pytest.approx(11.0e6, rel=0.01)  # WRN-16-8: 11.0M (Zagoruyko & Komodakis, Table 4)
+    assert count(create_model("cnn")) == 25 * 5 + 25 + 2 * (25 * 25 * 3 + 25) + 125 * 10 + 10 + 3 * 2 * 25
+    assert len(list(resnet20.blocks())) == 9
+
+
+def test_resnet_he_init_and_nf_zero_classifier() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet", depth=8, dims=2, in_channels=3, width=4)
+    conv = model.stages[2][0].branch[3]  # 256 -> 256 3x3 conv: fan-out = 9 * 256
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 256)), rel=0.02)
+    nf = create_model("nf_resnet", depth=8, dims=2, in_channels=3)
+    assert nf.classifier.weight.abs().sum() == 0 and nf.classifier.bias.abs().sum() == 0
+    assert all(float(b.skip_scale.gain) == 0.0 and b.skip_scale.alpha == 0.2 for _, b in nf.blocks())
+
+
+def test_nf_resnet_beta_follows_the_expected_variance_schedule() -> None:
+    # timm nfnet.py: beta = expected_var ** -0.5; expected_var resets to 1 after a stage's first block
+    alpha = 0.2
+    assert expected_variances(3, 3, alpha) == pytest.approx(
+        [1, 1 + alpha**2, 1 + 2 * alpha**2, 1 + 3 * alpha**2, 1 + alpha**2, 1 + 2 * alpha**2] * 1
+        + [1 + 3 * alpha**2, 1 + alpha**2, 1 + 2 * alpha**2]
+    )
+    model = create_model("nf_resnet", depth=20, dims=1)
+    betas = [b.preact.beta for _, b in model.blocks()]
+    assert betas == pytest.approx([v**-0.5 for v in expected_variances(3, 3, alpha)])
+
+
+def _block_variances(model: nn.Module, x: torch.Tensor) -> list[float]:
+    out: list[float] = []
+    for _, block in model.blocks():
+        block.register_forward_hook(
+            lambda m, i, o: out.append(o.var(dim=[0, *range(2, o.dim())], correction=0).mean().item())
+        )
+    with torch.no_grad():
+        model(x)
+    return out
+
+
+def test_nf_resnet_signal_propagation_at_init() -> None:
+    # Brock et al. 2021a Sec. 4: on unit Gaussian input the block outputs' average channel variance grows by
+    # alpha^2 per block and resets to 1 + alpha^2 at each stage's first block (skip gain 1); with the
+    # paper's skip gain 0 every block starts as (a projection of) the identity and nothing accumulates.
+    alpha = 0.5
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 32, 32, generator=gen)
+    expected = [1 + k * alpha**2 for k in (1, 2, 3)] * 3
+    torch.manual_seed(0)
+    one = create_model("nf_resnet", dims=2, in_channels=3, alpha=alpha, skip_gain_init=1.0, downsample="conv")
+    measured = _block_variances(one, x)
+    assert measured == pytest.approx(expected, rel=0.12)
+    torch.manual_seed(0)
+    zero = create_model("nf_resnet", dims=2, in_channels=3, alpha=alpha, skip_gain_init=0.0, downsample="conv")
+    flat = _block_variances(zero, x)
+    assert all(0.6 < v < 1.1 for v in flat), flat
+    # the default avg-pool shortcut (timm): first stage identical; at transitions the 2x2 average of nearly
+    # uncorrelated white-noise activations cuts the shortcut's variance (~1/4), so nothing accumulates either
+    torch.manual_seed(0)
+    avg = _block_variances(create_model("nf_resnet", dims=2, in_channels=3, alpha=alpha, skip_gain_init=1.0), x)
+    assert avg[:3] == pytest.approx(expected[:3], rel=0.12)
+    assert max(avg[3:]) < avg[2]
+
+
+# --- options and bad input ----------------------------------------------------------------------------
+
+
+def test_aliases_defaults_and_dln_regression_output() -> None:
+    assert {"vgg", "mlp", "dln", "cnn", "resnet", "resnet20", "resnet56", "resnet110", "wide_resnet", "nf_resnet"} <= set(
+        list_models()
+    )
+    assert isinstance(create_model("resnet", norm="nf", depth=8, dims=1).stages[0][0].skip_scale, NFSkipGain)
+    assert type(create_model("nf_resnet", depth=8)).__name__ == "NFResNet"  # its default norm is "nf"
+    dln = create_model("dln", num_classes=0, norm="none", depth=3)
+    layers = [m for m in dln.modules() if isinstance(m, nn.Linear)]
+    assert [tuple(m.weight.shape) for m in layers] == [(10, 10)] * 3 and all(m.bias is None for m in layers)
+    x = torch.randn(5, 10)
+    w = [m.weight for m in layers]
+    torch.testing.assert_close(dln(x), x @ (w[2] @ w[1] @ w[0]).T)  # f(x) = W3 W2 W1 x, no nonlinearity
+    bn = create_model("dln", num_classes=0, depth=4)
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in bn.modules()) == 3  # after every layer but the last
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(name="vgg16"), "unknown model 'vgg16'; valid models: cnn, dln, mlp"),
+        (dict(name="vgg", norm="batchnorm"), "unknown norm 'batchnorm'; valid norms:"),
+        (dict(name="vgg", foo=1), "unknown option(s) foo for model 'vgg'; valid options: activation"),
+        (dict(name="resnet", depth=21), "resnet depth must be 6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110), got 21"),
+        (dict(name="wide_resnet", depth=28 + 1), "wide_resnet depth must be 6n+4"),
+        (dict(name="resnet20", depth=56), "model 'resnet20' fixes depth=20, got depth=56"),
+        (dict(name="vgg", dims=3), "dims must be 1 (N, C, L) or 2 (N, C, H, W), got 3"),
+        (dict(name="vgg", width=0), "width must be a positive number, got 0"),
+        (dict(name="vgg", depth=16), "depth must be 11 or None, got 16"),
+        (dict(name="cnn", num_classes=0), "cnn needs num_classes >= 1, got 0"),
+        (dict(name="mlp", in_channels=0), "in_channels must be a positive int, got 0"),
+        (dict(name="mlp", activation="swish"), "activation must be one of"),
+        (dict(name="cnn", input_size=4), "input_size=4 is too small for cnn with depth=3"),
+        (dict(name="nf_resnet", norm="bn"), "nf_resnet is normalizer-free: norm must be 'nf', got 'bn'"),
+        (dict(name="nf_resnet", downsample="max"), "downsample must be one of 'avg', 'conv', got 'max'"),
+        (dict(name="resnet", skip_gain_init=1.0), "alpha and skip_gain_init apply only to norm='nf'"),
+        (dict(name="resnet", norm="nf", skipinit=True), "skipinit is for normalized nets"),
+        (dict(name="resnet", dropout=1.5), "dropout must be in [0, 1), got 1.5"),
+        (dict(name="vgg", norm="gn", norm_options={"dims": 2}), "norm_options may not set dims"),
+        (dict(name="vgg", norm="nf", norm_options={"groups": 2}), "unknown option(s) groups for norm 'nf'"),
+        (dict(name="vgg", norm="bn", norm_options={"groups": 2}), "unknown option(s) groups for norm 'bn'"),
+        (dict(name="dln", depth=1), "dln needs depth >= 2"),
+    ],
+)
+def test_bad_input_names_what_was_given_and_what_is_allowed(kwargs: dict, message: str) -> None:
+    name = kwargs.pop("name")
+    with pytest.raises(NormlabError) as info:
+        create_model(name, **kwargs)
+    assert message in str(info.value)
+
+
+def test_wrong_input_size_is_reported() -> None:
+    model = create_model("cnn")
+    with pytest.raises(NormlabError, match="cnn was built for input_size=40; pass input_size="):
+        model(torch.randn(2, 1, 64))
