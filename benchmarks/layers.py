@@ -2,14 +2,14 @@
 
     python benchmarks/layers.py [--repeat 10] [--threads 1]
 
-Prints three tables of median times and ratios (lower is better):
+Prints three tables of median and minimum times and their ratios (lower is better):
 1. forward+backward (training mode) of every registered norm on a (128, 64, 32, 32) float32 CPU tensor,
    divided by ``nn.BatchNorm2d``'s;
 2. ``ScaledStdConv2d`` (3x3, 64 -> 64) divided by ``nn.Conv2d`` + ``nn.BatchNorm2d``, batch 128;
 3. ``adaptive_clip_grad_`` on a list of parameters with the shapes of torchvision's resnet50 (built here
    without torchvision), divided by timm's per-parameter loop (``timm.utils.agc.adaptive_clip_grad``).
 Timings are interleaved round-robin (one run of each candidate per round) so that load changes on a
-shared machine hit all candidates alike; each figure is the median over ``--repeat`` rounds.
+shared machine hit all candidates alike; figures are the median and the minimum over ``--repeat`` rounds.
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes + [(1000, 2048), (1000,)]
 
 
-def interleaved_medians(fns: dict[str, Callable[[], None]], repeat: int, warmup: int = 2) -> dict[str, float]:
+def interleaved_times(
+    fns: dict[str, Callable[[], None]], repeat: int, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, ``repeat`` calls each, interleaved round-robin."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -70,7 +73,7 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeat: int, warmup:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
@@ -82,11 +85,16 @@ def forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> 
     return run
 
 
-def print_table(title: str, baseline: str, medians: dict[str, float]) -> None:
+def print_table(title: str, baseline: str, times: dict[str, list[float]]) -> None:
+    """Median and minimum per candidate and their ratios to the baseline's (the minimum is the figure least
+    disturbed by other processes on a shared machine)."""
+    med = {name: statistics.median(t) for name, t in times.items()}
+    low = {name: min(t) for name, t in times.items()}
     print(f"\n{title}")
-    print(f"{'candidate':<34}{'median ms':>12}{'ratio':>9}")
-    for name, t in medians.items():
-        print(f"{name:<34}{t * 1e3:>12.2f}{t / medians[baseline]:>9.2f}")
+    print(f"{'candidate':<38}{'median ms':>10}{'ratio':>7}{'min ms':>10}{'ratio':>7}")
+    for name in times:
+        print(f"{name:<38}{med[name] * 1e3:>10.2f}{med[name] / med[baseline]:>7.2f}"
+              f"{low[name] * 1e3:>10.2f}{low[name] / low[baseline]:>7.2f}")
 
 
 def bench_norms(repeat: int) -> None:
@@ -101,7 +109,7 @@ def bench_norms(repeat: int) -> None:
     layers["evalnorm (eval, sample_weight=0.25)"] = create_norm("evalnorm", 64, sample_weight=0.25).eval()
     fns = {name: forward_backward(m, x, grad) for name, m in layers.items()}
     print_table("Norm layers, forward+backward, (128, 64, 32, 32) float32, ratio to nn.BatchNorm2d",
-                "nn.BatchNorm2d (baseline)", interleaved_medians(fns, repeat))
+                "nn.BatchNorm2d (baseline)", interleaved_times(fns, repeat))
 
 
 def bench_ws_conv(repeat: int) -> None:
@@ -112,7 +120,7 @@ def bench_ws_conv(repeat: int) -> None:
     fns = {"Conv2d + BatchNorm2d (baseline)": forward_backward(conv_bn, x, grad),
            "ScaledStdConv2d": forward_backward(ws, x, grad)}
     print_table("Scaled WS conv 3x3 64->64, forward+backward, (128, 64, 16, 16) float32",
-                "Conv2d + BatchNorm2d (baseline)", interleaved_medians(fns, repeat))
+                "Conv2d + BatchNorm2d (baseline)", interleaved_times(fns, repeat))
 
 
 def bench_agc(repeat: int) -> None:
@@ -131,16 +139,17 @@ def bench_agc(repeat: int) -> None:
     def reset_only(ps: list[torch.Tensor]) -> None:
         pass
 
-    medians = interleaved_medians({"grad reset only": with_fresh_grads(reset_only),
-                                   "timm per-parameter loop (baseline)": with_fresh_grads(timm_agc_reference),
-                                   "adaptive_clip_grad_": with_fresh_grads(adaptive_clip_grad_)}, repeat)
-    # The gradient copies are the same for both candidates; subtract them to compare the clipping alone.
-    reset = medians.pop("grad reset only")
-    medians = {name: max(t - reset, 1e-9) for name, t in medians.items()}
+    times = interleaved_times({"grad reset only": with_fresh_grads(reset_only),
+                               "timm per-parameter loop (baseline)": with_fresh_grads(timm_agc_reference),
+                               "adaptive_clip_grad_": with_fresh_grads(adaptive_clip_grad_)}, repeat)
+    # The gradient copies are the same for both candidates; subtract each round's copy time to compare the
+    # clipping alone.
+    reset = times.pop("grad reset only")
+    times = {name: [max(t - r, 1e-9) for t, r in zip(ts, reset, strict=True)] for name, ts in times.items()}
     print(f"\n(resnet50: {len(params)} tensors, {sum(p.numel() for p in params):,} numbers; "
-          f"gradient reset {reset * 1e3:.2f} ms subtracted)")
+          f"gradient reset, median {statistics.median(reset) * 1e3:.2f} ms, subtracted)")
     print_table("AGC on resnet50-shaped parameters, ratio to timm's loop",
-                "timm per-parameter loop (baseline)", medians)
+                "timm per-parameter loop (baseline)", times)
 
 
 def main() -> None:

@@ -244,7 +244,8 @@ def test_noisy_bn_noise_before_affine():
     y = layer(x)
     s, m = sample_bn_noise(x.shape, generator=torch.Generator().manual_seed(5))
     x_hat = _by_hand_bn(x, torch.ones(4), torch.zeros(4))
-    torch.testing.assert_close(y, layer.weight.view(1, -1, 1, 1) * (s * x_hat + m) + layer.bias.view(1, -1, 1, 1))
+    gamma, beta = layer.weight.view(1, -1, 1, 1), layer.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(y, gamma * (s * x_hat + m) + beta)
 
 
 def test_noise_layer_is_noise_without_normalization():
@@ -268,6 +269,29 @@ def test_noisy_bn_gradcheck_with_frozen_noise(after, per_position):
                                 per_position=per_position, generator=torch.Generator().manual_seed(0))
 
     assert gradcheck(fn, (x, w, b))
+
+
+def test_noisy_bn_without_affine_gradcheck():
+    x = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True)
+
+    for after in (True, False):
+        def fn(x, after=after):
+            return noisy_batch_norm(x, None, None, None, None, training=True, noise_after_affine=after,
+                                    generator=torch.Generator().manual_seed(1))
+
+        assert gradcheck(fn, (x,))
+
+
+def test_ghost_and_frozen_bn_gradcheck():
+    x = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    def ghost(x, w, b):
+        return ghost_batch_norm(x, None, None, w, b, virtual_batch_size=4, training=True)
+
+    assert gradcheck(ghost, (x, w, b))
+    frozen = _randomize(FrozenBatchNorm(3)).double()
+    assert gradcheck(frozen, (x,))
 
 
 # --- EvalNorm ---------------------------------------------------------------------------------------------
@@ -352,7 +376,7 @@ def test_unknown_name_lists_valid_norms():
     ("evalnorm", "sample_weight", 1.5, "sample_weight must be a number in [0, 1], got 1.5"),
     ("frozen_bn", "eps", 0.0, "eps must be > 0, got 0.0"),
     ("frozen_bn", "dims", 4, "dims must be 1, 2 or 3, got 4"),
-    ("ghost_bn", "bogus", 1, "unknown option(s) bogus for norm 'ghost_bn'; valid options: virtual_batch_size"),
+    ("ghost_bn", "bogus", 1, "unknown option(s) bogus for norm 'ghost_bn'; valid options: virtual_batch"),
 ])
 def test_bad_option_values(name, option, value, text):
     with pytest.raises(NormlabError) as err:

@@ -123,3 +123,28 @@ def test_ics_bad_input():
         ics(model, {}, (x, y))
     with pytest.raises(NormlabError, match="ReLU has no layer with its own weight"):
         ics(nn.ReLU(), opt, (x, y))
+
+
+def test_ics_on_the_deep_linear_network_matches_matrix_products():
+    """Santurkar et al.'s DLN: f(x) = W3 W2 W1 x, loss ||f(x) - A x||^2 (mean), plain SGD."""
+    from normlab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("dln", norm="none", width=4, depth=3, num_classes=4).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(32, 4, dtype=torch.float64)
+    target = x @ torch.randn(4, 4, dtype=torch.float64).T
+    result = ics(model, opt, (x, target), F.mse_loss)
+    Ws = [p.detach().clone() for p in model.parameters()]  # W1, W2, W3 in forward order
+
+    def loss(mats):
+        return F.mse_loss(x @ mats[0].T @ mats[1].T @ mats[2].T, target)
+
+    leaves = [w.clone().requires_grad_(True) for w in Ws]
+    G = torch.autograd.grad(loss(leaves), leaves)
+    W_next = [w - 0.05 * g for w, g in zip(Ws, G, strict=True)]
+    for i, name in enumerate(result.l2):
+        mixed = [(W_next[j] if j < i else Ws[j]).clone().requires_grad_(True) for j in range(3)]
+        G_shift = torch.autograd.grad(loss(mixed), mixed[i])[0]
+        assert result.l2[name] == pytest.approx((G[i] - G_shift).norm().item(), rel=1e-9, abs=1e-15)
+    assert len(result.l2) == 3 and list(result.l2)[-1] == "classifier"

@@ -25,6 +25,7 @@ def study(
     out: Annotated[Path, typer.Option(help="Output folder; the report goes to OUT/NAME/.")] = Path("studies"),
     store: Annotated[Path | None, typer.Option(help="Results store (default OUT/NAME/runs.sqlite).")] = None,
     workers: Annotated[int, typer.Option(help="Parallel training processes (1 = in this process).")] = 1,
+    threads: Annotated[int, typer.Option(help="Torch threads in this process (0 = torch's default).")] = 0,
 ) -> None:
     """Run a study: train its variants, measure, and write OUT/NAME/report.html + report.md."""
     from rich.console import Console
@@ -35,12 +36,19 @@ def study(
     if list_:
         for study_name in list_studies():
             recipe = get_study(study_name)
-            console.print(f"[bold]{study_name}[/bold]  {recipe.title}  [dim]({recipe.paper})[/dim]")
+            console.print(f"[bold]{study_name}[/bold]  {recipe.title}", soft_wrap=True)
         return
     if name is None:
         raise NormlabError(f"give a study name or --list; valid studies: {', '.join(list_studies())}")
-    if not isinstance(workers, int) or workers < 1:
+    if workers < 1:
         raise NormlabError(f"--workers must be >= 1, got {workers!r}")
+    if threads < 0:
+        raise NormlabError(f"--threads must be >= 0 (0 = torch's default), got {threads!r}")
+    if threads:
+        import torch
+
+        # On a shared machine, oversubscribed intra-op threads can slow training by an order of magnitude.
+        torch.set_num_threads(threads)
     from normlab.studies.runner import run_study
 
     err = Console(stderr=True)

@@ -33,7 +33,8 @@ def _print_json(value: Any) -> None:
 def _console():
     from rich.console import Console
 
-    return Console()
+    # Piped output has no terminal width; rich's 80-column default would truncate the run tables.
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _open_store(path: str | None):
@@ -113,16 +114,12 @@ _FIELD_HELP = {
 }
 
 
-def _option_type(name: str, default: Any) -> type:
+def _option_type(name: str, annotation: str) -> type:
+    # Field annotations are strings (postponed evaluation); their first type names the option's type.
     if name in ("norm_options", "model_options", "milestones", "width", "subset"):
         return str  # parsed by _parse_option: JSON / comma list / int-or-float
-    if isinstance(default, bool):
-        return bool
-    if isinstance(default, int):
-        return int
-    if isinstance(default, float) or name in ("agc_clip",):
-        return float
-    return str
+    first = annotation.split("|")[0].strip()
+    return {"bool": bool, "int": int, "float": float}.get(first, str)
 
 
 def _parse_option(name: str, value: Any) -> Any:
@@ -157,7 +154,7 @@ def _train_signature() -> inspect.Signature:
     ]
     for f in dataclasses.fields(TrainConfig):
         default = getattr(defaults, f.name)
-        kind = _option_type(f.name, default)
+        kind = _option_type(f.name, str(f.type))
         flag = "--" + f.name.replace("_", "-")
         decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
         shown = json.dumps(default) if isinstance(default, (dict, list)) else default
@@ -371,6 +368,7 @@ def compare_command(
     epochs: int = typer.Option(COMPARE_DEFAULTS["epochs"], help="epochs, equal for every batch size"),
     dataset: str = typer.Option("mnist1d", help="dataset name"),
     data_root: str | None = typer.Option(None, help="folder holding the data"),
+    subset: str | None = typer.Option(None, help="train on a seeded subset (count or fraction)"),
     width: str | None = typer.Option(None, help="model width (model default if unset)"),
     depth: int | None = typer.Option(None, help="model depth (model default if unset)"),
     agc_clip: float = typer.Option(COMPARE_DEFAULTS["agc_clip"], help="AGC clip factor for nf runs"),
@@ -403,6 +401,7 @@ def compare_command(
         epochs=epochs,
         dataset=dataset,
         data_root=data_root,
+        subset=_parse_option("subset", subset) if subset is not None else None,
         width=_parse_option("width", width) if width is not None else None,
         depth=depth,
         optimizer=optimizer,

@@ -26,7 +26,8 @@ class Dataset:
             float32.
         y_train, y_test: int64 class indices (N,) for classification, float32 targets (N, D) for regression.
         num_classes: number of classes; 0 for regression.
-        in_channels: C (D for feature vectors).
+        in_channels: C. A feature vector (D,) counts as one channel of length D (``in_channels`` 1), so a
+            model that flattens its input sizes it as ``in_channels * input_shape[-1] ** dims`` throughout.
         dims: 1 for (N, C, L) and (N, D), 2 for (N, C, H, W): the ``dims`` models and norms take.
         task: ``"classification"`` or ``"regression"``.
         input_shape: the shape of one example (without the batch dim).

@@ -30,7 +30,8 @@ def load_gaussian_linear(
     """Linear regression ``y = A x`` with ``x ~ N(0, I_d)`` and ``A`` a d x d matrix of i.i.d. N(0, 1) entries
     (Santurkar et al. 2018, arXiv 1805.11604, Sec. 3.2: d = 10, 1000 samples, full-batch GD on the DLN).
 
-    x: (N, d) float32, y: (N, d) float32; task ``"regression"``, ``num_classes`` 0. ``A`` is in
+    x: (N, d) float32 (one channel of length d), y: (N, d) float32; task ``"regression"``, ``num_classes`` 0.
+    ``A`` is in
     ``meta["A"]``. ``data_seed`` fixes A and the samples (independent of ``load_dataset``'s subset seed).
     """
     n, n_test, d = _count("num_samples", num_samples), _count("num_test", num_test), _count("dim", dim)
@@ -44,7 +45,7 @@ def load_gaussian_linear(
         x_test=x[n:],
         y_test=y[n:],
         num_classes=0,
-        in_channels=d,
+        in_channels=1,
         dims=1,
         task="regression",
         input_shape=(d,),
@@ -87,7 +88,7 @@ def load_synthetic(
         x_test=x[n:],
         y_test=y[n:],
         num_classes=k,
-        in_channels=shape[0],
+        in_channels=shape[0] if len(shape) > 1 else 1,
         dims=max(1, len(shape) - 1),
         task="classification",
         input_shape=shape,

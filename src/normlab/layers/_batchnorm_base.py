@@ -17,7 +17,7 @@ from normlab.layers.standard import check_dims, check_eps, check_momentum
 
 
 def check_input(x: Tensor, num_features: int, layer: str) -> None:
-    """Raise NormlabError unless ``x`` is (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W) with C channels."""
+    """Raise NormlabError unless ``x`` is (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), C channels."""
     if not 2 <= x.dim() <= 5:
         raise NormlabError(
             f"{layer} expects input of shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), "

@@ -26,5 +26,6 @@ _GAMMAS: dict[str, float] = {
 def activation_gamma(name: str) -> float:
     """The Scaled WS gain constant of activation ``name`` (one of :data:`_GAMMAS`'s keys)."""
     if name not in _GAMMAS:
-        raise NormlabError(f"unknown activation {name!r} for activation_gamma; valid: {', '.join(sorted(_GAMMAS))}")
+        valid = ", ".join(sorted(_GAMMAS))
+        raise NormlabError(f"unknown activation {name!r} for activation_gamma; valid: {valid}")
     return _GAMMAS[name]

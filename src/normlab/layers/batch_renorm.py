@@ -20,7 +20,9 @@ from normlab.layers._batchnorm_base import BatchStatsNorm, reduce_dims
 from normlab.layers.factory import register_norm
 
 
-def renorm_limits(step: int, r_max: float, d_max: float, warmup_steps: int, bn_steps: int) -> tuple[float, float]:
+def renorm_limits(
+    step: int, r_max: float, d_max: float, warmup_steps: int, bn_steps: int
+) -> tuple[float, float]:
     """The clipping limits (r_max_t, d_max_t) at training step ``step`` (0-based).
 
     Ioffe 2017 (Sec. 4) trains the first steps as plain BN (r_max = 1, d_max = 0) and then relaxes the limits
@@ -73,6 +75,7 @@ def batch_renorm(
     return F.batch_norm(x, None, None, w, b, True, 0.0, eps)
 
 
+@torch.no_grad()
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """(mean, biased var) per channel of ``x`` (N, C, *S) over N and the spatial dims, without gradient."""
     if x.device.type == "cpu":
@@ -95,7 +98,8 @@ class BatchRenorm(BatchStatsNorm):
 
     def __init__(
         self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0,
-        bn_steps: int = 0, dims: int = 2, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+        bn_steps: int = 0, dims: int = 2, eps: float = 1e-5, momentum: float | None = 0.1,
+        affine: bool = True,
     ) -> None:
         super().__init__(num_features, dims=dims, eps=eps, momentum=momentum, affine=affine)
         if not (isinstance(r_max, (int, float)) and math.isfinite(r_max) and r_max >= 1.0):

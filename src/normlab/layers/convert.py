@@ -58,7 +58,8 @@ def _num_channels(layer: nn.Module, qualified: str) -> int:
     if isinstance(layer, nn.LayerNorm):
         if len(layer.normalized_shape) != 1:
             raise NormlabError(
-                f"cannot convert {qualified} (LayerNorm over normalized_shape={tuple(layer.normalized_shape)}): "
+                f"cannot convert {qualified} (LayerNorm over "
+                f"normalized_shape={tuple(layer.normalized_shape)}): "
                 "only a LayerNorm over one dimension (the channels of (N, C) features) maps to a channel norm"
             )
         return layer.normalized_shape[0]

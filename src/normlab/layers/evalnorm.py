@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab.errors import NormlabError
-from normlab.layers._batchnorm_base import BatchStatsNorm, channel_view
+from normlab.layers._batchnorm_base import BatchStatsNorm
 from normlab.layers.factory import register_norm
 
 

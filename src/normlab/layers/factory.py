@@ -55,7 +55,8 @@ def create_norm(name: str, num_channels: int, **options) -> nn.Module:
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise NormlabError(
-            f"unknown option(s) {', '.join(unknown)} for norm {name!r}; valid options: {', '.join(valid) or 'none'}"
+            f"unknown option(s) {', '.join(unknown)} for norm {name!r}; "
+            f"valid options: {', '.join(valid) or 'none'}"
         )
     return builder(num_channels, **options)
 

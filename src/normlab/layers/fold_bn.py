@@ -17,9 +17,16 @@ from normlab.errors import NormlabError
 from normlab.layers._batchnorm_base import BatchStatsNorm
 from normlab.layers.evalnorm import EvalNorm
 from normlab.layers.frozen_bn import FrozenBatchNorm
-from normlab.layers.kinds import has_batch_stats
+from normlab.layers.kinds import has_batch_stats, is_norm
 
 _FOLD_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class _LeafNormTracer(torch.fx.Tracer):
+    """Keeps normlab's layers as single graph nodes (their input checks are Python control flow)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_norm(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _is_foldable_bn(module: nn.Module) -> bool:
@@ -66,7 +73,7 @@ def fold_bn(model: nn.Module) -> torch.fx.GraphModule:
         )
     model = copy.deepcopy(model)
     try:
-        gm = torch.fx.symbolic_trace(model)
+        gm = torch.fx.GraphModule(model, _LeafNormTracer().trace(model), type(model).__name__)
     except Exception as err:  # fx raises many types for untraceable code
         raise NormlabError(f"fold_bn could not trace {type(model).__name__} with torch.fx: {err}") from err
     modules = dict(gm.named_modules())
@@ -83,10 +90,12 @@ def fold_bn(model: nn.Module) -> torch.fx.GraphModule:
         if not isinstance(prev, torch.fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
             continue
         layer, bn = modules[prev.target], modules[node.target]
-        if type(layer) not in _FOLD_INTO or calls[prev.target] != 1 or layer.weight.shape[0] != bn.num_features:
+        if type(layer) not in _FOLD_INTO or calls[prev.target] != 1:
             continue
-        weight, bias = folded_weights(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
-                                      bn)
+        if layer.weight.shape[0] != bn.num_features:
+            continue
+        old_bias = None if layer.bias is None else layer.bias.detach()
+        weight, bias = folded_weights(layer.weight.detach(), old_bias, bn)
         layer.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
         layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
         node.replace_all_uses_with(prev)

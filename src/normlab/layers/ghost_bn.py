@@ -70,7 +70,8 @@ class GhostBatchNorm(BatchStatsNorm):
         momentum: float | None = 0.1, affine: bool = True,
     ) -> None:
         super().__init__(num_features, dims=dims, eps=eps, momentum=momentum, affine=affine)
-        if not isinstance(virtual_batch_size, int) or isinstance(virtual_batch_size, bool) or virtual_batch_size < 2:
+        vbs = virtual_batch_size
+        if not isinstance(vbs, int) or isinstance(vbs, bool) or vbs < 2:
             raise NormlabError(f"virtual_batch_size must be an int >= 2, got {virtual_batch_size!r}")
         self.virtual_batch_size = virtual_batch_size
 

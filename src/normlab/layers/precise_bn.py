@@ -41,7 +41,9 @@ def precise_bn(model: nn.Module, batches: Iterable, *, num_batches: int | None =
     """
     layers = [m for m in model.modules() if has_batch_stats(m)]
     if not layers:
-        raise NormlabError(f"precise_bn: {type(model).__name__} has no BatchNorm layer with running statistics")
+        raise NormlabError(
+            f"precise_bn: {type(model).__name__} has no BatchNorm layer with running statistics"
+        )
     if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
         raise NormlabError(f"precise_bn: num_batches must be a positive int or None, got {num_batches!r}")
     keep = {id(m.running_mean) for m in layers} | {id(m.running_var) for m in layers}

@@ -111,8 +111,8 @@ class ScaledStdLinear(_ScaledStd, nn.Linear):
     """``nn.Linear`` with Scaled Weight Standardization (module docstring): fan-in N = in_features."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, *, gamma: float = 1.0, eps: float = 1e-5,
-        gain_init: float = 1.0,
+        self, in_features: int, out_features: int, bias: bool = True, *, gamma: float = 1.0,
+        eps: float = 1e-5, gain_init: float = 1.0,
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias=bias)
         self._init_ws(gamma, eps, gain_init)

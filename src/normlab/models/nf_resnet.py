@@ -29,8 +29,8 @@ from normlab.errors import NormlabError
 from normlab.models._layers import (
     activation_gamma,
     blocks_per_stage,
-    check_dropout,
     check_choice,
+    check_dropout,
     check_positive_float,
     create_act,
     global_avg_pool,
@@ -38,7 +38,6 @@ from normlab.models._layers import (
     scaled_std_conv,
 )
 from normlab.models.factory import NF, check_classes, register_model
-
 
 #: Shortcut of a block that changes width or resolution: "avg" = 2x2 average pool then 1x1 conv (timm's
 #: DownsampleAvg), "conv" = strided 1x1 conv (the ResNet-V2 projection).

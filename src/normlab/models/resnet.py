@@ -182,8 +182,9 @@ def _build(
     skipinit_value: float,
     alpha: float | None,
     skip_gain_init: float | None,
+    downsample: str | None,
 ) -> nn.Module:
-    _check_nf_options(name, norm, skipinit, alpha, skip_gain_init)
+    _check_nf_options(name, norm, skipinit, alpha, skip_gain_init, downsample)
     dropout = check_dropout(dropout)
     if norm == NF:
         return NFResNet(
@@ -196,6 +197,7 @@ def _build(
             activation=activation,
             alpha=0.2 if alpha is None else alpha,
             skip_gain_init=0.0 if skip_gain_init is None else skip_gain_init,
+            downsample="avg" if downsample is None else downsample,
             dropout=dropout,
             norm_options=norm_options,
         )
@@ -231,6 +233,7 @@ def resnet(
     dropout: float = 0.0,
     alpha: float | None = None,
     skip_gain_init: float | None = None,
+    downsample: str | None = None,
 ) -> nn.Module:
     """Pre-activation CIFAR ResNet of ``depth`` = 6n+2 layers (default 20), stage widths 16/32/64 times
     ``width`` (default 1). ``skipinit=True`` puts ``SkipInit(skipinit_value)`` (default 0) at the end of every
@@ -255,6 +258,7 @@ def resnet(
         skipinit_value=skipinit_value,
         alpha=alpha,
         skip_gain_init=skip_gain_init,
+        downsample=downsample,
     )
 
 
@@ -274,6 +278,7 @@ def wide_resnet(
     dropout: float = 0.0,
     alpha: float | None = None,
     skip_gain_init: float | None = None,
+    downsample: str | None = None,
 ) -> nn.Module:
     """Wide ResNet WRN-``depth``-``width`` (depth = 6n+4, default 16; widening factor k = ``width``, default
     4): stem 16 channels, stages 16k/32k/64k, ``dropout`` between the block's convs (0.3 in the paper's
@@ -298,6 +303,7 @@ def wide_resnet(
         skipinit_value=skipinit_value,
         alpha=alpha,
         skip_gain_init=skip_gain_init,
+        downsample=downsample,
     )
 
 

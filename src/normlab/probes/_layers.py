@@ -13,8 +13,12 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Lo
 
 
 def is_norm(module: nn.Module) -> bool:
-    """PyTorch's normalization layers and any class whose name ends in "Norm" (normlab's own, timm's)."""
-    return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith(("Norm", "Norm1d", "Norm2d"))
+    """PyTorch's and normlab's normalization layers (``normlab.layers.kinds``), and any class whose name
+    ends in "Norm"/"Norm1d"/"Norm2d"/"Norm3d" (timm's and other libraries')."""
+    from normlab.layers.kinds import is_norm as normlab_norm
+
+    by_name = type(module).__name__.endswith(("Norm", "Norm1d", "Norm2d", "Norm3d"))
+    return isinstance(module, _NORM_TYPES) or normlab_norm(module) or by_name
 
 
 def own_parameters(module: nn.Module) -> list[torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -23,6 +24,17 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return float(value)
+
+
+def json_ready(value: Any) -> Any:
+    """Strict JSON has no NaN / inf: they become None (null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_ready(v) for v in value]
+    return value
 
 
 @dataclasses.dataclass

@@ -28,9 +28,13 @@ def check_mode(mode: str) -> str:
 
 
 def batch_stat_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules that normalize with batch statistics in training mode (every ``_BatchNorm`` subclass,
-    including SyncBatchNorm and normlab's BN variants built on it)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """Modules that normalize with batch statistics in training mode: PyTorch's BatchNorm (any
+    ``_BatchNorm``, SyncBatchNorm included) and normlab's BN-like layers (ghost BN, Batch Renorm, noisy BN,
+    EvalNorm: ``normlab.layers._batchnorm_base.BatchStatsNorm``)."""
+    from normlab.layers._batchnorm_base import BatchStatsNorm
+
+    kinds = (nn.modules.batchnorm._BatchNorm, BatchStatsNorm)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
 
 
 def check_batch_for_mode(model: nn.Module, batch_size: int, mode: str, what: str = "batch") -> None:

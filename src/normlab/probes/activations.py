@@ -10,7 +10,8 @@ moment changes ``|mu_{t+1} - mu_t|``, ``|var_{t+1} - var_t|`` and the drift from
 Units are drawn per layer by ``torch.randperm(C)`` from a private generator seeded by ``seed`` and the
 layer's position, so the same seed picks the same units on every call. Default layers: every module with
 its own weight (conv/linear outputs, before the norm that follows); pass ``layers=`` (module names) to
-watch e.g. the norm or activation outputs instead. Percentiles interpolate linearly (``torch.quantile``).
+watch e.g. the norm or activation outputs instead. Percentiles interpolate linearly between order
+statistics (the default of numpy and ``torch.quantile``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,17 @@ def unit_values(t: torch.Tensor, units: list[int]) -> torch.Tensor:
     return t.transpose(0, 1)[units].reshape(len(units), -1).double()
 
 
+def percentiles_of(values: torch.Tensor, levels: list[float]) -> torch.Tensor:
+    """(U, P): row-wise percentiles with linear interpolation between order statistics, numpy's default
+    (``torch.quantile`` computes the same but is several times slower on small rows)."""
+    ordered = values.sort(dim=1).values
+    position = torch.tensor(levels, dtype=torch.float64, device=values.device) / 100.0 * (values.shape[1] - 1)
+    low = position.floor().long()
+    high = position.ceil().long()
+    frac = (position - low).to(values.dtype)
+    return ordered[:, low] + (ordered[:, high] - ordered[:, low]) * frac
+
+
 def _check_percentiles(levels: Sequence[float]) -> list[float]:
     levels = [float(p) for p in levels]
     if not levels or any(not 0.0 <= p <= 100.0 for p in levels):
@@ -103,7 +115,6 @@ def activation_stats(
     with torch.no_grad(), preserved(model, parameters=False), captured(chosen) as out:
         set_mode(model, mode)
         model(x.to(model_device(model)))
-    q = torch.tensor(levels, dtype=torch.float64) / 100.0
     result = ActivationStats(mode=mode, percentile_levels=levels, units={}, mean={}, var={}, percentiles={})
     for position, (name, _) in enumerate(chosen):
         if name not in out:
@@ -114,7 +125,7 @@ def activation_stats(
         result.units[name] = picked
         result.mean[name] = values.mean(dim=1).tolist()
         result.var[name] = values.var(dim=1, unbiased=False).tolist()
-        result.percentiles[name] = torch.quantile(values, q.to(values.device), dim=1).T.tolist()
+        result.percentiles[name] = percentiles_of(values, levels).tolist()
     return result
 
 

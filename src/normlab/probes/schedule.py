@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from normlab.errors import NormlabError
-from normlab.probes._result import ProbeResult
+from normlab.probes._result import ProbeResult, json_ready
 from normlab.probes._state import check_mode
 from normlab.probes.activations import ActivationTracker
 from normlab.probes.batch_coupling import batch_dependence
@@ -165,5 +165,5 @@ def record(ctx: Any, name: str, result: ProbeResult) -> None:
     for key, value in result.scalars().items():
         ctx.log(f"probe/{name}/{key}", value)
     if ctx.store is not None and ctx.run_id is not None and result.arrays():
-        payload = json.dumps({"step": ctx.step, **result.to_dict()}).encode()
+        payload = json.dumps(json_ready({"step": ctx.step, **result.to_dict()}), allow_nan=False).encode()
         ctx.store.add_artifact(ctx.run_id, f"probes/{name}/step{ctx.step:08d}.json", "json", payload)

@@ -123,10 +123,13 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 values[mode] = last[1] if last is not None else math.nan
             trained[norm].append(values)
 
+    trained_cols = p["train_steps"] > 0
+    columns = ["norm", "batch statistics", "train mode, init", "eval mode, init"]
+    if trained_cols:
+        columns += [f"train mode, {p['train_steps']} steps", f"eval mode, {p['train_steps']} steps"]
     table = Table(
         "Cross-example dependence mean_(j≠i) ||df(x_i)/dx_j|| / ||df(x_i)/dx_i|| (mean ± 95% CI over seeds)",
-        ["norm", "batch statistics", "train mode, init", "eval mode, init",
-         f"train mode, {p['train_steps']} steps", f"eval mode, {p['train_steps']} steps"],
+        columns,
         notes=[
             f"model {p['model']}, batch {p['batch_size']}, first {p['num_examples']} examples measured, "
             f"{len(ctx.seeds)} seeds.",
@@ -136,14 +139,15 @@ def run(ctx: StudyContext) -> StudyOutcome:
     coupling: dict[str, dict[str, float]] = {}
     for norm in norms:
         if norm in errors:
-            table.add_row(norm, None, f"not built: {errors[norm]}", None, None, None)
+            table.add_row(norm, None, f"not built: {errors[norm]}", *[None] * (len(table.columns) - 3))
             continue
         cells = [mean_ci(v[m] for v in series) for series in (at_init[norm], trained[norm])
                  for m in ("train", "eval")]
         coupling[norm] = {"train": cells[0][0], "eval": cells[1][0]}
         if trained[norm]:
             coupling[norm].update(train_trained=cells[2][0], eval_trained=cells[3][0])
-        table.add_row(norm, expected[norm], *[_sci(c) if c[0] == c[0] else None for c in cells])
+        shown = cells if trained_cols else cells[:2]
+        table.add_row(norm, expected[norm], *[_sci(c) if math.isfinite(c[0]) else None for c in shown])
     verdict, agrees, discrepancy = judge(coupling, expected)
     figure = ctx.save_figure(_plot(coupling), "coupling", "Cross-example dependence per norm at "
                              "initialization, train vs eval mode (log scale; exact zeros drawn at 1e-12).")

@@ -61,14 +61,21 @@ def callbacks(config: Any = None, *, every: int) -> list:
     return [ICSProbe(every)]
 
 
-def layer_series(metrics: dict[str, list[tuple[int, float]]], kind: str) -> dict[str, list[tuple[int, float]]]:
+def layer_series(
+    metrics: dict[str, list[tuple[int, float]]], kind: str
+) -> dict[str, list[tuple[int, float]]]:
     """``{layer: [(step, value)]}`` of ``probe/ics/<kind>/<layer>`` in forward order
     (``probe/ics/position/<layer>``)."""
     prefix = f"probe/ics/{kind}/"
-    position = {name[len("probe/ics/position/"):]: series[0][1] for name, series in metrics.items()
-                if name.startswith("probe/ics/position/") and series}
-    layers = sorted((name[len(prefix):] for name in metrics if name.startswith(prefix)),
-                    key=lambda layer: position.get(layer, math.inf))
+    position = {
+        name[len("probe/ics/position/") :]: series[0][1]
+        for name, series in metrics.items()
+        if name.startswith("probe/ics/position/") and series
+    }
+    layers = sorted(
+        (name[len(prefix) :] for name in metrics if name.startswith(prefix)),
+        key=lambda layer: position.get(layer, math.inf),
+    )
     return {layer: metrics[prefix + layer] for layer in layers}
 
 
@@ -79,7 +86,9 @@ def run_ics(series: dict[str, list[tuple[int, float]]]) -> float:
     return math.fsum(values) / len(values) if values else math.nan
 
 
-def verdict(summary: dict[str, dict[str, dict[str, tuple[float, float]]]]) -> tuple[str, bool | None, str | None]:
+def verdict(
+    summary: dict[str, dict[str, dict[str, tuple[float, float]]]],
+) -> tuple[str, bool | None, str | None]:
     """The verdict from ``summary[net][norm] = {"l2": (mean, hw), "cos": (mean, hw)}``.
 
     Agrees with the paper when, in every network, BN does not reduce ICS: its l2 is at least
@@ -106,12 +115,19 @@ def verdict(summary: dict[str, dict[str, dict[str, tuple[float, float]]]]) -> tu
         return "The recipe must train both 'none' and 'bn' to compare ICS.", None, None
     decided = not any("no finite" in p for p in parts)
     sentence = "; ".join(parts) + (
-        ": BN does not reduce internal covariate shift." if decided and not failed else
-        ": BN reduces internal covariate shift here." if failed else "."
+        ": BN does not reduce internal covariate shift."
+        if decided and not failed
+        else ": BN reduces internal covariate shift here."
+        if failed
+        else "."
     )
     if not decided:
         return sentence, None, None
-    discrepancy = ("Santurkar et al. find BN's ICS similar or higher, but " + "; ".join(failed) + ".") if failed else None
+    discrepancy = (
+        ("Santurkar et al. find BN's ICS similar or higher, but " + "; ".join(failed) + ".")
+        if failed
+        else None
+    )
     return sentence, not failed, discrepancy
 
 
@@ -128,8 +144,13 @@ def run(ctx: StudyContext) -> StudyOutcome:
 
     per_run: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for (net, norm, _seed), result in zip(grid, results, strict=True):
-        record: dict[str, Any] = {"status": result.status, "l2": math.nan, "cos": math.nan,
-                                  "final": _final(result), "series": {}}
+        record: dict[str, Any] = {
+            "status": result.status,
+            "l2": math.nan,
+            "cos": math.nan,
+            "final": _final(result),
+            "series": {},
+        }
         if result.run_id is not None and result.status == "finished":
             names = ctx.store.metric_names(result.run_id)
             metrics = {n: ctx.metrics(result.run_id, n) for n in names if n.startswith("probe/ics/")}
@@ -138,28 +159,49 @@ def run(ctx: StudyContext) -> StudyOutcome:
         per_run.setdefault((net, norm), []).append(record)
 
     summary = {
-        net: {norm: {"l2": mean_ci(r["l2"] for r in per_run[(net, norm)]),
-                     "cos": mean_ci(r["cos"] for r in per_run[(net, norm)])} for norm in norms}
+        net: {
+            norm: {
+                "l2": mean_ci(r["l2"] for r in per_run[(net, norm)]),
+                "cos": mean_ci(r["cos"] for r in per_run[(net, norm)]),
+            }
+            for norm in norms
+        }
         for net in nets
     }
     sentence, agrees, discrepancy = verdict(summary)
     table = Table(
         "Internal covariate shift (Santurkar et al. 2018, Def. 2.1), mean over training and layers 2..k",
         ["network", "norm", "ICS l2 ||G - G'||", "cos(G, G')", "final metric", "runs finished"],
-        notes=[f"mean ± 95% CI over {len(ctx.seeds)} seeds; probe every {every} steps, train mode.",
-               "final metric: test accuracy (classification) or test MSE (DLN regression)."],
+        notes=[
+            f"mean ± 95% CI over {len(ctx.seeds)} seeds; probe every {every} steps, train mode.",
+            "final metric: test accuracy (classification) or test MSE (DLN regression).",
+        ],
     )
     for net in nets:
         for norm in norms:
             runs = per_run[(net, norm)]
-            table.add_row(net, NORM_LABELS.get(norm, norm), summary[net][norm]["l2"], summary[net][norm]["cos"],
-                          mean_ci(r["final"] for r in runs),
-                          f"{sum(r['status'] == 'finished' for r in runs)}/{len(runs)}")
+            table.add_row(
+                net,
+                NORM_LABELS.get(norm, norm),
+                summary[net][norm]["l2"],
+                summary[net][norm]["cos"],
+                mean_ci(r["final"] for r in runs),
+                f"{sum(r['status'] == 'finished' for r in runs)}/{len(runs)}",
+            )
     figures = [_figure(ctx, net, norms, per_run) for net in nets]
-    data = {f"{net}/{norm}": [{k: v for k, v in r.items() if k != "series"} for r in per_run[(net, norm)]]
-            for net in nets for norm in norms}
-    return StudyOutcome(tables=[table], figures=figures, verdict=sentence, agrees_with_paper=agrees,
-                        discrepancy=discrepancy, data=data)
+    data = {
+        f"{net}/{norm}": [{k: v for k, v in r.items() if k != "series"} for r in per_run[(net, norm)]]
+        for net in nets
+        for norm in norms
+    }
+    return StudyOutcome(
+        tables=[table],
+        figures=figures,
+        verdict=sentence,
+        agrees_with_paper=agrees,
+        discrepancy=discrepancy,
+        data=data,
+    )
 
 
 def _final(result: Any) -> float:
@@ -186,15 +228,20 @@ def _figure(ctx: StudyContext, net: str, norms: list[str], per_run: dict) -> Any
                 curves = [r["series"][kind].get(layer, []) for r in runs]
                 steps, mean = _mean_curve(curves)
                 axes[row][col].plot(steps, mean, label=NORM_LABELS.get(norm, norm))
-                axes[row][col].set_title(f"{net} layer {layer}: " + ("||G - G'||_2" if kind == "l2" else "cos(G, G')"),
-                                         fontsize=9)
+                axes[row][col].set_title(
+                    f"{net} layer {layer}: " + ("||G - G'||_2" if kind == "l2" else "cos(G, G')"), fontsize=9
+                )
     for ax in axes.flat:
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
     axes[0][0].set_yscale("log")
     axes[0][1].set_yscale("log")
-    return ctx.save_figure(fig, f"ics_{net}", f"{net}: internal covariate shift over training, standard vs BN "
-                           "(Santurkar et al. 2018, Fig. 3); mean over seeds.")
+    return ctx.save_figure(
+        fig,
+        f"ics_{net}",
+        f"{net}: internal covariate shift over training, standard vs BN "
+        "(Santurkar et al. 2018, Fig. 3); mean over seeds.",
+    )
 
 
 def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:

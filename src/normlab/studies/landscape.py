@@ -53,8 +53,14 @@ class LandscapeProbe:
     """Trainer callback: the loss landscape along the gradient step every ``every_n_steps`` steps, and the
     top Hessian eigenvalue (train and eval mode) at every multiple of ``hessian_every``."""
 
-    def __init__(self, every_n_steps: int, num_points: int, eta_range: tuple[float, float], hessian_every: int,
-                 hessian_iters: int) -> None:
+    def __init__(
+        self,
+        every_n_steps: int,
+        num_points: int,
+        eta_range: tuple[float, float],
+        hessian_every: int,
+        hessian_iters: int,
+    ) -> None:
         self.every_n_steps = every_n_steps
         self.num_points = num_points
         self.eta_range = eta_range
@@ -64,23 +70,48 @@ class LandscapeProbe:
     def __call__(self, ctx: Any) -> None:
         from normlab.probes import hessian, landscape
 
-        result = landscape(ctx.model, ctx.batch, ctx.loss_fn, optimizer=ctx.optimizer, num_points=self.num_points,
-                           eta_range=self.eta_range, mode="train")
-        values = {"loss_min": result.loss_min, "loss_max": result.loss_max,
-                  "grad_change_min": min(result.grad_change), "grad_change_max": max(result.grad_change),
-                  "beta_smoothness": result.beta_smoothness}
+        result = landscape(
+            ctx.model,
+            ctx.batch,
+            ctx.loss_fn,
+            optimizer=ctx.optimizer,
+            num_points=self.num_points,
+            eta_range=self.eta_range,
+            mode="train",
+        )
+        values = {
+            "loss_min": result.loss_min,
+            "loss_max": result.loss_max,
+            "grad_change_min": min(result.grad_change),
+            "grad_change_max": max(result.grad_change),
+            "beta_smoothness": result.beta_smoothness,
+        }
         for name, value in values.items():
             ctx.log(f"probe/landscape/{name}", value)
         if self.hessian_every and ctx.step % self.hessian_every == 0:
             for mode in ("train", "eval"):
                 # One Hutchinson sample: the trace is not used, only the Lanczos top eigenvalue.
-                h = hessian(ctx.model, ctx.batch, ctx.loss_fn, top_k=1, max_iter=self.hessian_iters,
-                            trace_samples=1, mode=mode)
+                h = hessian(
+                    ctx.model,
+                    ctx.batch,
+                    ctx.loss_fn,
+                    top_k=1,
+                    max_iter=self.hessian_iters,
+                    trace_samples=1,
+                    mode=mode,
+                )
                 ctx.log(f"probe/hessian/top_eigenvalue/{mode}", h.eigenvalues[0])
 
 
-def callbacks(config: Any = None, *, every: int, num_points: int, eta_range: tuple[float, float], hessian_every: int,
-              hessian_iters: int) -> list:
+def callbacks(
+    config: Any = None,
+    *,
+    every: int,
+    num_points: int,
+    eta_range: tuple[float, float],
+    hessian_every: int,
+    hessian_iters: int,
+) -> list:
     """The callbacks of one run; module level so the process pool can pickle it (via ``partial``)."""
     return [LandscapeProbe(every, num_points, eta_range, hessian_every, hessian_iters)]
 
@@ -88,6 +119,7 @@ def callbacks(config: Any = None, *, every: int, num_points: int, eta_range: tup
 def summarize_run(metrics: dict[str, list[tuple[int, float]]]) -> dict[str, float]:
     """Per-run numbers: the means over probe steps (all, and the first quarter for ``early_*``) of the loss
     range ``loss_max - loss_min``, the largest gradient change and beta; the last Hessian eigenvalues."""
+
     def series(name: str) -> list[float]:
         return [v for _, v in sorted(metrics.get(name, []))]
 
@@ -95,19 +127,28 @@ def summarize_run(metrics: dict[str, list[tuple[int, float]]]) -> dict[str, floa
         values = [v for v in values if math.isfinite(v)]
         return math.fsum(values) / len(values) if values else math.nan
 
-    loss_range = [hi - lo for lo, hi in zip(series("probe/landscape/loss_min"), series("probe/landscape/loss_max"),
-                                            strict=True)]
+    loss_range = [
+        hi - lo
+        for lo, hi in zip(series("probe/landscape/loss_min"), series("probe/landscape/loss_max"), strict=True)
+    ]
     change, beta = series("probe/landscape/grad_change_max"), series("probe/landscape/beta_smoothness")
     early = max(1, len(beta) // 4)
-    out = {"loss_range": mean(loss_range), "grad_change": mean(change), "beta": mean(beta),
-           "early_grad_change": mean(change[:early]), "early_beta": mean(beta[:early])}
+    out = {
+        "loss_range": mean(loss_range),
+        "grad_change": mean(change),
+        "beta": mean(beta),
+        "early_grad_change": mean(change[:early]),
+        "early_beta": mean(beta[:early]),
+    }
     for mode in ("train", "eval"):
         eig = series(f"probe/hessian/top_eigenvalue/{mode}")
         out[f"eig_{mode}"] = eig[-1] if eig else math.nan
     return out
 
 
-def verdict(lr: float, summary: dict[str, dict[str, tuple[float, float]]]) -> tuple[str, bool | None, str | None]:
+def verdict(
+    lr: float, summary: dict[str, dict[str, tuple[float, float]]]
+) -> tuple[str, bool | None, str | None]:
     """The verdict from ``summary[norm][quantity] = (mean, hw)`` at LR ``lr``.
 
     Agrees with Santurkar et al. when BN's loss range, gradient change and effective beta-smoothness are
@@ -116,20 +157,33 @@ def verdict(lr: float, summary: dict[str, dict[str, tuple[float, float]]]) -> tu
     if "none" not in summary or "bn" not in summary:
         return "The recipe must train 'none' and 'bn' to compare their landscapes.", None, None
     std, bn = summary["none"], summary["bn"]
-    names = {"beta": "effective beta-smoothness", "grad_change": "gradient change along the step",
-             "loss_range": "loss variation"}
+    names = {
+        "beta": "effective beta-smoothness",
+        "grad_change": "gradient change along the step",
+        "loss_range": "loss variation",
+    }
     parts = []
     for key, text in names.items():
         ratio = bn[key][0] / std[key][0] if std[key][0] > 0 else math.nan
         parts.append(f"{text} {_f(std[key])} -> {_f(bn[key])} ({ratio:.3g}x)")
-    sentence = (f"At LR {lr:g}, going from the standard network to BN changes the " + ", ".join(parts)
-                + f"; the top Hessian eigenvalue is {_f(std['eig_train'])} vs {_f(bn['eig_train'])} in train "
-                f"mode and {_f(std['eig_eval'])} vs {_f(bn['eig_eval'])} in eval mode.")
+    sentence = (
+        f"At LR {lr:g}, going from the standard network to BN changes the "
+        + ", ".join(parts)
+        + f"; the top Hessian eigenvalue is {_f(std['eig_train'])} vs {_f(bn['eig_train'])} in train "
+        f"mode and {_f(std['eig_eval'])} vs {_f(bn['eig_eval'])} in eval mode."
+    )
     if not all(math.isfinite(s[k][0]) for s in (std, bn) for k in names):
         return sentence, None, None
-    failed = [f"BN's {text} is not lower ({bn[key][0]:.3g} vs {std[key][0]:.3g})"
-              for key, text in names.items() if not bn[key][0] < std[key][0]]
-    discrepancy = ("Santurkar et al. find all three smaller with BN, but " + "; ".join(failed) + ".") if failed else None
+    failed = [
+        f"BN's {text} is not lower ({bn[key][0]:.3g} vs {std[key][0]:.3g})"
+        for key, text in names.items()
+        if not bn[key][0] < std[key][0]
+    ]
+    discrepancy = (
+        ("Santurkar et al. find all three smaller with BN, but " + "; ".join(failed) + ".")
+        if failed
+        else None
+    )
     return sentence, not failed, discrepancy
 
 
@@ -139,41 +193,86 @@ def run(ctx: StudyContext) -> StudyOutcome:
     if len(eta_range) != 2:
         from normlab.errors import NormlabError
 
-        raise NormlabError(f"{ctx.study.path or ctx.study.name} [scale.{ctx.scale}]: eta_range must be "
-                           f"[low, high], got {eta_range!r}")
+        raise NormlabError(
+            f"{ctx.study.path or ctx.study.name} [scale.{ctx.scale}]: eta_range must be "
+            f"[low, high], got {eta_range!r}"
+        )
     base = {
-        "model": ctx.param("model", str), "width": ctx.param("width", (int, float)),
-        "dataset": ctx.param("dataset", str), "subset": ctx.param("subset", int) or None,
-        "download": bool(ctx.params.get("download", False)), "batch_size": ctx.param("batch_size", int),
-        "steps": ctx.param("steps", int), "eval_every": ctx.param("eval_every", int),
-        "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0, "schedule": "constant", "group": "study/landscape",
+        "model": ctx.param("model", str),
+        "width": ctx.param("width", (int, float)),
+        "dataset": ctx.param("dataset", str),
+        "subset": ctx.param("subset", int) or None,
+        "download": bool(ctx.params.get("download", False)),
+        "batch_size": ctx.param("batch_size", int),
+        "steps": ctx.param("steps", int),
+        "eval_every": ctx.param("eval_every", int),
+        "optimizer": "sgd",
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "schedule": "constant",
+        "group": "study/landscape",
     }
     grid = [(lr, norm, seed) for lr in lrs for norm in norms for seed in ctx.seeds]
     configs = [ctx.config(**base, lr=lr, norm=norm, seed=seed) for lr, norm, seed in grid]
-    factory = functools.partial(callbacks, every=ctx.param("probe_every", int), num_points=ctx.param("num_points", int),
-                                eta_range=(float(eta_range[0]), float(eta_range[1])),
-                                hessian_every=ctx.param("hessian_every", int), hessian_iters=ctx.param("hessian_iters", int))
+    factory = functools.partial(
+        callbacks,
+        every=ctx.param("probe_every", int),
+        num_points=ctx.param("num_points", int),
+        eta_range=(float(eta_range[0]), float(eta_range[1])),
+        hessian_every=ctx.param("hessian_every", int),
+        hessian_iters=ctx.param("hessian_iters", int),
+    )
     results = ctx.train_grid(configs, callbacks_factory=factory)
 
     runs: dict[tuple[float, str], list[dict[str, Any]]] = {}
     for (lr, norm, _), result in zip(grid, results, strict=True):
         metrics = {}
         if result.run_id is not None and result.status == "finished":
-            metrics = {n: ctx.metrics(result.run_id, n) for n in ctx.store.metric_names(result.run_id)
-                       if n.startswith(("probe/landscape/", "probe/hessian/"))}
-        record = {"run_id": result.run_id, "status": result.status, "test_acc": 100.0 * result.final_test_acc,
-                  **summarize_run(metrics)}
+            metrics = {
+                n: ctx.metrics(result.run_id, n)
+                for n in ctx.store.metric_names(result.run_id)
+                if n.startswith(("probe/landscape/", "probe/hessian/"))
+            }
+        record = {
+            "run_id": result.run_id,
+            "status": result.status,
+            "test_acc": 100.0 * result.final_test_acc,
+            **summarize_run(metrics),
+        }
         runs.setdefault((lr, norm), []).append(record)
 
-    keys = ("test_acc", "loss_range", "grad_change", "beta", "early_grad_change", "early_beta", "eig_train", "eig_eval")
-    summary = {lr: {norm: {k: mean_ci(r[k] for r in runs[(lr, norm)]) for k in keys} for norm in norms} for lr in lrs}
+    keys = (
+        "test_acc",
+        "loss_range",
+        "grad_change",
+        "beta",
+        "early_grad_change",
+        "early_beta",
+        "eig_train",
+        "eig_eval",
+    )
+    summary = {
+        lr: {norm: {k: mean_ci(r[k] for r in runs[(lr, norm)]) for k in keys} for norm in norms} for lr in lrs
+    }
     table = Table(
         "Loss landscape along the gradient step (Santurkar et al. 2018, Sec. 3.2) and Hessian top eigenvalue",
-        ["lr", "network", "test acc %", "loss range", "max ||g - g(eta)||", "beta-smoothness", "early max ||g - g(eta)||",
-         "early beta", "lambda_max train", "lambda_max eval"],
-        notes=[f"mean ± 95% CI over {len(ctx.seeds)} seeds; landscape every {ctx.param('probe_every', int)} steps on "
-               f"eta in {eta_range} x LR ({ctx.param('num_points', int)} points), train mode; early = first quarter of "
-               "the probe steps; lambda_max = last Hessian measurement."],
+        [
+            "lr",
+            "network",
+            "test acc %",
+            "loss range",
+            "max ||g - g(eta)||",
+            "beta-smoothness",
+            "early max ||g - g(eta)||",
+            "early beta",
+            "lambda_max train",
+            "lambda_max eval",
+        ],
+        notes=[
+            f"mean ± 95% CI over {len(ctx.seeds)} seeds; landscape every {ctx.param('probe_every', int)} "
+            f"steps on eta in {eta_range} x LR ({ctx.param('num_points', int)} points), train mode; "
+            "early = first quarter of the probe steps; lambda_max = last Hessian measurement."
+        ],
     )
     for lr in lrs:
         for norm in norms:
@@ -182,8 +281,14 @@ def run(ctx: StudyContext) -> StudyOutcome:
     sentence, agrees, discrepancy = verdict(lrs[0], summary[lrs[0]])
     figures = [_figure(ctx, lr, norms, runs) for lr in lrs]
     data = {f"{lr}/{norm}": runs[(lr, norm)] for lr in lrs for norm in norms}
-    return StudyOutcome(tables=[table], figures=figures, verdict=sentence, agrees_with_paper=agrees,
-                        discrepancy=discrepancy, data=data)
+    return StudyOutcome(
+        tables=[table],
+        figures=figures,
+        verdict=sentence,
+        agrees_with_paper=agrees,
+        discrepancy=discrepancy,
+        data=data,
+    )
 
 
 def _figure(ctx: StudyContext, lr: float, norms: list[str], runs: dict) -> Any:
@@ -200,8 +305,9 @@ def _figure(ctx: StudyContext, lr: float, norms: list[str], runs: dict) -> Any:
         ids = [r["run_id"] for r in runs[(lr, norm)] if r["run_id"] is not None and r["status"] == "finished"]
         if not ids:
             continue
-        for ax, (lo, hi) in zip(axes[:2], (("loss_min", "loss_max"), ("grad_change_min", "grad_change_max")),
-                                strict=True):
+        for ax, (lo, hi) in zip(
+            axes[:2], (("loss_min", "loss_max"), ("grad_change_min", "grad_change_max")), strict=True
+        ):
             steps, low = _mean_curve([ctx.metrics(j, f"probe/landscape/{lo}") for j in ids])
             _, high = _mean_curve([ctx.metrics(j, f"probe/landscape/{hi}") for j in ids])
             ax.fill_between(steps, low, high, color=color, alpha=0.35, lw=0, label=label)
@@ -210,15 +316,24 @@ def _figure(ctx: StudyContext, lr: float, norms: list[str], runs: dict) -> Any:
         for mode, style in (("train", "-o"), ("eval", "--s")):
             steps, eig = _mean_curve([ctx.metrics(j, f"probe/hessian/top_eigenvalue/{mode}") for j in ids])
             axes[3].plot(steps, eig, style, color=color, ms=4, label=f"{label}, {mode} mode")
-    titles = ("loss landscape (loss along W - eta g)", "gradient predictiveness ||g - g(eta)||",
-              "effective beta-smoothness", "Hessian top eigenvalue")
+    titles = (
+        "loss landscape (loss along W - eta g)",
+        "gradient predictiveness ||g - g(eta)||",
+        "effective beta-smoothness",
+        "Hessian top eigenvalue",
+    )
     for ax, title in zip(axes, titles, strict=True):
         ax.set_title(f"{title}, lr {lr:g}", fontsize=9)
         ax.set_xlabel("step")
-        ax.set_yscale("log")
+        # Eigenvalues can be negative early in training: symlog keeps them on the plot.
+        ax.set_yscale("symlog" if ax is axes[3] else "log", **({"linthresh": 1e-2} if ax is axes[3] else {}))
         ax.legend(fontsize=7)
-    return ctx.save_figure(fig, f"landscape_lr{lr:g}", f"Loss landscape, gradient predictiveness, beta-smoothness "
-                           f"(Santurkar et al. 2018, Fig. 4) and Hessian top eigenvalue at lr {lr:g}; mean over seeds.")
+    return ctx.save_figure(
+        fig,
+        f"landscape_lr{lr:g}",
+        f"Loss landscape, gradient predictiveness, beta-smoothness "
+        f"(Santurkar et al. 2018, Fig. 4) and Hessian top eigenvalue at lr {lr:g}; mean over seeds.",
+    )
 
 
 def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:

@@ -85,32 +85,34 @@ def measure(
     spp = signal_propagation(model, noise, mode="train")
     sim = example_similarity(model, dataset.x_test[:similarity_batch], mode="train")
     last_block = list(sim.mean_cosine)[-1]
+    # A zero-initialized classifier (the NF paper's) gives every example all-zero logits: the argmax is a
+    # tie, so prediction collapse is undefined rather than 100%.
+    classifier = getattr(model, "classifier", None)
+    undefined = isinstance(classifier, torch.nn.Linear) and not classifier.weight.detach().any()
     return {
         "avg_sq_mean": list(spp.avg_sq_mean.values()),
         "avg_var": list(spp.avg_var.values()),
         "res_avg_var": list(spp.res_avg_var.values()),
         "cosine": list(sim.mean_cosine.values()),
         "final_cosine": float(sim.mean_cosine[last_block]),
-        "collapse": float(sim.collapse),
+        "collapse": math.nan if undefined else float(sim.collapse),
     }
 
 
 def summarize(results: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, dict[int, dict[str, Any]]]:
-    """Per variant and depth, ``(mean, half_width)`` over seeds of the last block's ``avg_sq_mean``, its
-    growth over the stem's value, the mean-shift share ``avg_sq_mean / (avg_sq_mean + avg_var)`` (the part
-    of the second moment that is a shared offset), the last block's cross-example cosine similarity and the collapse.
+    """Per variant and depth, ``(mean, half_width)`` over seeds of the last block's ``avg_sq_mean``, the
+    mean-shift share ``avg_sq_mean / (avg_sq_mean + avg_var)`` (the part
+    of the second moment that is a shared offset), the last block's cross-example cosine similarity and
+    the prediction collapse.
     """
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for variant, by_depth in results.items():
         out[variant] = {}
         for depth, runs in by_depth.items():
             last = [r["avg_sq_mean"][-1] for r in runs]
-            growth = [r["avg_sq_mean"][-1] / r["avg_sq_mean"][0] if r["avg_sq_mean"][0] > 0 else math.nan
-                      for r in runs]
             share = [r["avg_sq_mean"][-1] / (r["avg_sq_mean"][-1] + r["avg_var"][-1]) for r in runs]
             out[variant][depth] = {
                 "sq_mean": mean_ci(last),
-                "growth": mean_ci(growth),
                 "var": mean_ci([r["avg_var"][-1] for r in runs]),
                 "share": mean_ci(share),
                 "cosine": mean_ci([r["final_cosine"] for r in runs]),
@@ -127,13 +129,21 @@ def verdict(summary: dict[str, dict[int, dict[str, Any]]]) -> tuple[str, bool | 
     is above BN's, and its last-block activations are more alike across examples than BN's (higher cosine).
     """
     if "none" not in summary or "bn" not in summary:
-        return ("The recipe must include the variants 'none' and 'bn' to test the mean-shift claim.", None,
-                None)
+        return (
+            "The recipe must include the variants 'none' and 'bn' to test the mean-shift claim.",
+            None,
+            None,
+        )
     depths = sorted(summary["none"])
     lo, hi = depths[0], depths[-1]
     none_hi, none_lo, bn_hi = summary["none"][hi], summary["none"][lo], summary["bn"][hi]
-    values = [none_hi["sq_mean"][0], none_lo["sq_mean"][0], bn_hi["sq_mean"][0], none_hi["cosine"][0],
-              bn_hi["cosine"][0]]
+    values = [
+        none_hi["sq_mean"][0],
+        none_lo["sq_mean"][0],
+        bn_hi["sq_mean"][0],
+        none_hi["cosine"][0],
+        bn_hi["cosine"][0],
+    ]
     if not all(math.isfinite(v) for v in values):
         return "The measurements are not finite (an activation overflowed), so no verdict.", None, None
     parts = [
@@ -155,8 +165,10 @@ def verdict(summary: dict[str, dict[int, dict[str, Any]]]) -> tuple[str, bool | 
     checks = {
         f"the unnormalized net's mean shift does not grow from depth {lo} to {hi}": grows,
         "the unnormalized net's mean-shift share is not above BN's": none_hi["share"][0] > bn_hi["share"][0],
-        "the unnormalized net's activations are not more alike across examples than BN's":
-            none_hi["cosine"][0] > bn_hi["cosine"][0],
+        "the unnormalized net's activations are not more alike across examples than BN's": none_hi["cosine"][
+            0
+        ]
+        > bn_hi["cosine"][0],
     }
     failed = [text for text, ok in checks.items() if not ok]
     discrepancy = ("Brock et al. 2021a predict the opposite: " + "; ".join(failed) + ".") if failed else None
@@ -176,29 +188,63 @@ def run(ctx: StudyContext) -> StudyOutcome:
             ctx.progress(f"mean-shift: {variant} depth {depth}")
             for seed in ctx.seeds:
                 results[variant][depth].append(
-                    measure(model_name, variant, depth, float(ctx.param("width", (int, float))), dataset,
-                            ctx.param("spp_batch", int), ctx.param("similarity_batch", int),
-                            float(ctx.param("nf_skip_gain_init", (int, float))), seed)
+                    measure(
+                        model_name,
+                        variant,
+                        depth,
+                        float(ctx.param("width", (int, float))),
+                        dataset,
+                        ctx.param("spp_batch", int),
+                        ctx.param("similarity_batch", int),
+                        float(ctx.param("nf_skip_gain_init", (int, float))),
+                        seed,
+                    )
                 )
     summary = summarize(results)
     sentence, agrees, discrepancy = verdict(summary)
     table = Table(
         "Signal propagation and cross-example similarity at initialization (train mode)",
-        ["variant", "depth", "last-block avg_sq_mean", "growth over stem", "mean-shift share",
-         "last-block avg_var", "last-block cosine", "top-class share"],
-        notes=[f"mean ± 95% CI over {len(ctx.seeds)} seeds (model init); SPP on N(0, 1) input of "
-               f"{ctx.param('spp_batch', int)} samples; similarity on {ctx.param('similarity_batch', int)} "
-               "test examples.",
-               "mean-shift share = avg_sq_mean / (avg_sq_mean + avg_var) at the last block."],
+        [
+            "variant",
+            "depth",
+            "last-block avg_sq_mean",
+            "mean-shift share",
+            "last-block avg_var",
+            "last-block cosine",
+            "top-class share",
+        ],
+        notes=[
+            f"mean ± 95% CI over {len(ctx.seeds)} seeds (model init); SPP on N(0, 1) input of "
+            f"{ctx.param('spp_batch', int)} samples; similarity on {ctx.param('similarity_batch', int)} "
+            "test examples.",
+            "mean-shift share = avg_sq_mean / (avg_sq_mean + avg_var) at the last block.",
+            "top-class share is nan where the classifier is zero-initialized (NF-ResNet): every logit ties.",
+        ],
     )
     for variant in variants:
         for depth in depths:
             s = summary[variant][depth]
-            table.add_row(VARIANT_LABELS.get(variant, variant), depth, s["sq_mean"], s["growth"], s["share"],
-                          s["var"], s["cosine"], s["collapse"])
-    figures = [_spp_figure(ctx, results, variants, max(depths)), _depth_figure(ctx, summary, variants, depths)]
-    return StudyOutcome(tables=[table], figures=figures, verdict=sentence, agrees_with_paper=agrees,
-                        discrepancy=discrepancy, data={"per_seed": _jsonable_keys(results)})
+            table.add_row(
+                VARIANT_LABELS.get(variant, variant),
+                depth,
+                s["sq_mean"],
+                s["share"],
+                s["var"],
+                s["cosine"],
+                s["collapse"],
+            )
+    figures = [
+        _spp_figure(ctx, results, variants, max(depths)),
+        _depth_figure(ctx, summary, variants, depths),
+    ]
+    return StudyOutcome(
+        tables=[table],
+        figures=figures,
+        verdict=sentence,
+        agrees_with_paper=agrees,
+        discrepancy=discrepancy,
+        data={"per_seed": _jsonable_keys(results)},
+    )
 
 
 def _spp_figure(ctx: StudyContext, results: dict, variants: list[str], depth: int) -> Any:
@@ -214,17 +260,32 @@ def _spp_figure(ctx: StudyContext, results: dict, variants: list[str], depth: in
         for ax, key in zip(axes, ("avg_sq_mean", "avg_var", "res_avg_var"), strict=True):
             curve = torch.tensor([r[key] for r in runs], dtype=torch.float64).mean(0)
             start = 1 if key == "res_avg_var" else 0  # branches start at block 1, block outputs at the stem
-            ax.plot(range(start, start + len(curve)), curve.tolist(), marker="o", ms=3,
-                    label=VARIANT_LABELS.get(variant, variant))
-    for ax, title in zip(axes, ("Average squared channel mean", "Average channel variance",
-                                "Residual branch: average channel variance"), strict=True):
+            ax.plot(
+                range(start, start + len(curve)),
+                curve.tolist(),
+                marker="o",
+                ms=3,
+                label=VARIANT_LABELS.get(variant, variant),
+            )
+    for ax, title in zip(
+        axes,
+        (
+            "Average squared channel mean",
+            "Average channel variance",
+            "Residual branch: average channel variance",
+        ),
+        strict=True,
+    ):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("block (0 = stem output)")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    return ctx.save_figure(fig, "signal_propagation",
-                           f"Signal propagation plot at initialization, depth {depth}, N(0, 1) input, mean over "
-                           "seeds (Brock et al. 2021a, Fig. 1).")
+    return ctx.save_figure(
+        fig,
+        "signal_propagation",
+        f"Signal propagation plot at initialization, depth {depth}, N(0, 1) input, mean over "
+        "seeds (Brock et al. 2021a, Fig. 1).",
+    )
 
 
 def _depth_figure(ctx: StudyContext, summary: dict, variants: list[str], depths: list[int]) -> Any:
@@ -242,14 +303,24 @@ def _depth_figure(ctx: StudyContext, summary: dict, variants: list[str], depths:
             halves = [0.0 if not math.isfinite(h) else h for h in halves]
             ax.errorbar(depths, means, yerr=halves, marker="o", ms=4, capsize=3, label=label)
     axes[0].set_yscale("log")
-    for ax, title in zip(axes, ("Last-block squared channel mean", "Cross-example cosine (last block)",
-                                "Share of examples in the top class"), strict=True):
+    for ax, title in zip(
+        axes,
+        (
+            "Last-block squared channel mean",
+            "Cross-example cosine (last block)",
+            "Share of examples in the top class",
+        ),
+        strict=True,
+    ):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("depth")
         ax.legend(fontsize=8)
-    return ctx.save_figure(fig, "mean_shift_vs_depth",
-                           "Mean shift, cross-example similarity and prediction collapse at initialization "
-                           "against depth (mean ± 95% CI over seeds).")
+    return ctx.save_figure(
+        fig,
+        "mean_shift_vs_depth",
+        "Mean shift, cross-example similarity and prediction collapse at initialization "
+        "against depth (mean ± 95% CI over seeds).",
+    )
 
 
 def _f(cell: tuple[float, float], pct: bool = False) -> str:

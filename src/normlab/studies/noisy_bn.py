@@ -29,6 +29,7 @@ from typing import Any
 
 from torch import nn
 
+from normlab.errors import NormlabError
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {
@@ -68,6 +69,16 @@ def norm_slots(model: nn.Module) -> list[str]:
     return slots
 
 
+def check_track_layers(slots: list[int], count: int, where: str) -> None:
+    """NormlabError unless every 1-based slot index is in ``1..count``."""
+    bad = [i for i in slots if not 1 <= i <= count]
+    if not slots or bad:
+        raise NormlabError(
+            f"{where}: norm slots must be a non-empty list of 1-based positions in 1..{count} (the model "
+            f"has {count} norm slots), got {slots!r}"
+        )
+
+
 class StabilityProbe:
     """Trainer callback: an :class:`~normlab.probes.ActivationTracker` on the chosen norm slots, logging
     every unit's percentiles and the tracker's moment changes at every ``every_n_steps``-th step."""
@@ -84,13 +95,14 @@ class StabilityProbe:
 
         if self.tracker is None:
             names = norm_slots(ctx.model)
-            bad = [i for i in self.slots if not 1 <= i <= len(names)]
-            if bad:
-                from normlab.errors import NormlabError
-
-                raise NormlabError(f"track_layers {bad} out of range: the model has {len(names)} norm slots (1-based)")
-            self.tracker = ActivationTracker(layers=[names[i - 1] for i in self.slots], units_per_layer=self.units,
-                                             percentiles=PERCENTILES, mode="train", seed=self.seed)
+            check_track_layers(self.slots, len(names), "track_layers")
+            self.tracker = ActivationTracker(
+                layers=[names[i - 1] for i in self.slots],
+                units_per_layer=self.units,
+                percentiles=PERCENTILES,
+                mode="train",
+                seed=self.seed,
+            )
         stats = self.tracker.update(ctx.model, ctx.batch[0], ctx.step)
         for layer, units in stats.units.items():
             for unit, values in zip(units, stats.percentiles[layer], strict=True):
@@ -121,8 +133,9 @@ def stability(metrics: dict[str, list[tuple[int, float]]], field: str) -> float:
     return math.fsum(per_layer) / len(per_layer) if per_layer else math.nan
 
 
-def verdict(lr: float, acc: dict[str, tuple[float, float]], change: dict[str, tuple[float, float]]
-            ) -> tuple[str, bool | None, str | None]:
+def verdict(
+    lr: float, acc: dict[str, tuple[float, float]], change: dict[str, tuple[float, float]]
+) -> tuple[str, bool | None, str | None]:
     """The verdict from test accuracies (%) and step-to-step mean changes per norm at LR ``lr``.
 
     Agrees with Santurkar et al. when noisy BN is within ``ACC_TOLERANCE`` points of BN (or above), its
@@ -133,24 +146,34 @@ def verdict(lr: float, acc: dict[str, tuple[float, float]], change: dict[str, tu
     if any(n not in acc for n in needed):
         return "The recipe must train none, bn, noisy_bn and noise to test the claim.", None, None
     sentence = (
-        f"At LR {lr:g}, noisy BN reached {_f(acc['noisy_bn'])}% test accuracy vs {_f(acc['bn'])}% with BN and "
-        f"{_f(acc['none'])}% for the standard net, the same noise without BN {_f(acc['noise'])}%; the tracked "
-        f"units' mean moved {_f(change['noisy_bn'])} per measurement with noisy BN vs {_f(change['bn'])} with BN "
-        f"and {_f(change['none'])} in the standard net."
+        f"At LR {lr:g}, noisy BN reached {_f(acc['noisy_bn'])}% test accuracy vs {_f(acc['bn'])}% with BN "
+        f"and {_f(acc['none'])}% for the standard net, the same noise without BN {_f(acc['noise'])}%; the "
+        f"tracked units' mean moved {_f(change['noisy_bn'])} per measurement with noisy BN vs "
+        f"{_f(change['bn'])} with BN and {_f(change['none'])} in the standard net."
     )
     values = [acc[n][0] for n in needed] + [change["noisy_bn"][0], change["bn"][0]]
     if not all(math.isfinite(v) for v in values):
         return sentence, None, None
     failed = []
     if acc["noisy_bn"][0] < acc["bn"][0] - ACC_TOLERANCE:
-        failed.append(f"noisy BN trails BN by {acc['bn'][0] - acc['noisy_bn'][0]:.3g} points (> {ACC_TOLERANCE:g})")
+        failed.append(
+            f"noisy BN trails BN by {acc['bn'][0] - acc['noisy_bn'][0]:.3g} points (> {ACC_TOLERANCE:g})"
+        )
     if not change["noisy_bn"][0] > change["bn"][0]:
         failed.append("noisy BN's layer inputs are not less stable than BN's")
     if not acc["noise"][0] < acc["none"][0] - ACC_TOLERANCE:
-        failed.append(f"the noise without BN does not prevent training ({acc['noise'][0]:.3g}% vs the standard "
-                      f"net's {acc['none'][0]:.3g}%)")
-    discrepancy = ("Santurkar et al. find noisy BN as good as BN despite unstable inputs and the noise alone "
-                   "harmful, but " + "; ".join(failed) + ".") if failed else None
+        failed.append(
+            f"the noise without BN does not prevent training ({acc['noise'][0]:.3g}% vs the standard "
+            f"net's {acc['none'][0]:.3g}%)"
+        )
+    discrepancy = (
+        (
+            "Santurkar et al. find noisy BN as good as BN despite unstable inputs and the noise alone "
+            "harmful, but " + "; ".join(failed) + "."
+        )
+        if failed
+        else None
+    )
     return sentence, not failed, discrepancy
 
 
@@ -158,38 +181,73 @@ def run(ctx: StudyContext) -> StudyOutcome:
     norms, lrs = ctx.param("norms", list), ctx.param("lrs", list)
     subset = ctx.param("subset", int)
     base = {
-        "model": ctx.param("model", str), "width": ctx.param("width", (int, float)),
-        "dataset": ctx.param("dataset", str), "subset": subset or None,
-        "download": bool(ctx.params.get("download", False)), "batch_size": ctx.param("batch_size", int),
-        "steps": ctx.param("steps", int), "eval_every": ctx.param("eval_every", int),
+        "model": ctx.param("model", str),
+        "width": ctx.param("width", (int, float)),
+        "dataset": ctx.param("dataset", str),
+        "subset": subset or None,
+        "download": bool(ctx.params.get("download", False)),
+        "batch_size": ctx.param("batch_size", int),
+        "steps": ctx.param("steps", int),
+        "eval_every": ctx.param("eval_every", int),
         # Santurkar et al.: plain SGD with a fixed learning rate, no weight decay.
-        "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0, "schedule": "constant", "group": "study/noisy-bn",
+        "optimizer": "sgd",
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "schedule": "constant",
+        "group": "study/noisy-bn",
     }
     grid = [(lr, norm, seed) for lr in lrs for norm in norms for seed in ctx.seeds]
     configs = [ctx.config(**base, lr=lr, norm=norm, seed=seed) for lr, norm, seed in grid]
-    factory = functools.partial(callbacks, every=ctx.param("track_every", int), slots=ctx.param("track_layers", list),
-                                units=ctx.param("units", int))
+    # Check the tracked slots against the model before training (a worker would only record a failure).
+    from normlab.train.build import build_model, load_data
+
+    probe_model = build_model(configs[0], load_data(configs[0]))
+    where = f"{ctx.study.path or ctx.study.name} [scale.{ctx.scale}] track_layers"
+    check_track_layers(ctx.param("track_layers", list), len(norm_slots(probe_model)), where)
+    factory = functools.partial(
+        callbacks,
+        every=ctx.param("track_every", int),
+        slots=ctx.param("track_layers", list),
+        units=ctx.param("units", int),
+    )
     results = ctx.train_grid(configs, callbacks_factory=factory)
 
     runs: dict[tuple[float, str], list[dict[str, Any]]] = {}
     for (lr, norm, _), result in zip(grid, results, strict=True):
-        record: dict[str, Any] = {"run_id": result.run_id, "status": result.status,
-                                  "test_acc": 100.0 * result.final_test_acc, "train_acc": 100.0 * result.final_train_acc}
+        record: dict[str, Any] = {
+            "run_id": result.run_id,
+            "status": result.status,
+            "test_acc": 100.0 * result.final_test_acc,
+            "train_acc": 100.0 * result.final_train_acc,
+        }
         metrics = {}
         if result.run_id is not None:
-            metrics = {n: ctx.metrics(result.run_id, n) for n in ctx.store.metric_names(result.run_id)
-                       if n.startswith("probe/activation_stats/")}
+            metrics = {
+                n: ctx.metrics(result.run_id, n)
+                for n in ctx.store.metric_names(result.run_id)
+                if n.startswith("probe/activation_stats/")
+            }
         for field in STABILITY_FIELDS:
             record[field] = stability(metrics, field) if result.status == "finished" else math.nan
         runs.setdefault((lr, norm), []).append(record)
 
     table = Table(
         "Final accuracy and distributional stability (Santurkar et al. 2018, Sec. 2.1)",
-        ["lr", "network", "test acc %", "train acc %", "|mu_t+1 - mu_t|", "|var_t+1 - var_t|", "|mu_T - mu_0|",
-         "finished"],
-        notes=[f"mean ± 95% CI over {len(ctx.seeds)} seeds; units tracked in norm slots "
-               f"{ctx.param('track_layers', list)} every {ctx.param('track_every', int)} steps, train mode "
-               "(noise included), averaged over sampled units, layers and measurements."],
+        [
+            "lr",
+            "network",
+            "test acc %",
+            "train acc %",
+            "|mu_t+1 - mu_t|",
+            "|var_t+1 - var_t|",
+            "|mu_T - mu_0|",
+            "finished",
+        ],
+        notes=[
+            f"mean ± 95% CI over {len(ctx.seeds)} seeds; units tracked in norm slots "
+            f"{ctx.param('track_layers', list)} every {ctx.param('track_every', int)} steps, train mode "
+            "(noise included), averaged over sampled units, layers and measurements."
+        ],
     )
     summary: dict[float, dict[str, dict[str, tuple[float, float]]]] = {}
     for lr in lrs:
@@ -198,16 +256,36 @@ def run(ctx: StudyContext) -> StudyOutcome:
             rs = runs[(lr, norm)]
             s = {key: mean_ci(r[key] for r in rs) for key in ("test_acc", "train_acc", *STABILITY_FIELDS)}
             summary[lr][norm] = s
-            table.add_row(lr, LABELS.get(norm, norm), s["test_acc"], s["train_acc"], s["mean_change"],
-                          s["var_change"], s["mean_drift"], f"{sum(r['status'] == 'finished' for r in rs)}/{len(rs)}")
+            table.add_row(
+                lr,
+                LABELS.get(norm, norm),
+                s["test_acc"],
+                s["train_acc"],
+                s["mean_change"],
+                s["var_change"],
+                s["mean_drift"],
+                f"{sum(r['status'] == 'finished' for r in rs)}/{len(rs)}",
+            )
     lr0 = lrs[0]
     sentence, agrees, discrepancy = verdict(
-        lr0, {n: s["test_acc"] for n, s in summary[lr0].items()}, {n: s["mean_change"] for n, s in summary[lr0].items()}
+        lr0,
+        {n: s["test_acc"] for n, s in summary[lr0].items()},
+        {n: s["mean_change"] for n, s in summary[lr0].items()},
     )
     figures = [_accuracy_figure(ctx, lrs, norms, runs)] + [_band_figure(ctx, lr, norms, runs) for lr in lrs]
-    data = {f"{lr}/{norm}": [{k: v for k, v in r.items()} for r in runs[(lr, norm)]] for lr in lrs for norm in norms}
-    return StudyOutcome(tables=[table], figures=figures, verdict=sentence, agrees_with_paper=agrees,
-                        discrepancy=discrepancy, data=data)
+    data = {
+        f"{lr}/{norm}": [{k: v for k, v in r.items()} for r in runs[(lr, norm)]]
+        for lr in lrs
+        for norm in norms
+    }
+    return StudyOutcome(
+        tables=[table],
+        figures=figures,
+        verdict=sentence,
+        agrees_with_paper=agrees,
+        discrepancy=discrepancy,
+        data=data,
+    )
 
 
 def _accuracy_figure(ctx: StudyContext, lrs: list[float], norms: list[str], runs: dict) -> Any:
@@ -224,13 +302,19 @@ def _accuracy_figure(ctx: StudyContext, lrs: list[float], norms: list[str], runs
             for col, name in enumerate(("train/acc", "test/acc")):
                 steps, mean = _mean_curve([ctx.metrics(i, name) for i in ids])
                 axes[row][col].plot(steps, [100 * m for m in mean], label=LABELS.get(norm, norm))
-                axes[row][col].set_title(f"{'training' if col == 0 else 'test'} accuracy, lr {lr:g}", fontsize=10)
+                axes[row][col].set_title(
+                    f"{'training' if col == 0 else 'test'} accuracy, lr {lr:g}", fontsize=10
+                )
         for ax in axes[row]:
             ax.set_xlabel("step")
             ax.set_ylabel("accuracy %")
             ax.legend(fontsize=8)
-    return ctx.save_figure(fig, "accuracy", "Training and test accuracy of standard, BN, noisy BN and noise-only "
-                           "networks (Santurkar et al. 2018, Fig. 2 left); mean over seeds.")
+    return ctx.save_figure(
+        fig,
+        "accuracy",
+        "Training and test accuracy of standard, BN, noisy BN and noise-only "
+        "networks (Santurkar et al. 2018, Fig. 2 left); mean over seeds.",
+    )
 
 
 def _band_figure(ctx: StudyContext, lr: float, norms: list[str], runs: dict) -> Any:
@@ -241,34 +325,63 @@ def _band_figure(ctx: StudyContext, lr: float, norms: list[str], runs: dict) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = {norm: next((r["run_id"] for r in runs[(lr, norm)] if r["run_id"] is not None), None) for norm in norms}
+    first = {
+        norm: next((r["run_id"] for r in runs[(lr, norm)] if r["run_id"] is not None), None) for norm in norms
+    }
     units_by_norm = {}
     for norm, run_id in first.items():
         names = ctx.store.metric_names(run_id) if run_id is not None else []
         prefix = "probe/activation_stats/p50/"
-        units_by_norm[norm] = sorted({n[len(prefix):].rsplit("/", 1)[0] + "/" + n.rsplit("/", 1)[1]
-                                      for n in names if n.startswith(prefix)})
-    layers = sorted({u.rsplit("/", 1)[0] for us in units_by_norm.values() for u in us})
-    fig, axes = plt.subplots(max(len(layers), 1), len(norms), figsize=(3.2 * len(norms), 2.6 * max(len(layers), 1)),
-                             squeeze=False, sharex=True)
+        # Names are probe/activation_stats/p50/<layer>/<unit>: keep "<layer>/<unit>".
+        units_by_norm[norm] = sorted({n[len(prefix) :] for n in names if n.startswith(prefix)})
+    order = (
+        {name: i for i, name in enumerate(norm_slots(_model_of(ctx, first)))} if any(first.values()) else {}
+    )
+    layers = sorted(
+        {u.rsplit("/", 1)[0] for us in units_by_norm.values() for u in us}, key=lambda n: order.get(n, 0)
+    )
+    fig, axes = plt.subplots(
+        max(len(layers), 1),
+        len(norms),
+        figsize=(3.2 * len(norms), 2.6 * max(len(layers), 1)),
+        squeeze=False,
+        sharex=True,
+    )
     for col, norm in enumerate(norms):
         for row, layer in enumerate(layers):
             ax = axes[row][col]
             unit = next((u for u in units_by_norm[norm] if u.rsplit("/", 1)[0] == layer), None)
             if unit is None or first[norm] is None:
                 continue
-            series = {q: dict(ctx.metrics(first[norm], f"probe/activation_stats/p{q:g}/{unit}")) for q in PERCENTILES}
+            series = {
+                q: dict(ctx.metrics(first[norm], f"probe/activation_stats/p{q:g}/{unit}"))
+                for q in PERCENTILES
+            }
             steps = sorted(series[50.0])
-            get = lambda q: [series[q][s] for s in steps]  # noqa: E731
-            ax.fill_between(steps, get(1.0), get(99.0), alpha=0.2, color="C0", lw=0)
-            ax.fill_between(steps, get(15.0), get(85.0), alpha=0.45, color="C0", lw=0)
-            ax.plot(steps, get(50.0), color="C0", lw=1)
+            band = {q: [series[q][s] for s in steps] for q in PERCENTILES}
+            ax.fill_between(steps, band[1.0], band[99.0], alpha=0.2, color="C0", lw=0)
+            ax.fill_between(steps, band[15.0], band[85.0], alpha=0.45, color="C0", lw=0)
+            ax.plot(steps, band[50.0], color="C0", lw=1)
             ax.set_title(f"{LABELS.get(norm, norm)}: {layer}, unit {unit.rsplit('/', 1)[1]}", fontsize=8)
             if row == len(layers) - 1:
                 ax.set_xlabel("step")
-    return ctx.save_figure(fig, f"stability_lr{lr:g}", f"Distribution of one sampled unit per tracked layer over "
-                           f"training at lr {lr:g}: 15-85th (dark) and 1-99th (light) percentiles and the median "
-                           "(Santurkar et al. 2018, Fig. 2 right).")
+    return ctx.save_figure(
+        fig,
+        f"stability_lr{lr:g}",
+        f"Distribution of one sampled unit per tracked layer over "
+        f"training at lr {lr:g}: 15-85th (dark) and 1-99th (light) percentiles and the median "
+        "(Santurkar et al. 2018, Fig. 2 right).",
+    )
+
+
+def _model_of(ctx: StudyContext, run_ids: dict[str, Any]) -> nn.Module:
+    """A model with the layout of the study's runs (for the forward order of its norm slots)."""
+    from normlab.train import TrainConfig
+    from normlab.train.build import build_model, load_data
+
+    run_id = next(i for i in run_ids.values() if i is not None)
+    config = TrainConfig.from_dict(ctx.store.get_run(run_id).config)
+    return build_model(config, load_data(config))
 
 
 def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:

@@ -49,17 +49,25 @@ def variant_options(variant: str) -> dict[str, Any]:
     return {"norm": variant, "model_options": {}}
 
 
-def branch_ratios(model_name: str, variant: str, depth: int, width: float, dataset: Any, batch: int,
-                  seed: int) -> list[float]:
+def branch_ratios(
+    model_name: str, variant: str, depth: int, width: float, dataset: Any, batch: int, seed: int
+) -> list[float]:
     """Per-block ``std(branch) / std(skip)`` of a fresh model (seed ``seed``) on ``batch`` training inputs."""
     from normlab.models import create_model
     from normlab.probes import residual_scale
 
     options = variant_options(variant)
     torch.manual_seed(seed)
-    model = create_model(model_name, norm=options["norm"], depth=depth, width=width,
-                         num_classes=max(dataset.num_classes, 1), in_channels=dataset.in_channels,
-                         dims=dataset.dims, **options["model_options"])
+    model = create_model(
+        model_name,
+        norm=options["norm"],
+        depth=depth,
+        width=width,
+        num_classes=max(dataset.num_classes, 1),
+        in_channels=dataset.in_channels,
+        dims=dataset.dims,
+        **options["model_options"],
+    )
     return list(residual_scale(model, dataset.x_train[:batch], mode="train").ratio.values())
 
 
@@ -73,9 +81,12 @@ def log_slope(depths: list[int], ratios: list[float]) -> float:
     return math.fsum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
 
 
-def verdict(depths: list[int], last: dict[str, dict[int, tuple[float, float]]],
-            slope: dict[str, tuple[float, float]], acc: dict[str, tuple[float, float]]
-            ) -> tuple[str, bool | None, str | None]:
+def verdict(
+    depths: list[int],
+    last: dict[str, dict[int, tuple[float, float]]],
+    slope: dict[str, tuple[float, float]],
+    acc: dict[str, tuple[float, float]],
+) -> tuple[str, bool | None, str | None]:
     """The verdict from the last-block ratios, the fitted exponents and the trained accuracies.
 
     Agrees with De & Smith when BN's exponent lies in ``SLOPE_WINDOW`` (about -1/2) and, at the deepest
@@ -85,28 +96,39 @@ def verdict(depths: list[int], last: dict[str, dict[int, tuple[float, float]]],
         return "The recipe must include the variant 'bn' to test the downscaling claim.", None, None
     lo, hi = depths[0], depths[-1]
     bn_slope = slope["bn"][0]
-    parts = [f"With BN the last block's branch/skip std ratio falls from {_f(last['bn'][lo])} at depth {lo} "
-             f"to {_f(last['bn'][hi])} at depth {hi} (fitted exponent {_f(slope['bn'])}; De & Smith predict "
-             "about -0.5)"]
+    parts = [
+        f"With BN the last block's branch/skip std ratio falls from {_f(last['bn'][lo])} at depth {lo} "
+        f"to {_f(last['bn'][hi])} at depth {hi} (fitted exponent {_f(slope['bn'])}; De & Smith predict "
+        "about -0.5)"
+    ]
     if "none" in last:
-        parts.append(f"without normalization it is {_f(last['none'][hi])} at depth {hi} "
-                     f"(exponent {_f(slope['none'])})")
+        parts.append(
+            f"without normalization it is {_f(last['none'][hi])} at depth {hi} (exponent {_f(slope['none'])})"
+        )
     if "skipinit" in last:
         parts.append(f"SkipInit's is {_f(last['skipinit'][hi])}")
     if acc:
-        parts.append("trained: " + ", ".join(f"{LABELS.get(v, v)} {_f(a, pct=True)}" for v, a in acc.items())
-                     + " test accuracy")
+        parts.append(
+            "trained: " + ", ".join(f"{LABELS.get(v, v)} {_f(a)}%" for v, a in acc.items()) + " test accuracy"
+        )
     sentence = "; ".join(parts) + "."
     if not math.isfinite(bn_slope):
         return sentence, None, None
     failed = []
     if not SLOPE_WINDOW[0] <= bn_slope <= SLOPE_WINDOW[1]:
-        failed.append(f"BN's fitted exponent {bn_slope:.3g} is outside [{SLOPE_WINDOW[0]}, {SLOPE_WINDOW[1]}]")
+        failed.append(
+            f"BN's fitted exponent {bn_slope:.3g} is outside [{SLOPE_WINDOW[0]}, {SLOPE_WINDOW[1]}]"
+        )
     if "none" in last and not last["none"][hi][0] > last["bn"][hi][0]:
-        failed.append(f"at depth {hi} the unnormalized net's branch ratio {last['none'][hi][0]:.3g} is not "
-                      f"above BN's {last['bn'][hi][0]:.3g}")
-    discrepancy = ("De & Smith predict an order-sqrt(depth) downscaling by BN, but " + "; ".join(failed) + "."
-                   ) if failed else None
+        failed.append(
+            f"at depth {hi} the unnormalized net's branch ratio {last['none'][hi][0]:.3g} is not "
+            f"above BN's {last['bn'][hi][0]:.3g}"
+        )
+    discrepancy = (
+        ("De & Smith predict an order-sqrt(depth) downscaling by BN, but " + "; ".join(failed) + ".")
+        if failed
+        else None
+    )
     return sentence, not failed, discrepancy
 
 
@@ -125,45 +147,76 @@ def run(ctx: StudyContext) -> StudyOutcome:
         ctx.progress(f"residual: branch scale at init, {variant}")
         for depth in depths:
             for seed in ctx.seeds:
-                ratios[variant][depth].append(branch_ratios(model_name, variant, depth, width, dataset, batch, seed))
+                ratios[variant][depth].append(
+                    branch_ratios(model_name, variant, depth, width, dataset, batch, seed)
+                )
     last = {v: {d: mean_ci(r[-1] for r in ratios[v][d]) for d in depths} for v in variants}
-    mean_block = {v: {d: mean_ci(math.fsum(r) / len(r) for r in ratios[v][d]) for d in depths} for v in variants}
-    slope = {v: mean_ci(log_slope(depths, [ratios[v][d][i][-1] for d in depths]) for i in range(len(ctx.seeds)))
-             for v in variants}
+    mean_block = {
+        v: {d: mean_ci(math.fsum(r) / len(r) for r in ratios[v][d]) for d in depths} for v in variants
+    }
+    slope = {
+        v: mean_ci(log_slope(depths, [ratios[v][d][i][-1] for d in depths]) for i in range(len(ctx.seeds)))
+        for v in variants
+    }
 
     train = ctx.param("train", dict)
     grid = [(v, s) for v in variants for s in ctx.seeds]
-    configs = [ctx.config(**{**train, **variant_options(v), "seed": s, "group": "study/residual"}) for v, s in grid]
+    configs = [
+        ctx.config(**{**train, **variant_options(v), "seed": s, "group": "study/residual"}) for v, s in grid
+    ]
     results = ctx.train_grid(configs)
     by_variant: dict[str, list[Any]] = {}
     for (variant, _), result in zip(grid, results, strict=True):
         by_variant.setdefault(variant, []).append(result)
-    acc = {v: mean_ci(r.final_test_acc for r in rs) for v, rs in by_variant.items()}
+    acc = {v: mean_ci(100.0 * r.final_test_acc for r in rs) for v, rs in by_variant.items()}
 
     sentence, agrees, discrepancy = verdict(depths, last, slope, acc)
     init_table = Table(
         "Residual branch scale at initialization: std(branch contribution) / std(skip path)",
         ["variant", "depth", "last block", "mean over blocks", "fitted exponent (log ratio vs log depth)"],
-        notes=[f"mean ± 95% CI over {len(ctx.seeds)} seeds; {batch} training examples, train mode.",
-               "De & Smith 2020 predict an exponent of about -0.5 for BN."],
+        notes=[
+            f"mean ± 95% CI over {len(ctx.seeds)} seeds; {batch} training examples, train mode.",
+            "De & Smith 2020 predict an exponent of about -0.5 for BN.",
+        ],
     )
     for variant in variants:
         for depth in depths:
-            init_table.add_row(LABELS.get(variant, variant), depth, last[variant][depth],
-                               mean_block[variant][depth], slope[variant] if depth == depths[-1] else None)
+            init_table.add_row(
+                LABELS.get(variant, variant),
+                depth,
+                last[variant][depth],
+                mean_block[variant][depth],
+                slope[variant] if depth == depths[-1] else None,
+            )
     train_table = Table(
         f"Training: {train.get('model')} depth {train.get('depth')} on {train.get('dataset')}",
-        ["variant", "test accuracy", "train loss", "finished", "diverged"],
-        notes=[f"mean ± 95% CI over {len(ctx.seeds)} seeds; lr {train.get('lr')}, batch {train.get('batch_size')}."],
+        ["variant", "test acc %", "train loss", "finished", "diverged"],
+        notes=[
+            f"mean ± 95% CI over {len(ctx.seeds)} seeds; "
+            f"lr {train.get('lr')}, batch {train.get('batch_size')}."
+        ],
     )
     for variant, rs in by_variant.items():
-        train_table.add_row(LABELS.get(variant, variant), acc[variant], mean_ci(r.final_train_loss for r in rs),
-                            sum(r.status == "finished" for r in rs), sum(r.status == "diverged" for r in rs))
+        train_table.add_row(
+            LABELS.get(variant, variant),
+            acc[variant],
+            mean_ci(r.final_train_loss for r in rs),
+            sum(r.status == "finished" for r in rs),
+            sum(r.status == "diverged" for r in rs),
+        )
     figures = [_scale_figure(ctx, depths, variants, ratios), _curve_figure(ctx, by_variant)]
-    data = {"ratios": {v: {str(d): ratios[v][d] for d in depths} for v in variants},
-            "runs": {v: [r.run_id for r in rs] for v, rs in by_variant.items()}}
-    return StudyOutcome(tables=[init_table, train_table], figures=figures, verdict=sentence,
-                        agrees_with_paper=agrees, discrepancy=discrepancy, data=data)
+    data = {
+        "ratios": {v: {str(d): ratios[v][d] for d in depths} for v in variants},
+        "runs": {v: [r.run_id for r in rs] for v, rs in by_variant.items()},
+    }
+    return StudyOutcome(
+        tables=[init_table, train_table],
+        figures=figures,
+        verdict=sentence,
+        agrees_with_paper=agrees,
+        discrepancy=discrepancy,
+        data=data,
+    )
 
 
 def _scale_figure(ctx: StudyContext, depths: list[int], variants: list[str], ratios: dict) -> Any:
@@ -179,10 +232,20 @@ def _scale_figure(ctx: StudyContext, depths: list[int], variants: list[str], rat
         ax_depth.plot(depths, means, marker="o", label=label)
         deepest = torch.tensor(ratios[variant][depths[-1]], dtype=torch.float64).mean(0)
         ax_block.plot(range(1, len(deepest) + 1), deepest.tolist(), label=label)
-    if all(m > 0 for m in [math.fsum(r[-1] for r in ratios["bn"][d]) for d in depths]) if "bn" in ratios else False:
-        ref0 = math.fsum(r[-1] for r in ratios["bn"][depths[0]]) / len(ratios["bn"][depths[0]])
-        ax_depth.plot(depths, [ref0 * math.sqrt(depths[0] / d) for d in depths], "k--", lw=1,
-                      label="BN reference ∝ depth^-1/2")
+    bn_last = (
+        [math.fsum(r[-1] for r in ratios["bn"][d]) / len(ratios["bn"][d]) for d in depths]
+        if "bn" in ratios
+        else []
+    )
+    if bn_last and all(m > 0 for m in bn_last):
+        ref0 = bn_last[0]
+        ax_depth.plot(
+            depths,
+            [ref0 * math.sqrt(depths[0] / d) for d in depths],
+            "k--",
+            lw=1,
+            label="BN reference ∝ depth^-1/2",
+        )
     ax_depth.set_xscale("log")
     ax_depth.set_yscale("symlog", linthresh=1e-3)
     ax_depth.set_xlabel("depth")
@@ -191,8 +254,12 @@ def _scale_figure(ctx: StudyContext, depths: list[int], variants: list[str], rat
     ax_block.set_ylabel("std(branch) / std(skip)")
     for ax in (ax_depth, ax_block):
         ax.legend(fontsize=8)
-    return ctx.save_figure(fig, "branch_scale", "Residual branch scale at initialization against depth and "
-                           "block index, mean over seeds (De & Smith 2020, Sec. 2-3).")
+    return ctx.save_figure(
+        fig,
+        "branch_scale",
+        "Residual branch scale at initialization against depth and "
+        "block index, mean over seeds (De & Smith 2020, Sec. 2-3).",
+    )
 
 
 def _curve_figure(ctx: StudyContext, by_variant: dict[str, list[Any]]) -> Any:
@@ -204,7 +271,9 @@ def _curve_figure(ctx: StudyContext, by_variant: dict[str, list[Any]]) -> Any:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
     for variant, rs in by_variant.items():
         for ax, name in ((ax_loss, "train/loss"), (ax_acc, "test/acc")):
-            curves = [ctx.metrics(r.run_id, name) for r in rs if r.run_id is not None and r.status == "finished"]
+            curves = [
+                ctx.metrics(r.run_id, name) for r in rs if r.run_id is not None and r.status == "finished"
+            ]
             steps, mean = _mean_curve(curves)
             if steps:
                 ax.plot(steps, mean, label=LABELS.get(variant, variant))
@@ -213,7 +282,9 @@ def _curve_figure(ctx: StudyContext, by_variant: dict[str, list[Any]]) -> Any:
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         ax.legend(fontsize=8)
-    return ctx.save_figure(fig, "training_curves", "Training loss and test accuracy, mean over finished seeds.")
+    return ctx.save_figure(
+        fig, "training_curves", "Training loss and test accuracy, mean over finished seeds."
+    )
 
 
 def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:

@@ -38,7 +38,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types (pickle, zip, runtime) for a damaged file
-        raise NormlabError(f"checkpoint {str(path)!r} is corrupt or not a checkpoint: {exc}") from None
+        # torch's messages run over many lines of advice; one line is enough to say what went wrong.
+        reason = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise NormlabError(
+            f"checkpoint {str(path)!r} is corrupt or not a checkpoint ({type(exc).__name__}: {reason})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise NormlabError(f"checkpoint {str(path)!r} is not a normlab checkpoint")
     if state.get("version") != VERSION:

@@ -7,6 +7,9 @@ gamma/beta/running statistics go to ``params.scale/bias`` and ``batch_stats.mean
 express is left as Flax does it and reported as a convention difference: its running variance takes the
 biased batch variance. ``ln`` (normlab's LayerNorm over C and space, per-channel affine) is Flax
 ``LayerNorm`` over all non-batch axes with ``feature_axes=-1``; ``gn``/``in`` are Flax ``GroupNorm``.
+Flax's norms compute the variance in one pass, ``E[x^2] - E[x]^2`` (``use_fast_variance=True``, the
+default), which in float32 loses digits when |mean| >> std; the backend keeps the default because that is
+what Flax users run (``JaxBackend(fast_variance=False)`` gives the two-pass variance).
 
 Models: a Flax translation of the traced graph, op by op (``Conv``, ``Dense``, the norms above,
 ``relu``, ``max_pool``/``avg_pool``, add, multiply); values stay channels-last between ops.
@@ -47,7 +50,7 @@ def _affine(weight, bias) -> dict:
     return params
 
 
-def flax_batch_norm(x, weight, bias, mean, var, *, eps, momentum, seen, training):
+def flax_batch_norm(x, weight, bias, mean, var, *, eps, momentum, seen, training, fast_variance=True):
     """Flax ``BatchNorm`` on channels-last x; returns (y, running mean, running var) as numpy float64."""
     import flax.linen as nn
     import jax.numpy as jnp
@@ -60,6 +63,7 @@ def flax_batch_norm(x, weight, bias, mean, var, *, eps, momentum, seen, training
         epsilon=eps,
         use_bias=bias is not None,
         use_scale=weight is not None,
+        use_fast_variance=fast_variance,
     )
     variables = {
         "params": _affine(weight, bias),
@@ -72,14 +76,15 @@ def flax_batch_norm(x, weight, bias, mean, var, *, eps, momentum, seen, training
     return module.apply(variables, x), np.asarray(mean, np.float64), np.asarray(var, np.float64)
 
 
-def flax_group_norm(x, groups, weight, bias, *, eps):
+def flax_group_norm(x, groups, weight, bias, *, eps, fast_variance=True):
     import flax.linen as nn
 
-    module = nn.GroupNorm(num_groups=groups, epsilon=eps, use_bias=bias is not None, use_scale=weight is not None)
+    module = nn.GroupNorm(num_groups=groups, epsilon=eps, use_bias=bias is not None, use_scale=weight is not None,
+                          use_fast_variance=fast_variance)
     return module.apply({"params": _affine(weight, bias)}, x)
 
 
-def flax_layer_norm(x, weight, bias, *, eps):
+def flax_layer_norm(x, weight, bias, *, eps, fast_variance=True):
     """normlab ``ln``: normalize over all non-batch axes, per-channel (last axis) affine."""
     import flax.linen as nn
 
@@ -89,12 +94,16 @@ def flax_layer_norm(x, weight, bias, *, eps):
         use_scale=weight is not None,
         reduction_axes=tuple(range(1, x.ndim)),
         feature_axes=-1,
+        use_fast_variance=fast_variance,
     )
     return module.apply({"params": _affine(weight, bias)}, x)
 
 
 class FlaxOps:
     """Graph ops with Flax modules; every value of 3 or more axes is channels-last."""
+
+    def __init__(self, fast_variance: bool = True) -> None:
+        self.fast_variance = fast_variance
 
     def to_native(self, x):
         import jax.numpy as jnp
@@ -158,7 +167,7 @@ class FlaxOps:
         axes = tuple(range(y.ndim - k, y.ndim))
         module = nn.LayerNorm(
             epsilon=node.attrs["eps"], use_bias=bias is not None, use_scale=weight is not None,
-            reduction_axes=axes, feature_axes=axes,
+            reduction_axes=axes, feature_axes=axes, use_fast_variance=self.fast_variance,
         )
         return _last(module.apply({"params": _affine(weight, bias)}, y))
 
@@ -188,9 +197,12 @@ class FlaxOps:
         return _last(_first(x).mean(axis=node.attrs["dims"], keepdims=node.attrs["keepdim"]))
 
     def flatten(self, node, x, **_):
+        y = _first(x)  # flatten in PyTorch's (channels-first) element order
+        return _last(y.reshape(y.shape[0], -1))
+
+    def reshape(self, node, x, **_):
         y = _first(x)
-        start = node.attrs["start_dim"] % max(y.ndim, 1)
-        return _last(y.reshape(*y.shape[:start], -1))
+        return _last(y.reshape(y.shape[0], *node.attrs["shape"]))
 
     def add(self, node, x, y=None, **_):
         other = node.attrs["scalar"] if y is None else _first(y)
@@ -208,6 +220,9 @@ class JaxBackend(Backend):
     packages = ("jax", "flax")
     convention = FLAX
 
+    def __init__(self, fast_variance: bool = True) -> None:
+        self.fast_variance = fast_variance
+
     def run_layer(self, spec, params, batches):
         import jax.numpy as jnp
 
@@ -217,9 +232,11 @@ class JaxBackend(Backend):
         if spec.kind != "bn":
             channels = xs[-1].shape[-1]
             if spec.kind == "ln":
-                y = flax_layer_norm(xs[-1], params.weight, params.bias, eps=spec.eps)
+                y = flax_layer_norm(xs[-1], params.weight, params.bias, eps=spec.eps,
+                                    fast_variance=self.fast_variance)
             else:
-                y = flax_group_norm(xs[-1], spec.num_groups(channels), params.weight, params.bias, eps=spec.eps)
+                y = flax_group_norm(xs[-1], spec.num_groups(channels), params.weight, params.bias, eps=spec.eps,
+                                    fast_variance=self.fast_variance)
             return LayerRun(self._out(y, spec.layout), seconds=time.perf_counter() - start)
         mean, var = params.running_mean, params.running_var
         for seen, x in enumerate(xs[:-1], start=1):
@@ -230,7 +247,7 @@ class JaxBackend(Backend):
     def _bn(self, spec, params, x, mean, var, seen, training):
         return flax_batch_norm(
             x, params.weight, params.bias, mean, var, eps=spec.eps, momentum=spec.momentum, seen=seen,
-            training=training,
+            training=training, fast_variance=self.fast_variance,
         )
 
     @staticmethod
@@ -239,7 +256,7 @@ class JaxBackend(Backend):
         return y if layout == "channels_last" or y.ndim < 3 else np.moveaxis(y, -1, 1)
 
     def run_model(self, graph, x, *, mode, train_batches):
-        ops = FlaxOps()
+        ops = FlaxOps(self.fast_variance)
         start = time.perf_counter()
         stats = initial_stats(graph)
         for batch in train_batches:

@@ -100,8 +100,10 @@ class NumpyOps:
         return x.mean(axis=node.attrs["dims"], keepdims=node.attrs["keepdim"])
 
     def flatten(self, node, x, **_):
-        start = node.attrs["start_dim"] % max(x.ndim, 1)
-        return x.reshape(*x.shape[:start], -1)
+        return x.reshape(x.shape[0], -1)
+
+    def reshape(self, node, x, **_):
+        return x.reshape(x.shape[0], *node.attrs["shape"])
 
     def add(self, node, x, y=None, **_):
         return x + (node.attrs["scalar"] if y is None else y)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import time
 import warnings
 
@@ -27,12 +28,18 @@ def export_session(module: torch.nn.Module, example: torch.Tensor, what: str):
     import onnxruntime as ort
 
     module.eval()
+    # The exporter logs a warning per missing torchvision op: noise for normlab's models.
+    exporter_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, (example,), dynamo=True, verbose=False)
     except Exception as exc:
         raise NormlabError(f"torch.onnx.export failed for {what}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        exporter_log.setLevel(level)
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, torch.get_num_threads())
     session = ort.InferenceSession(

@@ -1,0 +1,279 @@
+"""Study ``cost``: training step time, peak memory and inference time (with and without
+:func:`normlab.layers.fold_bn`) for each normalization, as ratios against BN measured in the same run.
+
+Measurement, per seed (fresh model init and random input of ``input_shape``):
+- train step: forward, cross-entropy, backward, SGD+momentum step on one batch of ``batch_size``;
+- inference: eval-mode forward without autograd on ``inference_batch_size`` examples, as built and after
+  ``fold_bn`` (which folds every BN directly after a conv/linear and leaves the others);
+- each time is the median of ``repeats`` blocks of ``steps`` iterations after ``warmup`` iterations; the
+  norms are interleaved block by block so that machine load drifts affect them alike;
+- memory: the bytes of the tensors autograd saves for the backward pass (activation memory, distinct
+  storages, parameters excluded) plus 3x the parameter bytes (weights, gradients, momentum) — an exact
+  count on any device, used on CPU where the allocator reports no peak; on CUDA, the measured
+  ``torch.cuda.max_memory_allocated`` over one training step as well.
+Timings on a shared CPU are noisy: the ratios and their 95% CIs over seeds are the result, not the times.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from normlab.errors import NormlabError
+from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
+
+PARAMS = {
+    "model": str,
+    "width": (int, float),
+    "depth": int,
+    "input_shape": {"list": int},
+    "norms": {"list": str},
+    "batch_size": int,
+    "inference_batch_size": int,
+    "warmup": int,
+    "steps": int,
+    "repeats": int,
+}
+
+
+def build(p: dict[str, Any], norm: str, device: str) -> nn.Module:
+    from normlab.models import create_model
+
+    shape = p["input_shape"]
+    return create_model(
+        p["model"], norm=norm, num_classes=10, in_channels=shape[0], dims=len(shape) - 1,
+        width=p["width"], depth=p["depth"],
+    ).to(device)
+
+
+def activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves for backward in one training forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    del loss
+    return sum(saved.values())
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+class Bench:
+    """One norm's model, inputs and the three timed closures."""
+
+    def __init__(self, p: dict[str, Any], norm: str, device: str, seed: int) -> None:
+        from normlab.layers import fold_bn
+        from normlab.layers.kinds import has_batch_stats
+
+        torch.manual_seed(seed)
+        self.device = device
+        self.model = build(p, norm, device)
+        shape = p["input_shape"]
+        self.x = torch.randn(p["batch_size"], *shape, device=device)
+        self.y = torch.randint(0, 10, (p["batch_size"],), device=device)
+        self.x_inf = torch.randn(p["inference_batch_size"], *shape, device=device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.train_step()  # momentum buffers exist before memory is counted
+        self.eval_model = build(p, norm, device)
+        self.eval_model.load_state_dict(self.model.state_dict())
+        self.eval_model.eval()
+        self.bn_before = sum(has_batch_stats(m) for m in self.eval_model.modules())
+        try:
+            self.folded, self.fold_error = fold_bn(self.eval_model), None
+        except NormlabError as exc:  # an fx-untraceable model: inference is timed unfolded, and reported so
+            self.folded, self.fold_error = self.eval_model, str(exc)
+        self.bn_after = sum(has_batch_stats(m) for m in self.folded.modules())
+
+    def train_step(self) -> None:
+        self.model.train()
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def infer(self) -> None:
+        self.eval_model(self.x_inf)
+
+    @torch.no_grad()
+    def infer_folded(self) -> None:
+        self.folded(self.x_inf)
+
+    def memory(self) -> dict[str, float]:
+        activations = activation_bytes(self.model, self.x, self.y)
+        out = {
+            "activation_mb": activations / 2**20,
+            "estimate_mb": (activations + 3 * param_bytes(self.model)) / 2**20,
+        }
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.train_step()
+            torch.cuda.synchronize()
+            out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return out
+
+
+def time_block(fn: Callable[[], None], iterations: int, device: str) -> float:
+    """Seconds per call of ``fn`` over ``iterations`` calls (CUDA synchronized at both ends)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / iterations
+
+
+def measure_seed(p: dict[str, Any], norms: list[str], device: str, seed: int) -> dict[str, dict[str, float]]:
+    """Median times (s) and memory (MB) of every norm for one seed, with norms interleaved per block."""
+    benches = {norm: Bench(p, norm, device, seed) for norm in norms}
+    kinds = {"train": "train_step", "infer": "infer", "infer_folded": "infer_folded"}
+    samples: dict[str, dict[str, list[float]]] = {n: {k: [] for k in kinds} for n in norms}
+    for bench in benches.values():
+        for method in kinds.values():
+            time_block(getattr(bench, method), p["warmup"], device)
+    for _ in range(p["repeats"]):
+        for norm, bench in benches.items():
+            for kind, method in kinds.items():
+                samples[norm][kind].append(time_block(getattr(bench, method), p["steps"], device))
+    out = {}
+    for norm, bench in benches.items():
+        out[norm] = {k: statistics.median(v) for k, v in samples[norm].items()}
+        out[norm].update(bench.memory())
+        out[norm]["bn_folded"] = bench.bn_before - bench.bn_after
+        out[norm]["bn_layers"] = bench.bn_before
+        out[norm]["fold_error"] = bench.fold_error
+    return out
+
+
+def run(ctx: StudyContext) -> StudyOutcome:
+    p = ctx.params
+    norms = list(p["norms"])
+    if "bn" not in norms:
+        norms.insert(0, "bn")  # every ratio is against BN measured in the same run
+    per_seed = []
+    for seed in ctx.seeds:
+        per_seed.append(measure_seed(p, norms, ctx.device, seed))
+        ctx.progress(f"cost: seed {seed} measured")
+
+    def ratio(norm: str, kind: str, base: str = "infer") -> tuple[float, float]:
+        return mean_ci(s[norm][kind] / s["bn"][base if kind.startswith("infer") else kind] for s in per_seed)
+
+    def ms(norm: str, kind: str) -> tuple[float, float]:
+        mean, half = mean_ci(1e3 * s[norm][kind] for s in per_seed)
+        return round(mean, 3), round(half, 3)
+
+    cuda = ctx.device.startswith("cuda")
+    columns = ["norm", "train step (ms)", "train ÷ BN", "inference (ms)", "inference ÷ BN",
+               "folded inference ÷ BN", "BN layers folded", "activation memory (MB)", "memory ÷ BN"]
+    if cuda:
+        columns.append("CUDA peak (MB)")
+    table = Table(
+        f"Cost per norm on {ctx.device} (mean ± 95% CI over {len(ctx.seeds)} seeds; ratios vs BN, same run)",
+        columns,
+        notes=[
+            f"{p['model']} depth {p['depth']} width {p['width']}, input {tuple(p['input_shape'])}, "
+            f"train batch {p['batch_size']}, inference batch {p['inference_batch_size']}; median of "
+            f"{p['repeats']} blocks of {p['steps']} iterations after {p['warmup']} warm-up, interleaved.",
+            "'folded inference ÷ BN': the model after fold_bn, against BN's unfolded inference.",
+            "Activation memory: bytes autograd saves for backward (exact); memory ÷ BN compares activation "
+            "+ 3x parameter bytes (weights, gradients, momentum).",
+        ],
+    )
+    ratios: dict[str, dict[str, float]] = {}
+    for norm in norms:
+        r_train, r_inf, r_fold = ratio(norm, "train"), ratio(norm, "infer"), ratio(norm, "infer_folded")
+        r_mem = mean_ci(s[norm]["estimate_mb"] / s["bn"]["estimate_mb"] for s in per_seed)
+        ratios[norm] = {"train": r_train[0], "infer": r_inf[0], "infer_folded": r_fold[0], "memory": r_mem[0]}
+        folded = per_seed[0][norm]
+        row = [
+            norm, ms(norm, "train"), _r(r_train), ms(norm, "infer"), _r(r_inf), _r(r_fold),
+            "not traceable" if folded["fold_error"] else f"{folded['bn_folded']}/{folded['bn_layers']}",
+            round(mean_ci(s[norm]["activation_mb"] for s in per_seed)[0], 3), _r(r_mem),
+        ]
+        if cuda:
+            row.append(round(mean_ci(s[norm]["cuda_peak_mb"] for s in per_seed)[0], 2))
+        table.add_row(*row)
+    untraceable = sorted({n for s in per_seed for n, v in s.items() if v["fold_error"]})
+    if untraceable:
+        table.notes.append(
+            f"fold_bn could not trace the model for {', '.join(untraceable)} (timed unfolded): "
+            f"{per_seed[0][untraceable[0]]['fold_error']}"
+        )
+    verdict, agrees, discrepancy = judge(ratios)
+    caption = "Training step, inference (unfolded and BN-folded) time and memory, ratio vs BN."
+    figure = ctx.save_figure(_plot(ratios), "cost_ratios", caption)
+    data = {"ratios": ratios, "per_seed": per_seed}
+    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data)
+
+
+def judge(ratios: dict[str, dict[str, float]]) -> tuple[str, bool | None, str | None]:
+    """Per-example norms (GN, LN) vs BN in training, and BN folded vs GN/LN at inference."""
+    per_example = [n for n in ("gn", "ln") if n in ratios]
+    if not per_example:
+        return "Undecided: the study needs gn or ln beside bn.", None, None
+    train_text = ", ".join(f"{n.upper()} {ratios[n]['train']:.2f}x" for n in per_example)
+    infer_text = ", ".join(f"{n.upper()} {ratios[n]['infer']:.2f}x" for n in per_example)
+    bn_fold = ratios["bn"]["infer_folded"]
+    sentence = (
+        f"Per training step {train_text} BN's time; at inference BN folded into its convolutions takes "
+        f"{bn_fold:.2f}x unfolded BN's time against {infer_text}"
+    )
+    if "nf" in ratios:
+        nf = ratios["nf"]
+        sentence += f"; NF trains at {nf['train']:.2f}x and infers at {nf['infer']:.2f}x BN's time"
+    costlier = all(ratios[n]["train"] > 1.0 for n in per_example)
+    fold_wins = all(bn_fold < ratios[n]["infer"] for n in per_example)
+    agrees = costlier and fold_wins
+    sentence += "." if agrees else " (not as the claim expects)."
+    problems = []
+    if not costlier:
+        problems.append(f"a per-example norm trains no slower than BN here ({train_text})")
+    if not fold_wins:
+        problems.append(f"folded BN inference ({bn_fold:.2f}x) is not faster than {infer_text}")
+    return sentence, agrees, ("; ".join(problems) + ".") if problems else None
+
+
+def _r(cell: tuple[float, float]) -> tuple[float, float]:
+    mean, half = cell
+    return round(mean, 3), (round(half, 3) if math.isfinite(half) else half)
+
+
+def _plot(ratios: dict[str, dict[str, float]]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(ratios)
+    kinds = [("train", "train step"), ("infer", "inference"), ("infer_folded", "inference, BN folded"),
+             ("memory", "memory")]
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.9 * len(names) + 2), 3.6))
+    width = 0.8 / len(kinds)
+    for i, (kind, label) in enumerate(kinds):
+        ax.bar([x + (i - 1.5) * width for x in range(len(names))], [ratios[n][kind] for n in names],
+               width=width, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("ratio vs BN")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return fig

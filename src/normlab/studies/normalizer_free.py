@@ -1,0 +1,148 @@
+"""Study ``normalizer-free``: NF-ResNet + AGC vs BN-ResNet vs SkipInit vs an unnormalized ResNet —
+accuracy, speed and stability over a learning-rate grid.
+
+Brock et al. (2021a, b) close the gap between unnormalized and BN ResNets with Scaled Weight
+Standardization, the alpha/beta residual scaling and Adaptive Gradient Clipping; De & Smith (2020) show a
+zero-initialized scalar on each residual branch (SkipInit) trains deep unnormalized ResNets (science.md
+sections 3 and 4). Every variant trains every lr of the grid for the same epochs at one batch size.
+Per variant: the best stable lr and its test accuracy, the largest stable lr, training speed (steps/s at
+the best lr) and the number of diverged runs (stability as in :func:`normlab.studies._grid.lr_summary`).
+The claim holds when NF+AGC comes within ``max(2 pts, its CI)`` of BN's accuracy and is stable up to an
+lr at least as large as the plain unnormalized net's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from normlab.studies._grid import (
+    base_fields,
+    group_results,
+    lr_summary,
+    lr_text,
+    mean_of,
+    pct,
+    pct_cell,
+    variant_fields,
+)
+from normlab.studies.base import StudyContext, StudyOutcome, Table
+
+PARAMS = {
+    "model": str,
+    "depth": int,
+    "width": (int, float),
+    "dataset": str,
+    "subset": int,
+    "variants": {"list": str},
+    "lrs": {"list": float},
+    "batch_size": int,
+    "epochs": int,
+    "weight_decay": float,
+    "agc_clip": float,
+    "min_acc": float,
+}
+
+LABELS = {"bn": "BN-ResNet", "nf": "NF-ResNet+AGC", "skipinit": "SkipInit", "none": "no norm"}
+
+
+def run(ctx: StudyContext) -> StudyOutcome:
+    p = ctx.params
+    configs, keys = [], []
+    for variant in p["variants"]:
+        for lr in p["lrs"]:
+            for seed in ctx.seeds:
+                fields = {**base_fields(p), **variant_fields(variant, p), "batch_size": p["batch_size"]}
+                configs.append(ctx.config(**fields, lr=lr, seed=seed))
+                keys.append((variant, lr))
+    cells = group_results(keys, ctx.train_grid(configs))
+    summaries = {
+        v: lr_summary({lr: cells[(v, lr)] for lr in p["lrs"]}, p["min_acc"]) for v in p["variants"]
+    }
+    table = Table(
+        "Accuracy at the best stable lr, speed and stability (mean ± 95% CI over seeds)",
+        ["variant", "best lr", "test acc (%)", "steps/s", "steps/s ÷ BN", "largest stable lr", "diverged"],
+        notes=[
+            f"{p['model']} depth {p['depth']} width {p['width']}, batch {p['batch_size']}, "
+            f"{p['epochs']} epochs, {len(ctx.seeds)} seeds, lr grid {', '.join(map(lr_text, p['lrs']))}.",
+            f"Stable lr: every seed finished and mean test accuracy >= {pct(p['min_acc'], 0)}. "
+            f"NF-ResNet+AGC: nf_resnet (Scaled WS, alpha/beta scaling) with AGC clip {p['agc_clip']:g}.",
+        ],
+    )
+    bn_speed = summaries.get("bn", {}).get("steps_per_s", (math.nan, math.nan))[0]
+    for variant, s in summaries.items():
+        speed = s["steps_per_s"]
+        table.add_row(
+            LABELS.get(variant, variant),
+            lr_text(s["best_lr"]),
+            pct_cell(s["acc"]),
+            (round(speed[0], 1), round(speed[1], 1)),
+            round(speed[0] / bn_speed, 3) if math.isfinite(bn_speed) and bn_speed > 0 else None,
+            lr_text(s["largest_stable_lr"]),
+            f"{s['diverged']}/{s['runs']}",
+        )
+    verdict, agrees, discrepancy = judge(summaries)
+    figure = ctx.save_figure(_plot(cells, p), "acc_vs_lr",
+                             "Final test accuracy vs learning rate (mean over seeds; x = a seed diverged).")
+    data = {
+        "mean_test_acc": {f"{v}/{lr:g}": mean_of(r, "final_test_acc") for (v, lr), r in cells.items()},
+        "best_lr": {v: s["best_lr"] for v, s in summaries.items()},
+        "largest_stable_lr": {v: s["largest_stable_lr"] for v, s in summaries.items()},
+    }
+    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data)
+
+
+def judge(summaries: dict[str, dict[str, Any]]) -> tuple[str, bool | None, str | None]:
+    """NF+AGC's accuracy vs BN's, and its largest stable lr vs the unnormalized net's."""
+    bn, nf = summaries.get("bn"), summaries.get("nf")
+    if bn is None or nf is None or bn["best_lr"] is None:
+        return "Undecided: BN or NF+AGC missing, or BN has no stable lr.", None, None
+    parts = [f"{LABELS.get(v, v)} {pct(s['acc'][0])} (largest stable lr {lr_text(s['largest_stable_lr'])}, "
+             f"{s['diverged']}/{s['runs']} diverged)" for v, s in summaries.items()]
+    sentence = "Best test accuracy: " + "; ".join(parts)
+    tolerance = max(0.02, nf["acc"][1] if math.isfinite(nf["acc"][1]) else 0.0)
+    close = math.isfinite(nf["acc"][0]) and nf["acc"][0] >= bn["acc"][0] - tolerance
+    none = summaries.get("none")
+
+    def largest(s: dict[str, Any] | None) -> float:
+        return -math.inf if s is None or s["largest_stable_lr"] is None else s["largest_stable_lr"]
+
+    stable = none is None or largest(nf) >= largest(none)
+    agrees = close and stable
+    nf_lr = lr_text(nf["largest_stable_lr"])
+    sentence += ": NF+AGC " + ("matches" if close else "falls short of") + " BN's accuracy"
+    if stable:
+        sentence += f" and is stable up to lr {nf_lr}."
+    else:
+        none_lr = lr_text(none["largest_stable_lr"])
+        sentence += f" and is less stable than the unnormalized net (lr {nf_lr} vs {none_lr})."
+    problems = []
+    if not close:
+        problems.append(
+            f"NF+AGC's {pct(nf['acc'][0])} is more than {pct(tolerance)} below BN's {pct(bn['acc'][0])}"
+        )
+    if not stable:
+        problems.append("NF+AGC's largest stable lr is below the unnormalized net's")
+    return sentence, agrees, ("; ".join(problems) + ".") if problems else None
+
+
+def _plot(cells: dict, p: dict[str, Any]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    lrs = p["lrs"]
+    for variant in p["variants"]:
+        accs = [100 * mean_of(cells[(variant, lr)], "final_test_acc") for lr in lrs]
+        (line,) = ax.plot(lrs, accs, marker="o", label=LABELS.get(variant, variant))
+        bad = [lr for lr in lrs if any(r.status != "finished" for r in cells[(variant, lr)])]
+        if bad:
+            ax.plot(bad, [10.0] * len(bad), "x", color=line.get_color(), markersize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig

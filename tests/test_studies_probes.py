@@ -1,0 +1,378 @@
+"""The five mechanism studies (noisy-bn, ics, landscape, residual, mean-shift).
+
+Fast tier: every study runs end to end at ``tiny`` scale and writes its report; the verdict functions are
+fed hand-made numbers (and the same numbers flipped) and must flip their sentence and agreement; the small
+pure helpers are checked against hand computations. Slow tier: each study at ``quick`` scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from normlab.errors import NormlabError
+from normlab.studies import get_study, parse_recipe, validate_params
+from normlab.studies import ics as ics_study
+from normlab.studies import landscape as landscape_study
+from normlab.studies import mean_shift as mean_shift_study
+from normlab.studies import noisy_bn as noisy_bn_study
+from normlab.studies import residual as residual_study
+from normlab.studies.runner import run_study
+
+STUDIES = ["noisy-bn", "ics", "landscape", "residual", "mean-shift"]
+
+
+def _first_mean(table, column: str, row: int = 0) -> float:
+    cell = table.column(column)[row]
+    return cell[0] if isinstance(cell, tuple) else cell
+
+
+# -- end to end at tiny scale -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_outcomes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("studies")
+    return {name: (run_study(name, scale="tiny", seeds=2, out=out)[0], out / name) for name in STUDIES}
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_tiny_study_writes_report_with_figures_and_table(tiny_outcomes, name):
+    outcome, folder = tiny_outcomes[name]
+    html = (folder / "report.html").read_text(encoding="utf-8")
+    md = (folder / "report.md").read_text(encoding="utf-8")
+    assert outcome.tables and all(t.rows for t in outcome.tables)
+    assert outcome.figures
+    for figure in outcome.figures:
+        png = folder / figure.path
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "data:image/png;base64," in html
+    assert outcome.verdict.split(";")[0][:40] in md
+    assert outcome.agrees_with_paper in (True, False, None)
+    if outcome.agrees_with_paper is False:
+        assert outcome.discrepancy
+
+
+def test_tiny_noisy_bn_verdict_quotes_its_table(tiny_outcomes):
+    outcome, _ = tiny_outcomes["noisy-bn"]
+    table = outcome.tables[0]
+    labels = table.column("network")
+    acc = {label: table.column("test acc %")[i][0] for i, label in enumerate(labels)}
+    for label in ("noisy BN", "BN", "standard", "noise, no BN"):
+        assert f"{acc[label]:.3g}" in outcome.verdict
+    # The tracker ran in every run: a finite step-to-step change for every network.
+    assert all(math.isfinite(c[0]) for c in table.column("|mu_t+1 - mu_t|"))
+
+
+def test_tiny_ics_verdict_quotes_its_table(tiny_outcomes):
+    outcome, _ = tiny_outcomes["ics"]
+    table = outcome.tables[0]
+    for i, net in enumerate(table.column("network")):
+        l2 = table.column("ICS l2 ||G - G'||")[i][0]
+        assert math.isfinite(l2) and l2 >= 0
+        assert f"{l2:.3g}" in outcome.verdict.split(f"{net}:")[1]
+    assert set(table.column("network")) == {"vgg", "dln"}
+
+
+def test_tiny_landscape_table_has_hessian_in_both_modes(tiny_outcomes):
+    outcome, _ = tiny_outcomes["landscape"]
+    table = outcome.tables[0]
+    beta = {label: table.column("beta-smoothness")[i][0] for i, label in enumerate(table.column("network"))}
+    assert f"{beta['standard']:.3g} ± " in outcome.verdict and f"-> {beta['BN']:.3g}" in outcome.verdict
+    for column in ("lambda_max train", "lambda_max eval"):
+        assert all(math.isfinite(c[0]) for c in table.column(column))
+    # Without BN train and eval mode are the same function: the same top eigenvalue.
+    i = table.column("network").index("standard")
+    assert table.column("lambda_max train")[i][0] == pytest.approx(
+        table.column("lambda_max eval")[i][0], rel=1e-4
+    )
+
+
+def test_tiny_residual_skipinit_branch_is_zero_at_init(tiny_outcomes):
+    outcome, _ = tiny_outcomes["residual"]
+    table = outcome.tables[0]
+    rows = [r for r in table.rows if r[0] == "SkipInit"]
+    assert rows and all(r[2][0] == 0.0 for r in rows)  # SkipInit(0): the branch contributes exactly 0
+    assert all(r[2][0] > 0 for r in table.rows if r[0] != "SkipInit")
+
+
+def test_tiny_mean_shift_nf_collapse_undefined_with_zero_classifier(tiny_outcomes):
+    outcome, _ = tiny_outcomes["mean-shift"]
+    table = outcome.tables[0]
+    nf = [r for r in table.rows if r[0] == "NF-ResNet"]
+    assert nf and all(math.isnan(r[-1][0]) for r in nf)
+    assert all(0 < r[-1][0] <= 1 for r in table.rows if r[0] != "NF-ResNet")
+
+
+# -- verdicts flip with the data ----------------------------------------------------------------------
+
+
+def _ci(x: float) -> tuple[float, float]:
+    return (x, 0.1)
+
+
+def test_noisy_bn_verdict_flips():
+    acc = {"none": _ci(80.0), "bn": _ci(85.0), "noisy_bn": _ci(84.0), "noise": _ci(20.0)}
+    change = {"none": _ci(0.01), "bn": _ci(0.02), "noisy_bn": _ci(0.4), "noise": _ci(0.5)}
+    sentence, agrees, discrepancy = noisy_bn_study.verdict(0.1, acc, change)
+    assert agrees is True and discrepancy is None
+    assert "noisy BN reached 84 ± 0.1% test accuracy vs 85 ± 0.1% with BN" in sentence
+    flipped_acc = {"none": _ci(80.0), "bn": _ci(85.0), "noisy_bn": _ci(30.0), "noise": _ci(79.0)}
+    flipped_change = {"none": _ci(0.01), "bn": _ci(0.4), "noisy_bn": _ci(0.02), "noise": _ci(0.5)}
+    sentence2, agrees2, discrepancy2 = noisy_bn_study.verdict(0.1, flipped_acc, flipped_change)
+    assert agrees2 is False
+    assert "noisy BN reached 30 ± 0.1%" in sentence2
+    assert "noisy BN trails BN by 55 points" in discrepancy2
+    assert "not less stable" in discrepancy2 and "does not prevent training" in discrepancy2
+
+
+def test_ics_verdict_flips():
+    agree = {"vgg": {"none": {"l2": _ci(0.1), "cos": _ci(0.99)}, "bn": {"l2": _ci(0.3), "cos": _ci(0.5)}}}
+    sentence, agrees, _ = ics_study.verdict(agree)
+    assert agrees is True
+    assert sentence.endswith("BN does not reduce internal covariate shift.")
+    assert "ICS l2 0.3 ± 0.1 with BN vs 0.1 ± 0.1 standard (3x)" in sentence
+    flipped = {"vgg": {"none": {"l2": _ci(0.3), "cos": _ci(0.5)}, "bn": {"l2": _ci(0.1), "cos": _ci(0.99)}}}
+    sentence2, agrees2, discrepancy2 = ics_study.verdict(flipped)
+    assert agrees2 is False
+    assert sentence2.endswith("BN reduces internal covariate shift here.")
+    assert "0.333x" in discrepancy2 and "raised cos(G, G') from 0.5 to 0.99" in discrepancy2
+
+
+def test_landscape_verdict_flips():
+    def row(beta, change, rng):
+        return {
+            "beta": _ci(beta),
+            "grad_change": _ci(change),
+            "loss_range": _ci(rng),
+            "eig_train": _ci(1.0),
+            "eig_eval": _ci(2.0),
+        }
+
+    sentence, agrees, _ = landscape_study.verdict(
+        0.1, {"none": row(40.0, 8.0, 1.0), "bn": row(4.0, 0.08, 0.1)}
+    )
+    assert agrees is True
+    assert "effective beta-smoothness 40 ± 0.1 -> 4 ± 0.1 (0.1x)" in sentence
+    assert "gradient change along the step 8 ± 0.1 -> 0.08 ± 0.1 (0.01x)" in sentence
+    sentence2, agrees2, discrepancy2 = landscape_study.verdict(
+        0.1, {"none": row(4.0, 0.08, 0.1), "bn": row(40.0, 8.0, 1.0)}
+    )
+    assert agrees2 is False and "(10x)" in sentence2
+    assert "BN's effective beta-smoothness is not lower (40 vs 4)" in discrepancy2
+
+
+def test_residual_verdict_flips():
+    depths = [8, 32]
+    last = {"bn": {8: _ci(0.5), 32: _ci(0.25)}, "none": {8: _ci(1.0), 32: _ci(1.0)}}
+    acc = {"bn": _ci(90.0), "none": _ci(80.0)}
+    sentence, agrees, _ = residual_study.verdict(depths, last, {"bn": _ci(-0.5), "none": _ci(0.0)}, acc)
+    assert agrees is True
+    assert "falls from 0.5 ± 0.1 at depth 8 to 0.25 ± 0.1 at depth 32 (fitted exponent -0.5 ± 0.1" in sentence
+    assert "BN 90 ± 0.1%" in sentence
+    flipped = {"bn": {8: _ci(1.0), 32: _ci(1.0)}, "none": {8: _ci(0.5), 32: _ci(0.25)}}
+    sentence2, agrees2, discrepancy2 = residual_study.verdict(
+        depths, flipped, {"bn": _ci(0.0), "none": _ci(-0.5)}, acc
+    )
+    assert agrees2 is False and "fitted exponent 0 ± 0.1" in sentence2
+    assert "BN's fitted exponent 0 is outside [-0.75, -0.25]" in discrepancy2
+    assert "ratio 0.25 is not above BN's 1" in discrepancy2
+
+
+def test_mean_shift_verdict_flips():
+    def cell(sq, share, cos, collapse=0.5):
+        return {
+            "sq_mean": _ci(sq),
+            "share": _ci(share),
+            "var": _ci(1.0),
+            "cosine": _ci(cos),
+            "collapse": _ci(collapse),
+        }
+
+    agree = {
+        "none": {8: cell(0.5, 0.3, 0.5), 56: cell(100.0, 0.8, 0.95, 0.9)},
+        "bn": {8: cell(0.2, 0.2, 0.3), 56: cell(0.3, 0.2, 0.3)},
+    }
+    sentence, agrees, _ = mean_shift_study.verdict(agree)
+    assert agrees is True
+    assert (
+        "At depth 56 the unnormalized ReLU ResNet's last-block squared channel mean is 100 ± 0.1" in sentence
+    )
+    assert "(depth 8: 0.5 ± 0.1; 80% ± 10% of its second moment)" in sentence
+    flipped = {
+        "none": {8: cell(100.0, 0.2, 0.3), 56: cell(0.5, 0.2, 0.3)},
+        "bn": {8: cell(0.2, 0.3, 0.5), 56: cell(0.3, 0.8, 0.95)},
+    }
+    sentence2, agrees2, discrepancy2 = mean_shift_study.verdict(flipped)
+    assert agrees2 is False and "mean is 0.5 ± 0.1" in sentence2
+    assert "does not grow from depth 8 to 56" in discrepancy2 and "not more alike" in discrepancy2
+
+
+def test_verdicts_undecided_without_the_needed_variants():
+    assert ics_study.verdict({"vgg": {"bn": {"l2": _ci(1.0), "cos": _ci(1.0)}}})[1] is None
+    assert mean_shift_study.verdict({"bn": {8: {}}})[1] is None
+    nan = (math.nan, math.nan)
+    acc = {n: nan for n in ("none", "bn", "noisy_bn", "noise")}
+    assert noisy_bn_study.verdict(0.1, acc, acc)[1] is None
+
+
+# -- helpers against hand computations ----------------------------------------------------------------
+
+
+def test_log_slope_recovers_power_law_exponent():
+    depths = [8, 14, 20, 56, 110]
+    assert residual_study.log_slope(depths, [3.0 * d**-0.5 for d in depths]) == pytest.approx(-0.5, abs=1e-12)
+    assert residual_study.log_slope(depths, [2.0] * 5) == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(residual_study.log_slope(depths, [0.0] * 5))  # SkipInit: the log is undefined
+
+
+def test_ics_layer_order_and_first_layer_excluded():
+    metrics = {
+        "probe/ics/position/features.3": [(4, 1.0)],
+        "probe/ics/position/classifier": [(4, 2.0)],
+        "probe/ics/position/features.0": [(4, 0.0)],
+        "probe/ics/l2/classifier": [(4, 3.0), (8, 5.0)],
+        "probe/ics/l2/features.0": [(4, 0.0), (8, 0.0)],
+        "probe/ics/l2/features.3": [(4, 1.0), (8, 3.0)],
+    }
+    series = ics_study.layer_series(metrics, "l2")
+    assert list(series) == ["features.0", "features.3", "classifier"]
+    assert ics_study.run_ics(series) == pytest.approx((3.0 + 5.0 + 1.0 + 3.0) / 4)
+
+
+def test_noisy_bn_stability_averages_layers_and_steps():
+    metrics = {
+        "probe/activation_stats/mean_change/a": [(3, 0.0), (6, 0.2), (9, 0.4)],
+        "probe/activation_stats/mean_change/b": [(3, 0.0), (6, 1.0), (9, 1.0)],
+        "probe/activation_stats/mean_drift/a": [(3, 0.0), (6, 0.2), (9, 0.7)],
+    }
+    assert noisy_bn_study.stability(metrics, "mean_change") == pytest.approx((0.3 + 1.0) / 2)
+    assert noisy_bn_study.stability(metrics, "mean_drift") == pytest.approx(0.7)
+    assert math.isnan(noisy_bn_study.stability(metrics, "var_change"))
+
+
+def test_norm_slots_are_the_bn_layers_of_vgg():
+    from normlab.models import create_model
+
+    model = create_model("vgg", norm="bn", width=0.125, in_channels=1, dims=1)
+    bn_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert noisy_bn_study.norm_slots(model) == bn_names
+    assert len(bn_names) == 10  # VGG-A: 8 convs + 2 hidden linears, none after the classifier
+    plain = create_model("vgg", norm="none", width=0.125, in_channels=1, dims=1)
+    assert noisy_bn_study.norm_slots(plain) == bn_names  # the same slots hold nn.Identity
+
+
+def test_landscape_summary_by_hand():
+    metrics = {
+        "probe/landscape/loss_min": [(4, 1.0), (8, 2.0), (12, 1.0), (16, 1.0)],
+        "probe/landscape/loss_max": [(4, 3.0), (8, 2.5), (12, 2.0), (16, 1.5)],
+        "probe/landscape/grad_change_max": [(4, 8.0), (8, 4.0), (12, 2.0), (16, 2.0)],
+        "probe/landscape/beta_smoothness": [(4, 10.0), (8, 6.0), (12, 2.0), (16, 2.0)],
+        "probe/hessian/top_eigenvalue/train": [(8, 5.0), (16, 7.0)],
+    }
+    s = landscape_study.summarize_run(metrics)
+    assert s["loss_range"] == pytest.approx((2.0 + 0.5 + 1.0 + 0.5) / 4)
+    assert s["grad_change"] == pytest.approx(4.0) and s["beta"] == pytest.approx(5.0)
+    assert s["early_beta"] == pytest.approx(10.0)  # first quarter of 4 probe steps = the first one
+    assert s["eig_train"] == 7.0 and math.isnan(s["eig_eval"])
+
+
+def test_mean_shift_summary_by_hand():
+    runs = [
+        {"avg_sq_mean": [0.1, 3.0], "avg_var": [1.0, 1.0], "final_cosine": 0.9, "collapse": 1.0},
+        {"avg_sq_mean": [0.1, 1.0], "avg_var": [1.0, 3.0], "final_cosine": 0.7, "collapse": 0.5},
+    ]
+    s = mean_shift_study.summarize({"none": {20: runs}})["none"][20]
+    assert s["sq_mean"][0] == pytest.approx(2.0)
+    assert s["share"][0] == pytest.approx((0.75 + 0.25) / 2)
+    # 95% t-interval, 1 degree of freedom: 12.7062 * sd / sqrt(2), sd of (0.9, 0.7) = 0.1 * sqrt(2)
+    assert s["cosine"] == pytest.approx((0.8, 12.7062 * 0.1), rel=1e-6)
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_recipes_validate_against_their_params(name):
+    study = get_study(name)
+    for scale in ("tiny", "quick", "paper"):
+        assert study.params(scale)
+
+
+def test_recipe_with_wrong_typed_field_names_file_field_and_type():
+    study = get_study("noisy-bn")
+    raw = {
+        "name": study.name,
+        "title": study.title,
+        "claim": study.claim,
+        "paper": study.paper,
+        "module": study.module,
+        "scale": {s: dict(p) for s, p in study.scales.items()},
+    }
+    raw["scale"]["quick"]["lrs"] = "0.1"
+    bad = parse_recipe(raw, source="bad-noisy.toml")
+    with pytest.raises(
+        NormlabError, match=r"recipe noisy-bn: field scale.quick.'lrs' must be list, got str '0.1'"
+    ):
+        validate_params(bad, noisy_bn_study.PARAMS)
+
+
+def test_track_layers_out_of_range_is_refused():
+    with pytest.raises(
+        NormlabError,
+        match=r"recipe x: norm slots must be a non-empty list of 1-based positions in "
+        r"1..10 \(the model has 10 norm slots\), got \[0, 11\]",
+    ):
+        noisy_bn_study.check_track_layers([0, 11], 10, "recipe x")
+
+
+def test_landscape_eta_range_must_be_a_pair(tmp_path):
+    import tomllib
+
+    from normlab.studies.registry import RECIPES_DIR
+
+    raw = tomllib.loads((RECIPES_DIR / "landscape.toml").read_text())
+    raw["scale"]["tiny"]["eta_range"] = [0.5, 1.0, 4.0]
+    path = tmp_path / "landscape.toml"
+    path.write_text(_to_toml(raw))
+    with pytest.raises(
+        NormlabError, match=r"\[scale.tiny\]: eta_range must be \[low, high\], got \[0.5, 1.0, 4.0\]"
+    ):
+        run_study(str(path), scale="tiny", seeds=1, out=tmp_path / "out")
+
+
+def _to_toml(raw: dict) -> str:
+    """A minimal TOML writer for recipes (strings, numbers, lists, nested tables)."""
+    import json
+
+    def value(v):
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    lines: list[str] = []
+
+    def table(prefix: str, d: dict) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
+        for k, v in d.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", raw)
+    return "\n".join(lines) + "\n"
+
+
+# -- slow tier: quick scale ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STUDIES)
+def test_quick_study_runs_and_decides(tmp_path, name):
+    outcome, files = run_study(name, scale="quick", seeds=2, out=tmp_path)
+    assert (tmp_path / name / "report.html").is_file()
+    assert outcome.agrees_with_paper is not None, outcome.verdict
+    if not outcome.agrees_with_paper:
+        assert outcome.discrepancy
