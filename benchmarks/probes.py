@@ -59,7 +59,8 @@ def probe_costs(repeat: int) -> tuple[float, list[tuple[str, float, str]]]:
         "train_eval_gap": (lambda: probes.train_eval_gap(model, x, y, batch_size=64), "-"),
         "activation_stats": (lambda: probes.activation_stats(model, x), "-"),
         f"landscape (k={k})": (
-            lambda: probes.landscape(model, (x, y), optimizer=optimizer, num_points=k), f"<= {1.1 * (k + 1):.1f}"
+            lambda: probes.landscape(model, (x, y), optimizer=optimizer, num_points=k),
+            f"<= {1.1 * (k + 1):.1f}",
         ),
         f"ics (L={num_layers})": (lambda: probes.ics(model, optimizer, (x, y)), f"<= {num_layers + 1}"),
         "hessian (20 Lanczos + 20 Hutchinson)": (

@@ -343,15 +343,18 @@ def test_fit_evalnorm_recovers_one_over_batch_size():
     assert not model.training and torch.equal(model[0].running_var, torch.full((8,), 1.25))
 
 
-def test_fit_evalnorm_one_batch_by_hand():
+def test_fit_evalnorm_two_batches_by_hand():
     model = nn.Sequential(_randomize(EvalNorm(3)))
-    x = torch.randn(4, 3, 5)
-    fit_evalnorm(model, [x])
+    batches = [torch.randn(4, 3, 5) + 3.0, torch.randn(4, 3, 5) - 1.0]
+    fit_evalnorm(model, batches)
     ev = model[0]
-    sd = torch.sqrt(ev.running_var + ev.eps)
-    mu_x, mu_b = x.mean(dim=2), x.mean(dim=(0, 2))
-    dx, db = (mu_x - ev.running_mean) / sd, (mu_b - ev.running_mean) / sd
-    expected = ((dx * db).sum() / (dx * dx).sum()).clamp(0, 1)
+    sd = torch.sqrt(ev.running_var + ev.eps)  # the EMA is the same for both batches (and restored)
+    num = den = 0.0
+    for x in batches:
+        mu_x, mu_b = x.mean(dim=2), x.mean(dim=(0, 2))
+        dx, db = (mu_x - ev.running_mean) / sd, (mu_b - ev.running_mean) / sd
+        num, den = num + (dx * db).sum(), den + (dx * dx).sum()
+    expected = (num / den).clamp(0, 1)
     assert float(ev.alpha) == pytest.approx(expected.item(), rel=1e-5)
     assert model.training
 

@@ -151,8 +151,6 @@ def test_blocks_contract_out_equals_shortcut_plus_scaled_branch(name: str, kwarg
             )
         block.register_forward_hook(lambda m, i, o, rec=rec: rec.__setitem__("out", o))
         block.branch.register_forward_hook(lambda m, i, o, rec=rec: rec.__setitem__("branch_in", i[0]))
-    stem_out = []
-    model.stem.register_forward_hook(lambda m, i, o: stem_out.append(o))
     model(torch.randn(4, 3, 16, 16))
     for qname, block in blocks:
         rec = seen[qname]
@@ -164,8 +162,9 @@ def test_blocks_contract_out_equals_shortcut_plus_scaled_branch(name: str, kwarg
         )
         if scale is not None:
             torch.testing.assert_close(rec["skip_scale"], rec["branch"] * scale(block.skip_scale))
-    assert blocks[0][1].shortcut.__class__ is nn.Identity or name == "wide_resnet"
-    assert stem_out[0].shape[1] == blocks[0][1].preact(stem_out[0]).shape[1]
+    # the first block keeps width and resolution (identity shortcut) except in a WRN (16 -> 16k channels)
+    assert isinstance(blocks[0][1].shortcut, nn.Identity) == (name != "wide_resnet")
+    assert not any(isinstance(b.shortcut, nn.Identity) for _, b in blocks[1:])
 
 
 def _count_resnet20_params() -> int:
@@ -257,10 +256,12 @@ def test_nf_resnet_signal_propagation_at_init() -> None:
     assert [v[3] / v[2], v[6] / v[5]] == pytest.approx([1 / (1 + 3 * alpha**2)] * 2, rel=0.1)
     assert all(0.7 < u < 1.05 for u in v), v
 
-    # the default avg-pool shortcut (timm): the first stage is identical, but at transitions the 2x2 average
-    # of nearly uncorrelated white-noise activations cuts the shortcut's variance (to ~1/4)
+    # timm's avg-pool shortcut: the first stage is identical, but at transitions the 2x2 average of nearly
+    # uncorrelated white-noise activations cuts the shortcut's variance (to ~1/4)
     torch.manual_seed(0)
-    model = create_model("nf_resnet", dims=2, in_channels=3, width=2, alpha=0.5, skip_gain_init=1.0)
+    model = create_model(
+        "nf_resnet", dims=2, in_channels=3, width=2, alpha=0.5, skip_gain_init=1.0, downsample="avg"
+    )
     avg = _block_variances(model, x)
     assert [avg[1] / avg[0], avg[2] / avg[0]] == pytest.approx([1.5 / 1.25, 1.75 / 1.25], rel=0.07)
     assert max(avg[3:]) < 0.5 * avg[2]
@@ -315,9 +316,10 @@ def test_aliases_defaults_and_dln_regression_output() -> None:
         (dict(name="cnn", input_size=2), "input_size=2 is too small for cnn with depth=3"),
         (dict(name="nf_resnet", norm="bn"), "nf_resnet is normalizer-free: norm must be 'nf', got 'bn'"),
         (dict(name="nf_resnet", downsample="max"), "downsample must be one of 'avg', 'conv', got 'max'"),
-        (dict(name="resnet", skip_gain_init=1.0), "alpha and skip_gain_init apply only to norm='nf'"),
+        (dict(name="resnet", skip_gain_init=1.0), "skip_gain_init and downsample apply only to norm='nf'"),
         (dict(name="resnet", norm="nf", skipinit=True), "skipinit is for normalized nets"),
         (dict(name="resnet", dropout=1.5), "dropout must be in [0, 1), got 1.5"),
+        (dict(name="wide_resnet", downsample="conv"), "downsample apply only to norm='nf', got norm='bn'"),
         (dict(name="vgg", norm="gn", norm_options={"dims": 2}), "norm_options may not set dims"),
         (dict(name="vgg", norm="nf", norm_options={"groups": 2}), "unknown option(s) groups for norm 'nf'"),
         (dict(name="vgg", norm="bn", norm_options={"groups": 2}), "unknown option(s) groups for norm 'bn'"),

@@ -156,3 +156,83 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert shot.stat().st_size > 10_000
     if os.environ.get("NORMLAB_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["NORMLAB_KEEP_SCREENSHOT"])
+
+
+# -- compare_report ---------------------------------------------------------------------------------
+
+
+def _result(norm, batch, lr, seed, acc, status="finished", gap=0.0, speed=100.0):
+    from normlab.train import RunResult
+
+    nan = float("nan")
+    return RunResult(
+        status=status,
+        final_test_acc=acc if status == "finished" else nan,
+        train_eval_gap=gap if status == "finished" else nan,
+        steps_per_s=speed,
+        config={"norm": norm, "batch_size": batch, "lr": lr, "seed": seed},
+    )
+
+
+def _compare_results():
+    runs = []
+    for seed, jitter in enumerate((-0.01, 0.0, 0.01)):
+        # bn: best at lr 0.1 at both batches; diverges at lr 1.0 for seed 2 at batch 128.
+        runs += [_result("bn", 16, 0.1, seed, 0.80 + jitter, gap=0.03, speed=100.0),
+                 _result("bn", 16, 1.0, seed, 0.70 + jitter, speed=100.0),
+                 _result("bn", 128, 0.1, seed, 0.90 + jitter, gap=0.01, speed=50.0),
+                 _result("bn", 128, 1.0, seed, 0.85, status="diverged" if seed == 2 else "finished")]
+        # gn: flat over batch size; 2x slower steps.
+        runs += [_result("gn", 16, 0.1, seed, 0.85 + jitter, speed=50.0),
+                 _result("gn", 16, 1.0, seed, 0.60 + jitter, speed=50.0),
+                 _result("gn", 128, 0.1, seed, 0.86 + jitter, speed=25.0),
+                 _result("gn", 128, 1.0, seed, 0.50 + jitter, speed=25.0)]
+    return runs
+
+
+def test_compare_report_sentences_follow_the_numbers(tmp_path):
+    from normlab.reports import compare_report
+
+    files = compare_report(tmp_path, _compare_results(), title="cnn <compare>", config={"epochs": 3},
+                           environment={"torch": "x"})
+    md = files.markdown_text
+    # batch 16: gn 85.0 vs bn 80.0, CIs (t_{.975,2} * 0.01 = 2.48 pts each) do not cover 5 pts.
+    assert "At batch 16, gn wins with 85.0%, 5.0 pts ahead of bn (80.0%)." in md
+    # batch 128: bn 90.0 vs gn 86.0, 4.0 pts <= 2 x 2.48 pts: a tie within the CIs.
+    assert "At batch 128, bn wins with 90.0%, 4.0 pts ahead of gn (86.0%), a tie within the 95% CIs." in md
+    assert "Diverged or failed runs: bn 1/12, gn 0/12. Largest stable lr at batch 128: bn 0.1, gn 1." in md
+    assert ("Accuracy at batch 16 minus batch 128: bn -10.0 pts, gn -1.0 pts. Most sensitive to the batch "
+            "size: bn; least: gn.") in md
+    assert ("Train/eval gap at batch 16 (pts): bn +3.00, gn +0.00. Largest gap: bn at batch 16, "
+            "+3.00 pts.") in md
+    assert ("Training steps/s at batch 128 relative to bn: bn 1.00x, gn 0.50x; fastest: bn "
+            "(50.0 steps/s).") in md
+    half = round(100 * stats_t975(2) * 0.01 / 3**0.5, 2)
+    assert f"| bn | 16 | 80 ± {format_cell(half, 2)} | 0.1 | 1 | 0/6 | 100 | 3 |" in md
+    page = files.html.read_text()
+    assert "cnn &lt;compare&gt;" in page and page.count("data:image/png;base64,") == 2
+
+
+def test_compare_report_flips_with_the_data(tmp_path):
+    from normlab.reports import compare_report
+
+    flipped = []
+    for r in _compare_results():
+        norm = {"bn": "gn", "gn": "bn"}[r.config["norm"]]
+        flipped.append(type(r)(**{**r.to_dict(), "config": {**r.config, "norm": norm}}))
+    md = compare_report(tmp_path, flipped).markdown_text
+    assert "At batch 16, bn wins with 85.0%, 5.0 pts ahead of gn (80.0%)." in md
+    assert "Most sensitive to the batch size: gn; least: bn." in md
+
+
+def test_compare_report_needs_results(tmp_path):
+    from normlab.reports import compare_report
+
+    with pytest.raises(NormlabError, match="compare_report needs at least one run result, got none"):
+        compare_report(tmp_path, [])
+
+
+def stats_t975(df):
+    from scipy import stats
+
+    return stats.t.ppf(0.975, df)

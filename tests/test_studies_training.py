@@ -163,10 +163,11 @@ def test_cost_activation_bytes_is_exact_for_a_linear_relu_net():
 
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     x, y = torch.randn(5, 8), torch.randint(0, 4, (5,))
-    # Saved for backward: x (linear 1), the ReLU output (relu and linear 2 share it), the logits' softmax
-    # state in cross-entropy (log-softmax output, 5 x 4) -- parameters excluded.
+    # Saved for backward, parameters excluded: x (linear 1, 5x8 float32), the ReLU output (relu and linear 2
+    # share its storage, 5x16), log_softmax's output (5x4), and nll_loss's target (5 int64) and total_weight
+    # (a float32 scalar).
     got = cost.activation_bytes(model, x, y)
-    assert got == 4 * (5 * 8 + 5 * 16 + 5 * 4)
+    assert got == 4 * (5 * 8 + 5 * 16 + 5 * 4) + 8 * 5 + 4
     assert cost.param_bytes(model) == 4 * (8 * 16 + 16 + 16 * 4 + 4)
 
 

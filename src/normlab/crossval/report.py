@@ -38,20 +38,38 @@ def backend_rows(report: CrossvalReport) -> list[list[str]]:
     ]
 
 
+def pair_columns(report: CrossvalReport) -> list[str]:
+    """The pair table's columns: class and localization columns only for models, stats only for BN."""
+    cols = ["pair", "mean |O1-O2|", "max |O1-O2|", "max D_MAD"]
+    if any(p.d_class is not None for p in report.pairs):
+        cols.append("max D_CLASS")
+    if any(p.stats_d_mad for p in report.pairs):
+        cols.append("stats D_MAD")
+    if any(p.layers for p in report.pairs):
+        cols += ["first inconsistent layer", "localized (max R_L)"]
+    return [*cols, "verdict"]
+
+
 def pair_rows(report: CrossvalReport) -> list[list[str]]:
+    cols = pair_columns(report)
     rows = []
     for p in report.pairs:
-        d_class = "-" if p.d_class is None else _fmt(max(p.d_class, default=0.0))
-        stats = ", ".join(f"{k} {_fmt(v)}" for k, v in p.stats_d_mad.items()) or "-"
-        verdict = "INCONSISTENT: " + "; ".join(p.reasons) if p.inconsistent else "consistent"
-        rows.append([_pair_name(p), _fmt(p.delta), _fmt(p.max_abs), _fmt(max(p.d_mad, default=0.0)), d_class, stats,
-                     p.first_inconsistent or "-", p.localized or "-", verdict])
+        cells = {
+            "pair": _pair_name(p),
+            "mean |O1-O2|": _fmt(p.delta),
+            "max |O1-O2|": _fmt(p.max_abs),
+            "max D_MAD": _fmt(max(p.d_mad, default=0.0)),
+            "max D_CLASS": "-" if p.d_class is None else _fmt(max(p.d_class, default=0.0)),
+            "stats D_MAD": ", ".join(f"{k} {_fmt(v)}" for k, v in p.stats_d_mad.items()) or "-",
+            "first inconsistent layer": p.first_inconsistent or "-",
+            "localized (max R_L)": p.localized or "-",
+            "verdict": "INCONSISTENT: " + "; ".join(p.reasons) if p.inconsistent else "consistent",
+        }
+        rows.append([cells[c] for c in cols])
     return rows
 
 
 _BACKEND_COLS = ["backend", "status", "seconds", "mean |O - G|", "notes"]
-_PAIR_COLS = ["pair", "mean |O1-O2|", "max |O1-O2|", "max D_MAD", "max D_CLASS", "stats D_MAD",
-              "first inconsistent layer", "localized (max R_L)", "verdict"]
 
 
 def layer_rows(report: CrossvalReport) -> tuple[list[str], list[list[str]], set[int]]:
@@ -76,7 +94,7 @@ def layer_rows(report: CrossvalReport) -> tuple[list[str], list[list[str]], set[
 def _table(title: str, header: list[str], rows: list[list[str]], highlight: set[int] = frozenset()) -> Table:
     table = Table(title=title, show_lines=False)
     for col in header:
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for i, row in enumerate(rows):
         table.add_row(*[Text(c) for c in row], style="bold red" if i in highlight else None)
     return table
@@ -88,7 +106,7 @@ def render(report: CrossvalReport, console: Console | None = None) -> None:
     parts = [
         _table(f"crossval {report.target}: backends", _BACKEND_COLS, backend_rows(report)),
         _table(f"pairwise distances (T_MAD={report.thresholds.t_mad}, T_C={report.thresholds.t_class}, "
-               f"p={report.thresholds.p})", _PAIR_COLS, pair_rows(report)),
+               f"p={report.thresholds.p})", pair_columns(report), pair_rows(report)),
     ]
     header, rows, first = layer_rows(report)
     if rows:
@@ -135,7 +153,7 @@ def report_html(report: CrossvalReport) -> str:
         f"<p>Verdict: {'INCONSISTENT' if report.inconsistent else 'consistent'} "
         f"(T_MAD={report.thresholds.t_mad}, T_C={report.thresholds.t_class}, p={report.thresholds.p}).</p>",
         _html_table(_BACKEND_COLS, backend_rows(report)),
-        _html_table(_PAIR_COLS, pair_rows(report)),
+        _html_table(pair_columns(report), pair_rows(report)),
     ]
     if rows:
         parts.append(_html_table(header, rows, first))

@@ -84,13 +84,29 @@ def extract(archive: Path, root: Path, folder: str) -> Path:
     or not at all."""
     with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:
         with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(tmp, filter="data")
+            safe_extract(tar, Path(tmp))
         if not (Path(tmp) / folder).is_dir():
             raise NormlabError(
                 f"{archive} does not contain the folder {folder}/; is it the official archive?"
             )
         (Path(tmp) / folder).rename(root / folder)
     return root / folder
+
+
+def safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Extract regular files and folders only, never outside ``dest`` (tarfile's "data" filter where this
+    Python has it, 3.10.12+; the same checks by hand otherwise)."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = dest.resolve()
+    for member in tar.getmembers():
+        target = (dest / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or root not in (target, *target.parents):
+            raise NormlabError(
+                f"refusing to extract {member.name!r}: not a plain file inside the archive's folder"
+            )
+    tar.extractall(dest)
 
 
 def read_batches(folder: Path, files: tuple[str, ...], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:

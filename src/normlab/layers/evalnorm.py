@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from normlab.errors import NormlabError
 from normlab.layers._batchnorm_base import BatchStatsNorm
 from normlab.layers.factory import register_norm
+from normlab.layers.kinds import has_batch_stats
 
 
 def sample_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -137,8 +138,12 @@ def fit_evalnorm(model: nn.Module, batches: Iterable, *, num_batches: int | None
     handles = [m.register_forward_pre_hook(hook) for m in layers]
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     flags = {m: m.training for m in model.modules()}
+    # Momentum 0 keeps every EMA fixed during the pass, so each batch is compared with the same mu_EMA.
+    momenta = {m: m.momentum for m in model.modules() if has_batch_stats(m)}
     seen = 0
     try:
+        for m in momenta:
+            m.momentum = 0.0
         model.train()
         for batch in batches:
             if num_batches is not None and seen >= num_batches:
@@ -150,6 +155,8 @@ def fit_evalnorm(model: nn.Module, batches: Iterable, *, num_batches: int | None
             h.remove()
         for m, flag in flags.items():
             m.training = flag
+        for m, momentum in momenta.items():
+            m.momentum = momentum
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
     if seen == 0:

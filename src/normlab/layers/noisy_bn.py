@@ -73,9 +73,10 @@ class _NoisyBatchNormFn(torch.autograd.Function):
 
     Forward folds everything into a per-(sample, channel) scale and shift (one ``addcmul`` over x);
     backward is BN's fused backward applied to ``dy * s`` (the chain rule through the noise), which returns
-    dx, dgamma = sum(dy s x_hat) and dbeta = sum(dy s). This is 1.5x faster than BN followed by an autograd
-    ``addcmul`` on CPU (benchmarks/layers.py). s, m, mean and invstd get no gradient: mean and invstd are
-    the batch statistics, whose dependence on x the BN backward formula accounts for.
+    dx, dgamma = sum(dy s x_hat) and dbeta = sum(dy s). On CPU this took the layer from 1.52x to about
+    1.2x of ``nn.BatchNorm2d``'s forward+backward time (before: BN then an autograd ``addcmul``;
+    benchmarks/layers.py). s, m, mean and invstd get no gradient: mean and invstd are the batch
+    statistics, whose dependence on x the BN backward formula accounts for.
     """
 
     @staticmethod

@@ -35,6 +35,9 @@ def check_choice(what: str, value: object, allowed: Sequence[object]) -> None:
 
 
 def check_positive_int(what: str, value: object) -> int:
+    """``value`` as an int >= 1; an integral float (25.0, as config files give) is accepted."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise NormlabError(f"{what} must be a positive int, got {value!r}")
     return value

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab.errors import NormlabError
 from normlab.models._layers import (
     FlattenTo,
     activation_gamma,
@@ -70,8 +71,6 @@ class CNN(nn.Module):
             layers.append(create_act(activation))
             channels, size = width, conv_out_size(size, kernel, 2, 1)
             if size < 1:
-                from normlab.errors import NormlabError
-
                 raise NormlabError(f"input_size={input_size} is too small for cnn with depth={depth}")
         self.features = nn.Sequential(*layers)
         features = width * size**dims

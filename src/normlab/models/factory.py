@@ -92,6 +92,8 @@ def create_model(
     base, fixed = _resolve(name)
     norm = _DEFAULT_NORMS[base] if norm is None else norm
     _check_common(norm, num_classes, in_channels, dims, width, depth, norm_options)
+    if depth is not None:
+        depth = check_positive_int("depth", depth)
     valid = model_options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:

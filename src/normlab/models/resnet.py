@@ -153,14 +153,21 @@ def _skipinit(value: float) -> nn.Module:
 
 
 def _check_nf_options(
-    name: str, norm: str, skipinit: bool, alpha: float | None, skip_gain_init: float | None
+    name: str,
+    norm: str,
+    skipinit: bool,
+    alpha: float | None,
+    skip_gain_init: float | None,
+    downsample: str | None,
 ) -> None:
     if norm == NF and skipinit:
         raise NormlabError(
             f"{name}: skipinit is for normalized nets; norm='nf' has its own skip gain (skip_gain_init)"
         )
-    if norm != NF and (alpha is not None or skip_gain_init is not None):
-        raise NormlabError(f"{name}: alpha and skip_gain_init apply only to norm='nf', got norm={norm!r}")
+    if norm != NF and (alpha is not None or skip_gain_init is not None or downsample is not None):
+        raise NormlabError(
+            f"{name}: alpha, skip_gain_init and downsample apply only to norm='nf', got norm={norm!r}"
+        )
     if not isinstance(skipinit, bool):
         raise NormlabError(f"skipinit must be True or False, got {skipinit!r}")
 
@@ -237,7 +244,8 @@ def resnet(
 ) -> nn.Module:
     """Pre-activation CIFAR ResNet of ``depth`` = 6n+2 layers (default 20), stage widths 16/32/64 times
     ``width`` (default 1). ``skipinit=True`` puts ``SkipInit(skipinit_value)`` (default 0) at the end of every
-    residual branch. ``norm="nf"`` builds the same layout as an NF-ResNet (``alpha``, ``skip_gain_init``)."""
+    residual branch. ``norm="nf"`` builds the same layout as an NF-ResNet (``alpha``, ``skip_gain_init``,
+    ``downsample``; see ``normlab.models.nf_resnet``)."""
     depth = 20 if depth is None else depth
     n = blocks_per_stage("resnet", depth, 2, "20, 32, 44, 56, 110")
     width = 1.0 if width is None else check_positive_float("width", width)
