@@ -41,7 +41,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = randomize_norm_state(create_model("resnet20", norm="bn", num_classes=10, in_channels=3, dims=2)).eval()
+    model = randomize_norm_state(
+        create_model("resnet20", norm="bn", num_classes=10, in_channels=3, dims=2)
+    ).eval()
     x = np.random.default_rng(0).normal(size=(args.batch, 3, args.size, args.size)).astype(np.float32)
 
     eager = eager_forward_seconds(model, torch.from_numpy(x))
@@ -52,15 +54,20 @@ def main() -> None:
     report = crossval_model(graph, x, args.backends, name="resnet20")
     total = time.perf_counter() - start + trace
 
-    print(f"resnet20, batch {args.batch}x3x{args.size}x{args.size}, {args.threads} thread(s), torch {torch.__version__}")
+    print(
+        f"resnet20, batch {args.batch}x3x{args.size}x{args.size}, {args.threads} thread(s), "
+        f"torch {torch.__version__}"
+    )
     print(f"baseline: one eager forward = {eager * 1e3:.2f} ms (median of 20)")
     print(f"{'step':<16}{'seconds':>10}{'x eager fwd':>14}  notes")
     print(f"{'trace':<16}{trace:>10.3f}{trace / eager:>14.1f}")
     for s in report.backends:
         notes = "; ".join([s.status, *([s.message] if s.message else []), *s.notes])
         print(f"{s.name:<16}{s.seconds:>10.3f}{s.seconds / eager:>14.1f}  {notes}")
-    print(f"{'total check':<16}{total:>10.3f}{total / eager:>14.1f}  ({len(graph.recorded)} layers compared, "
-          f"{len(report.pairs)} pairs, inconsistent: {report.inconsistent})")
+    print(
+        f"{'total check':<16}{total:>10.3f}{total / eager:>14.1f}  ({len(graph.recorded)} layers compared, "
+        f"{len(report.pairs)} pairs, inconsistent: {report.inconsistent})"
+    )
     worst = max(report.pairs, key=lambda p: p.max_abs)
     print(f"largest pairwise max |O1-O2|: {worst.max_abs:.2e} ({'|'.join(worst.backends)})")
 

@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from normlab.crossval import LayerSpec, crossval_layer, crossval_model, register_backend, unregister_backend
-from normlab.crossval import oracle
+from normlab.crossval import (
+    LayerSpec,
+    crossval_layer,
+    crossval_model,
+    oracle,
+    register_backend,
+    unregister_backend,
+)
 from normlab.crossval.backends.numpy_backend import NumpyBackend, NumpyOps
 from normlab.crossval.spec import LayerRun, check_batches
 from normlab.crossval.state import randomize_norm_state
@@ -46,8 +52,18 @@ class BuggyOps(NumpyOps):
         if self.layer is not None and node.name != self.layer:
             return super().bn(node, x, params, mean, var, seen, training=training)
         a = node.attrs
-        return buggy_bn(self.bug, x, params["weight"], params["bias"], mean, var, eps=a["eps"],
-                        momentum=a["momentum"], seen=seen, training=training)
+        return buggy_bn(
+            self.bug,
+            x,
+            params["weight"],
+            params["bias"],
+            mean,
+            var,
+            eps=a["eps"],
+            momentum=a["momentum"],
+            seen=seen,
+            training=training,
+        )
 
 
 class BuggyBackend(NumpyBackend):
@@ -62,9 +78,20 @@ class BuggyBackend(NumpyBackend):
         mean, var = params.running_mean.astype(np.float64), params.running_var.astype(np.float64)
         kw = {"eps": spec.eps, "momentum": spec.momentum}
         for seen, x in enumerate(batches[:-1], start=1):
-            _, mean, var = buggy_bn(self.bug, x, params.weight, params.bias, mean, var, seen=seen, training=True, **kw)
-        y, mean, var = buggy_bn(self.bug, batches[-1], params.weight, params.bias, mean, var,
-                                seen=spec.steps + 1, training=spec.mode == "train", **kw)
+            _, mean, var = buggy_bn(
+                self.bug, x, params.weight, params.bias, mean, var, seen=seen, training=True, **kw
+            )
+        y, mean, var = buggy_bn(
+            self.bug,
+            batches[-1],
+            params.weight,
+            params.bias,
+            mean,
+            var,
+            seen=spec.steps + 1,
+            training=spec.mode == "train",
+            **kw,
+        )
         return LayerRun(y, mean, var)
 
     def ops(self):
@@ -96,7 +123,10 @@ def test_layer_bug_is_detected_and_real_backends_stay_consistent(buggy, bug):
     case = LAYER_CASES[bug]
     spec = LayerSpec(kind="bn", mode=case["mode"], steps=case["steps"])
     rng = np.random.default_rng(1)
-    batches = [(case.get("shift", 0.3) + case["scale"] * rng.normal(size=(4, 3, 2, 2))).astype(np.float32) for _ in range(spec.steps + 1)]
+    batches = [
+        (case.get("shift", 0.3) + case["scale"] * rng.normal(size=(4, 3, 2, 2))).astype(np.float32)
+        for _ in range(spec.steps + 1)
+    ]
     from normlab.crossval.spec import make_layer_inputs
 
     params, _ = make_layer_inputs(spec, (4, 3, 2, 2), seed=1)

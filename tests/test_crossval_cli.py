@@ -21,8 +21,24 @@ def _run(argv, capsys):
 
 
 def test_layer_command_json_reports_each_backend_pair(capsys):
-    code, out, _ = _run(["crossval", "layer", "--kind", "bn", "--mode", "train", "--steps", "2",
-                         "--backends", "numpy,torch,jax", "--shape", "4,3,2,2", "--json"], capsys)
+    code, out, _ = _run(
+        [
+            "crossval",
+            "layer",
+            "--kind",
+            "bn",
+            "--mode",
+            "train",
+            "--steps",
+            "2",
+            "--backends",
+            "numpy,torch,jax",
+            "--shape",
+            "4,3,2,2",
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0
     data = json.loads(out)
     assert [b["status"] for b in data["backends"]] == ["ok", "ok", "ok"]
@@ -33,7 +49,9 @@ def test_layer_command_json_reports_each_backend_pair(capsys):
 
 
 def test_layer_command_table_and_bad_backend(capsys):
-    code, out, _ = _run(["crossval", "layer", "--kind", "gn", "--groups", "1", "--backends", "numpy,torch"], capsys)
+    code, out, _ = _run(
+        ["crossval", "layer", "--kind", "gn", "--groups", "1", "--backends", "numpy,torch"], capsys
+    )
     assert code == 0 and "numpy|torch" in out and "consistent" in out
     code, _, err = _run(["crossval", "layer", "--backends", "numpy,caffe"], capsys)
     assert code == 2
@@ -43,8 +61,24 @@ def test_layer_command_table_and_bad_backend(capsys):
 
 
 def test_model_command_prints_the_per_layer_table(capsys):
-    code, out, _ = _run(["crossval", "model", "--model", "cnn", "--dims", "1", "--in-channels", "1",
-                         "--batch", "2", "--backends", "numpy,torch", "--json"], capsys)
+    code, out, _ = _run(
+        [
+            "crossval",
+            "model",
+            "--model",
+            "cnn",
+            "--dims",
+            "1",
+            "--in-channels",
+            "1",
+            "--batch",
+            "2",
+            "--backends",
+            "numpy,torch",
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0
     data = json.loads(out)
     (pair,) = data["pairs"]
@@ -57,9 +91,16 @@ def test_conventions_are_measured_from_the_installed_libraries():
     probes = {p.backend: p for p in probe_conventions("numpy,torch,onnxruntime,jax")}
     torch_bn, flax_bn, onnx_bn = probes["torch"], probes["jax"], probes["onnxruntime"]
     assert torch_bn.eps_default == flax_bn.eps_default == onnx_bn.eps_default == 1e-5
-    assert torch_bn.momentum_meaning == "weight of the new batch" and torch_bn.new_batch_weight == pytest.approx(0.1)
-    assert flax_bn.momentum_meaning == "decay of the old value" and flax_bn.new_batch_weight == pytest.approx(0.01)
-    assert onnx_bn.momentum_meaning == "decay of the old value" and onnx_bn.momentum_default == pytest.approx(0.9)
+    assert (
+        torch_bn.momentum_meaning == "weight of the new batch"
+        and torch_bn.new_batch_weight == pytest.approx(0.1)
+    )
+    assert flax_bn.momentum_meaning == "decay of the old value" and flax_bn.new_batch_weight == pytest.approx(
+        0.01
+    )
+    assert onnx_bn.momentum_meaning == "decay of the old value" and onnx_bn.momentum_default == pytest.approx(
+        0.9
+    )
     assert torch_bn.variance_factor == pytest.approx(16 / 15, rel=1e-5)  # probing batch: m = 16
     assert flax_bn.running_var == onnx_bn.running_var == "biased"
     assert torch_bn.batch1_train.startswith("error: ValueError: Expected more than 1 value per channel")

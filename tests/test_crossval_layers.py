@@ -7,7 +7,13 @@ import importlib
 import numpy as np
 import pytest
 
-from normlab.crossval import LayerSpec, crossval_layer, make_layer_inputs, register_backend, unregister_backend
+from normlab.crossval import (
+    LayerSpec,
+    crossval_layer,
+    make_layer_inputs,
+    register_backend,
+    unregister_backend,
+)
 from normlab.crossval.backends.jax_backend import JaxBackend
 from normlab.errors import NormlabError
 
@@ -29,7 +35,9 @@ def test_real_backends_agree_in_eval_mode(kind):
     if kind == "bn":
         shape = (1, 4, 1, 1)
         x = batches[-1].astype(np.float64)
-        expected = (x - params.running_mean.reshape(shape)) / np.sqrt(params.running_var.reshape(shape) + 1e-5)
+        expected = (x - params.running_mean.reshape(shape)) / np.sqrt(
+            params.running_var.reshape(shape) + 1e-5
+        )
         expected = expected * params.weight.reshape(shape) + params.bias.reshape(shape)
         for status in report.backends:
             assert status.delta_to_truth < 1e-6
@@ -125,26 +133,44 @@ def test_missing_package_skips_the_backend_with_a_clear_message(monkeypatch):
     report = crossval_layer(LayerSpec(kind="ln", mode="train", steps=0), "numpy,torch,jax")
     jax_status = report.backends[2]
     assert jax_status.status == "skipped"
-    assert "package 'jax' is not importable" in jax_status.message and "normlab[crossval]" in jax_status.message
+    assert (
+        "package 'jax' is not importable" in jax_status.message and "normlab[crossval]" in jax_status.message
+    )
     assert [p.backends for p in report.pairs] == [("numpy", "torch")]
 
 
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: crossval_layer(LayerSpec(), "numpy,tensorflow"),
-         "unknown backend 'tensorflow'; valid backends: numpy, torch, torch-compile, onnxruntime, jax"),
-        (lambda: crossval_layer(LayerSpec(steps=1), "numpy", params=make_layer_inputs(LayerSpec(steps=1), (2, 3, 4))[0],
-                                batches=[np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 5), np.float32)]),
-         r"mismatched shapes: batches have shapes \[\(2, 3, 4\), \(2, 3, 5\)\]"),
-        (lambda: crossval_layer(LayerSpec(steps=0), "numpy", params=make_layer_inputs(LayerSpec(), (2, 4, 4))[0],
-                                batches=[np.zeros((2, 3, 4), np.float32)]),
-         r"mismatched shapes: weight has shape \[4\], input has 3 channels"),
+        (
+            lambda: crossval_layer(LayerSpec(), "numpy,tensorflow"),
+            "unknown backend 'tensorflow'; valid backends: numpy, torch, torch-compile, onnxruntime, jax",
+        ),
+        (
+            lambda: crossval_layer(
+                LayerSpec(steps=1),
+                "numpy",
+                params=make_layer_inputs(LayerSpec(steps=1), (2, 3, 4))[0],
+                batches=[np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 5), np.float32)],
+            ),
+            r"mismatched shapes: batches have shapes \[\(2, 3, 4\), \(2, 3, 5\)\]",
+        ),
+        (
+            lambda: crossval_layer(
+                LayerSpec(steps=0),
+                "numpy",
+                params=make_layer_inputs(LayerSpec(), (2, 4, 4))[0],
+                batches=[np.zeros((2, 3, 4), np.float32)],
+            ),
+            r"mismatched shapes: weight has shape \[4\], input has 3 channels",
+        ),
         (lambda: LayerSpec(kind="bnn"), "unknown kind 'bnn'; valid: bn, gn, ln, in"),
         (lambda: LayerSpec(momentum=1.5), r"momentum must be in \[0, 1\] or None, got 1.5"),
         (lambda: LayerSpec(mode="infer"), "unknown mode 'infer'; valid: train, eval"),
-        (lambda: crossval_layer(LayerSpec(kind="gn", groups=3), "numpy", shape=(2, 4, 3)),
-         "groups=3 does not divide num_channels=4"),
+        (
+            lambda: crossval_layer(LayerSpec(kind="gn", groups=3), "numpy", shape=(2, 4, 3)),
+            "groups=3 does not divide num_channels=4",
+        ),
     ],
 )
 def test_layer_bad_input_messages(call, message):

@@ -26,7 +26,9 @@ def test_mad_distance_is_zero_not_nan_when_both_equal_truth_and_respects_floor()
     np.testing.assert_allclose(metrics.d_mad(o1, o2, g), [0.5, 0.5])
     assert metrics.d_mad(o1, o2, g, floor=1e-6).tolist() == [0.0, 0.0]
     # one backend above the floor: the paper's formula again
-    np.testing.assert_allclose(metrics.d_mad(g + 1e-7, g + 1e-3, g, floor=1e-6), [(1e-3 - 1e-7) / (1e-3 + 1e-7)] * 2)
+    np.testing.assert_allclose(
+        metrics.d_mad(g + 1e-7, g + 1e-3, g, floor=1e-6), [(1e-3 - 1e-7) / (1e-3 + 1e-7)] * 2
+    )
 
 
 def test_class_score_uses_two_to_the_k_minus_rank():
@@ -47,9 +49,18 @@ def test_inconsistency_fraction_and_introduction_rate():
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: metrics.d_mad(np.zeros((2, 3)), np.zeros((2, 4)), np.zeros((2, 3))), r"mismatched shapes: o1\[2, 3\], o2\[2, 4\]"),
-        (lambda: metrics.class_score(np.zeros((2, 3)), np.array([0, 3])), r"labels must be in \[0, 2\], got 0..3"),
-        (lambda: metrics.class_score(np.zeros((2, 3)), np.array([0, 1]), k=0), "k must be a positive int, got 0"),
+        (
+            lambda: metrics.d_mad(np.zeros((2, 3)), np.zeros((2, 4)), np.zeros((2, 3))),
+            r"mismatched shapes: o1\[2, 3\], o2\[2, 4\]",
+        ),
+        (
+            lambda: metrics.class_score(np.zeros((2, 3)), np.array([0, 3])),
+            r"labels must be in \[0, 2\], got 0..3",
+        ),
+        (
+            lambda: metrics.class_score(np.zeros((2, 3)), np.array([0, 1]), k=0),
+            "k must be a positive int, got 0",
+        ),
         (lambda: metrics.inconsistent(np.zeros(2), 0.2, 1.0), r"p must be in \[0, 1\), got 1.0"),
     ],
 )
@@ -62,7 +73,9 @@ def test_oracle_batch_norm_matches_per_channel_loop():
     rng = np.random.default_rng(0)
     x = rng.normal(1.0, 2.0, size=(5, 3, 2, 4))
     w, b = rng.uniform(0.5, 1.5, 3), rng.normal(size=3)
-    y, rm, rv = oracle.batch_norm_train(x, w, b, np.zeros(3), np.ones(3), eps=1e-3, momentum=0.1, batches_seen=1)
+    y, rm, rv = oracle.batch_norm_train(
+        x, w, b, np.zeros(3), np.ones(3), eps=1e-3, momentum=0.1, batches_seen=1
+    )
     for c in range(3):
         v = x[:, c].ravel()
         expected = w[c] * (x[:, c] - v.mean()) / np.sqrt(v.var() + 1e-3) + b[c]
@@ -85,5 +98,9 @@ def test_oracle_group_norm_matches_torch_float64():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(2, 6, 3, 3))
     w, b = rng.normal(size=6), rng.normal(size=6)
-    expected = torch.nn.functional.group_norm(torch.from_numpy(x), 3, torch.from_numpy(w), torch.from_numpy(b), 1e-5)
-    np.testing.assert_allclose(oracle.group_norm(x, 3, w, b, eps=1e-5), expected.numpy(), rtol=1e-10, atol=1e-12)
+    expected = torch.nn.functional.group_norm(
+        torch.from_numpy(x), 3, torch.from_numpy(w), torch.from_numpy(b), 1e-5
+    )
+    np.testing.assert_allclose(
+        oracle.group_norm(x, 3, w, b, eps=1e-5), expected.numpy(), rtol=1e-10, atol=1e-12
+    )

@@ -43,8 +43,14 @@ def test_resnet20_bn_agrees_on_all_real_backends_in_eval_mode():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "norm", "shape", "dims"),
-    [("resnet20", "gn", (3, 16, 16), 2), ("resnet20", "ln", (3, 16, 16), 2), ("vgg", "bn", (3, 32, 32), 2),
-     ("cnn", "bn", (3, 32, 32), 2), ("mlp", "bn", (1, 40), 1), ("dln", "bn", (10,), 1)],
+    [
+        ("resnet20", "gn", (3, 16, 16), 2),
+        ("resnet20", "ln", (3, 16, 16), 2),
+        ("vgg", "bn", (3, 32, 32), 2),
+        ("cnn", "bn", (3, 32, 32), 2),
+        ("mlp", "bn", (1, 40), 1),
+        ("dln", "bn", (10,), 1),
+    ],
 )
 def test_other_models_agree_on_all_real_backends(name, norm, shape, dims):
     torch.manual_seed(0)
@@ -96,7 +102,9 @@ class _CustomAct(nn.Module):
 
 def test_custom_autograd_layer_is_refused_naming_the_layer():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), _CustomAct())
-    with pytest.raises(NormlabError, match="cannot translate layer '2': it calls the custom autograd function _Double"):
+    with pytest.raises(
+        NormlabError, match="cannot translate layer '2': it calls the custom autograd function _Double"
+    ):
         trace_model(model, _inputs((3, 6, 6)))
     assert torch.autograd.Function.apply.__func__ is not None  # the patch is undone
     y = _Double.apply(torch.ones(2))

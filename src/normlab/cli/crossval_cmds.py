@@ -11,8 +11,9 @@ import typer
 
 from normlab.errors import NormlabError
 
-crossval_app = typer.Typer(help="Cross-backend validation (CRADLE): run a layer or model on several backends.",
-                           no_args_is_help=True)
+crossval_app = typer.Typer(
+    help="Cross-backend validation (CRADLE): run a layer or model on several backends.", no_args_is_help=True
+)
 
 _BACKENDS_HELP = "comma-separated: numpy,torch,torch-compile,onnxruntime,jax (numpy is the float64 oracle)"
 
@@ -84,10 +85,23 @@ def layer(
     """Cross-check one normalization layer (outputs and running statistics) against the numpy oracle."""
     from normlab.crossval import LayerSpec, crossval_layer
 
-    spec = LayerSpec(kind=kind, eps=eps, momentum=_momentum(momentum), affine=affine, mode=mode, layout=layout,
-                     steps=steps, groups=groups)
-    report = crossval_layer(spec, backends, shape=_ints(shape, "shape"), seed=seed,
-                            thresholds=_thresholds(t_mad, t_class, p, rtol, atol))
+    spec = LayerSpec(
+        kind=kind,
+        eps=eps,
+        momentum=_momentum(momentum),
+        affine=affine,
+        mode=mode,
+        layout=layout,
+        steps=steps,
+        groups=groups,
+    )
+    report = crossval_layer(
+        spec,
+        backends,
+        shape=_ints(shape, "shape"),
+        seed=seed,
+        thresholds=_thresholds(t_mad, t_class, p, rtol, atol),
+    )
     _finish(report, as_json)
 
 
@@ -103,8 +117,11 @@ def model(
     batch: int = typer.Option(8, help="inputs per backend run"),
     mode: str = typer.Option("eval", help="mode of the measured pass"),
     steps: int = typer.Option(0, help="training passes (updating BN statistics) before the measured one"),
-    randomize_norms: bool = typer.Option(True, "--randomize-norms/--no-randomize-norms",
-                                         help="seeded gamma, beta and running statistics (else fresh init)"),
+    randomize_norms: bool = typer.Option(
+        True,
+        "--randomize-norms/--no-randomize-norms",
+        help="seeded gamma, beta and running statistics (else fresh init)",
+    ),
     seed: int = typer.Option(0),
     t_mad: float = T_MAD,
     t_class: float = T_CLASS,
@@ -127,12 +144,23 @@ def model(
     net = create_model(model_name, norm=norm, num_classes=num_classes, in_channels=in_channels, dims=dims)
     if randomize_norms:
         randomize_norm_state(net, seed)
-    shape = _ints(input_shape, "input_shape") if input_shape else (in_channels, *((32, 32) if dims == 2 else (40,)))
+    shape = (
+        _ints(input_shape, "input_shape")
+        if input_shape
+        else (in_channels, *((32, 32) if dims == 2 else (40,)))
+    )
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, *shape)).astype(np.float32)
     train_batches = [rng.normal(size=(batch, *shape)).astype(np.float32) for _ in range(steps)]
-    report = crossval_model(net, x, backends, mode=mode, train_batches=train_batches, name=model_name,
-                            thresholds=_thresholds(t_mad, t_class, p, rtol, atol))
+    report = crossval_model(
+        net,
+        x,
+        backends,
+        mode=mode,
+        train_batches=train_batches,
+        name=model_name,
+        thresholds=_thresholds(t_mad, t_class, p, rtol, atol),
+    )
     _finish(report, as_json)
 
 

@@ -9,7 +9,7 @@ CRADLE's distances, per-layer localization and convention differences (science.m
 
 from normlab.crossval.backends import (
     Backend,
-    BackendSkip,
+    BackendUnsupportedError,
     get_backend,
     list_backends,
     parse_backends,
@@ -17,13 +17,13 @@ from normlab.crossval.backends import (
     unregister_backend,
 )
 from normlab.crossval.compare import CrossvalReport, Thresholds, crossval_layer, crossval_model
-from normlab.crossval.conventions import ConventionDifference, Convention
+from normlab.crossval.conventions import Convention, ConventionDifference
 from normlab.crossval.graph import ModelGraph, trace_model
 from normlab.crossval.spec import LayerParams, LayerRun, LayerSpec, ModelRun, make_layer_inputs
 
 __all__ = [
     "Backend",
-    "BackendSkip",
+    "BackendUnsupportedError",
     "Convention",
     "ConventionDifference",
     "CrossvalReport",

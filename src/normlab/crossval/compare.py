@@ -25,11 +25,11 @@ import numpy as np
 from torch import nn
 
 from normlab.crossval import metrics
-from normlab.crossval.backends import BackendSkip, get_backend, parse_backends
+from normlab.crossval.backends import BackendUnsupportedError, get_backend, parse_backends
 from normlab.crossval.backends.numpy_backend import NumpyBackend
 from normlab.crossval.conventions import Convention, ConventionDifference, running_var_difference
 from normlab.crossval.graph import ModelGraph, trace_model
-from normlab.crossval.spec import LayerParams, LayerRun, LayerSpec, ModelRun, check_batches, to_channels_first
+from normlab.crossval.spec import LayerParams, LayerSpec, ModelRun, check_batches, to_channels_first
 from normlab.errors import NormlabError
 
 
@@ -112,7 +112,9 @@ class CrossvalReport:
         for p in self.pairs:
             if set(p.backends) == {a, b}:
                 return p
-        raise NormlabError(f"no comparison of {a!r} and {b!r}; compared: {[list(p.backends) for p in self.pairs]}")
+        raise NormlabError(
+            f"no comparison of {a!r} and {b!r}; compared: {[list(p.backends) for p in self.pairs]}"
+        )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -124,7 +126,7 @@ class CrossvalReport:
 
 
 def _run_all(names, call) -> tuple[list[BackendStatus], dict]:
-    """Run ``call(backend)`` on each backend; missing packages and BackendSkip become skipped entries."""
+    """Run ``call(backend)`` on each backend; a missing package or BackendUnsupportedError -> skipped."""
     statuses, results = [], {}
     for name in names:
         backend = get_backend(name)
@@ -135,7 +137,7 @@ def _run_all(names, call) -> tuple[list[BackendStatus], dict]:
         start = time.perf_counter()
         try:
             result = call(backend)
-        except BackendSkip as exc:
+        except BackendUnsupportedError as exc:
             statuses.append(BackendStatus(name, "skipped", f"backend {name!r} skipped: {exc}"))
             continue
         wall = time.perf_counter() - start
@@ -189,10 +191,16 @@ def crossval_layer(
     batches = [np.asarray(x, np.float32) for x in batches]
     check_batches(batches, spec)
     channels = to_channels_first(batches[0], spec.layout).shape[1]
-    for what, v in (("weight", params.weight), ("bias", params.bias), ("running_mean", params.running_mean),
-                    ("running_var", params.running_var)):
+    for what, v in (
+        ("weight", params.weight),
+        ("bias", params.bias),
+        ("running_mean", params.running_mean),
+        ("running_var", params.running_var),
+    ):
         if v is not None and np.shape(v) != (channels,):
-            raise NormlabError(f"mismatched shapes: {what} has shape {list(np.shape(v))}, input has {channels} channels")
+            raise NormlabError(
+                f"mismatched shapes: {what} has shape {list(np.shape(v))}, input has {channels} channels"
+            )
     if spec.kind != "bn":
         spec.num_groups(channels)
 
@@ -212,13 +220,24 @@ def crossval_layer(
             trained_steps = spec.steps + (spec.mode == "train")
             x = to_channels_first(batches[0], spec.layout)
             diff = running_var_difference(
-                (a, b), (ba.convention, bb.convention), (ra.running_var, rb.running_var), params.running_var,
-                momentum=spec.momentum, steps=trained_steps, count=x.size // x.shape[1],
+                (a, b),
+                (ba.convention, bb.convention),
+                (ra.running_var, rb.running_var),
+                params.running_var,
+                momentum=spec.momentum,
+                steps=trained_steps,
+                count=x.size // x.shape[1],
             )
             if diff is not None:
                 conventions.append(diff)
-    config = {"kind": "layer", **asdict(spec), "shape": list(to_channels_first(batches[0], spec.layout).shape)}
-    return CrossvalReport(f"layer {spec.kind} ({spec.mode})", config, thresholds, statuses, pairs, conventions)
+    config = {
+        "kind": "layer",
+        **asdict(spec),
+        "shape": list(to_channels_first(batches[0], spec.layout).shape),
+    }
+    return CrossvalReport(
+        f"layer {spec.kind} ({spec.mode})", config, thresholds, statuses, pairs, conventions
+    )
 
 
 def _layer_pair(spec, names, backends, runs, truths, floor, th) -> PairResult:
@@ -298,23 +317,26 @@ def crossval_model(
             raise NormlabError(
                 f"mismatched shapes: train batch {i} has shape {list(b.shape)}, input has {list(x.shape)}"
             )
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (x.shape[0],):
+            raise NormlabError(f"mismatched shapes: labels {list(labels.shape)} for {x.shape[0]} inputs")
+    if truth == "labels" and labels is None:
+        raise NormlabError("truth='labels' needs labels (N,) for the inputs")
 
     def call(backend):
         return backend.run_model(graph, x, mode=mode, train_batches=train_batches)
 
     statuses, results = _run_all(names, call)
-    truths = _oracles(results, lambda oracle: oracle.run_model(graph, x, mode=mode, train_batches=train_batches))
+    truths = _oracles(
+        results, lambda oracle: oracle.run_model(graph, x, mode=mode, train_batches=train_batches)
+    )
     final = graph.output
     g_out = truths["unbiased"].outputs[final]
     is_classifier = g_out.ndim == 2 and g_out.shape[1] > 1
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (x.shape[0],):
-            raise NormlabError(f"mismatched shapes: labels {list(labels.shape)} for {x.shape[0]} inputs")
+    if truth == "labels" and not is_classifier:
+        raise NormlabError(f"truth='labels' needs a classifier output (N, classes), got {list(g_out.shape)}")
     class_labels = labels if labels is not None else (g_out.argmax(axis=1) if is_classifier else None)
-    if truth == "labels":
-        if labels is None or not is_classifier:
-            raise NormlabError("truth='labels' needs labels and a classifier output (N, classes)")
     for s in statuses:
         if s.status == "ok":
             s.delta_to_truth = float(np.abs(results[s.name][1].outputs[final] - g_out).mean())
@@ -324,25 +346,53 @@ def crossval_model(
     for a, b in itertools.combinations(ok, 2):
         (ba, ra), (bb, rb) = results[a], results[b]
         ga, gb = truths[_truth_key(ba.convention)], truths[_truth_key(bb.convention)]
-        pair = _model_pair(graph, (a, b), ra, rb, ga, gb, truths["unbiased"], class_labels, truth, labels,
-                           thresholds)
+        pair = _model_pair(
+            graph, (a, b), ra, rb, ga, gb, truths["unbiased"], class_labels, truth, labels, thresholds
+        )
         pairs.append(pair)
         if ga is not gb:
             delta = float(np.abs(ga.outputs[final] - gb.outputs[final]).mean())
-            conventions.append(ConventionDifference(
-                what="running_var", backends=(a, b), values=(ba.convention.running_var, bb.convention.running_var),
-                expected=delta, measured=pair.delta,
-                note=(f"after {len(train_batches)} training pass(es), biased vs unbiased running variance "
-                      f"moves the final output by mean |d| = {delta:.3g} (oracle under each convention); "
-                      f"measured between the backends: {pair.delta:.3g}"),
-            ))
-    config = {"kind": "model", "name": name or type(model).__name__, "mode": mode, "input_shape": list(x.shape),
-              "train_batches": len(train_batches), "truth": truth, "layers": len(graph.recorded)}
-    return CrossvalReport(f"model {config['name']} ({mode})", config, thresholds, statuses, pairs, conventions)
+            conventions.append(
+                ConventionDifference(
+                    what="running_var",
+                    backends=(a, b),
+                    values=(ba.convention.running_var, bb.convention.running_var),
+                    expected=delta,
+                    measured=pair.delta,
+                    note=(
+                        f"after {len(train_batches)} training pass(es), biased vs unbiased running variance "
+                        f"moves the final output by mean |d| = {delta:.3g} (oracle under each convention); "
+                        f"measured between the backends: {pair.delta:.3g}"
+                    ),
+                )
+            )
+    config = {
+        "kind": "model",
+        "name": name or type(model).__name__,
+        "mode": mode,
+        "input_shape": list(x.shape),
+        "train_batches": len(train_batches),
+        "truth": truth,
+        "layers": len(graph.recorded),
+    }
+    return CrossvalReport(
+        f"model {config['name']} ({mode})", config, thresholds, statuses, pairs, conventions
+    )
 
 
-def _model_pair(graph, names, ra: ModelRun, rb: ModelRun, ga: ModelRun, gb: ModelRun, g: ModelRun,
-                class_labels, truth, labels, th) -> PairResult:
+def _model_pair(
+    graph,
+    names,
+    ra: ModelRun,
+    rb: ModelRun,
+    ga: ModelRun,
+    gb: ModelRun,
+    g: ModelRun,
+    class_labels,
+    truth,
+    labels,
+    th,
+) -> PairResult:
     final = graph.output
     oa, ob = ra.outputs[final], rb.outputs[final]
     if truth == "labels":
@@ -371,7 +421,9 @@ def _model_pair(graph, names, ra: ModelRun, rb: ModelRun, ga: ModelRun, gb: Mode
         pre = max((deltas[i] for i in node.inputs), default=0.0)
         deltas[node.name] = delta
         bad = delta > th.floor(g.outputs[node.name])
-        pair.layers.append(LayerDistance(node.name, node.op, delta, pre, metrics.introduction_rate(delta, pre), bad))
+        pair.layers.append(
+            LayerDistance(node.name, node.op, delta, pre, metrics.introduction_rate(delta, pre), bad)
+        )
     bad_layers = [layer for layer in pair.layers if layer.inconsistent]
     if bad_layers:
         pair.first_inconsistent = bad_layers[0].layer

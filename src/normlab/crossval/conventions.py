@@ -91,7 +91,9 @@ def running_var_difference(
         return None
     w0 = old_weight(momentum, steps)
     base = w0 * np.asarray(initial, np.float64)
-    ratio = (np.asarray(running_vars[0], np.float64) - base) / (np.asarray(running_vars[1], np.float64) - base)
+    ratio = (np.asarray(running_vars[0], np.float64) - base) / (
+        np.asarray(running_vars[1], np.float64) - base
+    )
     correction = count / (count - 1)
     expected = correction if a.running_var == "unbiased" else 1.0 / correction
     return ConventionDifference(

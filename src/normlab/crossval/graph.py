@@ -41,9 +41,23 @@ SUPPORTED = (
 )
 
 _LEAVES = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
-    nn.ReLU, nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.ReLU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Flatten,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
 )
 
 
@@ -132,7 +146,9 @@ class _Recorder(TorchFunctionMode):
 
     def module_call(self, path: str, module: nn.Module, args, out) -> None:
         if not isinstance(out, torch.Tensor) or len(args) != 1 or not isinstance(args[0], torch.Tensor):
-            raise _unsupported(path, f"{type(module).__name__} with {len(args)} inputs or a non-tensor output")
+            raise _unsupported(
+                path, f"{type(module).__name__} with {len(args)} inputs or a non-tensor output"
+            )
         name = self._unique(path)
         op, attrs = _module_op(name, module)
         self.add(Node(name, op, (self._input(args[0]),), attrs, module=path), out)
@@ -159,10 +175,21 @@ def _function_op(func, args, kwargs, out, where) -> tuple[str, list[torch.Tensor
     """Translate one torch function call into (op, tensor inputs, attrs)."""
     name = getattr(func, "__name__", str(func))
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if name in ("add", "__add__", "__radd__", "__iadd__", "add_", "mul", "__mul__", "__rmul__", "__imul__", "mul_"):
+    if name in (
+        "add",
+        "__add__",
+        "__radd__",
+        "__iadd__",
+        "add_",
+        "mul",
+        "__mul__",
+        "__rmul__",
+        "__imul__",
+        "mul_",
+    ):
         op = "add" if "add" in name else "mul"
         scalars = [a for a in args if _scalar(a)]
-        if len(tensors) == 2 and not kwargs.get("alpha", 1) != 1:
+        if len(tensors) == 2 and kwargs.get("alpha", 1) == 1:
             return op, tensors, {}
         if len(tensors) == 1 and len(scalars) == 1:
             return op, tensors, {"scalar": float(scalars[0])}
@@ -198,7 +225,12 @@ def _pool_function(name, args, kwargs, where):
         raise _unsupported(where(), f"{name} with ceil_mode or dilation")
     if name.startswith("avg") and not values.get("count_include_pad", True):
         raise _unsupported(where(), f"{name} without count_include_pad")
-    attrs = {"dims": dims, "kernel": kernel, "stride": stride, "padding": _tuple(values.get("padding", 0), dims)}
+    attrs = {
+        "dims": dims,
+        "kernel": kernel,
+        "stride": stride,
+        "padding": _tuple(values.get("padding", 0), dims),
+    }
     return ("maxpool" if name.startswith("max") else "avgpool"), [x], attrs
 
 

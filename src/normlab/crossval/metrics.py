@@ -76,7 +76,9 @@ def class_score(logits: np.ndarray, labels: np.ndarray, *, k: int = 5) -> np.nda
     if not isinstance(k, int) or k < 1:
         raise NormlabError(f"k must be a positive int, got {k!r}")
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
-        raise NormlabError(f"labels must be in [0, {logits.shape[1] - 1}], got {labels.min()}..{labels.max()}")
+        raise NormlabError(
+            f"labels must be in [0, {logits.shape[1] - 1}], got {labels.min()}..{labels.max()}"
+        )
     order = np.argsort(-logits, axis=1, kind="stable")
     rank = np.argmax(order == labels[:, None], axis=1) + 1
     return np.where(rank <= k, 2.0 ** (k - rank), 0.0)

@@ -59,12 +59,18 @@ def _interpret(probe: BNProbe, mean: np.ndarray, var: np.ndarray, x: np.ndarray)
     if probe.momentum_default is not None:
         p = probe.momentum_default
         probe.momentum_meaning = (
-            "weight of the new batch" if abs(w - p) < 1e-6 else "decay of the old value" if abs(w - (1 - p)) < 1e-6
+            "weight of the new batch"
+            if abs(w - p) < 1e-6
+            else "decay of the old value"
+            if abs(w - (1 - p)) < 1e-6
             else f"neither (momentum {p}, new-batch weight {w:.6g})"
         )
     unbiased = x.shape[0] / (x.shape[0] - 1)
     probe.running_var = (
-        "biased" if abs(c - 1) < 1e-5 else f"unbiased (m/(m-1) = {unbiased:.6g})" if abs(c - unbiased) < 1e-5
+        "biased"
+        if abs(c - 1) < 1e-5
+        else f"unbiased (m/(m-1) = {unbiased:.6g})"
+        if abs(c - unbiased) < 1e-5
         else f"factor {c:.6g}"
     )
 
@@ -77,7 +83,9 @@ def _outcome(fn: Callable[[], np.ndarray]) -> str:
     return f"output {np.array2string(y.ravel()[:C], precision=4)} (finite: {bool(np.isfinite(y).all())})"
 
 
-def _half(run: Callable[[str], np.ndarray], ref: np.ndarray, dtypes=("float16", "bfloat16")) -> dict[str, str]:
+def _half(
+    run: Callable[[str], np.ndarray], ref: np.ndarray, dtypes=("float16", "bfloat16")
+) -> dict[str, str]:
     out = {}
     for dtype in dtypes:
         try:
@@ -124,14 +132,18 @@ def probe_flax(probe: BNProbe) -> None:
     zeros = jnp.zeros(C)
 
     def run(xx, dtype=jnp.float32):
-        variables = {"params": {"scale": jnp.ones(C), "bias": jnp.zeros(C)},
-                     "batch_stats": {"mean": zeros, "var": zeros}}
+        variables = {
+            "params": {"scale": jnp.ones(C), "bias": jnp.zeros(C)},
+            "batch_stats": {"mean": zeros, "var": zeros},
+        }
         return nn.BatchNorm(use_running_average=False, dtype=dtype).apply(
             variables, jnp.asarray(xx, dtype), mutable=["batch_stats"]
         )
 
     y, updated = run(x)
-    _interpret(probe, np.asarray(updated["batch_stats"]["mean"]), np.asarray(updated["batch_stats"]["var"]), x)
+    _interpret(
+        probe, np.asarray(updated["batch_stats"]["mean"]), np.asarray(updated["batch_stats"]["var"]), x
+    )
     probe.batch1_train = _outcome(lambda: run(x[:1])[0])
 
     def half(dtype):
@@ -145,13 +157,16 @@ def _onnx_bn(training: bool, dtype: str = "float32"):
     import onnx
     from onnx import TensorProto, helper
 
-    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}[dtype]
+    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}[
+        dtype
+    ]
     names = ["Y", "running_mean", "running_var"] if training else ["Y"]
     inputs = [helper.make_tensor_value_info("X", elem, [None, C])]
     inputs += [helper.make_tensor_value_info(n, elem, [C]) for n in ("scale", "B", "mean", "var")]
     outputs = [helper.make_tensor_value_info(n, elem, None) for n in names]
-    node = helper.make_node("BatchNormalization", ["X", "scale", "B", "mean", "var"], names,
-                            training_mode=int(training))
+    node = helper.make_node(
+        "BatchNormalization", ["X", "scale", "B", "mean", "var"], names, training_mode=int(training)
+    )
     graph = helper.make_graph([node], "bn", inputs, outputs)
     return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
 
@@ -168,10 +183,16 @@ def probe_onnxruntime(probe: BNProbe) -> None:
 
     def run(xx, training=True, dtype="float32"):
         np_dtype = np.float16 if dtype == "float16" else np.float32
-        session = ort.InferenceSession(_onnx_bn(training, dtype).SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
-        feeds = {"X": xx.astype(np_dtype), "scale": np.ones(C, np_dtype), "B": np.zeros(C, np_dtype),
-                 "mean": np.zeros(C, np_dtype), "var": np.zeros(C, np_dtype)}
+        session = ort.InferenceSession(
+            _onnx_bn(training, dtype).SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        feeds = {
+            "X": xx.astype(np_dtype),
+            "scale": np.ones(C, np_dtype),
+            "B": np.zeros(C, np_dtype),
+            "mean": np.zeros(C, np_dtype),
+            "var": np.zeros(C, np_dtype),
+        }
         return session.run(None, feeds)
 
     x = _batch()
@@ -199,8 +220,16 @@ def probe_numpy(probe: BNProbe) -> None:
     zeros = np.zeros(C)
 
     def run(xx, dtype=np.float64):
-        return oracle.batch_norm_train(xx.astype(dtype), np.ones(C), zeros, zeros, zeros, eps=spec.eps,
-                                       momentum=spec.momentum, batches_seen=1)
+        return oracle.batch_norm_train(
+            xx.astype(dtype),
+            np.ones(C),
+            zeros,
+            zeros,
+            zeros,
+            eps=spec.eps,
+            momentum=spec.momentum,
+            batches_seen=1,
+        )
 
     y, mean, var = run(x)
     _interpret(probe, mean, var, x)
@@ -215,9 +244,13 @@ def probe_numpy(probe: BNProbe) -> None:
     }
 
 
-_PROBES = {"numpy": (probe_numpy, ()), "torch": (probe_torch, ("torch",)),
-           "torch-compile": (probe_torch, ("torch",)), "jax": (probe_flax, ("jax", "flax")),
-           "onnxruntime": (probe_onnxruntime, ("onnx", "onnxruntime"))}
+_PROBES = {
+    "numpy": (probe_numpy, ()),
+    "torch": (probe_torch, ("torch",)),
+    "torch-compile": (probe_torch, ("torch",)),
+    "jax": (probe_flax, ("jax", "flax")),
+    "onnxruntime": (probe_onnxruntime, ("onnx", "onnxruntime")),
+}
 
 
 def probe_conventions(backends: str | list[str] = "numpy,torch,onnxruntime,jax") -> list[BNProbe]:

@@ -33,7 +33,13 @@ def _pair_name(pair) -> str:
 
 def backend_rows(report: CrossvalReport) -> list[list[str]]:
     return [
-        [s.name, s.status, f"{s.seconds:.3f}", _fmt(s.delta_to_truth), "; ".join([s.message, *s.notes]).strip("; ")]
+        [
+            s.name,
+            s.status,
+            f"{s.seconds:.3f}",
+            _fmt(s.delta_to_truth),
+            "; ".join([s.message, *s.notes]).strip("; "),
+        ]
         for s in report.backends
     ]
 
@@ -105,18 +111,41 @@ def render(report: CrossvalReport, console: Console | None = None) -> None:
     console = console or Console()
     parts = [
         _table(f"crossval {report.target}: backends", _BACKEND_COLS, backend_rows(report)),
-        _table(f"pairwise distances (T_MAD={report.thresholds.t_mad}, T_C={report.thresholds.t_class}, "
-               f"p={report.thresholds.p})", pair_columns(report), pair_rows(report)),
+        _table(
+            f"pairwise distances (T_MAD={report.thresholds.t_mad}, T_C={report.thresholds.t_class}, "
+            f"p={report.thresholds.p})",
+            pair_columns(report),
+            pair_rows(report),
+        ),
     ]
     header, rows, first = layer_rows(report)
     if rows:
-        parts.append(_table("per-layer delta_L = mean|L1 - L2| (first inconsistent layer highlighted)",
-                            header, rows, first))
+        parts.append(
+            _table(
+                "per-layer delta_L = mean|L1 - L2| (first inconsistent layer highlighted)",
+                header,
+                rows,
+                first,
+            )
+        )
     if report.conventions:
-        parts.append(_table("convention differences (not bugs)", ["pair", "what", "values", "expected",
-                                                                   "measured", "note"],
-                            [[f"{c.backends[0]}|{c.backends[1]}", c.what, " vs ".join(c.values), _fmt(c.expected),
-                              _fmt(c.measured), c.note] for c in report.conventions]))
+        parts.append(
+            _table(
+                "convention differences (not bugs)",
+                ["pair", "what", "values", "expected", "measured", "note"],
+                [
+                    [
+                        f"{c.backends[0]}|{c.backends[1]}",
+                        c.what,
+                        " vs ".join(c.values),
+                        _fmt(c.expected),
+                        _fmt(c.measured),
+                        c.note,
+                    ]
+                    for c in report.conventions
+                ],
+            )
+        )
     console.print(Group(*parts))
 
 
@@ -149,7 +178,7 @@ def report_html(report: CrossvalReport) -> str:
     """An HTML ``<section>`` (escaped strings, tables) for normlab's reports."""
     header, rows, first = layer_rows(report)
     parts = [
-        f"<section class=\"crossval\"><h2>Cross-backend validation: {html.escape(report.target)}</h2>",
+        f'<section class="crossval"><h2>Cross-backend validation: {html.escape(report.target)}</h2>',
         f"<p>Verdict: {'INCONSISTENT' if report.inconsistent else 'consistent'} "
         f"(T_MAD={report.thresholds.t_mad}, T_C={report.thresholds.t_class}, p={report.thresholds.p}).</p>",
         _html_table(_BACKEND_COLS, backend_rows(report)),
@@ -158,15 +187,31 @@ def report_html(report: CrossvalReport) -> str:
     if rows:
         parts.append(_html_table(header, rows, first))
     if report.conventions:
-        parts.append(_html_table(["pair", "what", "expected", "measured", "note"],
-                                 [[" | ".join(c.backends), c.what, _fmt(c.expected), _fmt(c.measured), c.note]
-                                  for c in report.conventions]))
+        parts.append(
+            _html_table(
+                ["pair", "what", "expected", "measured", "note"],
+                [
+                    [" | ".join(c.backends), c.what, _fmt(c.expected), _fmt(c.measured), c.note]
+                    for c in report.conventions
+                ],
+            )
+        )
     parts.append("</section>")
     return "\n".join(parts)
 
 
-_PROBE_COLS = ["backend", "library", "eps default", "momentum default", "new-batch weight (1 step)",
-               "momentum meaning", "running var", "batch size 1, training", "float16", "bfloat16"]
+_PROBE_COLS = [
+    "backend",
+    "library",
+    "eps default",
+    "momentum default",
+    "new-batch weight (1 step)",
+    "momentum meaning",
+    "running var",
+    "batch size 1, training",
+    "float16",
+    "bfloat16",
+]
 
 
 def probe_rows(probes: list[BNProbe]) -> list[list[str]]:
@@ -175,9 +220,20 @@ def probe_rows(probes: list[BNProbe]) -> list[list[str]]:
         if p.skipped:
             rows.append([p.backend, "skipped: " + p.skipped] + [""] * (len(_PROBE_COLS) - 2))
             continue
-        rows.append([p.backend, p.library, _fmt(p.eps_default), _fmt(p.momentum_default), _fmt(p.new_batch_weight),
-                     p.momentum_meaning, p.running_var, p.batch1_train, p.half.get("float16", "-"),
-                     p.half.get("bfloat16", "-")])
+        rows.append(
+            [
+                p.backend,
+                p.library,
+                _fmt(p.eps_default),
+                _fmt(p.momentum_default),
+                _fmt(p.new_batch_weight),
+                p.momentum_meaning,
+                p.running_var,
+                p.batch1_train,
+                p.half.get("float16", "-"),
+                p.half.get("bfloat16", "-"),
+            ]
+        )
     return rows
 
 
@@ -187,5 +243,8 @@ def render_probes(probes: list[BNProbe], console: Console | None = None) -> None
 
 def conventions_html(probes: list[BNProbe]) -> str:
     """An HTML ``<section>`` with the measured conventions table."""
-    return ("<section class=\"crossval-conventions\"><h2>BatchNorm conventions (measured)</h2>"
-            + _html_table(_PROBE_COLS, probe_rows(probes)) + "</section>")
+    return (
+        '<section class="crossval-conventions"><h2>BatchNorm conventions (measured)</h2>'
+        + _html_table(_PROBE_COLS, probe_rows(probes))
+        + "</section>"
+    )

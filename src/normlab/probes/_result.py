@@ -17,9 +17,7 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
+    if isinstance(value, (bool, int, str)) or value is None:
         return value
     if hasattr(value, "item"):
         return value.item()
@@ -39,8 +37,9 @@ def json_ready(value: Any) -> Any:
 
 @dataclasses.dataclass
 class ProbeResult:
-    """A probe's measurement. ``mode`` says whether BN-like layers used batch statistics ("train") or
-    their running estimates ("eval") while it was taken."""
+    """A probe's measurement. Every subclass has a ``mode`` field: whether BN-like layers used batch
+    statistics ("train") or their running estimates ("eval") while it was taken ("train_vs_eval" for
+    :func:`normlab.probes.train_eval_gap`, which compares the two)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Field name -> float, int, str or (nested) list / dict of those; JSON-serializable."""

@@ -65,13 +65,14 @@ def rng_preserved() -> Iterator[None]:
 
 @contextlib.contextmanager
 def preserved(model: nn.Module, *, parameters: bool = True) -> Iterator[nn.Module]:
-    """Snapshot buffers (and parameters unless ``parameters=False``), every module's ``training`` flag
-    and the RNG states; restore them in place on exit, even after an exception."""
+    """Snapshot buffers, every module's ``training`` flag and the RNG states, and unless
+    ``parameters=False`` (for probes that only run forward passes without gradient) the parameters and
+    their ``.grad``; restore them in place on exit, even after an exception."""
     flags = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     params = [(p, p.detach().clone()) for p in model.parameters()] if parameters else []
     # Keep the original .grad objects too: an optimizer or the trainer may hold references to them.
-    grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
+    grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p, _ in params]
     try:
         with rng_preserved():
             yield model

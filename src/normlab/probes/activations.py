@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -72,15 +73,15 @@ def unit_values(t: torch.Tensor, units: list[int]) -> torch.Tensor:
     return t.transpose(0, 1)[units].reshape(len(units), -1).double()
 
 
-def percentiles_of(values: torch.Tensor, levels: list[float]) -> torch.Tensor:
-    """(U, P): row-wise percentiles with linear interpolation between order statistics, numpy's default
-    (``torch.quantile`` computes the same but is several times slower on small rows)."""
-    ordered = values.sort(dim=1).values
-    position = torch.tensor(levels, dtype=torch.float64, device=values.device) / 100.0 * (values.shape[1] - 1)
-    low = position.floor().long()
-    high = position.ceil().long()
-    frac = (position - low).to(values.dtype)
-    return ordered[:, low] + (ordered[:, high] - ordered[:, low]) * frac
+def percentiles_of(values: torch.Tensor, levels: list[float]) -> list[list[float]]:
+    """(U, P) row-wise percentiles of (U, M) ``values`` with linear interpolation between order statistics
+    (numpy's and ``torch.quantile``'s default). Sorted with numpy on the CPU: on small rows ``np.sort`` is
+    an order of magnitude faster than ``torch.sort`` / ``torch.quantile`` on one CPU thread."""
+    ordered = np.sort(values.detach().cpu().double().numpy(), axis=1)
+    position = np.asarray(levels, dtype=np.float64) / 100.0 * (ordered.shape[1] - 1)
+    low, high = np.floor(position).astype(np.int64), np.ceil(position).astype(np.int64)
+    out = ordered[:, low] + (ordered[:, high] - ordered[:, low]) * (position - low)
+    return out.tolist()
 
 
 def _check_percentiles(levels: Sequence[float]) -> list[float]:
@@ -125,7 +126,7 @@ def activation_stats(
         result.units[name] = picked
         result.mean[name] = values.mean(dim=1).tolist()
         result.var[name] = values.var(dim=1, unbiased=False).tolist()
-        result.percentiles[name] = percentiles_of(values, levels).tolist()
+        result.percentiles[name] = percentiles_of(values, levels)
     return result
 
 

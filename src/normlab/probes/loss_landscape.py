@@ -86,7 +86,8 @@ def filter_normalized_direction(params: list[torch.Tensor], generator: torch.Gen
 
 
 def _norm(tensors: list[torch.Tensor]) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+    """Global L2 norm of a list of tensors (one fused ``_foreach_norm``)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).double()).item()
 
 
 def landscape(

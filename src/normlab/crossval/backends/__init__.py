@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from normlab.crossval.backends.base import Backend, BackendSkip
+from normlab.crossval.backends.base import Backend, BackendUnsupportedError
 from normlab.errors import NormlabError
 
 _BACKENDS: dict[str, Callable[[], Backend]] = {}
@@ -59,7 +59,7 @@ _register_builtin()
 
 __all__ = [
     "Backend",
-    "BackendSkip",
+    "BackendUnsupportedError",
     "get_backend",
     "list_backends",
     "parse_backends",

@@ -2,7 +2,7 @@
 
 A backend is optional when its package may be missing: :meth:`Backend.unavailable` then returns the reason
 (the package to install) and the comparison skips it with that message. A backend that cannot express a
-requested behaviour (ONNX Runtime has no training mode) raises :class:`BackendSkip` naming it.
+requested behaviour (ONNX Runtime has no training mode) raises :class:`BackendUnsupportedError` naming it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from normlab.crossval.graph import ModelGraph
 from normlab.crossval.spec import LayerParams, LayerRun, LayerSpec, ModelRun
 
 
-class BackendSkip(Exception):
+class BackendUnsupportedError(Exception):
     """This backend cannot run this check; the message says why (shown in the report, not an error)."""
 
 

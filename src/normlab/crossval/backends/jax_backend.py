@@ -79,8 +79,13 @@ def flax_batch_norm(x, weight, bias, mean, var, *, eps, momentum, seen, training
 def flax_group_norm(x, groups, weight, bias, *, eps, fast_variance=True):
     import flax.linen as nn
 
-    module = nn.GroupNorm(num_groups=groups, epsilon=eps, use_bias=bias is not None, use_scale=weight is not None,
-                          use_fast_variance=fast_variance)
+    module = nn.GroupNorm(
+        num_groups=groups,
+        epsilon=eps,
+        use_bias=bias is not None,
+        use_scale=weight is not None,
+        use_fast_variance=fast_variance,
+    )
     return module.apply({"params": _affine(weight, bias)}, x)
 
 
@@ -152,7 +157,14 @@ class FlaxOps:
     def bn(self, node, x, params, mean, var, seen, *, training):
         a = node.attrs
         return flax_batch_norm(
-            x, params["weight"], params["bias"], mean, var, eps=a["eps"], momentum=a["momentum"], seen=seen,
+            x,
+            params["weight"],
+            params["bias"],
+            mean,
+            var,
+            eps=a["eps"],
+            momentum=a["momentum"],
+            seen=seen,
             training=training,
         )
 
@@ -166,8 +178,12 @@ class FlaxOps:
         y = _first(x)
         axes = tuple(range(y.ndim - k, y.ndim))
         module = nn.LayerNorm(
-            epsilon=node.attrs["eps"], use_bias=bias is not None, use_scale=weight is not None,
-            reduction_axes=axes, feature_axes=axes, use_fast_variance=self.fast_variance,
+            epsilon=node.attrs["eps"],
+            use_bias=bias is not None,
+            use_scale=weight is not None,
+            reduction_axes=axes,
+            feature_axes=axes,
+            use_fast_variance=self.fast_variance,
         )
         return _last(module.apply({"params": _affine(weight, bias)}, y))
 
@@ -232,11 +248,18 @@ class JaxBackend(Backend):
         if spec.kind != "bn":
             channels = xs[-1].shape[-1]
             if spec.kind == "ln":
-                y = flax_layer_norm(xs[-1], params.weight, params.bias, eps=spec.eps,
-                                    fast_variance=self.fast_variance)
+                y = flax_layer_norm(
+                    xs[-1], params.weight, params.bias, eps=spec.eps, fast_variance=self.fast_variance
+                )
             else:
-                y = flax_group_norm(xs[-1], spec.num_groups(channels), params.weight, params.bias, eps=spec.eps,
-                                    fast_variance=self.fast_variance)
+                y = flax_group_norm(
+                    xs[-1],
+                    spec.num_groups(channels),
+                    params.weight,
+                    params.bias,
+                    eps=spec.eps,
+                    fast_variance=self.fast_variance,
+                )
             return LayerRun(self._out(y, spec.layout), seconds=time.perf_counter() - start)
         mean, var = params.running_mean, params.running_var
         for seen, x in enumerate(xs[:-1], start=1):
@@ -246,8 +269,16 @@ class JaxBackend(Backend):
 
     def _bn(self, spec, params, x, mean, var, seen, training):
         return flax_batch_norm(
-            x, params.weight, params.bias, mean, var, eps=spec.eps, momentum=spec.momentum, seen=seen,
-            training=training, fast_variance=self.fast_variance,
+            x,
+            params.weight,
+            params.bias,
+            mean,
+            var,
+            eps=spec.eps,
+            momentum=spec.momentum,
+            seen=seen,
+            training=training,
+            fast_variance=self.fast_variance,
         )
 
     @staticmethod

@@ -64,8 +64,15 @@ class NumpyOps:
         a = node.attrs
         if training:
             return oracle.batch_norm_train(
-                x, params["weight"], params["bias"], mean, var, eps=a["eps"], momentum=a["momentum"],
-                batches_seen=seen, unbiased_running_var=self.unbiased_running_var,
+                x,
+                params["weight"],
+                params["bias"],
+                mean,
+                var,
+                eps=a["eps"],
+                momentum=a["momentum"],
+                batches_seen=seen,
+                unbiased_running_var=self.unbiased_running_var,
             )
         y = oracle.batch_norm_eval(x, params["weight"], params["bias"], mean, var, eps=a["eps"])
         return y, mean, var
@@ -129,8 +136,9 @@ class NumpyBackend(Backend):
         mean = np.asarray(params.running_mean, np.float64)
         var = np.asarray(params.running_var, np.float64)
         if spec.kind != "bn":
-            y = oracle.group_norm(xs[-1], spec.num_groups(xs[-1].shape[1]), params.weight, params.bias,
-                                  eps=spec.eps)
+            y = oracle.group_norm(
+                xs[-1], spec.num_groups(xs[-1].shape[1]), params.weight, params.bias, eps=spec.eps
+            )
             return LayerRun(from_channels_first(y, spec.layout), seconds=time.perf_counter() - start)
         for seen, x in enumerate(xs[:-1], start=1):
             _, mean, var = self._train(spec, x, params, mean, var, seen)
@@ -142,8 +150,15 @@ class NumpyBackend(Backend):
 
     def _train(self, spec, x, params, mean, var, seen):
         return oracle.batch_norm_train(
-            x, params.weight, params.bias, mean, var, eps=spec.eps, momentum=spec.momentum,
-            batches_seen=seen, unbiased_running_var=self.unbiased_running_var,
+            x,
+            params.weight,
+            params.bias,
+            mean,
+            var,
+            eps=spec.eps,
+            momentum=spec.momentum,
+            batches_seen=seen,
+            unbiased_running_var=self.unbiased_running_var,
         )
 
     def ops(self) -> NumpyOps:

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 
-from normlab.crossval.backends.base import Backend, BackendSkip
+from normlab.crossval.backends.base import Backend, BackendUnsupportedError
 from normlab.crossval.backends.torch_backend import build_layer
 from normlab.crossval.conventions import ONNX
 from normlab.crossval.spec import LayerRun, ModelRun, check_batches, from_channels_first, to_channels_first
@@ -57,7 +57,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _check_mode(self, mode: str, steps: int) -> None:
         if mode != "eval" or steps:
-            raise BackendSkip(
+            raise BackendUnsupportedError(
                 f"onnxruntime runs the exported inference graph only (got mode={mode!r}, {steps} training "
                 "step(s)); BatchNormalization there never updates its running statistics"
             )
@@ -75,8 +75,12 @@ class OnnxRuntimeBackend(Backend):
         if spec.kind != "bn":
             return LayerRun(out, seconds=seconds)
         # Inference leaves the running statistics where they were.
-        return LayerRun(out, np.asarray(params.running_mean, np.float64),
-                        np.asarray(params.running_var, np.float64), seconds)
+        return LayerRun(
+            out,
+            np.asarray(params.running_mean, np.float64),
+            np.asarray(params.running_var, np.float64),
+            seconds,
+        )
 
     def run_model(self, graph, x, *, mode, train_batches):
         self._check_mode(mode, len(train_batches))

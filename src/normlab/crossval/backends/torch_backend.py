@@ -52,7 +52,10 @@ class TorchBackend(Backend):
 
     def run_layer(self, spec, params, batches):
         check_batches(batches, spec)
-        xs = [torch.from_numpy(to_channels_first(np.asarray(b, np.float32), spec.layout).copy()) for b in batches]
+        xs = [
+            torch.from_numpy(to_channels_first(np.asarray(b, np.float32), spec.layout).copy())
+            for b in batches
+        ]
         layer = build_layer(spec, params, xs[0].shape[1], xs[0].ndim)
         run = self._wrap(layer)
         start = time.perf_counter()
@@ -67,7 +70,9 @@ class TorchBackend(Backend):
         if spec.kind != "bn":
             return LayerRun(out, seconds=seconds)
         return LayerRun(
-            out, layer.running_mean.numpy().astype(np.float64), layer.running_var.numpy().astype(np.float64),
+            out,
+            layer.running_mean.numpy().astype(np.float64),
+            layer.running_var.numpy().astype(np.float64),
             seconds,
         )
 
@@ -82,7 +87,8 @@ class TorchBackend(Backend):
             module.train(mode == "train")
             values = run(torch.from_numpy(np.asarray(x, np.float32)))
         outputs = {
-            name: v.detach().numpy().astype(np.float64) for name, v in zip(graph.recorded, values, strict=True)
+            name: v.detach().numpy().astype(np.float64)
+            for name, v in zip(graph.recorded, values, strict=True)
         }
         return ModelRun(outputs, graph.output, time.perf_counter() - start)
 
