@@ -4,7 +4,9 @@ Runs ``crossval_model`` on resnet20 (BN, eval mode, every layer's output recorde
 backends (numpy oracle, torch, torch-compile, onnxruntime, jax) and divides each backend's wall time, and
 the total, by the median time of one eager PyTorch forward pass of the same model on the same batch, all
 measured in this run. Compile and export times are part of their backends' times (that is what a check
-costs). Usage: ``python benchmarks/crossval.py [--batch 8] [--size 32] [--threads 1] [--backends ...]``.
+costs). Inductor keeps an on-disk cache, so a second run compiles faster; for cold-compile figures run
+with ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``.
+Usage: ``python benchmarks/crossval.py [--batch 8] [--size 32] [--threads 1] [--backends ...]``.
 """
 
 from __future__ import annotations

@@ -156,3 +156,10 @@ def test_inconsistent_pair_exits_with_code_1(capsys, monkeypatch):
     (pair,) = json.loads(out)["pairs"]
     assert pair["delta"] == pytest.approx(0.1, rel=1e-4)
     assert np.all(np.array(pair["d_mad"]) == 1.0)
+
+
+def test_cli_parse_errors(capsys):
+    code, _, err = _run(["crossval", "layer", "--shape", "4,x"], capsys)
+    assert code == 2 and "shape must be comma-separated ints, got '4,x'" in err
+    code, _, err = _run(["crossval", "model", "--batch", "0"], capsys)
+    assert code == 2 and "batch must be >= 1 and steps >= 0, got batch=0, steps=0" in err

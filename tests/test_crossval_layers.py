@@ -176,3 +176,31 @@ def test_missing_package_skips_the_backend_with_a_clear_message(monkeypatch):
 def test_layer_bad_input_messages(call, message):
     with pytest.raises(NormlabError, match=message):
         call()
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: LayerSpec(eps=0.0), "eps must be > 0, got 0.0"),
+        (lambda: LayerSpec(steps=-1), "steps must be an int >= 0, got -1"),
+        (lambda: LayerSpec(groups=0), "groups must be a positive int, got 0"),
+        (lambda: LayerSpec(layout="nhwc"), "unknown layout 'nhwc'; valid: channels_first, channels_last"),
+        (
+            lambda: make_layer_inputs(LayerSpec(), (4,)),
+            r"shape must be \(N, C, ...\) of positive ints, got \(4,\)",
+        ),
+        (
+            lambda: __import__("normlab.crossval", fromlist=["Thresholds"]).Thresholds(t_mad=2.0),
+            r"t_mad must be in \[0, 1\], got 2.0",
+        ),
+        (
+            lambda: __import__("normlab.crossval", fromlist=["Thresholds"]).Thresholds(p=1.0),
+            r"p must be in \[0, 1\), got 1.0",
+        ),
+        (lambda: register_backend("numpy", JaxBackend), "backend 'numpy' is already registered"),
+        (lambda: crossval_layer(LayerSpec(), ""), "no backends given; valid backends: numpy, torch"),
+    ],
+)
+def test_spec_and_threshold_bad_input_messages(call, message):
+    with pytest.raises(NormlabError, match=message):
+        call()

@@ -146,3 +146,20 @@ def test_torch_compile_agrees_on_a_layer_and_on_resnet20():
     report = _check_agreement(model, _inputs((3, 16, 16)), "numpy,torch,torch-compile")
     compile_status = report.backends[2]
     print("torch-compile seconds (incl. compile):", compile_status.seconds)
+
+
+def test_model_mode_and_truth_bad_input_messages():
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = _inputs((4,))
+    with pytest.raises(NormlabError, match="unknown mode 'test'; valid: train, eval"):
+        crossval_model(model, x, "numpy", mode="test")
+    with pytest.raises(NormlabError, match="unknown truth 'gold'; valid: oracle, labels"):
+        crossval_model(model, x, "numpy", truth="gold")
+    with pytest.raises(NormlabError, match=r"truth='labels' needs labels \(N,\) for the inputs"):
+        crossval_model(model, x, "numpy", truth="labels")
+    with pytest.raises(
+        NormlabError, match=r"truth='labels' needs a classifier output \(N, classes\), got \[4, 1\]"
+    ):
+        crossval_model(nn.Linear(4, 1), x, "numpy", truth="labels", labels=np.zeros(4, int))
+    with pytest.raises(NormlabError, match="compare in eval mode"):
+        crossval_model(nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)), x, "numpy", mode="train")

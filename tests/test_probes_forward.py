@@ -243,3 +243,16 @@ def test_activation_tracker_changes_and_drift():
     assert traj.mean["0"] == pytest.approx(mu.mean(1).tolist(), rel=1e-9)
     with pytest.raises(NormlabError, match="no recorded steps"):
         ActivationTracker().result()
+
+
+def test_activation_stats_layer_not_called():
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = nn.Linear(3, 4), nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(NormlabError, match="layer 'spare' was not called by the forward pass"):
+        activation_stats(WithSpare(), torch.randn(4, 3), layers=["used", "spare"])

@@ -57,7 +57,7 @@ def test_instrumented_run_trains_bit_identically_and_records_probes(tmp_path):
 def test_schedule_defaults_and_bad_input():
     schedule = ProbeSchedule()
     assert [s.name for s in schedule.specs] == list(DEFAULT_PROBES)
-    assert schedule.every_n_steps == 10
+    assert schedule.every_n_steps == 10  # gcd of 20, 50, 100, 200
     with pytest.raises(NormlabError, match="unknown probe 'ihs'; valid probes: activation_stats, batch_"):
         ProbeSchedule({"ihs": 10})
     with pytest.raises(NormlabError, match="probe 'ics': every must be a positive number of steps, got 0"):

@@ -9,9 +9,9 @@ from normlab.errors import NormlabError
 from normlab.probes import train_eval_gap, train_eval_gap_curve
 
 
-def _mlp(norm: str) -> nn.Sequential:
+def _mlp(norm: str, dropout: float = 0.0) -> nn.Sequential:
     layer = {"bn": nn.BatchNorm1d(8), "gn": nn.GroupNorm(2, 8), "none": nn.Identity()}[norm]
-    return nn.Sequential(nn.Linear(5, 8), layer, nn.ReLU(), nn.Linear(8, 3))
+    return nn.Sequential(nn.Linear(5, 8), layer, nn.ReLU(), nn.Linear(8, 3), nn.Dropout(dropout))
 
 
 def _snapshot(model):
@@ -30,7 +30,7 @@ def _trained_bn():
 
 def _by_hand(model, x, batch_size):
     """The two forward passes written out with F.batch_norm's formula (biased batch var vs running)."""
-    lin1, bn, _, lin2 = model
+    lin1, bn, _, lin2, _ = model
     logp, logq = [], []
     for i in range(0, x.shape[0] - batch_size + 1, batch_size):
         h = lin1(x[i : i + batch_size])
@@ -67,7 +67,7 @@ def test_bn_gap_matches_hand_computation_and_leaves_model_untouched():
 
 @pytest.mark.parametrize("norm", ["gn", "none"])
 def test_gap_is_zero_without_batch_statistics(norm):
-    model = _mlp(norm)
+    model = _mlp(norm, dropout=0.5)  # dropout stays in eval mode: the gap is BN's alone
     x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
     gap = train_eval_gap(model, x, y, batch_size=8)
     assert gap.kl == pytest.approx(0.0, abs=1e-7)

@@ -140,21 +140,29 @@ def test_batch_coupling_bad_norms_spec():
     assert "nf" in batch_coupling.norm_names("all") and "bn" in batch_coupling.norm_names("all")
 
 
-def _ratios(train, infer, folded=0.8):
-    return {"train": train, "infer": infer, "infer_folded": folded, "memory": 1.0}
+def _ratios(train, infer, folded=(0.8, 0.05), half=0.05):
+    return {"train": (train, half), "infer": (infer, half), "infer_folded": folded, "memory": (1.0, 0.0)}
 
 
 def test_cost_verdict_flips():
-    ratios = {"bn": _ratios(1.0, 1.0, 0.7), "gn": _ratios(1.3, 1.4), "ln": _ratios(1.1, 1.2)}
-    sentence, agrees, discrepancy = cost.judge(ratios)
+    ratios = {"bn": _ratios(1.0, 1.0, (0.7, 0.05)), "gn": _ratios(1.3, 1.4), "ln": _ratios(1.1, 1.2)}
+    sentence, agrees, discrepancy = cost.judge(ratios, "fold_bn folded 6 of 13 BN layers")
     assert agrees is True and discrepancy is None
-    assert sentence == ("Per training step GN 1.30x, LN 1.10x BN's time; at inference BN folded into its "
-                        "convolutions takes 0.70x unfolded BN's time against GN 1.40x, LN 1.20x.")
-    ratios = {"bn": _ratios(1.0, 1.0, 1.0), "gn": _ratios(0.9, 0.8)}
-    sentence, agrees, discrepancy = cost.judge(ratios)
+    assert sentence == (
+        "Per training step GN 1.30x ± 0.05, LN 1.10x ± 0.05 BN's time; at inference BN folded into its "
+        "convolutions (fold_bn folded 6 of 13 BN layers) takes 0.70x ± 0.05 unfolded BN's time against "
+        "GN 1.40x ± 0.05, LN 1.20x ± 0.05."
+    )
+    flipped = {"bn": _ratios(1.0, 1.0, (1.0, 0.05)), "gn": _ratios(0.8, 0.7)}
+    sentence, agrees, discrepancy = cost.judge(flipped)
     assert agrees is False
-    assert discrepancy == ("a per-example norm trains no slower than BN here (GN 0.90x); folded BN inference "
-                           "(1.00x) is not faster than GN 0.80x.")
+    assert discrepancy == (
+        "GN trains faster than BN beyond the 95% CI; folded BN inference is slower than GN beyond the 95% CI."
+    )
+    noisy = {"bn": _ratios(1.0, 1.0, (0.7, 0.05)), "gn": _ratios(1.03, 1.4)}
+    sentence, agrees, discrepancy = cost.judge(noisy)
+    assert agrees is None and discrepancy is None
+    assert sentence.endswith("(GN training: within the 95% CI, no difference resolved).")
 
 
 def test_cost_activation_bytes_is_exact_for_a_linear_relu_net():

@@ -53,16 +53,20 @@ def study(
 
     err = Console(stderr=True)
     executor = _executor(workers)
-    outcome, files = run_study(
-        name,
-        scale=scale,
-        seeds=seeds,
-        device=device,
-        out=out,
-        store=store,
-        executor=executor,
-        progress=lambda message: err.print(f"[dim]{message}[/dim]"),
-    )
+    try:
+        _, files = run_study(
+            name,
+            scale=scale,
+            seeds=seeds,
+            device=device,
+            out=out,
+            store=store,
+            executor=executor,
+            progress=lambda message: err.print(f"[dim]{message}[/dim]"),
+        )
+    finally:
+        if executor is not None:
+            executor.shutdown()
     _print_markdown(console, files.markdown_text)
     console.print(f"report: {files.html}")
 

@@ -19,9 +19,13 @@ from normlab.crossval.backends import (
 from normlab.crossval.compare import CrossvalReport, Thresholds, crossval_layer, crossval_model
 from normlab.crossval.conventions import Convention, ConventionDifference
 from normlab.crossval.graph import ModelGraph, trace_model
+from normlab.crossval.probe import BNProbe, probe_conventions
+from normlab.crossval.report import conventions_html, report_html, to_json
 from normlab.crossval.spec import LayerParams, LayerRun, LayerSpec, ModelRun, make_layer_inputs
+from normlab.crossval.state import randomize_norm_state
 
 __all__ = [
+    "BNProbe",
     "Backend",
     "BackendUnsupportedError",
     "Convention",
@@ -35,11 +39,16 @@ __all__ = [
     "Thresholds",
     "crossval_layer",
     "crossval_model",
+    "conventions_html",
     "get_backend",
     "list_backends",
     "make_layer_inputs",
     "parse_backends",
+    "probe_conventions",
+    "randomize_norm_state",
     "register_backend",
+    "report_html",
+    "to_json",
     "trace_model",
     "unregister_backend",
 ]

@@ -1,9 +1,12 @@
 """Probes: measure what BatchNorm does on any ``nn.Module``, in training mode by default.
 
-Each probe is one function ``probe(model, ...) -> dataclass`` of plain numbers with a ``mode`` field
-("train": BN-like layers use batch statistics; "eval": running estimates) and ``to_dict()``. No probe
-changes the model's parameters, buffers (BN running statistics), train/eval flags, RNG state or an
-optimizer's state. :class:`ProbeSchedule` runs probes from the trainer's callback point.
+Each probe is one function ``probe(model, ...) -> dataclass`` of plain numbers with a ``mode`` field and
+``to_dict()``. ``mode="train"`` (the default) measures the model as it trains: ``model.train()``, BN-like
+layers normalize with batch statistics (dropout is active too, with the same masks in every pass of one
+probe); ``mode="eval"`` uses ``model.eval()`` and the running estimates. ``train_eval_gap`` compares the two
+with only the BN-like layers switched (mode "train_vs_eval"). No probe changes the model's parameters,
+buffers (BN running statistics), train/eval flags, ``.grad``, RNG state or an optimizer's state.
+:class:`ProbeSchedule` runs probes from the trainer's callback point.
 """
 
 from normlab.probes._result import ProbeResult

@@ -11,7 +11,9 @@ examples next to it) and ``q_i`` in evaluation mode::
     kl      = 1/N * sum_i KL(p_i || q_i) = 1/N * sum_i sum_c p_ic (log p_ic - log q_ic)
     acc_gap = acc_train_mode - acc_eval_mode
 
-Normalizers without batch statistics (GN, LN, none) give ``kl = 0`` and ``acc_gap = 0`` up to dropout.
+"Training mode" here means BN-like layers normalize with batch statistics; dropout and other layers stay
+in evaluation mode in both passes, so the numbers measure BN alone. Normalizers without batch statistics
+(GN, LN, none) give exactly ``kl = 0`` and ``acc_gap = 0``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from normlab.probes._data import (
     model_device,
 )
 from normlab.probes._result import ProbeResult
-from normlab.probes._state import check_batch_for_mode, preserved, rng_preserved, set_mode
+from normlab.probes._state import batch_stat_layers, check_batch_for_mode, preserved, rng_preserved, set_mode
 
 
 @dataclasses.dataclass
@@ -69,7 +71,11 @@ class TrainEvalGapCurve(ProbeResult):
 
 
 def _logits(model: nn.Module, x: torch.Tensor, batches: list[slice], mode: str) -> torch.Tensor:
-    set_mode(model, mode)
+    """Outputs with BN-like layers in ``mode`` and every other layer (dropout, ...) in eval mode, so that the
+    gap isolates batch versus population statistics."""
+    set_mode(model, "eval")
+    for _, layer in batch_stat_layers(model):
+        layer.train(mode == "train")
     return torch.cat([model(x[s]) for s in batches]).float()
 
 

@@ -7,7 +7,8 @@ Hessian includes the coupling of examples through the batch mean and variance) o
 (mode "eval"), and the same dropout masks.
 
 - Top-k eigenvalues: ``method="lanczos"`` (default): Lanczos with full re-orthogonalization for
-  ``max_iter`` steps, the k algebraically largest Ritz values (exact once ``max_iter`` >= #params);
+  ``max_iter`` steps, the k algebraically largest Ritz values (exact once ``max_iter`` >= #params; it keeps
+  ``max_iter`` vectors of #params in memory, so prefer "power" for very large models);
   ``method="power"``: power iteration with deflation, as in PyHessian (Yao et al. 2020), which finds the k
   eigenvalues of largest *magnitude*, stopping when the relative change falls below ``tol``.
 - Trace: Hutchinson's estimator ``tr(H) = E[v^T H v]`` with Rademacher v (``trace_samples`` draws; the

@@ -86,9 +86,10 @@ PROBES: dict[str, Runner] = {
 }
 
 # Chosen so the instrumented run costs at most ~1.25x an uninstrumented one (benchmarks/probes.py):
-# activation stats are one forward pass, the gap two, the landscape k + 1 = 5 and ICS L + 1 passes.
+# activation stats cost about one training step, the gap under one, the landscape with k = 4 about 5 and
+# ICS under L + 1.
 DEFAULT_PROBES: dict[str, tuple[int, dict[str, Any]]] = {
-    "activation_stats": (10, {}),
+    "activation_stats": (20, {}),
     "train_eval_gap": (50, {}),
     "landscape": (100, {"num_points": 4}),
     "ics": (200, {}),

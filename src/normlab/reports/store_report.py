@@ -3,6 +3,7 @@ status counts, the config fields that vary inside the group, and the numeric sum
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,21 @@ def store_report(store: Any, out_dir: str | Path) -> ReportFiles:
         )
     ]
     for name, members in sorted(groups.items()):
-        sections.append(Section(f"Group {name}", tables=[runs_table(name, members)]))
+        configs = [run.config for run in members]
+        varying = set(varying_fields(configs)) if len(configs) > 1 else set()
+        common = {k: v for k, v in configs[0].items() if k not in varying}
+        sections.append(Section(f"Group {name}", text=["Settings shared by every run of the group:"],
+                                tables=[runs_table(name, members)], data=common))
     failed = [run for run in runs if run.status in ("failed", "diverged") and run.error]
     if failed:
         errors = Table("Failed and diverged runs", ["run", "status", "error"])
         for run in failed:
             errors.add_row(run.id, run.status, run.error)
         sections.append(Section("Errors", tables=[errors]))
+    environments = {json.dumps(run.environment, sort_keys=True) for run in runs}
+    if environments:
+        distinct = [json.loads(e) for e in sorted(environments)]
+        sections.append(Section("Environment", data={"environments": distinct}))
     return write_report(out_dir, f"normlab results: {Path(store.path).name}", sections)
 
 

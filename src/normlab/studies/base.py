@@ -158,10 +158,12 @@ class StudyContext:
         return value
 
     def config(self, **fields: Any) -> Any:
-        """A :class:`normlab.train.TrainConfig` with ``device`` set to this context's device."""
+        """A :class:`normlab.train.TrainConfig` of ``fields``, with ``device`` defaulting to this context's
+        device and ``group`` to ``study/<name>`` (the group is a label, not part of the run's key)."""
         from normlab.train import TrainConfig
 
         fields.setdefault("device", self.device)
+        fields.setdefault("group", f"study/{self.study.name}")
         return TrainConfig(**fields)
 
     def train_grid(

@@ -202,7 +202,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
     for norm in norms:
         r_train, r_inf, r_fold = ratio(norm, "train"), ratio(norm, "infer"), ratio(norm, "infer_folded")
         r_mem = mean_ci(s[norm]["estimate_mb"] / s["bn"]["estimate_mb"] for s in per_seed)
-        ratios[norm] = {"train": r_train[0], "infer": r_inf[0], "infer_folded": r_fold[0], "memory": r_mem[0]}
+        ratios[norm] = {"train": r_train, "infer": r_inf, "infer_folded": r_fold, "memory": r_mem}
         folded = per_seed[0][norm]
         row = [
             norm, ms(norm, "train"), _r(r_train), ms(norm, "infer"), _r(r_inf), _r(r_fold),
@@ -218,37 +218,75 @@ def run(ctx: StudyContext) -> StudyOutcome:
             f"fold_bn could not trace the model for {', '.join(untraceable)} (timed unfolded): "
             f"{per_seed[0][untraceable[0]]['fold_error']}"
         )
-    verdict, agrees, discrepancy = judge(ratios)
+    bn_fold = per_seed[0]["bn"]
+    folded = "" if bn_fold["fold_error"] else (
+        f"fold_bn folded {bn_fold['bn_folded']} of {bn_fold['bn_layers']} BN layers"
+    )
+    verdict, agrees, discrepancy = judge(ratios, folded)
     caption = "Training step, inference (unfolded and BN-folded) time and memory, ratio vs BN."
     figure = ctx.save_figure(_plot(ratios), "cost_ratios", caption)
-    data = {"ratios": ratios, "per_seed": per_seed}
+    data = {"ratios": {n: {k: list(v) for k, v in r.items()} for n, r in ratios.items()},
+            "per_seed": per_seed}
     return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data)
 
 
-def judge(ratios: dict[str, dict[str, float]]) -> tuple[str, bool | None, str | None]:
-    """Per-example norms (GN, LN) vs BN in training, and BN folded vs GN/LN at inference."""
+def judge(
+    ratios: dict[str, dict[str, tuple[float, float]]], folded: str = ""
+) -> tuple[str, bool | None, str | None]:
+    """Per-example norms (GN, LN) vs BN per training step, and BN folded vs GN/LN at inference.
+
+    ``ratios[norm][kind] = (mean, half_width)`` over seeds. A comparison counts only when the 95% CIs
+    separate: "slower" when ``mean - hw > 1`` (for BN-folded vs GN: when the two intervals do not overlap);
+    agreement is None when a comparison stays inside the noise and none contradicts the claim.
+    """
     per_example = [n for n in ("gn", "ln") if n in ratios]
     if not per_example:
         return "Undecided: the study needs gn or ln beside bn.", None, None
-    train_text = ", ".join(f"{n.upper()} {ratios[n]['train']:.2f}x" for n in per_example)
-    infer_text = ", ".join(f"{n.upper()} {ratios[n]['infer']:.2f}x" for n in per_example)
-    bn_fold = ratios["bn"]["infer_folded"]
+
+    def fmt(cell: tuple[float, float]) -> str:
+        mean, half = cell
+        return f"{mean:.2f}x" + (f" ± {half:.2f}" if math.isfinite(half) else "")
+
+    def versus(low: tuple[float, float], high: tuple[float, float]) -> bool | None:
+        """True when ``low`` < ``high`` beyond both CIs, False when ``low`` > ``high`` beyond them."""
+        lh, hh = (0.0 if not math.isfinite(c[1]) else c[1] for c in (low, high))
+        if low[0] + lh < high[0] - hh:
+            return True
+        if low[0] - lh > high[0] + hh:
+            return False
+        return None
+
+    one = (1.0, 0.0)
+    train = {n: versus(one, ratios[n]["train"]) for n in per_example}
+    fold = {n: versus(ratios["bn"]["infer_folded"], ratios[n]["infer"]) for n in per_example}
+    train_text = ", ".join(f"{n.upper()} {fmt(ratios[n]['train'])}" for n in per_example)
+    infer_text = ", ".join(f"{n.upper()} {fmt(ratios[n]['infer'])}" for n in per_example)
     sentence = (
-        f"Per training step {train_text} BN's time; at inference BN folded into its convolutions takes "
-        f"{bn_fold:.2f}x unfolded BN's time against {infer_text}"
+        f"Per training step {train_text} BN's time; at inference BN folded into its convolutions"
+        f"{f' ({folded})' if folded else ''} takes {fmt(ratios['bn']['infer_folded'])} unfolded BN's time "
+        f"against {infer_text}"
     )
     if "nf" in ratios:
         nf = ratios["nf"]
-        sentence += f"; NF trains at {nf['train']:.2f}x and infers at {nf['infer']:.2f}x BN's time"
-    costlier = all(ratios[n]["train"] > 1.0 for n in per_example)
-    fold_wins = all(bn_fold < ratios[n]["infer"] for n in per_example)
-    agrees = costlier and fold_wins
-    sentence += "." if agrees else " (not as the claim expects)."
+        sentence += f"; NF trains at {fmt(nf['train'])} and infers at {fmt(nf['infer'])} BN's time"
+    verdicts = [*train.values(), *fold.values()]
     problems = []
-    if not costlier:
-        problems.append(f"a per-example norm trains no slower than BN here ({train_text})")
-    if not fold_wins:
-        problems.append(f"folded BN inference ({bn_fold:.2f}x) is not faster than {infer_text}")
+    slower = [n.upper() for n, v in train.items() if v is False]
+    if slower:
+        problems.append(f"{', '.join(slower)} trains faster than BN beyond the 95% CI")
+    lost = [n.upper() for n, v in fold.items() if v is False]
+    if lost:
+        problems.append(f"folded BN inference is slower than {', '.join(lost)} beyond the 95% CI")
+    if problems:
+        agrees: bool | None = False
+    elif all(v is True for v in verdicts):
+        agrees = True
+    else:
+        agrees = None
+        noisy = [f"{n.upper()} training" for n, v in train.items() if v is None]
+        noisy += [f"folded BN vs {n.upper()} inference" for n, v in fold.items() if v is None]
+        sentence += f" ({', '.join(noisy)}: within the 95% CI, no difference resolved)"
+    sentence += "."
     return sentence, agrees, ("; ".join(problems) + ".") if problems else None
 
 
@@ -257,7 +295,7 @@ def _r(cell: tuple[float, float]) -> tuple[float, float]:
     return round(mean, 3), (round(half, 3) if math.isfinite(half) else half)
 
 
-def _plot(ratios: dict[str, dict[str, float]]) -> Any:
+def _plot(ratios: dict[str, dict[str, tuple[float, float]]]) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,8 +307,9 @@ def _plot(ratios: dict[str, dict[str, float]]) -> Any:
     fig, ax = plt.subplots(figsize=(max(5.5, 0.9 * len(names) + 2), 3.6))
     width = 0.8 / len(kinds)
     for i, (kind, label) in enumerate(kinds):
-        ax.bar([x + (i - 1.5) * width for x in range(len(names))], [ratios[n][kind] for n in names],
-               width=width, label=label)
+        ax.bar([x + (i - 1.5) * width for x in range(len(names))], [ratios[n][kind][0] for n in names],
+               yerr=[0.0 if not math.isfinite(ratios[n][kind][1]) else ratios[n][kind][1] for n in names],
+               width=width, label=label, capsize=2)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("ratio vs BN")

@@ -10,8 +10,9 @@ Every variant x batch size x seed trains for the same epochs with the linear sca
 - ``evalnorm``: EvalNorm layers trained as BN, with (a, b) fitted offline by
   :func:`normlab.layers.fit_evalnorm` on the same batches (Singh & Shrivastava 2019).
 Both recalibrations run on a copy of the final model at the last step (a trainer callback) and are stored
-as the metric ``small_batch/recalibrated_test_acc``. The train/eval gap is the test accuracy with batch
-statistics over batches of the training batch size minus the evaluated accuracy.
+as the metric ``small_batch/recalibrated_test_acc`` (NaN in the table when a BN run was found finished in a
+shared store without that metric, i.e. trained by another study). The train/eval gap is the test
+accuracy with batch statistics over batches of the training batch size minus the evaluated accuracy.
 The claim holds when BN's error rises more than GN's from the largest to the smallest batch.
 """
 

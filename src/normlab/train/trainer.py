@@ -88,7 +88,9 @@ class Trainer:
 
         self.step = 0
         self.run_id: int | None = None
-        self._train_time = 0.0
+        self._train_time = 0.0  # loop time of earlier fits (a resumed run's first part)
+        self._loop_started: float | None = None
+        self._side_time = 0.0
         self._elapsed_before = 0.0  # wall time of the interrupted part of a resumed run
         self._pending: list[tuple[int, int, str, float]] = []
         checkpoint = self._checkpoint_to_resume(resume)
@@ -127,13 +129,24 @@ class Trainer:
         return result
 
     def _loop(self) -> tuple[str, str | None]:
+        self.model.train()
+        self._loop_started, self._side_time = time.perf_counter(), 0.0
+        try:
+            outcome = self._train_loop()
+        finally:
+            self._train_time = self._loop_time()
+            self._loop_started = None
+        if outcome[0] == "finished" and self.checkpoint_path is not None:
+            self.save_checkpoint()
+        return outcome
+
+    def _train_loop(self) -> tuple[str, str | None]:
+        """The loop, top to bottom; returns ``(status, reason)``."""
         cfg, model, optimizer = self.config, self.model, self.optimizer
         params = [p for p in model.parameters() if p.requires_grad]
-        model.train()
         with StepProgress(self.total_steps, self.progress, cfg.name or f"{cfg.model}/{cfg.norm}") as bar:
             bar.update(self.step, math.nan, 0.0)
             while self.step < self.total_steps:
-                tick = time.perf_counter()
                 x, y = self.batches.next_batch()
                 lr = learning_rate(
                     self.step,
@@ -164,7 +177,6 @@ class Trainer:
                     self._clip(self.agc_params, cfg.agc_clip, cfg.agc_eps)
                 optimizer.step()
                 self.step += 1
-                self._train_time += time.perf_counter() - tick
 
                 if log_now:
                     self.log("train/loss", loss_value)
@@ -172,7 +184,8 @@ class Trainer:
                     self.log("train/lr", lr)
                     if self.classification:
                         self.log("train/acc", (out.argmax(dim=1) == y).float().mean().item())
-                    bar.update(self.step, loss_value, self.step / max(self._train_time, 1e-9))
+                    bar.update(self.step, loss_value, self.step / max(self._loop_time(), 1e-9))
+                side = time.perf_counter()
                 for fn, every in self.callbacks:
                     if self.step % every == 0:
                         fn(self._context(x, y))
@@ -180,9 +193,14 @@ class Trainer:
                     self._evaluate_test()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-        if self.checkpoint_path is not None:
-            self.save_checkpoint()
+                self._side_time += time.perf_counter() - side
         return "finished", None
+
+    def _loop_time(self) -> float:
+        """Seconds spent in training steps (batch, forward, backward, step, logging) over the whole run,
+        without callbacks, evaluation and checkpoints: what ``steps_per_s`` divides by."""
+        running = time.perf_counter() - self._loop_started if self._loop_started is not None else 0.0
+        return self._train_time + running - self._side_time
 
     # -- pieces of the loop -------------------------------------------------------------------------
 
