@@ -19,7 +19,9 @@ class RunResult:
     ``train_*`` in evaluation mode on up to ``eval_train_samples`` training examples, ``test_*`` in
     evaluation mode on the test split. ``test_acc_train_mode`` is the test accuracy with batch statistics
     over consecutive batches of the training batch size, ``train_eval_gap`` = ``test_acc_train_mode -
-    test_acc_eval_mode`` (:func:`normlab.probes.train_eval_gap`); accuracies are NaN for regression tasks.
+    test_acc_eval_mode`` (:func:`normlab.probes.train_eval_gap`, on the first ``floor(N / batch) * batch``
+    test examples, so ``test_acc_eval_mode`` can differ slightly from ``final_test_acc`` over all N);
+    accuracies are NaN for regression tasks.
     ``steps_per_s`` counts optimizer steps over the time spent in the training loop (evaluation excluded).
     """
 

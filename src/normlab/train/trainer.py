@@ -316,7 +316,9 @@ class Trainer:
             return
         from normlab.store import environment_info
 
-        if self.run_id is not None and self._stored_key(self.run_id) == self.config.key():
+        # A resumed run continues its own record when this store holds it (same id and config key).
+        same_config = self.store.runs(config_key=self.config.key())
+        if self.run_id is not None and any(run.id == self.run_id for run in same_config):
             self.store.reopen_run(self.run_id)
             return
         self.run_id = self.store.start_run(
@@ -326,10 +328,6 @@ class Trainer:
             group=self.config.group,
             environment=environment_info(str(self.device)),
         )
-
-    def _stored_key(self, run_id: int) -> str | None:
-        runs = self.store.runs(config_key=self.config.key())
-        return self.config.key() if any(run.id == run_id for run in runs) else None
 
     def _close_run(self, status: str, *, error: str | None, summary: dict, wall: float | None = None) -> None:
         if self.store is None or self.run_id is None:
