@@ -202,3 +202,17 @@ def test_two_processes_writing_concurrently(tmp_path):
         for run in runs:
             tag = run.config["writer"]
             assert db.metrics(run.id, "loss") == [(s, float(tag * 1000 + s)) for s in range(20)]
+
+
+def test_damaged_pages_give_a_named_error_and_keep_the_file(tmp_path):
+    path = tmp_path / "damaged.sqlite"
+    with Store(path) as db:
+        for i in range(200):
+            db.finish_run(db.start_run({"i": i, "pad": "x" * 200}, environment={}), "finished")
+    data = bytearray(path.read_bytes())
+    page = 4096
+    data[2 * page : len(data)] = b"\xff" * (len(data) - 2 * page)  # keep the header, wreck the tables
+    path.write_bytes(bytes(data))
+    with pytest.raises(NormlabError, match=f"store '{path}'.*malformed"):
+        Store(path).runs()
+    assert path.read_bytes() == bytes(data)

@@ -168,8 +168,12 @@ def test_residual_verdict_flips():
     depths = [8, 32]
     last = {"bn": {8: _ci(0.5), 32: _ci(0.25)}, "none": {8: _ci(1.0), 32: _ci(1.0)}}
     acc = {"bn": _ci(90.0), "none": _ci(80.0)}
-    sentence, agrees, _ = residual_study.verdict(depths, last, {"bn": _ci(-0.5), "none": _ci(0.0)}, acc)
+    diverged = {"bn": "0/3", "none": "2/3"}
+    sentence, agrees, _ = residual_study.verdict(
+        depths, last, {"bn": _ci(-0.5), "none": _ci(0.0)}, acc, diverged
+    )
     assert agrees is True
+    assert "no norm 80 ± 0.1% (2/3 runs diverged)" in sentence
     assert "falls from 0.5 ± 0.1 at depth 8 to 0.25 ± 0.1 at depth 32 (fitted exponent -0.5 ± 0.1" in sentence
     assert "BN 90 ± 0.1%" in sentence
     flipped = {"bn": {8: _ci(1.0), 32: _ci(1.0)}, "none": {8: _ci(0.5), 32: _ci(0.25)}}

@@ -66,6 +66,19 @@ def test_regularization_verdict_flips():
     assert regularization.judge(missing, [16, 256])[1] is None
 
 
+def test_regularization_underfit_note():
+    from types import SimpleNamespace as R
+
+    done = "finished"
+    cells = {("bn", 256): [R(status=done, final_train_acc=0.95)],
+             ("gn", 256): [R(status=done, final_train_acc=0.70), R(status=done, final_train_acc=0.74)]}
+    assert regularization.underfit_note(cells, ["bn", "gn"], 256) == (
+        "Train accuracy at batch 256 below 90% (gn 72.0%): these gaps mix regularization with underfitting "
+        "(equal epochs give large batches fewer steps)."
+    )
+    assert regularization.underfit_note(cells, ["bn"], 256) is None
+
+
 def test_regularization_lr_scaling():
     params = {"lr": 0.05, "base_batch": 32, "lr_power": 0.5}
     assert regularization.scaled_lr(params, 128) == pytest.approx(0.1)
@@ -90,7 +103,11 @@ def test_large_batch_verdict_flips():
     sentence, agrees, discrepancy = large_batch.judge(bad, 512)
     assert agrees is False and sentence.endswith("not consistent with the claim.")
     assert "the unnormalized net is stable up to lr 3, above BN's 0.3" in discrepancy
-    assert "NF+AGC's best accuracy 70.0% is more than 2.0% below BN's 90.0%" in discrepancy
+    assert "NF+AGC's best accuracy 70.0% is more than 2 pts below BN's 90.0% beyond the 95%" in discrepancy
+    noisy = {("bn", 512): _summary(1.0, 3.0, 0.90), ("nf", 512): _summary(0.3, 1.0, 0.75, half=0.3)}
+    sentence, agrees, discrepancy = large_batch.judge(noisy, 512)
+    assert agrees is None and discrepancy is None
+    assert sentence.endswith(": not resolved within the 95% CIs.")
     unstable = {("bn", 512): _summary(None, None, math.nan)}
     assert large_batch.judge(unstable, 512)[1] is None
 
@@ -108,6 +125,14 @@ def test_small_batch_verdict_flips():
     sentence, agrees, discrepancy = small_batch.judge(flipped)
     assert agrees is False and "does not degrade more than GN" in sentence
     assert "here BN's error changes by +0.0 pts and GN's by +10.0 pts" in discrepancy
+
+
+def test_small_batch_compares_over_table_2_range():
+    # Batch 128 (outside Group Norm's Table 2) would make GN look worse; the verdict uses 32 -> 2.
+    errors = {"bn": {2: 30.0, 32: 20.0, 128: 40.0}, "gn": {2: 21.0, 32: 20.5, 128: 50.0}}
+    sentence, agrees, _ = small_batch.judge(errors)
+    assert sentence.startswith("From batch 32 to 2, BN's test error goes from 20.0% to 30.0% (+10.0 pts)")
+    assert agrees is True
 
 
 def test_small_batch_reference_is_group_norm_table_2():
@@ -193,4 +218,19 @@ def test_normalizer_free_verdict_flips():
     assert agrees is False
     assert sentence.endswith("falls short of BN's accuracy and is less stable than the unnormalized net "
                              "(lr 0.05 vs 0.8).")
-    assert re.search(r"NF\+AGC's 60.0% is more than 2.0% below BN's 90.0%", discrepancy)
+    assert re.search(r"NF\+AGC's 60.0% is more than 2 pts below BN's 90.0% beyond the 95% CIs", discrepancy)
+    # A huge CI (one seed did not train) decides nothing: the quick run's 73.1 ± 49 vs 95.6 ± 3.1.
+    noisy = {"bn": _summary(0.2, 3.2, 0.956, half=0.031), "nf": _summary(0.8, 0.8, 0.731, half=0.49)}
+    sentence, agrees, discrepancy = normalizer_free.judge(noisy)
+    assert agrees is None and discrepancy is None
+    assert "NF+AGC is not resolved against BN's accuracy (the 95% CIs overlap the 2-pt margin)" in sentence
+
+
+def test_matches_margin_and_ci():
+    from normlab.studies._grid import matches
+
+    assert matches((0.89, 0.01), (0.90, 0.01)) is True  # within 2 pts
+    assert matches((0.80, 0.01), (0.90, 0.01)) is False  # 0.81 < 0.89 - 0.02
+    assert matches((0.80, 0.08), (0.90, 0.01)) is None  # CI top 0.88 reaches 0.90 - 0.01 - 0.02
+    assert matches((0.80, math.nan), (0.90, 0.01)) is None  # one seed: no CI, nothing resolved
+    assert matches((math.nan, 0.0), (0.90, 0.01)) is None

@@ -208,6 +208,7 @@ def _accuracy_figure(out: Path, grid: dict, norms: list[str], batches: list[int]
         ax.errorbar(batches, [c[0] for c in cis], yerr=[0 if math.isnan(c[1]) else c[1] for c in cis],
                     marker="o", capsize=3, label=n)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
     ax.set_xlabel("batch size")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)

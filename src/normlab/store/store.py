@@ -123,9 +123,14 @@ class Store:
             except sqlite3.OperationalError as exc:
                 message = str(exc).lower()
                 if ("locked" not in message and "busy" not in message) or time.monotonic() > deadline:
-                    raise
+                    raise self._error(exc) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+            except sqlite3.DatabaseError as exc:  # e.g. "database disk image is malformed"
+                raise self._error(exc) from None
+
+    def _error(self, exc: sqlite3.Error) -> NormlabError:
+        return NormlabError(f"results store {str(self.path)!r}: {exc} (nothing was deleted)")
 
     def _write(self, statements: Callable[[sqlite3.Connection], T]) -> T:
         def transaction() -> T:

@@ -112,3 +112,22 @@ def lr_summary(by_lr: dict[float, Sequence[Any]], min_acc: float) -> dict[str, A
 
 def lr_text(lr: float | None) -> str:
     return "none" if lr is None else f"{lr:g}"
+
+
+def matches(
+    candidate: tuple[float, float], reference: tuple[float, float], tolerance: float = 0.02
+) -> bool | None:
+    """Does ``candidate`` (mean, hw) reach ``reference`` within ``tolerance`` (absolute, e.g. 2 pts)?
+
+    True when ``candidate_mean >= reference_mean - tolerance``; False when even the top of its 95% CI stays
+    below the bottom of the reference's minus the tolerance; None (undecided) in between or when NaN.
+    """
+    (c, ch), (r, rh) = candidate, reference
+    if not (math.isfinite(c) and math.isfinite(r)):
+        return None
+    if c >= r - tolerance:
+        return True
+    ch = ch if math.isfinite(ch) else math.inf
+    rh = rh if math.isfinite(rh) else math.inf
+    return False if c + ch < r - rh - tolerance else None
+

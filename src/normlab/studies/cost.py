@@ -273,7 +273,8 @@ def judge(
     problems = []
     slower = [n.upper() for n, v in train.items() if v is False]
     if slower:
-        problems.append(f"{', '.join(slower)} trains faster than BN beyond the 95% CI")
+        problems.append(f"{', '.join(slower)} {'trains' if len(slower) == 1 else 'train'} faster than BN "
+                        "beyond the 95% CI")
     lost = [n.upper() for n, v in fold.items() if v is False]
     if lost:
         problems.append(f"folded BN inference is slower than {', '.join(lost)} beyond the 95% CI")

@@ -236,6 +236,7 @@ def _figure(ctx: StudyContext, net: str, norms: list[str], per_run: dict) -> Any
         ax.legend(fontsize=8)
     axes[0][0].set_yscale("log")
     axes[0][1].set_yscale("log")
+    fig.tight_layout()
     return ctx.save_figure(
         fig,
         f"ics_{net}",

@@ -328,6 +328,7 @@ def _figure(ctx: StudyContext, lr: float, norms: list[str], runs: dict) -> Any:
         # Eigenvalues can be negative early in training: symlog keeps them on the plot.
         ax.set_yscale("symlog" if ax is axes[3] else "log", **({"linthresh": 1e-2} if ax is axes[3] else {}))
         ax.legend(fontsize=7)
+    fig.tight_layout()
     return ctx.save_figure(
         fig,
         f"landscape_lr{lr:g}",

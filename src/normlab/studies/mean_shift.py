@@ -280,6 +280,7 @@ def _spp_figure(ctx: StudyContext, results: dict, variants: list[str], depth: in
         ax.set_xlabel("block (0 = stem output)")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
+    fig.tight_layout()
     return ctx.save_figure(
         fig,
         "signal_propagation",
@@ -315,6 +316,7 @@ def _depth_figure(ctx: StudyContext, summary: dict, variants: list[str], depths:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("depth")
         ax.legend(fontsize=8)
+    fig.tight_layout()
     return ctx.save_figure(
         fig,
         "mean_shift_vs_depth",

@@ -309,6 +309,7 @@ def _accuracy_figure(ctx: StudyContext, lrs: list[float], norms: list[str], runs
             ax.set_xlabel("step")
             ax.set_ylabel("accuracy %")
             ax.legend(fontsize=8)
+    fig.tight_layout()
     return ctx.save_figure(
         fig,
         "accuracy",
@@ -365,6 +366,7 @@ def _band_figure(ctx: StudyContext, lr: float, norms: list[str], runs: dict) -> 
             ax.set_title(f"{LABELS.get(norm, norm)}: {layer}, unit {unit.rsplit('/', 1)[1]}", fontsize=8)
             if row == len(layers) - 1:
                 ax.set_xlabel("step")
+    fig.tight_layout()
     return ctx.save_figure(
         fig,
         f"stability_lr{lr:g}",

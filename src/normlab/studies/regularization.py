@@ -91,6 +91,9 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 pct_cell(gap),
                 len(runs) - count_status(runs, "finished"),
             )
+    underfit = underfit_note(cells, p["norms"], max(p["batch_sizes"]))
+    if underfit:
+        table.notes.append(underfit)
     verdict, agrees, discrepancy = judge(gaps, p["batch_sizes"])
     caption = "Train/test accuracy gap (percentage points) vs batch size, mean ± 95% CI over seeds."
     figure = ctx.save_figure(_plot(cells, p), "gap_vs_batch", caption)
@@ -99,6 +102,18 @@ def run(ctx: StudyContext) -> StudyOutcome:
         "test_acc": {f"{n}/{b}": mean_of(r, "final_test_acc") for (n, b), r in cells.items()},
     }
     return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data)
+
+
+def underfit_note(cells: dict, norms: list[str], batch: int, fit: float = 0.9) -> str | None:
+    """A note naming the norms whose mean train accuracy at ``batch`` stays below ``fit``: their gap there
+    is small partly because they underfit, not only because they generalize."""
+    low = {n: mean_of(cells[(n, batch)], "final_train_acc") for n in norms}
+    low = {n: v for n, v in low.items() if math.isfinite(v) and v < fit}
+    if not low:
+        return None
+    names = ", ".join(f"{n} {100 * v:.1f}%" for n, v in low.items())
+    return (f"Train accuracy at batch {batch} below {100 * fit:.0f}% ({names}): these gaps mix "
+            "regularization with underfitting (equal epochs give large batches fewer steps).")
 
 
 def judge(gaps: dict[str, dict[int, float]], batch_sizes: list[int]) -> tuple[str, bool | None, str | None]:
@@ -150,6 +165,7 @@ def _plot(cells: dict, p: dict[str, Any]) -> Any:
             label=norm,
         )
     ax.set_xscale("log", base=2)
+    ax.set_xticks(p["batch_sizes"], [str(b) for b in p["batch_sizes"]])
     ax.set_xlabel("batch size")
     ax.set_ylabel("train acc - test acc (pts)")
     ax.set_title("Generalization gap vs batch size")

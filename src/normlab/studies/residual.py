@@ -86,8 +86,10 @@ def verdict(
     last: dict[str, dict[int, tuple[float, float]]],
     slope: dict[str, tuple[float, float]],
     acc: dict[str, tuple[float, float]],
+    diverged: dict[str, str] | None = None,
 ) -> tuple[str, bool | None, str | None]:
-    """The verdict from the last-block ratios, the fitted exponents and the trained accuracies.
+    """The verdict from the last-block ratios, the fitted exponents and the trained accuracies (with
+    ``diverged[variant]`` = e.g. ``"2/3"`` runs diverged, quoted where nonzero).
 
     Agrees with De & Smith when BN's exponent lies in ``SLOPE_WINDOW`` (about -1/2) and, at the deepest
     depth, the unnormalized net's branch is larger relative to its skip path than BN's.
@@ -109,7 +111,9 @@ def verdict(
         parts.append(f"SkipInit's is {_f(last['skipinit'][hi])}")
     if acc:
         parts.append(
-            "trained: " + ", ".join(f"{LABELS.get(v, v)} {_f(a)}%" for v, a in acc.items()) + " test accuracy"
+            "trained: "
+            + ", ".join(f"{LABELS.get(v, v)} {_f(a)}%{_diverged(diverged, v)}" for v, a in acc.items())
+            + " test accuracy"
         )
     sentence = "; ".join(parts) + "."
     if not math.isfinite(bn_slope):
@@ -170,7 +174,8 @@ def run(ctx: StudyContext) -> StudyOutcome:
         by_variant.setdefault(variant, []).append(result)
     acc = {v: mean_ci(100.0 * r.final_test_acc for r in rs) for v, rs in by_variant.items()}
 
-    sentence, agrees, discrepancy = verdict(depths, last, slope, acc)
+    diverged = {v: f"{sum(r.status == 'diverged' for r in rs)}/{len(rs)}" for v, rs in by_variant.items()}
+    sentence, agrees, discrepancy = verdict(depths, last, slope, acc, diverged)
     init_table = Table(
         "Residual branch scale at initialization: std(branch contribution) / std(skip path)",
         ["variant", "depth", "last block", "mean over blocks", "fitted exponent (log ratio vs log depth)"],
@@ -248,12 +253,14 @@ def _scale_figure(ctx: StudyContext, depths: list[int], variants: list[str], rat
         )
     ax_depth.set_xscale("log")
     ax_depth.set_yscale("symlog", linthresh=1e-3)
+    ax_depth.set_ylim(bottom=0.0)  # ratios are >= 0; symlog keeps SkipInit's exact 0 on the plot
     ax_depth.set_xlabel("depth")
     ax_depth.set_ylabel("last block: std(branch) / std(skip)")
     ax_block.set_xlabel(f"block (depth {depths[-1]})")
     ax_block.set_ylabel("std(branch) / std(skip)")
     for ax in (ax_depth, ax_block):
         ax.legend(fontsize=8)
+    fig.tight_layout()
     return ctx.save_figure(
         fig,
         "branch_scale",
@@ -282,6 +289,7 @@ def _curve_figure(ctx: StudyContext, by_variant: dict[str, list[Any]]) -> Any:
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         ax.legend(fontsize=8)
+    fig.tight_layout()
     return ctx.save_figure(
         fig, "training_curves", "Training loss and test accuracy, mean over finished seeds."
     )
@@ -293,6 +301,11 @@ def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[
     steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
     lookup = [dict(c) for c in curves]
     return steps, [math.fsum(d[s] for d in lookup) / len(lookup) for s in steps]
+
+
+def _diverged(diverged: dict[str, str] | None, variant: str) -> str:
+    count = (diverged or {}).get(variant, "0/")
+    return "" if count.startswith("0/") else f" ({count} runs diverged)"
 
 
 def _f(cell: tuple[float, float], pct: bool = False) -> str:

@@ -81,7 +81,7 @@ class Trainer:
         self.loss_fn = loss_function(self.data.task)
         self.model = build_model(config, self.data).to(self.device)
         self.optimizer = build_optimizer(self.model, config)
-        self.agc_params = self._agc_parameters()
+        self.agc_params, self._clip = self._agc()
         self.batches = self._batch_iterator()
         self.total_steps = config.steps or config.epochs * len(self.batches)
         self.x_test, self.y_test = self.data.x_test.to(self.device), self.data.y_test.to(self.device)
@@ -135,7 +135,7 @@ class Trainer:
             outcome = self._train_loop()
         finally:
             self._train_time = self._loop_time()
-            self._loop_started = None
+            self._loop_started, self._side_time = None, 0.0
         if outcome[0] == "finished" and self.checkpoint_path is not None:
             self.save_checkpoint()
         return outcome
@@ -257,13 +257,13 @@ class Trainer:
             device=self.device,
         )
 
-    def _agc_parameters(self) -> list[torch.nn.Parameter] | None:
+    def _agc(self) -> tuple[list[torch.nn.Parameter] | None, Any]:
+        """The parameters AGC clips (all but the classifier) and its function, or ``(None, None)``."""
         if self.config.agc_clip is None:
-            return None
+            return None, None
         from normlab.optim import adaptive_clip_grad_, agc_parameters
 
-        self._clip = adaptive_clip_grad_
-        return list(agc_parameters(self.model))
+        return list(agc_parameters(self.model)), adaptive_clip_grad_
 
     # -- end of run ---------------------------------------------------------------------------------
 
@@ -363,7 +363,7 @@ class Trainer:
                 "rng": rng_state(),
                 "run_id": self.run_id,
                 "elapsed": self._elapsed_before + time.perf_counter() - self._started,
-                "train_time": self._train_time,
+                "train_time": self._loop_time(),
             },
         )
         return path
