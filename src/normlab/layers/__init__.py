@@ -7,6 +7,7 @@ Registered names: ``bn``, ``gn``, ``ln``, ``in``, ``none`` (PyTorch's layers), `
 """
 
 from normlab.layers import standard  # noqa: F401  (registers bn, gn, ln, in, none)
+from normlab.layers._batchnorm_base import BatchStatsNorm
 from normlab.layers.activation_gamma import activation_gamma
 from normlab.layers.batch_renorm import BatchRenorm, batch_renorm
 from normlab.layers.convert import convert_norm
@@ -22,7 +23,8 @@ from normlab.layers.skipinit import SkipInit
 from normlab.layers.std_conv import ScaledStdConv1d, ScaledStdConv2d, ScaledStdLinear, scaled_std_weight
 
 __all__ = [
-    "BatchRenorm", "EvalNorm", "FrozenBatchNorm", "GhostBatchNorm", "NoiseInjection", "NoisyBatchNorm",
+    "BatchRenorm", "BatchStatsNorm", "EvalNorm", "FrozenBatchNorm", "GhostBatchNorm", "NoiseInjection",
+    "NoisyBatchNorm",
     "ScaledStdConv1d", "ScaledStdConv2d", "ScaledStdLinear", "SkipInit", "activation_gamma", "batch_renorm",
     "convert_norm", "create_norm", "eval_norm", "fit_evalnorm", "fold_bn", "frozen_batch_norm",
     "ghost_batch_norm", "inject_bn_noise", "list_norms", "noisy_batch_norm", "norm_options", "precise_bn",

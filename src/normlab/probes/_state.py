@@ -30,8 +30,8 @@ def check_mode(mode: str) -> str:
 def batch_stat_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules that normalize with batch statistics in training mode: PyTorch's BatchNorm (any
     ``_BatchNorm``, SyncBatchNorm included) and normlab's BN-like layers (ghost BN, Batch Renorm, noisy BN,
-    EvalNorm: ``normlab.layers._batchnorm_base.BatchStatsNorm``)."""
-    from normlab.layers._batchnorm_base import BatchStatsNorm
+    EvalNorm: ``normlab.layers.BatchStatsNorm``)."""
+    from normlab.layers import BatchStatsNorm
 
     kinds = (nn.modules.batchnorm._BatchNorm, BatchStatsNorm)
     return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
