@@ -34,7 +34,7 @@ def db(tmp_path):
 
 
 def test_train_json_then_runs_list_show_export(capsys, db, tmp_path):
-    code, out, err = cli(capsys, "train", *TINY, "--norm", "gn", "--store", db, "--json")
+    code, out, err = cli(capsys, "train", *TINY, "--norm", "gn", "--store", db, "--threads", "1", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert result["status"] == "finished" and result["steps"] == 8 and result["config"]["norm"] == "gn"
@@ -88,9 +88,11 @@ def test_models_and_norms_listings(capsys):
         (["train", "--config", "{tmp}/bad.toml"], "error: config file '{tmp}/bad.toml' is not valid TOML"),
         (["train", "--config", "{tmp}/unknown.toml"], "error: unknown TrainConfig field(s) learning_rate in"),
         (["train", "--resume", "--checkpoint-dir", "{tmp}/ckpt"], "error: checkpoint '{tmp}/ckpt/"),
+        (["train", "--threads", "0"], "error: --threads must be a positive int, got 0"),
         (["compare", "--norms", "bn,batchnorm"], "error: unknown norm(s) batchnorm; valid norms:"),
         (["compare", "--batch-sizes", "16,x"], "error: --batch-sizes='16,x' must be a comma-separated list"),
         (["compare", "--seeds", "0"], "error: --seeds must be >= 1, got 0"),
+        (["compare", "--workers", "0"], "error: workers must be a positive int, got 0"),
         (["compare", "--model", "vgg19"], "error: unknown model 'vgg19'"),
         (["runs", "list"], "error: no results store at"),
         (["runs", "export", "--format", "xml"], "error: unknown export format 'xml'; allowed: csv, json"),

@@ -116,8 +116,10 @@ def _ci(x: float) -> tuple[float, float]:
 def test_noisy_bn_verdict_flips():
     acc = {"none": _ci(80.0), "bn": _ci(85.0), "noisy_bn": _ci(84.0), "noise": _ci(20.0)}
     change = {"none": _ci(0.01), "bn": _ci(0.02), "noisy_bn": _ci(0.4), "noise": _ci(0.5)}
-    sentence, agrees, discrepancy = noisy_bn_study.verdict(0.1, acc, change)
+    fit = {"none": _ci(60.0), "bn": _ci(99.0), "noisy_bn": _ci(97.0), "noise": _ci(30.0)}
+    sentence, agrees, discrepancy = noisy_bn_study.verdict(0.1, acc, change, fit)
     assert agrees is True and discrepancy is None
+    assert sentence.endswith("noisy BN fit its batches to 97 ± 0.1% vs 99 ± 0.1% with BN.")
     assert "noisy BN reached 84 ± 0.1% test accuracy vs 85 ± 0.1% with BN" in sentence
     flipped_acc = {"none": _ci(80.0), "bn": _ci(85.0), "noisy_bn": _ci(30.0), "noise": _ci(79.0)}
     flipped_change = {"none": _ci(0.01), "bn": _ci(0.4), "noisy_bn": _ci(0.02), "noise": _ci(0.5)}
@@ -244,6 +246,12 @@ def test_ics_layer_order_and_first_layer_excluded():
     series = ics_study.layer_series(metrics, "l2")
     assert list(series) == ["features.0", "features.3", "classifier"]
     assert ics_study.run_ics(series) == pytest.approx((3.0 + 5.0 + 1.0 + 3.0) / 4)
+
+
+def test_final_fit_is_the_mean_of_the_last_tenth_of_the_logs():
+    series = [(10 * i, float(i)) for i in range(1, 21)]  # 20 logs: the last 2 are 19 and 20
+    assert noisy_bn_study.final_fit(list(reversed(series))) == pytest.approx(19.5)
+    assert math.isnan(noisy_bn_study.final_fit([]))
 
 
 def test_noisy_bn_stability_averages_layers_and_steps():

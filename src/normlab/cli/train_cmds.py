@@ -172,6 +172,7 @@ def _train_signature() -> inspect.Signature:
         )
     extra = [
         ("store", str | None, typer.Option(None, "--store", help=_STORE_HELP)),
+        ("threads", int | None, typer.Option(None, "--threads", help="torch CPU threads (default: torch's)")),
         ("resume", bool, typer.Option(False, "--resume", help="continue from this config's checkpoint")),
         ("progress", bool, typer.Option(True, "--progress/--no-progress", help="progress bar on a terminal")),
         ("json_output", bool, typer.Option(False, "--json", help="print the result as JSON only")),
@@ -194,9 +195,16 @@ def train_command(**kwargs: Any) -> None:
     """Train one model and record it in the results store."""
     from normlab.train import Trainer
 
-    store_path, resume = kwargs.pop("store"), kwargs.pop("resume")
+    store_path, resume, threads = kwargs.pop("store"), kwargs.pop("resume"), kwargs.pop("threads")
     progress, as_json = kwargs.pop("progress"), kwargs.pop("json_output")
     config = config_from_cli(kwargs.pop("config"), kwargs)
+    if threads is not None:
+        if threads < 1:
+            raise NormlabError(f"--threads must be a positive int, got {threads}")
+        # Small models gain little from intra-op threads, and on a busy machine spinning threads cost a lot.
+        import torch
+
+        torch.set_num_threads(threads)
     # Build everything (data, model, checkpoint) before opening the store: bad input leaves it untouched.
     trainer = Trainer(config, progress=None if progress else False, resume=True if resume else None)
     with _open_store(store_path) as store:
@@ -419,8 +427,9 @@ def compare_command(
         device=device,
     )
     _check_buildable(configs[0])
+    executor = LocalPoolExecutor(workers)  # validates --workers before the store is opened
     started = time.perf_counter()
-    with _open_store(store) as db, LocalPoolExecutor(workers) as executor:
+    with _open_store(store) as db, executor:
         results = run_sweep(configs, db, executor)
     wall = time.perf_counter() - started
     cells = summarize_compare(results)

@@ -133,10 +133,21 @@ def stability(metrics: dict[str, list[tuple[int, float]]], field: str) -> float:
     return math.fsum(per_layer) / len(per_layer) if per_layer else math.nan
 
 
+def final_fit(series: list[tuple[int, float]]) -> float:
+    """Mean of the logged training-batch accuracy (train mode: noise on) over the last 10% of the logs."""
+    values = [v for _, v in sorted(series)]
+    tail = values[-max(1, len(values) // 10) :]
+    return math.fsum(tail) / len(tail) if tail else math.nan
+
+
 def verdict(
-    lr: float, acc: dict[str, tuple[float, float]], change: dict[str, tuple[float, float]]
+    lr: float,
+    acc: dict[str, tuple[float, float]],
+    change: dict[str, tuple[float, float]],
+    fit: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[str, bool | None, str | None]:
-    """The verdict from test accuracies (%) and step-to-step mean changes per norm at LR ``lr``.
+    """The verdict from test accuracies (%, eval mode: noise off) and step-to-step mean changes per norm
+    at LR ``lr``; ``fit`` (training-batch accuracy in train mode, noise on) is quoted when given.
 
     Agrees with Santurkar et al. when noisy BN is within ``ACC_TOLERANCE`` points of BN (or above), its
     tracked units move more per step than BN's, and the noise without BN ends more than ``ACC_TOLERANCE``
@@ -151,6 +162,11 @@ def verdict(
         f"tracked units' mean moved {_f(change['noisy_bn'])} per measurement with noisy BN vs "
         f"{_f(change['bn'])} with BN and {_f(change['none'])} in the standard net."
     )
+    if fit and "noisy_bn" in fit and "bn" in fit:
+        sentence = sentence[:-1] + (
+            f"; in training mode (noise on) noisy BN fit its batches to {_f(fit['noisy_bn'])}% vs "
+            f"{_f(fit['bn'])}% with BN."
+        )
     values = [acc[n][0] for n in needed] + [change["noisy_bn"][0], change["bn"][0]]
     if not all(math.isfinite(v) for v in values):
         return sentence, None, None
@@ -229,6 +245,8 @@ def run(ctx: StudyContext) -> StudyOutcome:
             }
         for field in STABILITY_FIELDS:
             record[field] = stability(metrics, field) if result.status == "finished" else math.nan
+        fit = ctx.metrics(result.run_id, "train/acc") if result.run_id is not None else []
+        record["fit_acc"] = 100.0 * final_fit(fit) if result.status == "finished" else math.nan
         runs.setdefault((lr, norm), []).append(record)
 
     table = Table(
@@ -238,6 +256,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
             "network",
             "test acc %",
             "train acc %",
+            "train-mode batch acc %",
             "|mu_t+1 - mu_t|",
             "|var_t+1 - var_t|",
             "|mu_T - mu_0|",
@@ -246,7 +265,10 @@ def run(ctx: StudyContext) -> StudyOutcome:
         notes=[
             f"mean ± 95% CI over {len(ctx.seeds)} seeds; units tracked in norm slots "
             f"{ctx.param('track_layers', list)} every {ctx.param('track_every', int)} steps, train mode "
-            "(noise included), averaged over sampled units, layers and measurements."
+            "(noise included), averaged over sampled units, layers and measurements.",
+            "test acc and train acc: the final model in eval mode (running statistics, no noise); "
+            "train-mode batch acc: the logged training-batch accuracy (batch statistics, noise on), "
+            "mean over the last 10% of the logs.",
         ],
     )
     summary: dict[float, dict[str, dict[str, tuple[float, float]]]] = {}
@@ -254,13 +276,17 @@ def run(ctx: StudyContext) -> StudyOutcome:
         summary[lr] = {}
         for norm in norms:
             rs = runs[(lr, norm)]
-            s = {key: mean_ci(r[key] for r in rs) for key in ("test_acc", "train_acc", *STABILITY_FIELDS)}
+            s = {
+                key: mean_ci(r[key] for r in rs)
+                for key in ("test_acc", "train_acc", "fit_acc", *STABILITY_FIELDS)
+            }
             summary[lr][norm] = s
             table.add_row(
                 lr,
                 LABELS.get(norm, norm),
                 s["test_acc"],
                 s["train_acc"],
+                s["fit_acc"],
                 s["mean_change"],
                 s["var_change"],
                 s["mean_drift"],
@@ -271,6 +297,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
         lr0,
         {n: s["test_acc"] for n, s in summary[lr0].items()},
         {n: s["mean_change"] for n, s in summary[lr0].items()},
+        {n: s["fit_acc"] for n, s in summary[lr0].items()},
     )
     figures = [_accuracy_figure(ctx, lrs, norms, runs)] + [_band_figure(ctx, lr, norms, runs) for lr in lrs]
     data = {

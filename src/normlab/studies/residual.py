@@ -195,7 +195,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
             )
     train_table = Table(
         f"Training: {train.get('model')} depth {train.get('depth')} on {train.get('dataset')}",
-        ["variant", "test acc %", "train loss", "finished", "diverged"],
+        ["variant", "test acc %", "train loss", "finished", "diverged", "failed"],
         notes=[
             f"mean ± 95% CI over {len(ctx.seeds)} seeds; "
             f"lr {train.get('lr')}, batch {train.get('batch_size')}."
@@ -208,6 +208,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
             mean_ci(r.final_train_loss for r in rs),
             sum(r.status == "finished" for r in rs),
             sum(r.status == "diverged" for r in rs),
+            sum(r.status == "failed" for r in rs),
         )
     figures = [_scale_figure(ctx, depths, variants, ratios), _curve_figure(ctx, by_variant)]
     data = {
