@@ -116,13 +116,15 @@ def test_bad_input_is_one_line_exit_2_and_store_untouched(capsys, tmp_path, args
     assert (db.read_bytes() if db.exists() else None) == before
 
 
-def test_compare_json_statistics_and_resume(capsys, db):
+def test_compare_json_statistics_and_resume(capsys, db, tmp_path):
     args = ["compare", "--norms", "bn,none", "--batch-sizes", "32", "--lrs", "0.1", "--seeds", "2",
             "--epochs", "1", "--subset", "256", "--width", "4", "--workers", "2",
-            "--store", db, "--json"]  # fmt: skip
+            "--store", db, "--out", str(tmp_path / "compare"), "--json"]  # fmt: skip
     code, out, err = cli(capsys, *args)
     assert code == 0, err
     report = json.loads(out)
+    html = (tmp_path / "compare" / "report.html").read_text()
+    assert report["report"] == str(tmp_path / "compare" / "report.html") and "Which normalization wins" in html
     assert report["runs"] == 4 and report["statuses"] == {"finished": 4, "diverged": 0, "failed": 0}
     rows = {row["norm"]: row for row in report["rows"]}
     assert set(rows) == {"bn", "none"} and rows["bn"]["best_lr"] == 0.1 * 32 / 128

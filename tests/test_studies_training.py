@@ -44,7 +44,8 @@ def test_study_tiny_scale_writes_its_report(name, tmp_path):
 def test_study_quick_scale(name, tmp_path):
     outcome, files = run_study(name, scale="quick", seeds=2, out=tmp_path)
     _check_report(outcome, files, tmp_path / name)
-    assert outcome.agrees_with_paper is not None
+    # The verdict quotes measured numbers (undecided is a valid outcome when the CIs do not separate).
+    assert re.search(r"\d", outcome.verdict)
 
 
 # -- verdicts follow the numbers --------------------------------------------------------------------

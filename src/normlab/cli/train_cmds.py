@@ -395,6 +395,10 @@ def compare_command(
     device: str = typer.Option("cpu", help="device of every run"),
     workers: int | None = typer.Option(None, help="parallel runs (default: all cores)"),
     store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
+    out: str = typer.Option(
+        "normlab-results/compare", "--out", help="folder for report.html + report.md + figures"
+    ),
+    report: bool = typer.Option(True, "--report/--no-report", help="write the HTML/Markdown report"),
     json_output: bool = typer.Option(False, "--json", help="print JSON only"),
 ) -> None:
     """One model under several norms and batch sizes, side by side (parallel, resumable).
@@ -434,10 +438,28 @@ def compare_command(
     wall = time.perf_counter() - started
     cells = summarize_compare(results)
     counts = {s: sum(r.status == s for r in results) for s in ("finished", "diverged", "failed")}
+    settings = dict(model=model, norms=norms, batch_sizes=batch_sizes, lrs=lrs, seeds=seeds, epochs=epochs,
+                    dataset=dataset, subset=subset, width=width, depth=depth, agc_clip=agc_clip,
+                    optimizer=optimizer, device=device)
+    files = _write_compare_report(out, results, configs[0], settings) if report else None
     if json_output:
-        _print_json(_compare_json(cells, results, wall, counts, configs[0]))
+        summary = _compare_json(cells, results, wall, counts, configs[0])
+        summary["report"] = str(files.html) if files else None
+        _print_json(summary)
         return
     _print_compare(cells, results, wall, counts, model, dataset, epochs, seeds)
+    if files is not None:
+        _console().print(f"report: {files.html}")
+
+
+def _write_compare_report(out: str, results, example, settings: dict[str, Any]):
+    from normlab.reports import compare_report
+    from normlab.store import environment_info
+
+    return compare_report(
+        out, results, title=f"normlab compare: {example.model} on {example.dataset}", config=settings,
+        environment=environment_info(example.device),
+    )
 
 
 def _check_norms(norms: list[str]) -> None:
@@ -458,7 +480,7 @@ def _check_buildable(config) -> None:
 
 
 def _ci_cell(values: list[float]) -> tuple[float, float]:
-    from normlab.studies.base import mean_ci
+    from normlab.reports.stats import mean_ci
 
     return mean_ci(values)
 
