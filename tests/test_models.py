@@ -362,3 +362,19 @@ def test_models_take_their_shape_from_dataset_fields(name: str, data: dict) -> N
     )
     out = model(ds.x_train[:8])
     assert out.shape == (8, outputs)
+
+
+@pytest.mark.parametrize("name", ["cnn", "vgg", "mlp"])
+def test_fold_bn_folds_every_bn_of_the_plain_models(name: str) -> None:
+    # These models put BN right after each conv/linear, so inference needs no BN at all; their input-size
+    # check (FlattenTo) must not stop torch.fx from tracing them.
+    from normlab.layers import fold_bn
+
+    model = create_model(name, norm="bn", in_channels=1, dims=1, width=0.25 if name == "vgg" else None)
+    x = torch.randn(16, 1, 40)
+    for _ in range(3):
+        model(x)  # move the running statistics away from (0, 1)
+    model.eval()
+    folded = fold_bn(model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)

@@ -23,10 +23,11 @@ _FOLD_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 class _LeafNormTracer(torch.fx.Tracer):
-    """Keeps normlab's layers as single graph nodes (their input checks are Python control flow)."""
+    """Keeps norms and every module without submodules as single graph nodes: their input checks are
+    Python control flow fx cannot trace, and folding only needs to see how leaf modules connect."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_norm(m) or super().is_leaf_module(m, module_qualified_name)
+        return is_norm(m) or not any(m.children()) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _is_foldable_bn(module: nn.Module) -> bool:
