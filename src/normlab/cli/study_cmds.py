@@ -22,7 +22,9 @@ def study(
     scale: Annotated[str, typer.Option(help="tiny (seconds), quick (CPU minutes), paper (GPU).")] = "quick",
     seeds: Annotated[int, typer.Option(help="Seeds per configuration; tables show mean ± 95% CI.")] = 3,
     device: Annotated[str, typer.Option(help="Torch device for training, e.g. cpu or cuda.")] = "cpu",
-    out: Annotated[Path, typer.Option(help="Output folder; the report goes to OUT/NAME/.")] = Path("studies"),
+    out: Annotated[
+        Path, typer.Option(help="Output folder; the report goes to OUT/NAME/.")
+    ] = Path("normlab-results"),
     store: Annotated[Path | None, typer.Option(help="Results store (default OUT/NAME/runs.sqlite).")] = None,
     workers: Annotated[int, typer.Option(help="Parallel training processes (1 = in this process).")] = 1,
     threads: Annotated[int, typer.Option(help="Torch threads in this process (0 = torch's default).")] = 0,

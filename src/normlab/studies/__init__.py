@@ -1,6 +1,6 @@
 """Studies: named, declarative recipes that train the variants they need, measure, and report.
 
-``run_study("regularization", scale="quick", seeds=3, out="studies")`` writes
+``run_study("regularization", scale="quick", seeds=3, out="normlab-results")`` writes
 ``studies/regularization/report.html`` + ``report.md`` + figures; the contract a study module codes against
 is in :mod:`normlab.studies.base`.
 """

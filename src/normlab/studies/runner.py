@@ -1,12 +1,12 @@
 """Run a study end to end: load the recipe, train through the store, write the report.
 
-Output layout, for ``out="studies"`` and study ``regularization``::
+Output layout, for ``out="normlab-results"`` and study ``regularization``::
 
-    studies/regularization/report.html   self-contained (figures inlined)
-    studies/regularization/report.md     Markdown summary
-    studies/regularization/*.png         the figures
-    studies/regularization/outcome.json  tables, verdict, raw data, config and environment (re-rendered
-                                          by ``normlab report studies/regularization``)
+    normlab-results/regularization/report.html   self-contained (figures inlined)
+    normlab-results/regularization/report.md     Markdown summary
+    normlab-results/regularization/*.png         the figures
+    normlab-results/regularization/outcome.json  tables, verdict, raw data, config and environment (re-rendered
+                                          by ``normlab report normlab-results/regularization``)
 
 The runs go to ``store`` (default ``<out>/<name>/runs.sqlite``); rerunning an interrupted study reads
 the finished runs back and trains only the rest.
@@ -34,7 +34,7 @@ def run_study(
     scale: str = "quick",
     seeds: int = 3,
     device: str = "cpu",
-    out: str | Path = "studies",
+    out: str | Path = "normlab-results",
     store: Any = None,
     executor: Any = None,
     progress: Callable[[str], None] | None = None,
