@@ -5,8 +5,8 @@ Output layout, for ``out="normlab-results"`` and study ``regularization``::
     normlab-results/regularization/report.html   self-contained (figures inlined)
     normlab-results/regularization/report.md     Markdown summary
     normlab-results/regularization/*.png         the figures
-    normlab-results/regularization/outcome.json  tables, verdict, raw data, config and environment (re-rendered
-                                          by ``normlab report normlab-results/regularization``)
+    normlab-results/regularization/outcome.json  tables, verdict, raw data, config and environment
+                                                 (re-rendered by ``normlab report <that folder>``)
 
 The runs go to ``store`` (default ``<out>/<name>/runs.sqlite``); rerunning an interrupted study reads
 the finished runs back and trains only the rest.
