@@ -124,7 +124,8 @@ def test_compare_json_statistics_and_resume(capsys, db, tmp_path):
     assert code == 0, err
     report = json.loads(out)
     html = (tmp_path / "compare" / "report.html").read_text()
-    assert report["report"] == str(tmp_path / "compare" / "report.html") and "Which normalization wins" in html
+    assert report["report"] == str(tmp_path / "compare" / "report.html")
+    assert "Which normalization wins" in html
     assert report["runs"] == 4 and report["statuses"] == {"finished": 4, "diverged": 0, "failed": 0}
     rows = {row["norm"]: row for row in report["rows"]}
     assert set(rows) == {"bn", "none"} and rows["bn"]["best_lr"] == 0.1 * 32 / 128

@@ -18,8 +18,8 @@ the activation, which leaves the stem unscaled too). No norm layers anywhere. Th
 zero-initialized as in the NF paper; the Scaled WS layers keep their own init (standardization makes the
 function at init independent of the weights' scale).
 
-NOTE on ``downsample``: the default "conv" follows DeepMind's nfnets code; "avg" follows timm. Its 2x2 average pool divides the shortcut's variance
-by up to 4 when neighbouring activations are uncorrelated, as they are on the white-noise N(0, 1) input of
+NOTE on ``downsample``: the default "conv" follows DeepMind's nfnets code; "avg" follows timm. timm's 2x2
+average pool divides the shortcut's variance by up to 4 when neighbouring activations are uncorrelated, as they are on the white-noise N(0, 1) input of
 signal-propagation plots (measured at init, CIFAR layout, 32x32 input: the block-output variance drops to
 ~0.25 in stage 2 and ~0.06 in stage 3 instead of resetting to 1 + alpha^2; on natural images, which are
 spatially smooth, the drop is small). "conv" keeps the analytic schedule on any input (within a few % of
