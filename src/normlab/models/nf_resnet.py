@@ -19,11 +19,11 @@ zero-initialized as in the NF paper; the Scaled WS layers keep their own init (s
 function at init independent of the weights' scale).
 
 NOTE on ``downsample``: the default "conv" follows DeepMind's nfnets code; "avg" follows timm. timm's 2x2
-average pool divides the shortcut's variance by up to 4 when neighbouring activations are uncorrelated, as they are on the white-noise N(0, 1) input of
-signal-propagation plots (measured at init, CIFAR layout, 32x32 input: the block-output variance drops to
-~0.25 in stage 2 and ~0.06 in stage 3 instead of resetting to 1 + alpha^2; on natural images, which are
-spatially smooth, the drop is small). "conv" keeps the analytic schedule on any input (within a few % of
-zero-padding border loss). Both are in science.md section 4.
+average pool divides the shortcut's variance by up to 4 when neighbouring activations are uncorrelated, as
+they are on the white-noise N(0, 1) input of signal-propagation plots (measured at init, CIFAR layout, 32x32
+input: the block-output variance drops to ~0.25 in stage 2 and ~0.06 in stage 3 instead of resetting to
+1 + alpha^2; on natural images, which are spatially smooth, the drop is small). "conv" keeps the analytic
+schedule on any input (within a few % of zero-padding border loss). Both are in science.md section 4.
 """
 
 from __future__ import annotations
