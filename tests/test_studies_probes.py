@@ -211,6 +211,11 @@ def test_mean_shift_verdict_flips():
         "none": {8: cell(100.0, 0.2, 0.3), 56: cell(0.5, 0.2, 0.3)},
         "bn": {8: cell(0.2, 0.3, 0.5), 56: cell(0.3, 0.8, 0.95)},
     }
+    nf = {8: cell(0.1, 0.2, 0.4), 56: cell(0.1, 0.2, 0.4, collapse=math.nan)}
+    assert (
+        "NF gives 0.1 ± 0.1 (20% ± 10%), cosine 0.4 ± 0.1 and no top-class share"
+        in mean_shift_study.verdict({**agree, "nf": nf})[0]
+    )
     sentence2, agrees2, discrepancy2 = mean_shift_study.verdict(flipped)
     assert agrees2 is False and "mean is 0.5 ± 0.1" in sentence2
     assert "does not grow from depth 8 to 56" in discrepancy2 and "not more alike" in discrepancy2

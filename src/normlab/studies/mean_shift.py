@@ -158,7 +158,11 @@ def verdict(summary: dict[str, dict[int, dict[str, Any]]]) -> tuple[str, bool | 
         nf_hi = summary["nf"][hi]
         parts.append(
             f"NF gives {_f(nf_hi['sq_mean'])} ({_f(nf_hi['share'], pct=True)}), cosine {_f(nf_hi['cosine'])} "
-            f"and {_f(nf_hi['collapse'], pct=True)}"
+            + (
+                f"and {_f(nf_hi['collapse'], pct=True)}"
+                if math.isfinite(nf_hi["collapse"][0])
+                else "and no top-class share (zero-initialized classifier: every logit ties)"
+            )
         )
     sentence = "; ".join(parts) + "."
     grows = none_hi["sq_mean"][0] > none_lo["sq_mean"][0] or len(depths) == 1
