@@ -28,6 +28,7 @@ import functools
 import math
 from typing import Any
 
+from normlab.studies._series import ci, mean_curve
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {"nets": dict, "norms": {"list": str}, "probe_every": int}
@@ -104,8 +105,8 @@ def verdict(
             continue
         ratio = bn["l2"][0] / std["l2"][0] if std["l2"][0] > 0 else math.inf
         parts.append(
-            f"{net}: ICS l2 {_f(bn['l2'])} with BN vs {_f(std['l2'])} standard ({ratio:.3g}x), "
-            f"cos(G, G') {_f(bn['cos'])} vs {_f(std['cos'])}"
+            f"{net}: ICS l2 {ci(bn['l2'])} with BN vs {ci(std['l2'])} standard ({ratio:.3g}x), "
+            f"cos(G, G') {ci(bn['cos'])} vs {ci(std['cos'])}"
         )
         if ratio < L2_RATIO_FLOOR:
             failed.append(f"in the {net} BN reduced the ICS l2 to {ratio:.3g}x the standard net's")
@@ -226,7 +227,7 @@ def _figure(ctx: StudyContext, net: str, norms: list[str], per_run: dict) -> Any
         for col, layer in enumerate(picks):
             for row, kind in enumerate(("l2", "cos")):
                 curves = [r["series"][kind].get(layer, []) for r in runs]
-                steps, mean = _mean_curve(curves)
+                steps, mean = mean_curve(curves)
                 axes[row][col].plot(steps, mean, label=NORM_LABELS.get(norm, norm))
                 axes[row][col].set_title(
                     f"{net} layer {layer}: " + ("||G - G'||_2" if kind == "l2" else "cos(G, G')"), fontsize=9
@@ -243,17 +244,3 @@ def _figure(ctx: StudyContext, net: str, norms: list[str], per_run: dict) -> Any
         f"{net}: internal covariate shift over training, standard vs BN "
         "(Santurkar et al. 2018, Fig. 3); mean over seeds.",
     )
-
-
-def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
-    """Average series over seeds at the steps they share."""
-    if not curves or not all(curves):
-        return [], []
-    steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
-    lookup = [dict(c) for c in curves]
-    return steps, [math.fsum(d[s] for d in lookup) / len(lookup) for s in steps]
-
-
-def _f(cell: tuple[float, float]) -> str:
-    mean, half = cell
-    return f"{mean:.3g}" + (f" ± {half:.2g}" if math.isfinite(half) else "")

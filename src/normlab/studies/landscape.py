@@ -26,6 +26,7 @@ import functools
 import math
 from typing import Any
 
+from normlab.studies._series import ci, mean_curve
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {
@@ -165,12 +166,12 @@ def verdict(
     parts = []
     for key, text in names.items():
         ratio = bn[key][0] / std[key][0] if std[key][0] > 0 else math.nan
-        parts.append(f"{text} {_f(std[key])} -> {_f(bn[key])} ({ratio:.3g}x)")
+        parts.append(f"{text} {ci(std[key])} -> {ci(bn[key])} ({ratio:.3g}x)")
     sentence = (
         f"At LR {lr:g}, going from the standard network to BN changes the "
         + ", ".join(parts)
-        + f"; the top Hessian eigenvalue is {_f(std['eig_train'])} vs {_f(bn['eig_train'])} in train "
-        f"mode and {_f(std['eig_eval'])} vs {_f(bn['eig_eval'])} in eval mode."
+        + f"; the top Hessian eigenvalue is {ci(std['eig_train'])} vs {ci(bn['eig_train'])} in train "
+        f"mode and {ci(std['eig_eval'])} vs {ci(bn['eig_eval'])} in eval mode."
     )
     if not all(math.isfinite(s[k][0]) for s in (std, bn) for k in names):
         return sentence, None, None
@@ -308,13 +309,13 @@ def _figure(ctx: StudyContext, lr: float, norms: list[str], runs: dict) -> Any:
         for ax, (lo, hi) in zip(
             axes[:2], (("loss_min", "loss_max"), ("grad_change_min", "grad_change_max")), strict=True
         ):
-            steps, low = _mean_curve([ctx.metrics(j, f"probe/landscape/{lo}") for j in ids])
-            _, high = _mean_curve([ctx.metrics(j, f"probe/landscape/{hi}") for j in ids])
+            steps, low = mean_curve([ctx.metrics(j, f"probe/landscape/{lo}") for j in ids])
+            _, high = mean_curve([ctx.metrics(j, f"probe/landscape/{hi}") for j in ids])
             ax.fill_between(steps, low, high, color=color, alpha=0.35, lw=0, label=label)
-        steps, beta = _mean_curve([ctx.metrics(j, "probe/landscape/beta_smoothness") for j in ids])
+        steps, beta = mean_curve([ctx.metrics(j, "probe/landscape/beta_smoothness") for j in ids])
         axes[2].plot(steps, beta, color=color, label=label)
         for mode, style in (("train", "-o"), ("eval", "--s")):
-            steps, eig = _mean_curve([ctx.metrics(j, f"probe/hessian/top_eigenvalue/{mode}") for j in ids])
+            steps, eig = mean_curve([ctx.metrics(j, f"probe/hessian/top_eigenvalue/{mode}") for j in ids])
             axes[3].plot(steps, eig, style, color=color, ms=4, label=f"{label}, {mode} mode")
     titles = (
         "loss landscape (loss along W - eta g)",
@@ -335,16 +336,3 @@ def _figure(ctx: StudyContext, lr: float, norms: list[str], runs: dict) -> Any:
         f"Loss landscape, gradient predictiveness, beta-smoothness "
         f"(Santurkar et al. 2018, Fig. 4) and Hessian top eigenvalue at lr {lr:g}; mean over seeds.",
     )
-
-
-def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
-    if not curves or not all(curves):
-        return [], []
-    steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
-    lookup = [dict(c) for c in curves]
-    return steps, [math.fsum(d[s] for d in lookup) / len(lookup) for s in steps]
-
-
-def _f(cell: tuple[float, float]) -> str:
-    mean, half = cell
-    return f"{mean:.3g}" + (f" ± {half:.2g}" if math.isfinite(half) else "")

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from normlab.studies._series import ci
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {
@@ -148,18 +149,18 @@ def verdict(summary: dict[str, dict[int, dict[str, Any]]]) -> tuple[str, bool | 
         return "The measurements are not finite (an activation overflowed), so no verdict.", None, None
     parts = [
         f"At depth {hi} the unnormalized ReLU ResNet's last-block squared channel mean is "
-        f"{_f(none_hi['sq_mean'])} (depth {lo}: {_f(none_lo['sq_mean'])}; {_f(none_hi['share'], pct=True)} "
+        f"{ci(none_hi['sq_mean'])} (depth {lo}: {ci(none_lo['sq_mean'])}; {ci(none_hi['share'], pct=True)} "
         f"of its second moment), its last-block activations have cross-example cosine similarity "
-        f"{_f(none_hi['cosine'])} and {_f(none_hi['collapse'], pct=True)} of examples get the top class",
-        f"BN gives {_f(bn_hi['sq_mean'])} ({_f(bn_hi['share'], pct=True)}), cosine {_f(bn_hi['cosine'])} and "
-        f"{_f(bn_hi['collapse'], pct=True)}",
+        f"{ci(none_hi['cosine'])} and {ci(none_hi['collapse'], pct=True)} of examples get the top class",
+        f"BN gives {ci(bn_hi['sq_mean'])} ({ci(bn_hi['share'], pct=True)}), cosine {ci(bn_hi['cosine'])} and "
+        f"{ci(bn_hi['collapse'], pct=True)}",
     ]
     if "nf" in summary and hi in summary["nf"]:
         nf_hi = summary["nf"][hi]
         parts.append(
-            f"NF gives {_f(nf_hi['sq_mean'])} ({_f(nf_hi['share'], pct=True)}), cosine {_f(nf_hi['cosine'])} "
+            f"NF gives {ci(nf_hi['sq_mean'])} ({ci(nf_hi['share'], pct=True)}), cosine {ci(nf_hi['cosine'])} "
             + (
-                f"and {_f(nf_hi['collapse'], pct=True)}"
+                f"and {ci(nf_hi['collapse'], pct=True)}"
                 if math.isfinite(nf_hi["collapse"][0])
                 else "and no top-class share (zero-initialized classifier: every logit ties)"
             )
@@ -327,15 +328,6 @@ def _depth_figure(ctx: StudyContext, summary: dict, variants: list[str], depths:
         "Mean shift, cross-example similarity and prediction collapse at initialization "
         "against depth (mean ± 95% CI over seeds).",
     )
-
-
-def _f(cell: tuple[float, float], pct: bool = False) -> str:
-    mean, half = cell
-    scale, unit = (100.0, "%") if pct else (1.0, "")
-    text = f"{mean * scale:.3g}{unit}"
-    if math.isfinite(half):
-        text += f" ± {half * scale:.2g}{unit}"
-    return text
 
 
 def _jsonable_keys(results: dict) -> dict:

@@ -30,6 +30,7 @@ from typing import Any
 from torch import nn
 
 from normlab.errors import NormlabError
+from normlab.studies._series import ci, mean_curve
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {
@@ -157,15 +158,15 @@ def verdict(
     if any(n not in acc for n in needed):
         return "The recipe must train none, bn, noisy_bn and noise to test the claim.", None, None
     sentence = (
-        f"At LR {lr:g}, noisy BN reached {_f(acc['noisy_bn'])}% test accuracy vs {_f(acc['bn'])}% with BN "
-        f"and {_f(acc['none'])}% for the standard net, the same noise without BN {_f(acc['noise'])}%; the "
-        f"tracked units' mean moved {_f(change['noisy_bn'])} per measurement with noisy BN vs "
-        f"{_f(change['bn'])} with BN and {_f(change['none'])} in the standard net."
+        f"At LR {lr:g}, noisy BN reached {ci(acc['noisy_bn'])}% test accuracy vs {ci(acc['bn'])}% with BN "
+        f"and {ci(acc['none'])}% for the standard net, the same noise without BN {ci(acc['noise'])}%; the "
+        f"tracked units' mean moved {ci(change['noisy_bn'])} per measurement with noisy BN vs "
+        f"{ci(change['bn'])} with BN and {ci(change['none'])} in the standard net."
     )
     if fit and "noisy_bn" in fit and "bn" in fit:
         sentence = sentence[:-1] + (
-            f"; in training mode (noise on) noisy BN fit its batches to {_f(fit['noisy_bn'])}% vs "
-            f"{_f(fit['bn'])}% with BN."
+            f"; in training mode (noise on) noisy BN fit its batches to {ci(fit['noisy_bn'])}% vs "
+            f"{ci(fit['bn'])}% with BN."
         )
     values = [acc[n][0] for n in needed] + [change["noisy_bn"][0], change["bn"][0]]
     if not all(math.isfinite(v) for v in values):
@@ -327,7 +328,7 @@ def _accuracy_figure(ctx: StudyContext, lrs: list[float], norms: list[str], runs
         for norm in norms:
             ids = [r["run_id"] for r in runs[(lr, norm)] if r["run_id"] is not None]
             for col, name in enumerate(("train/acc", "test/acc")):
-                steps, mean = _mean_curve([ctx.metrics(i, name) for i in ids])
+                steps, mean = mean_curve([ctx.metrics(i, name) for i in ids])
                 axes[row][col].plot(steps, [100 * m for m in mean], label=LABELS.get(norm, norm))
                 axes[row][col].set_title(
                     f"{'training' if col == 0 else 'test'} accuracy, lr {lr:g}", fontsize=10
@@ -411,16 +412,3 @@ def _model_of(ctx: StudyContext, run_ids: dict[str, Any]) -> nn.Module:
     run_id = next(i for i in run_ids.values() if i is not None)
     config = TrainConfig.from_dict(ctx.store.get_run(run_id).config)
     return build_model(config, load_data(config))
-
-
-def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
-    if not curves or not all(curves):
-        return [], []
-    steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
-    lookup = [dict(c) for c in curves]
-    return steps, [math.fsum(d[s] for d in lookup) / len(lookup) for s in steps]
-
-
-def _f(cell: tuple[float, float]) -> str:
-    mean, half = cell
-    return f"{mean:.3g}" + (f" ± {half:.2g}" if math.isfinite(half) else "")

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from normlab.studies._series import ci, mean_curve
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {
@@ -99,20 +100,20 @@ def verdict(
     lo, hi = depths[0], depths[-1]
     bn_slope = slope["bn"][0]
     parts = [
-        f"With BN the last block's branch/skip std ratio falls from {_f(last['bn'][lo])} at depth {lo} "
-        f"to {_f(last['bn'][hi])} at depth {hi} (fitted exponent {_f(slope['bn'])}; De & Smith predict "
+        f"With BN the last block's branch/skip std ratio falls from {ci(last['bn'][lo])} at depth {lo} "
+        f"to {ci(last['bn'][hi])} at depth {hi} (fitted exponent {ci(slope['bn'])}; De & Smith predict "
         "about -0.5)"
     ]
     if "none" in last:
         parts.append(
-            f"without normalization it is {_f(last['none'][hi])} at depth {hi} (exponent {_f(slope['none'])})"
+            f"without normalization it is {ci(last['none'][hi])} at depth {hi} (exponent {ci(slope['none'])})"
         )
     if "skipinit" in last:
-        parts.append(f"SkipInit's is {_f(last['skipinit'][hi])}")
+        parts.append(f"SkipInit's is {ci(last['skipinit'][hi])}")
     if acc:
         parts.append(
             "trained: "
-            + ", ".join(f"{LABELS.get(v, v)} {_f(a)}%{_diverged(diverged, v)}" for v, a in acc.items())
+            + ", ".join(f"{LABELS.get(v, v)} {ci(a)}%{_diverged(diverged, v)}" for v, a in acc.items())
             + " test accuracy"
         )
     sentence = "; ".join(parts) + "."
@@ -282,7 +283,7 @@ def _curve_figure(ctx: StudyContext, by_variant: dict[str, list[Any]]) -> Any:
             curves = [
                 ctx.metrics(r.run_id, name) for r in rs if r.run_id is not None and r.status == "finished"
             ]
-            steps, mean = _mean_curve(curves)
+            steps, mean = mean_curve(curves)
             if steps:
                 ax.plot(steps, mean, label=LABELS.get(variant, variant))
     ax_loss.set_yscale("log")
@@ -296,21 +297,6 @@ def _curve_figure(ctx: StudyContext, by_variant: dict[str, list[Any]]) -> Any:
     )
 
 
-def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
-    if not curves or not all(curves):
-        return [], []
-    steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
-    lookup = [dict(c) for c in curves]
-    return steps, [math.fsum(d[s] for d in lookup) / len(lookup) for s in steps]
-
-
 def _diverged(diverged: dict[str, str] | None, variant: str) -> str:
     count = (diverged or {}).get(variant, "0/")
     return "" if count.startswith("0/") else f" ({count} runs diverged)"
-
-
-def _f(cell: tuple[float, float], pct: bool = False) -> str:
-    mean, half = cell
-    scale, unit = (100.0, "%") if pct else (1.0, "")
-    text = f"{mean * scale:.3g}{unit}"
-    return text + (f" ± {half * scale:.2g}{unit}" if math.isfinite(half) else "")
