@@ -14,9 +14,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from normlab.errors import NormlabError
-from normlab.layers._batchnorm_base import BatchStatsNorm, reduce_dims
+from normlab.layers._batchnorm_base import BatchStatsNorm, channel_view, reduce_dims
 from normlab.layers.factory import register_norm
 
 
@@ -53,8 +54,8 @@ def batch_renorm(
     ``sigma_B = sqrt(var_B + eps)`` (biased var_B over N and spatial dims) and ``sigma = sqrt(running_var +
     eps)``, so that with unclipped r and d the training output equals the evaluation output. Because r and d
     carry no gradient, ``gamma * (x_hat_B * r + d) + beta`` is BN with weight ``gamma * r`` and bias
-    ``gamma * d + beta``: one fused ``F.batch_norm`` call computes output and backward (the gradients of
-    gamma and beta come out right through the chain rule on those products).
+    ``gamma * d + beta``: BN's fused backward computes the gradients (those of gamma and beta come out
+    right through the chain rule on those products), and the batch statistics are computed once.
 
     Running statistics are updated as PyTorch BN does (after r and d are computed from the old ones):
     ``mu <- (1 - m) mu + m mu_B``, ``running_var <- (1 - m) running_var + m * unbiased var_B``. (Ioffe
@@ -72,7 +73,35 @@ def batch_renorm(
         running_var.lerp_((var_b * (n / (n - 1))).to(running_var.dtype), momentum)
     w = r if weight is None else weight * r
     b = d if weight is None else torch.addcmul(bias, weight, d)
-    return F.batch_norm(x, None, None, w, b, True, 0.0, eps)
+    return _BatchNormGivenStats.apply(x, w, b, mean_b.to(x.dtype), torch.rsqrt(var_b + eps).to(x.dtype), eps)
+
+
+class _BatchNormGivenStats(torch.autograd.Function):
+    """Training-mode BN ``y = w * (x - mean) * invstd + b`` with the batch statistics already computed.
+
+    ``F.batch_norm`` would compute the statistics a second time (they are needed first for r and d); here
+    the forward is one ``addcmul`` over x and the backward is BN's fused backward, which accounts for the
+    statistics' dependence on x. Gradients flow to x, w and b; autograd carries those of w = gamma * r and
+    b = gamma * d + beta on to gamma and beta.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, eps):
+        scale = weight * invstd
+        out = torch.addcmul(channel_view(bias - mean * scale, x), x, channel_view(scale, x))
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, invstd = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, None, None, mean, invstd, True, ctx.eps, mask
+        )
+        return dx, dw, db, None, None, None
 
 
 @torch.no_grad()
