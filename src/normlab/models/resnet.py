@@ -204,7 +204,7 @@ def _build(
             activation=activation,
             alpha=0.2 if alpha is None else alpha,
             skip_gain_init=0.0 if skip_gain_init is None else skip_gain_init,
-            downsample="avg" if downsample is None else downsample,
+            downsample="conv" if downsample is None else downsample,
             dropout=dropout,
             norm_options=norm_options,
         )
