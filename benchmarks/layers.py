@@ -8,13 +8,14 @@ Prints three tables of median and minimum times and their ratios (lower is bette
 2. ``ScaledStdConv2d`` (3x3, 64 -> 64) divided by ``nn.Conv2d`` + ``nn.BatchNorm2d``, batch 128;
 3. ``adaptive_clip_grad_`` on a list of parameters with the shapes of torchvision's resnet50 (built here
    without torchvision), divided by timm's per-parameter loop (``timm.utils.agc.adaptive_clip_grad``).
-Timings are interleaved round-robin (one run of each candidate per round) so that load changes on a
-shared machine hit all candidates alike; figures are the median and the minimum over ``--repeat`` rounds.
+Timings are interleaved (one run of each candidate per round, in a new random order each round) so that
+load changes on a shared machine hit all candidates alike; figures are the median and the minimum over ``--repeat`` rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -63,13 +64,18 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
 def interleaved_times(
     fns: dict[str, Callable[[], None]], repeat: int, warmup: int = 2
 ) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, ``repeat`` calls each, interleaved round-robin."""
+    """Seconds per call of each candidate, ``repeat`` calls each, interleaved in a new random order every
+    round (a fixed order measurably favours whichever candidate runs first: allocator and cache state)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order = random.Random(0)
     for _ in range(repeat):
-        for name, fn in fns.items():
+        names = list(fns)
+        order.shuffle(names)
+        for name in names:
+            fn = fns[name]
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
