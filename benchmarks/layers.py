@@ -9,7 +9,8 @@ Prints three tables of median and minimum times and their ratios (lower is bette
 3. ``adaptive_clip_grad_`` on a list of parameters with the shapes of torchvision's resnet50 (built here
    without torchvision), divided by timm's per-parameter loop (``timm.utils.agc.adaptive_clip_grad``).
 Timings are interleaved (one run of each candidate per round, in a new random order each round) so that
-load changes on a shared machine hit all candidates alike; figures are the median and the minimum over ``--repeat`` rounds.
+load changes on a shared machine hit all candidates alike; figures are the median and the minimum over
+``--repeat`` rounds.
 """
 
 from __future__ import annotations
