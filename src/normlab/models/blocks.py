@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 
@@ -35,3 +36,25 @@ class ResidualModel(Protocol):
     stem: nn.Module
 
     def blocks(self) -> Iterator[tuple[str, nn.Module]]: ...
+
+
+class StagedResNet(nn.Module):
+    """Base of normlab's residual models: ``stem -> stages (of blocks) -> final -> pool -> classifier``.
+
+    Subclasses build ``self.stem``, ``self.stages`` (an ``nn.ModuleList`` of ``nn.Sequential`` blocks),
+    ``self.final``, ``self.pool`` and ``self.classifier``; this class adds :meth:`blocks` and the forward.
+    """
+
+    stages: nn.ModuleList
+
+    def blocks(self) -> Iterator[tuple[str, nn.Module]]:
+        """(qualified name, block) for every residual block, in forward order."""
+        for i, stage in enumerate(self.stages):
+            for j, block in enumerate(stage):
+                yield f"stages.{i}.{j}", block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.classifier(self.pool(self.final(x)))

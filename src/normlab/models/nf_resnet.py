@@ -28,8 +28,6 @@ schedule on any input (within a few % of zero-padding border loss). Both are in 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +44,7 @@ from normlab.models._layers import (
     nf_eps,
     scaled_std_conv,
 )
+from normlab.models.blocks import StagedResNet
 from normlab.models.factory import NF, check_classes, register_model
 
 #: Shortcut of a block that changes width or resolution: "avg" = 2x2 average pool then 1x1 conv (timm's
@@ -155,7 +154,7 @@ def expected_variances(num_stages: int, blocks_per_stage: int, alpha: float) -> 
     return variances
 
 
-class NFResNet(nn.Module):
+class NFResNet(StagedResNet):
     """NF-ResNet: stem (Scaled WS 3x3 conv, gamma 1), stages of :class:`NFBlock`, ``act``, global average
     pool, zero-initialized ``classifier``.
 
@@ -219,18 +218,6 @@ class NFResNet(nn.Module):
         self.classifier = nn.Linear(channels, num_classes)
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
-
-    def blocks(self) -> Iterator[tuple[str, nn.Module]]:
-        """(qualified name, block) for every residual block, in forward order."""
-        for i, stage in enumerate(self.stages):
-            for j, block in enumerate(stage):
-                yield f"stages.{i}.{j}", block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.classifier(self.pool(self.final(x)))
 
 
 @register_model("nf_resnet", default_norm=NF)

@@ -12,8 +12,6 @@ used zero-padding shortcuts, ~1% fewer parameters). Every block follows ``normla
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
@@ -28,6 +26,7 @@ from normlab.models._layers import (
     he_init_,
     make_norm,
 )
+from normlab.models.blocks import StagedResNet
 from normlab.models.factory import NF, check_classes, register_alias, register_model
 from normlab.models.nf_resnet import NFResNet
 
@@ -72,7 +71,7 @@ class PreActBlock(nn.Module):
         return self.shortcut(pre if self.projects else x) + self.skip_scale(self.branch(pre))
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(StagedResNet):
     """Pre-activation ResNet with ``len(stage_widths)`` stages of ``blocks_per_stage`` blocks.
 
     Shapes: input (N, in_channels, L) for ``dims=1`` or (N, in_channels, H, W) for ``dims=2``; output
@@ -132,18 +131,6 @@ class PreActResNet(nn.Module):
         self.pool = global_avg_pool(dims)
         self.classifier = nn.Linear(channels, num_classes)
         he_init_(self)
-
-    def blocks(self) -> Iterator[tuple[str, nn.Module]]:
-        """(qualified name, block) for every residual block, in forward order."""
-        for i, stage in enumerate(self.stages):
-            for j, block in enumerate(stage):
-                yield f"stages.{i}.{j}", block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.classifier(self.pool(self.final(x)))
 
 
 def _skipinit(value: float) -> nn.Module:
