@@ -26,6 +26,7 @@ import functools
 import math
 from typing import Any
 
+from normlab.studies._santurkar import santurkar_base
 from normlab.studies._series import ci, mean_curve
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
@@ -198,21 +199,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
             f"{ctx.study.path or ctx.study.name} [scale.{ctx.scale}]: eta_range must be "
             f"[low, high], got {eta_range!r}"
         )
-    base = {
-        "model": ctx.param("model", str),
-        "width": ctx.param("width", (int, float)),
-        "dataset": ctx.param("dataset", str),
-        "subset": ctx.param("subset", int) or None,
-        "download": bool(ctx.params.get("download", False)),
-        "batch_size": ctx.param("batch_size", int),
-        "steps": ctx.param("steps", int),
-        "eval_every": ctx.param("eval_every", int),
-        "optimizer": "sgd",
-        "momentum": 0.0,
-        "weight_decay": 0.0,
-        "schedule": "constant",
-        "group": "study/landscape",
-    }
+    base = santurkar_base(ctx, "study/landscape")
     grid = [(lr, norm, seed) for lr in lrs for norm in norms for seed in ctx.seeds]
     configs = [ctx.config(**base, lr=lr, norm=norm, seed=seed) for lr, norm, seed in grid]
     factory = functools.partial(

@@ -30,6 +30,7 @@ from typing import Any
 from torch import nn
 
 from normlab.errors import NormlabError
+from normlab.studies._santurkar import santurkar_base
 from normlab.studies._series import ci, mean_curve
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
@@ -196,23 +197,7 @@ def verdict(
 
 def run(ctx: StudyContext) -> StudyOutcome:
     norms, lrs = ctx.param("norms", list), ctx.param("lrs", list)
-    subset = ctx.param("subset", int)
-    base = {
-        "model": ctx.param("model", str),
-        "width": ctx.param("width", (int, float)),
-        "dataset": ctx.param("dataset", str),
-        "subset": subset or None,
-        "download": bool(ctx.params.get("download", False)),
-        "batch_size": ctx.param("batch_size", int),
-        "steps": ctx.param("steps", int),
-        "eval_every": ctx.param("eval_every", int),
-        # Santurkar et al.: plain SGD with a fixed learning rate, no weight decay.
-        "optimizer": "sgd",
-        "momentum": 0.0,
-        "weight_decay": 0.0,
-        "schedule": "constant",
-        "group": "study/noisy-bn",
-    }
+    base = santurkar_base(ctx, "study/noisy-bn")
     grid = [(lr, norm, seed) for lr in lrs for norm in norms for seed in ctx.seeds]
     configs = [ctx.config(**base, lr=lr, norm=norm, seed=seed) for lr, norm, seed in grid]
     # Check the tracked slots against the model before training (a worker would only record a failure).
