@@ -22,9 +22,17 @@ app = typer.Typer(
 
 
 def _register_all() -> None:
-    from normlab.cli import crossval_cmds, probe_cmds, study_cmds, train_cmds
+    from normlab.cli import (
+        catalog_cmds,
+        compare_cmd,
+        crossval_cmds,
+        probe_cmds,
+        runs_cmds,
+        study_cmds,
+        train_cmd,
+    )
 
-    for module in (train_cmds, probe_cmds, study_cmds, crossval_cmds):
+    for module in (train_cmd, runs_cmds, catalog_cmds, compare_cmd, probe_cmds, study_cmds, crossval_cmds):
         module.register(app)
 
 

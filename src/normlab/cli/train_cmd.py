@@ -1,0 +1,172 @@
+"""``normlab train``: one run, every :class:`~normlab.train.TrainConfig` field an option."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from normlab.cli._common import STORE_HELP, console, csv_list, fmt, open_store, print_json
+from normlab.errors import NormlabError
+
+_FIELD_HELP = {
+    "model": "model name (see `normlab models`)",
+    "norm": "normalization (see `normlab norms`), or nf for the normalizer-free variant",
+    "norm_options": 'JSON object of norm options, e.g. \'{"groups": 8}\'',
+    "model_options": "JSON object of model options",
+    "width": "model width (model default if unset)",
+    "depth": "model depth (model default if unset)",
+    "dataset": "dataset name",
+    "data_root": "folder holding the data (default ~/.cache/normlab)",
+    "download": "download missing data",
+    "subset": "train on a seeded subset: a count, or a fraction in (0, 1]",
+    "augment": "augmentation: shift (1-D), crop_flip (images)",
+    "batch_size": "training batch size",
+    "epochs": "epochs (ignored when --steps is set)",
+    "steps": "optimizer steps (overrides --epochs)",
+    "optimizer": "sgd or adamw",
+    "lr": "peak learning rate",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum (SGD)",
+    "weight_decay": "weight decay",
+    "wd_exclude_norm_bias": "no weight decay on 1-D parameters (norm gains, biases)",
+    "agc_clip": "Adaptive Gradient Clipping factor lambda (off if unset)",
+    "agc_eps": "AGC's floor on parameter norms",
+    "schedule": "constant, step or cosine",
+    "warmup_steps": "linear warmup steps",
+    "milestones": "comma-separated steps where the step schedule multiplies the lr by gamma",
+    "gamma": "step-schedule factor",
+    "seed": "seed of init, data order and augmentation",
+    "device": "cpu, cuda, cuda:N, mps or auto",
+    "eval_every": "evaluate on the test set every N steps (0: at the end only)",
+    "eval_batch_size": "batch size of evaluation",
+    "eval_train_samples": "training examples evaluated at the end",
+    "divergence_bound": "a loss above this (or non-finite) stops the run as diverged",
+    "log_every": "log training metrics every N steps",
+    "checkpoint_dir": "folder for checkpoints",
+    "checkpoint_every": "checkpoint every N steps (0: at the end only, if checkpoint_dir is set)",
+    "name": "run name",
+    "group": "run group / study tag",
+}
+
+
+def _option_type(name: str, annotation: str) -> type:
+    # Field annotations are strings (postponed evaluation); their first type names the option's type.
+    if name in ("norm_options", "model_options", "milestones", "width", "subset"):
+        return str  # parsed by parse_option: JSON / comma list / int-or-float
+    first = annotation.split("|")[0].strip()
+    return {"bool": bool, "int": int, "float": float}.get(first, str)
+
+
+def parse_option(name: str, value: Any) -> Any:
+    if name in ("norm_options", "model_options"):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise NormlabError(f"--{name.replace('_', '-')} must be a JSON object: {exc}") from None
+        return parsed
+    if name == "milestones":
+        return csv_list(value, int, "--milestones")
+    if name in ("width", "subset"):
+        try:
+            number = float(value)
+        except ValueError:
+            raise NormlabError(f"--{name} must be a number, got {value!r}") from None
+        return int(number) if number.is_integer() and "." not in value else number
+    return value
+
+
+def _train_signature() -> inspect.Signature:
+    from normlab.train import TrainConfig
+
+    defaults = TrainConfig()
+    params = [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--config", "-c", help="TOML file of TrainConfig fields"),
+            annotation=Path | None,
+        )
+    ]
+    for f in dataclasses.fields(TrainConfig):
+        default = getattr(defaults, f.name)
+        kind = _option_type(f.name, str(f.type))
+        flag = "--" + f.name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        shown = json.dumps(default) if isinstance(default, (dict, list)) else default
+        help_text = f"{_FIELD_HELP.get(f.name, f.name)} [default: {shown}]"
+        params.append(
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, *decls, help=help_text),
+                annotation=kind | None,
+            )
+        )
+    extra = [
+        ("store", str | None, typer.Option(None, "--store", help=STORE_HELP)),
+        ("threads", int | None, typer.Option(None, "--threads", help="torch CPU threads (default: torch's)")),
+        ("resume", bool, typer.Option(False, "--resume", help="continue from this config's checkpoint")),
+        ("progress", bool, typer.Option(True, "--progress/--no-progress", help="progress bar on a terminal")),
+        ("json_output", bool, typer.Option(False, "--json", help="print the result as JSON only")),
+    ]
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params += [inspect.Parameter(n, keyword, default=d, annotation=a) for n, a, d in extra]
+    return inspect.Signature(params)
+
+
+def config_from_cli(config_file: Path | None, options: dict[str, Any]):
+    """A TrainConfig from an optional TOML file with the given options (not None) applied on top."""
+    from normlab.train import TrainConfig
+
+    values = TrainConfig.from_toml(config_file).to_dict() if config_file is not None else {}
+    values.update({k: parse_option(k, v) for k, v in options.items() if v is not None})
+    return TrainConfig.from_dict(values)
+
+
+def train_command(**kwargs: Any) -> None:
+    """Train one model and record it in the results store."""
+    from normlab.train import Trainer
+
+    store_path, resume, threads = kwargs.pop("store"), kwargs.pop("resume"), kwargs.pop("threads")
+    progress, as_json = kwargs.pop("progress"), kwargs.pop("json_output")
+    config = config_from_cli(kwargs.pop("config"), kwargs)
+    if threads is not None:
+        if threads < 1:
+            raise NormlabError(f"--threads must be a positive int, got {threads}")
+        # Small models gain little from intra-op threads, and on a busy machine spinning threads cost a lot.
+        import torch
+
+        torch.set_num_threads(threads)
+    # Build everything (data, model, checkpoint) before opening the store: bad input leaves it untouched.
+    trainer = Trainer(config, progress=None if progress else False, resume=True if resume else None)
+    with open_store(store_path) as store:
+        trainer.store = store
+        result = trainer.fit()
+    if as_json:
+        print_json(result.to_dict())
+        return
+    from rich.table import Table
+
+    table = Table(title=f"run {result.run_id}: {config.model} / {config.norm} on {config.dataset}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name in (
+        "status", "steps", "final_train_loss", "final_train_acc", "final_test_loss", "final_test_acc",
+        "test_acc_train_mode", "test_acc_eval_mode", "train_eval_gap", "steps_per_s", "wall_time", "error",
+    ):  # fmt: skip
+        value = getattr(result, name)
+        if value is not None:
+            table.add_row(name, fmt(value))
+    console().print(table)
+
+
+train_command.__signature__ = _train_signature()  # type: ignore[attr-defined]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", help="Train one model (every TrainConfig field is an option).")(train_command)
