@@ -1,0 +1,63 @@
+"""The plateau and stall rules (normlab.train.convergence) on constructed curves: no training."""
+
+import math
+
+import pytest
+
+from normlab.train.convergence import PlateauRule, assess, plateaued, stalled
+
+
+def curves(tau: float, steps: int = 1000, log_every: int = 10, eval_every: int = 50):
+    loss = [(s, 2.3 * math.exp(-s / tau) + 0.1) for s in range(log_every, steps + 1, log_every)]
+    acc = [(s, 0.95 - 0.85 * math.exp(-s / tau)) for s in range(eval_every, steps + 1, eval_every)]
+    return loss, acc
+
+
+def test_flat_end_is_a_plateau():
+    loss, acc = curves(tau=100)
+    result = plateaued(loss, acc)
+    assert result.status == "converged"
+    assert result.loss_change == pytest.approx(0.0157, abs=2e-3)
+
+
+def test_falling_loss_is_unconverged():
+    loss, acc = curves(tau=1000)
+    result = plateaued(loss, acc)
+    assert result.status == "unconverged" and result.reason.startswith("training loss still falling: 16.")
+
+
+def test_rising_heldout_metric_alone_is_unconverged():
+    loss, _ = curves(tau=100)
+    acc = [(s, 0.5 + 0.4 * s / 1000) for s in range(50, 1001, 50)]
+    result = plateaued(loss, acc)
+    assert result.status == "unconverged" and result.reason.startswith("held-out metric still improving")
+
+
+def test_regression_metric_lower_is_better():
+    loss, _ = curves(tau=100)
+    falling_error = [(s, 1.0 - 0.5 * s / 1000) for s in range(50, 1001, 50)]
+    assert plateaued(loss, falling_error, PlateauRule(higher_is_better=False)).status == "unconverged"
+
+
+def test_too_few_evaluations_cannot_show_a_plateau():
+    loss, _ = curves(tau=100)
+    result = plateaued(loss, [(1000, 0.9)])
+    assert result.status == "unconverged" and "evaluate more often" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("loss", "acc", "classes", "expected"),
+    [(2.3026, 0.10, 10, True), (2.10, 0.18, 10, True), (2.10, 0.25, 10, False), (1.0, 0.12, 10, False),
+     (0.6931, 0.52, 2, True), (0.6931, 0.60, 2, False), (5.0, 0.0, 0, False)],
+)  # fmt: skip
+def test_stall_rule(loss, acc, classes, expected):
+    assert stalled(loss, acc, classes) is expected
+
+
+def test_assess_orders_failure_stall_and_plateau():
+    loss, acc = curves(tau=100)
+    common = dict(train_loss=loss, heldout=acc, num_classes=10)
+    nan = math.nan
+    assert assess("diverged", final_train_loss=nan, final_train_acc=nan, **common).status == "diverged"
+    assert assess("finished", final_train_loss=2.30, final_train_acc=0.1, **common).status == "stalled"
+    assert assess("finished", final_train_loss=0.1, final_train_acc=0.97, **common).status == "converged"
