@@ -132,7 +132,7 @@ def test_compare_json_statistics_and_resume(capsys, db, tmp_path):
     a, b = rows["bn"]["accuracies"]
     assert rows["bn"]["test_acc_mean"] == pytest.approx((a + b) / 2)
     # t_{0.975, 1} * s / sqrt(2) with s the sample std of two values: 12.7062 * |a - b| / 2
-    assert rows["bn"]["test_acc_ci95"] == pytest.approx(12.7062 * abs(a - b) / 2, abs=1e-9)
+    assert rows["bn"]["test_acc_ci95"] == pytest.approx(12.706205 * abs(a - b) / 2, rel=1e-6)
     assert rows["none"]["train_eval_gap"] == 0.0 and rows["none"]["steps_per_s"] > 0
 
     code, out, _ = cli(capsys, *args)  # everything is in the store now: nothing is retrained

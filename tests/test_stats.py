@@ -9,7 +9,7 @@ from normlab.errors import NormlabError
 from normlab.stats import INCONCLUSIVE, TIE, WIN, compare_arms, diff_ci, mean_ci, t_quantile_975
 
 
-@pytest.mark.parametrize("df", [1, 2, 3, 7, 30, 45, 100, 1000, 2.5, 4.7])
+@pytest.mark.parametrize("df", [1, 2, 3, 7, 29, 30, 31, 45, 60, 90, 150, 1000, 100000, 2.5, 4.7])
 def test_t_quantile_matches_scipy(df):
     assert t_quantile_975(df) == pytest.approx(sps.t.ppf(0.975, df), rel=1e-9)
 

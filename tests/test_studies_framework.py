@@ -24,7 +24,6 @@ from normlab.studies import (
     parse_recipe,
     render_study_folder,
     run_study,
-    t_quantile_975,
     validate_params,
 )
 
@@ -47,16 +46,6 @@ def test_mean_ci_edge_cases():
     assert mean == 0.5 and math.isnan(half)
     assert all(math.isnan(v) for v in mean_ci([]))
     assert mean_ci([2.0, 2.0, 2.0]) == (2.0, 0.0)
-
-
-@pytest.mark.parametrize("df", [1, 2, 3, 7, 29, 30, 31, 45, 60, 90, 150, 1000, 100000])
-def test_t_quantile_matches_scipy(df):
-    assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=2e-4)
-
-
-def test_t_quantile_bad_df():
-    with pytest.raises(NormlabError, match="degrees of freedom must be a positive int, got 0"):
-        t_quantile_975(0)
 
 
 # -- recipes and registry ----------------------------------------------------------------------------

@@ -42,7 +42,7 @@ _FIELD_HELP = {
     "gamma": "step-schedule factor",
     "seed": "seed of init, data order and augmentation",
     "device": "cpu, cuda, cuda:N, mps or auto",
-    "eval_every": "evaluate on the test set every N steps (0: at the end only)",
+    "eval_every": "evaluate on the test set every N steps (0: 20 times over the run)",
     "eval_batch_size": "batch size of evaluation",
     "eval_train_samples": "training examples evaluated at the end",
     "divergence_bound": "a loss above this (or non-finite) stops the run as diverged",

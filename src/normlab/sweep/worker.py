@@ -45,7 +45,10 @@ def failed_result(config: dict[str, Any], error: str, store: Any, run_id: int | 
     if store is not None and run_id is None:
         run_id = store.start_run(config, key=key, name=config.get("name"), group=config.get("group"))
         store.finish_run(run_id, "failed", error=error, summary={"status": "failed", "error": error})
-    return RunResult(status="failed", error=error, run_id=run_id, config=dict(config), config_key=key)
+    return RunResult(
+        status="failed", error=error, run_id=run_id, config=dict(config), config_key=key,
+        convergence="failed", convergence_reason=f"the run failed: {error}",
+    )  # fmt: skip
 
 
 def init_worker(threads: int) -> None:

@@ -22,6 +22,9 @@ class RunResult:
     test_acc_eval_mode`` (:func:`normlab.probes.train_eval_gap`, on the first ``floor(N / batch) * batch``
     test examples, so ``test_acc_eval_mode`` can differ slightly from ``final_test_acc`` over all N);
     accuracies are NaN for regression tasks.
+    ``convergence`` is the run's status under normlab's convergence rules (:mod:`normlab.train.convergence`):
+    ``converged``, ``unconverged``, ``stalled``, ``diverged`` or ``failed``; ``convergence_reason`` says why.
+    Only ``converged`` runs are results a comparison may rank.
     ``steps_per_s`` counts optimizer steps over the time spent in the training loop (evaluation excluded).
     """
 
@@ -36,6 +39,8 @@ class RunResult:
     train_eval_gap: float = NAN
     wall_time: float = NAN
     steps_per_s: float = NAN
+    convergence: str = ""
+    convergence_reason: str = ""
     run_id: int | None = None
     error: str | None = None
     config: dict[str, Any] = field(default_factory=dict)

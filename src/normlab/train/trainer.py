@@ -39,6 +39,7 @@ from normlab.train.result import RunResult
 from normlab.train.schedule import learning_rate
 
 _FLUSH_ROWS = 2000
+EVALUATIONS = 20  # held-out evaluations over a run when config.eval_every is 0 (auto)
 
 
 class Trainer:
@@ -84,6 +85,8 @@ class Trainer:
         self.agc_params, self._clip = self._agc()
         self.batches = self._batch_iterator()
         self.total_steps = config.steps or config.epochs * len(self.batches)
+        # The convergence rule needs the held-out curve: eval_every=0 spreads EVALUATIONS over the run.
+        self.eval_every = config.eval_every or max(1, self.total_steps // EVALUATIONS)
         self.x_test, self.y_test = self.data.x_test.to(self.device), self.data.y_test.to(self.device)
 
         self.step = 0
@@ -189,7 +192,7 @@ class Trainer:
                 for fn, every in self.callbacks:
                     if self.step % every == 0:
                         fn(self._context(x, y))
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                if self.step % self.eval_every == 0:
                     self._evaluate_test()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -280,6 +283,7 @@ class Trainer:
             config_key=self.config.key(),
         )
         if status != "finished":
+            result.convergence, result.convergence_reason = status, f"the run {status}: {reason}"
             return result
         test_loss, test_acc = self._evaluate_test()
         n_train = min(self.config.eval_train_samples, self.data.x_train.shape[0])
@@ -298,9 +302,27 @@ class Trainer:
             result.test_acc_train_mode = gap.acc_train_mode
             result.test_acc_eval_mode = gap.acc_eval_mode
             result.train_eval_gap = gap.acc_gap
+        verdict = self._convergence(result)
+        result.convergence, result.convergence_reason = verdict.status, verdict.reason
         # The evaluation above is part of the run's wall time.
         result.wall_time = self._elapsed_before + time.perf_counter() - self._started
         return result
+
+    def _convergence(self, result: RunResult):
+        """Plateau and stall rules on this run's history (:mod:`normlab.train.convergence`): the training
+        loss against the held-out metric (test accuracy; test loss for regression)."""
+        from normlab.train.convergence import PlateauRule, assess
+
+        heldout = self.history["test/acc" if self.classification else "test/loss"]
+        return assess(
+            result.status,
+            train_loss=self.history["train/loss"],
+            heldout=heldout,
+            final_train_loss=result.final_train_loss,
+            final_train_acc=result.final_train_acc,
+            num_classes=self.data.num_classes if self.classification else 0,
+            rule=PlateauRule(higher_is_better=self.classification),
+        )
 
     def _train_eval_gap(self):
         from normlab.probes import train_eval_gap
