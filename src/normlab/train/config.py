@@ -122,7 +122,21 @@ class TrainConfig:
         return config_key(self.key_dict())
 
     def key_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_KEY}
+        """The fields in the key, plus ``fingerprint`` of user code and data when the run uses them
+        (:mod:`normlab.external.fingerprint`: the model spec's source file, the npz file's bytes, the image
+        folder's file list with sizes and times), so a changed model or data set is trained again."""
+        values = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_KEY}
+        from normlab.external import data_fingerprint, is_model_spec, model_fingerprint
+
+        fingerprint = {}
+        if is_model_spec(self.model):
+            fingerprint["model"] = model_fingerprint(self.model)
+        data = data_fingerprint(self.dataset, self.data_root)
+        if data is not None:
+            fingerprint["data"] = data
+        if fingerprint:
+            values["fingerprint"] = fingerprint
+        return values
 
 
 def field_names() -> list[str]:
@@ -195,6 +209,10 @@ def _check_field(name: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise NormlabError(f"{name} must be a table/dict of options, got {value!r}")
         return dict(value)
+    if name == "model" and callable(value) and not isinstance(value, str):
+        from normlab.external import spec_of
+
+        return spec_of(value)  # a factory from Python: kept as the spec that loads it again (in workers too)
     if name == "milestones":
         if not isinstance(value, (list, tuple)) or not all(_is_int(v) and v > 0 for v in value):
             raise NormlabError(f"milestones must be a list of positive step numbers, got {value!r}")
