@@ -16,6 +16,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -405,6 +406,29 @@ def _grad_norm(params: list[torch.nn.Parameter]) -> float:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
 
 
+@dataclass
+class TrainOutput:
+    """What :func:`train_model` returns: the run's :class:`RunResult` and the trained ``nn.Module`` (in
+    eval mode, on the run's device). The result stays plain values (picklable, stored); the model is
+    here, not in it."""
+
+    result: RunResult
+    model: torch.nn.Module
+
+
+def train_model(
+    config: TrainConfig,
+    store: Any = None,
+    callbacks: Iterable[Any] = (),
+    progress: bool | None = None,
+    resume: str | os.PathLike | bool | None = None,
+) -> TrainOutput:
+    """Train ``config`` like :func:`train` and also return the trained model (:class:`TrainOutput`)."""
+    trainer = Trainer(config, store=store, callbacks=callbacks, progress=progress, resume=resume)
+    result = trainer.fit()
+    return TrainOutput(result=result, model=trainer.model.eval())
+
+
 def train(
     config: TrainConfig,
     store: Any = None,
@@ -412,5 +436,6 @@ def train(
     progress: bool | None = None,
     resume: str | os.PathLike | bool | None = None,
 ) -> RunResult:
-    """Train ``config`` and return its :class:`RunResult` (see :class:`Trainer` for the arguments)."""
+    """Train ``config`` and return its :class:`RunResult` (see :class:`Trainer` for the arguments); the
+    trained model: :func:`train_model`, or ``Trainer(config).fit()`` then ``trainer.model``."""
     return Trainer(config, store=store, callbacks=callbacks, progress=progress, resume=resume).fit()
