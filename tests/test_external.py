@@ -327,7 +327,7 @@ def test_residual_scale_on_a_torchvision_block_matches_hand_computed_ratio():
     assert result.ratio["layer1.0"] == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(NormlabError, match="no module named 'layer9.0'"):
         residual_scale(model, x, mode="eval", blocks=["layer9.0"])
-    with pytest.raises(NormlabError, match="cannot find residual blocks in Sequential"):
+    with pytest.raises(NormlabError, match="residual_scale needs a residual model .* Sequential has none"):
         residual_scale(nn.Sequential(nn.Conv2d(3, 3, 1)), x)
 
 

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from normlab.errors import NormlabError
 from normlab.probes._blocks import find_blocks
 from normlab.probes._hooks import captured, captured_inputs, probe_input
 from normlab.probes._result import ProbeResult
@@ -50,7 +51,15 @@ def residual_scale(
     blocks (branch = ``bn2``/``bn3`` output, shortcut = ``downsample`` output or the block's input), or the
     module names in ``blocks`` (:mod:`normlab.probes._blocks`)."""
     check_mode(mode)
-    _, found = find_blocks(model, blocks)
+    try:
+        _, found = find_blocks(model, blocks)
+    except NormlabError:
+        if blocks is not None:
+            raise
+        raise NormlabError(
+            "residual_scale needs a residual model (model.stem + model.blocks() of normlab.models.blocks, "
+            f"torchvision/timm ResNet blocks, or blocks=[module names]); {type(model).__name__} has none"
+        ) from None
     x, source = probe_input(model, x, input_shape, batch_size, seed)
     check_batch_for_mode(model, x.shape[0], mode)
     points = [(f"{b.name}/branch", b.contribution) for b in found]
