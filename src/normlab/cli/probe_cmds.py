@@ -179,6 +179,8 @@ def probe_command(
     checkpoint: str | None = typer.Option(None, "--checkpoint", help="a trainer checkpoint (.pt) to load"),
     dataset: str | None = typer.Option(None, "--dataset", help="dataset (default: checkpoint's, or mnist1d)"),
     data_root: str | None = typer.Option(None, "--data-root", help="folder holding the data"),
+    model_options: str | None = typer.Option(None, "--model-options", help="JSON object of model options"),
+    image_size: int | None = typer.Option(None, "--image-size", help="imagefolder: image side"),
     batch_size: int | None = typer.Option(None, "--batch-size", help="examples in the probe batch"),
     mode: str = typer.Option("train", "--mode", help="train (BN batch statistics) or eval (running ones)"),
     seed: int = typer.Option(0, "--seed", help="seed of the batch draw and of random directions / units"),
@@ -198,7 +200,11 @@ def probe_command(
         raise NormlabError(f"--batch-size must be a positive int, got {batch_size}")
     probe_options = _parse_options(options)
     overrides = {"model": model, "norm": norm, "dataset": dataset, "data_root": data_root,
-                 "batch_size": batch_size}
+                 "batch_size": batch_size, "image_size": image_size}
+    if model_options is not None:
+        from normlab.cli.train_cmd import parse_option
+
+        overrides["model_options"] = parse_option("model_options", model_options)
     config, data, net, optimizer, loss_fn = _setup(checkpoint, overrides)
     check_options(name, probe_options)
     result = run_probe(name, config=config, data=data, model=net, optimizer=optimizer, loss_fn=loss_fn,

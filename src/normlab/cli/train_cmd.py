@@ -33,6 +33,9 @@ _FIELD_HELP = {
     "download": "download missing data",
     "subset": "train on a seeded subset: a count, or a fraction in (0, 1]",
     "augment": "augmentation: shift (1-D), crop_flip (images)",
+    "image_size": "imagefolder: side of the resized, centre-cropped images (loader default 64)",
+    "val_fraction": "imagefolder: hold out this fraction of each class's training images as the test split "
+                    "(instead of val/)",
     "batch_size": "training batch size",
     "epochs": "epochs (ignored when --steps is set)",
     "steps": "optimizer steps (overrides --epochs)",

@@ -37,12 +37,16 @@ def load_data(config: TrainConfig):
     """The dataset of ``config`` (in-memory tensors, see :func:`normlab.data.load_dataset`)."""
     from normlab.data import load_dataset
 
+    # Loader options the config sets (imagefolder's image size and held-out split); an unset one is left
+    # to the loader's default, and one the dataset does not take is named by load_dataset's error.
+    options = {name: getattr(config, name) for name in ("image_size", "val_fraction")}
     return load_dataset(
         config.dataset,
         root=config.data_root,
         download=config.download,
         subset=config.subset,
         seed=config.seed,
+        **{name: value for name, value in options.items() if value is not None},
     )
 
 

@@ -20,6 +20,8 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 DEVICE_PREFIXES = ("cpu", "cuda", "mps", "auto")
 # Fields that say where or under which label a run is kept, not what it computes: left out of the key.
+# Data options added later: in the key only when set, so stored runs keep their keys.
+_IN_KEY_WHEN_SET = ("image_size", "val_fraction")
 _NOT_IN_KEY = ("name", "group", "checkpoint_dir", "checkpoint_every", "download", "data_root")
 
 
@@ -40,6 +42,8 @@ class TrainConfig:
     download: bool = False
     subset: int | float | None = None
     augment: str | None = None
+    image_size: int | None = None
+    val_fraction: float | None = None
     batch_size: int = 128
     # length
     epochs: int | None = 10
@@ -126,6 +130,9 @@ class TrainConfig:
         (:mod:`normlab.external.fingerprint`: the model spec's source file, the npz file's bytes, the image
         folder's file list with sizes and times), so a changed model or data set is trained again."""
         values = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_KEY}
+        for name in _IN_KEY_WHEN_SET:  # unset, they leave the keys of earlier runs as they were
+            if values[name] is None:
+                del values[name]
         from normlab.external import data_fingerprint, is_model_spec, model_fingerprint
 
         fingerprint = {}
@@ -176,6 +183,8 @@ _RULES: dict[str, tuple[str, bool, float | None, float | None, tuple | None]] = 
     "download": (_BOOL, False, None, None, None),
     "subset": (_NUM, True, 1e-12, None, None),
     "augment": (_STR, True, None, None, None),
+    "image_size": (_INT, True, 1, None, None),
+    "val_fraction": (_FLOAT, True, 1e-12, 0.999999, None),
     "batch_size": (_INT, False, 1, None, None),
     "epochs": (_INT, True, 1, None, None),
     "steps": (_INT, True, 1, None, None),
