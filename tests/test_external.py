@@ -344,3 +344,75 @@ def test_runs_export_with_per_step_metrics(capsys, tmp_path):
     losses = [r for r in rows if r["name"] == "train/loss"]
     assert [r["step"] for r in losses] == ["2", "4"]
     assert float(losses[0]["value"]) == pytest.approx(record["metrics"]["train/loss"][0][1])
+
+
+class _Images(torch.utils.data.Dataset):
+    """4 classes of 3 x 8 x 8 images stored channels-last (non-contiguous items, as some loaders give)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.randint(0, 4, (n,), generator=g)
+        x = torch.randn(n, 3, 8, 8, generator=g) * 0.5
+        for c in range(4):
+            x[self.y == c, c % 3, (c // 3) * 4 : (c // 3 + 1) * 4] += 1.5
+        self.x = x.to(memory_format=torch.channels_last)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], int(self.y[i])
+
+
+def test_torch_datasets_in_memory_and_streamed_through_a_dataloader_with_workers():
+    from normlab.data import StreamingDataset, load_dataset, register_torch_data
+    from normlab.train import train_model
+
+    train_set, test_set = _Images(128, 0), _Images(64, 1)
+    name = register_torch_data("t13_mem", train_set, test_set)
+    data = load_dataset(name)
+    assert (data.num_classes, data.in_channels, data.dims, data.input_shape) == (4, 3, 2, (3, 8, 8))
+    assert data.x_train.is_contiguous() and torch.equal(data.x_train, train_set.x)
+    assert torch.equal(data.y_test, test_set.y)
+
+    streamed = register_torch_data("t13_stream", train_set, test_set, num_classes=4, stream=True,
+                                   num_workers=2)
+    assert isinstance(load_dataset(streamed), StreamingDataset)
+    config = TrainConfig(model=f"{EXAMPLE}:resnet", dataset=streamed, steps=8, batch_size=16, lr=0.2,
+                         model_options={"width": 4, "depth": 10}, eval_train_samples=32)  # fmt: skip
+    output = train_model(config, progress=False)
+    assert output.result.status == "finished" and output.result.steps == 8
+    with torch.no_grad():  # the test metrics run over the whole test set through the loader
+        accuracy = (output.model(test_set.x.contiguous()).argmax(1) == test_set.y).float().mean().item()
+    assert output.result.final_test_acc == pytest.approx(accuracy)
+
+    key = config.key()
+    register_torch_data("t13_stream", _Images(128, 2), test_set, num_classes=4, stream=True)
+    assert config.key() != key  # other data under the same name: another run key
+    with pytest.raises(NormlabError, match="'torch:nope' is not registered in this process"):
+        load_dataset("torch:nope")
+
+
+def test_imagefolder_image_size_and_held_out_split(capsys, tmp_path):
+    from PIL import Image
+
+    from normlab.data import load_dataset
+
+    for label in ("cat", "dog"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(5):
+            pixels = np.full((10, 12, 3), 30 * i + (100 if label == "dog" else 0), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / label / f"{i}.png")
+    data = load_dataset("imagefolder", root=tmp_path / "imgs", image_size=6, val_fraction=0.4)
+    assert data.x_train.shape == (6, 3, 6, 6) and data.x_test.shape == (4, 3, 6, 6)
+    assert data.y_test.tolist() == [0, 0, 1, 1] and len(set(data.meta["test_files"])) == 4
+    again = load_dataset("imagefolder", root=tmp_path / "imgs", image_size=6, val_fraction=0.4, seed=5)
+    assert again.meta["test_files"] == data.meta["test_files"]  # one test set for every run seed
+    code, out, err = cli(capsys, "train", "--dataset", "imagefolder", "--data-root", str(tmp_path / "imgs"),
+                         "--image-size", "6", "--val-fraction", "0.4", "--model", f"{EXAMPLE}:resnet",
+                         "--model-options", '{"width": 4, "depth": 10}', "--batch-size", "3", "--steps", "2",
+                         "--no-progress", "--store", str(tmp_path / "s.sqlite"), "--json")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["config"]["image_size"] == 6
+    with pytest.raises(NormlabError, match="val_fraction must be a number in"):
+        load_dataset("imagefolder", root=tmp_path / "imgs", val_fraction=1.5)

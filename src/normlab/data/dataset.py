@@ -118,6 +118,15 @@ def load_dataset(
     Raises:
         NormlabError: unknown name or option, bad value, or missing data (the message says how to get it).
     """
+    if name.startswith("torch:"):  # torch Datasets registered from Python (normlab.data.torch_data)
+        from normlab.data.torch_data import StreamingDataset, load_torch_data
+
+        if options:
+            raise NormlabError(f"dataset {name!r} takes no options, got {', '.join(sorted(options))}")
+        loaded = load_torch_data(name)
+        if subset is not None and isinstance(loaded, StreamingDataset):
+            raise NormlabError(f"subset applies to in-memory data; dataset {name!r} is streamed")
+        return take_subset(loaded, subset, seed) if subset is not None else loaded
     if name.startswith("npz:"):  # user arrays: npz:FILE (normlab.data.npz); root and options do not apply
         from normlab.data.npz import load_npz
 

@@ -91,6 +91,10 @@ def data_fingerprint(dataset: str, root: str | None) -> str | None:
     if dataset.startswith("npz:"):
         path = Path(dataset[len("npz:"):]).expanduser()
         return file_sha256(path)[:16] if path.is_file() else None
+    if dataset.startswith("torch:"):
+        from normlab.data.torch_data import torch_data_fingerprint
+
+        return torch_data_fingerprint(dataset)
     if dataset == "imagefolder" and root is not None:
         return folder_fingerprint(root)[:16]
     return None

@@ -78,6 +78,7 @@ class Trainer:
 
         seed_everything(config.seed)
         self.data = load_data(config)
+        self.streaming = not hasattr(self.data, "x_test")  # normlab.data.StreamingDataset
         self.classification = self.data.task == "classification"
         self.loss_fn = loss_function(self.data.task)
         self.model = build_model(config, self.data).to(self.device)
@@ -85,7 +86,13 @@ class Trainer:
         self.agc_params, self._clip = self._agc()
         self.batches = self._batch_iterator()
         self.total_steps = config.steps or config.epochs * len(self.batches)
-        self.x_test, self.y_test = self.data.x_test.to(self.device), self.data.y_test.to(self.device)
+        # Streamed data (normlab.data.StreamingDataset) evaluates the test set through its loader; the
+        # tensors here are then its first examples, for the train/eval gap.
+        if self.streaming:
+            x_test, y_test = self.data.head("test", 4096)
+        else:
+            x_test, y_test = self.data.x_test, self.data.y_test
+        self.x_test, self.y_test = x_test.to(self.device), y_test.to(self.device)
 
         self.step = 0
         self.run_id: int | None = None
@@ -229,14 +236,22 @@ class Trainer:
         )
 
     def _evaluate_test(self) -> tuple[float, float]:
-        loss, acc = evaluate(
-            self.model,
-            self.x_test,
-            self.y_test,
-            self.loss_fn,
-            batch_size=self.config.eval_batch_size,
-            classification=self.classification,
-        )
+        if self.streaming:
+            from normlab.train.evaluate import evaluate_batches
+
+            batches = self.data.test_batches(self.config.eval_batch_size)
+            loss, acc = evaluate_batches(
+                self.model, batches, self.loss_fn, device=self.device, classification=self.classification
+            )
+        else:
+            loss, acc = evaluate(
+                self.model,
+                self.x_test,
+                self.y_test,
+                self.loss_fn,
+                batch_size=self.config.eval_batch_size,
+                classification=self.classification,
+            )
         self.log("test/loss", loss)
         if self.classification:
             self.log("test/acc", acc)
@@ -246,6 +261,10 @@ class Trainer:
     def _batch_iterator(self):
         from normlab.data import BatchIterator
 
+        if self.streaming:
+            if self.config.augment is not None:
+                raise NormlabError("augment applies to in-memory data; a streamed Dataset does its own")
+            return self.data.batches(self.config.batch_size, seed=self.config.seed, device=self.device)
         # next_batch() rolls over epochs and its state resumes mid-epoch (normlab.data.BatchIterator).
         return BatchIterator(
             self.data.x_train,
@@ -283,12 +302,18 @@ class Trainer:
         if status != "finished":
             return result
         test_loss, test_acc = self._evaluate_test()
-        n_train = min(self.config.eval_train_samples, self.data.x_train.shape[0])
+        available = len(self.data.train) if self.streaming else self.data.x_train.shape[0]
+        n_train = min(self.config.eval_train_samples, available)
         if n_train:
+            x_train, y_train = (
+                self.data.head("train", n_train)
+                if self.streaming
+                else (self.data.x_train[:n_train], self.data.y_train[:n_train])
+            )
             result.final_train_loss, result.final_train_acc = evaluate(
                 self.model,
-                self.data.x_train[:n_train].to(self.device),
-                self.data.y_train[:n_train].to(self.device),
+                x_train.to(self.device),
+                y_train.to(self.device),
                 self.loss_fn,
                 batch_size=self.config.eval_batch_size,
                 classification=self.classification,
