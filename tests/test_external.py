@@ -416,3 +416,67 @@ def test_imagefolder_image_size_and_held_out_split(capsys, tmp_path):
     assert json.loads(out)["config"]["image_size"] == 6
     with pytest.raises(NormlabError, match="val_fraction must be a number in"):
         load_dataset("imagefolder", root=tmp_path / "imgs", val_fraction=1.5)
+
+
+class _TimmBottleneck(nn.Module):
+    """timm's ResNet Bottleneck names: conv/bn 1-3, act1-3, drop_block, aa, downsample (no se/drop_path)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        width, out = planes, planes * 4
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1, self.act1 = nn.BatchNorm2d(width), nn.ReLU()
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2, self.drop_block, self.act2 = nn.BatchNorm2d(width), nn.Identity(), nn.ReLU()
+        self.aa = nn.Identity()
+        self.conv3, self.bn3, self.act3 = nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU()
+        self.downsample = None
+        if stride != 1 or inplanes != out:
+            self.downsample = nn.Sequential(nn.AvgPool2d(stride) if stride > 1 else nn.Identity(),
+                                            nn.Conv2d(inplanes, out, 1, bias=False), nn.BatchNorm2d(out))
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        return self.act3(self.bn3(self.conv3(x)) + shortcut)
+
+
+class _TimmResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        self.layer1 = nn.Sequential(_TimmBottleneck(16, 8), _TimmBottleneck(32, 8))
+        self.layer2 = nn.Sequential(_TimmBottleneck(32, 16, 2), _TimmBottleneck(64, 16))
+        self.fc = nn.Linear(64, 5)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.act1(self.bn1(self.conv1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_timm_bottleneck_resnet_and_other_models_become_normalizer_free():
+    from normlab.layers import ScaledStdLinear
+    from normlab.probes import signal_propagation
+
+    model = to_normalizer_free(_TimmResNet(), skip_gain_init=1.0)
+    blocks = [m for m in model.modules() if hasattr(m, "preact")]
+    # Bottleneck layer1.0 projects (16 -> 32 channels): the variance resets after it.
+    assert [b.preact.beta for b in blocks] == pytest.approx([1.0, 1.04**-0.5, 1.08**-0.5, 1.04**-0.5])
+    assert [b.projects for b in blocks] == [True, False, True, False]
+    assert isinstance(blocks[2].shortcut[0], nn.AvgPool2d)
+    assert isinstance(blocks[2].shortcut[1], ScaledStdConv2d)
+    assert len(blocks[0].branch) == 5 and not any(is_norm(m) for m in model.modules())
+    spp = signal_propagation(model, input_shape=(3, 16, 16), batch_size=16)
+    assert list(spp.avg_var) == ["bn1", "layer1.0", "layer1.1", "layer2.0", "layer2.1"]
+    assert isinstance(model.act1, nn.Identity)  # the stem's activation: the first block's preact has it
+    assert spp.avg_var["bn1"] == pytest.approx(1.0, abs=0.1)  # WS conv, gamma 1, on N(0, 1) input
+
+    plain = to_normalizer_free(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.GELU(), nn.Flatten(),
+                                             nn.Linear(8 * 6 * 6, 16), nn.GELU(), nn.Linear(16, 4)))
+    assert isinstance(plain[0], ScaledStdConv2d) and plain[0].gamma == 1.0
+    assert isinstance(plain[1], nn.Identity)
+    assert isinstance(plain[4], ScaledStdLinear) and plain[4].gamma == 1.7015043497085571  # gelu's gamma
+    assert type(plain[6]) is nn.Linear and plain[6].weight.abs().sum() == 0  # the classifier: plain, zeroed
+    with pytest.raises(NormlabError, match="uses several activations"):
+        to_normalizer_free(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.Tanh()))

@@ -66,6 +66,11 @@ def apply_norm(model: nn.Module, norm: str, norm_options: dict[str, Any], what: 
     if norm == "bn":
         return model
     if norm == "nf":
+        valid = [p for p in inspect.signature(to_normalizer_free).parameters if p != "model"]
+        unknown = sorted(set(norm_options) - set(valid))
+        if unknown:
+            raise NormlabError(f"unknown option(s) {', '.join(unknown)} for norm 'nf' on model {what!r}; "
+                               f"valid options: {', '.join(valid)}")
         return to_normalizer_free(model, **norm_options)
     if norm not in list_norms():
         raise NormlabError(f"unknown norm {norm!r}; valid norms: {', '.join([*list_norms(), 'nf'])}")

@@ -16,9 +16,10 @@ with ``expected_var = 1`` at the first block, ``+= alpha^2`` after each block an
 after a block with a projection shortcut (which re-normalizes the signal), as timm's ``nfnet.py`` and
 ``normlab.models.nf_resnet``. Every conv after an activation is a Scaled WS conv (``ScaledStdConv2d``) with
 the activation's gain gamma folded in; the first conv of the model sees the data and gets gamma 1. Every norm
-layer becomes ``nn.Identity``. For the torchvision layout (``conv1``, ``bn1``, ``relu``, ``layer1``..,
-``avgpool``, ``fc``) the stem's activation is dropped (the first block's pre-activation applies it, as in
-timm's NF stems) and one activation is put before ``avgpool`` (the pre-activation form ends un-activated).
+layer becomes ``nn.Identity``. At the top level of a torchvision / timm ResNet the stem's activation
+(``relu`` / ``act1``) is dropped (the first block's pre-activation applies it, as in timm's NF stems) and
+one activation is put before ``avgpool`` / ``global_pool`` (the pre-activation form ends un-activated; a
+model that pools in ``forward`` has no such module and keeps its last block's output un-activated).
 The classifier (``classifier`` or ``fc`` or the last ``nn.Linear``) is zero-initialized, as in the NF paper,
 and stays a plain linear layer; train with AGC (``agc_clip``), which skips it.
 
@@ -147,9 +148,8 @@ def to_normalizer_free(
         nf_block = _nf_block(name, block, alpha, expected_var ** -0.5, skip_gain_init, gamma, eps, make_act)
         _set_submodule(model, name, nf_block)
         expected_var = (1.0 if nf_block.projects else expected_var) + alpha**2
-    if blocks and _is_torchvision_resnet(model):
-        model.relu = nn.Identity()  # the stem's; the first block's pre-activation applies it
-        model.avgpool = nn.Sequential(make_act(), model.avgpool)
+    if blocks:
+        _pre_activation_ends(model, make_act)
     _remove_norms(model)
     _standardize_rest(model, head, gamma, eps)
     if zero_init_classifier and head is not None:
@@ -180,10 +180,18 @@ def _detect_activation(model: nn.Module) -> str:
     return kinds[0] if kinds else "relu"
 
 
-def _is_torchvision_resnet(model: nn.Module) -> bool:
-    return all(hasattr(model, n) for n in ("conv1", "relu", "layer1", "avgpool")) and isinstance(
-        model.relu, nn.Module
-    )
+def _pre_activation_ends(model: nn.Module, make_act) -> None:
+    """torchvision / timm ResNet top level: drop the stem's activation (``relu`` / ``act1``; the first
+    block's pre-activation applies it) and activate before the pool (``avgpool`` / ``global_pool``), since a
+    pre-activation network ends un-activated."""
+    for name in ("relu", "act1"):
+        if type(getattr(model, name, None)) in _ACTIVATIONS:
+            setattr(model, name, nn.Identity())
+            break
+    for name in ("avgpool", "global_pool"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            setattr(model, name, nn.Sequential(make_act(), getattr(model, name)))
+            break
 
 
 def _ws_conv(conv: nn.Conv2d, gamma: float, eps: float) -> ScaledStdConv2d:
