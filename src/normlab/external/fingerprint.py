@@ -11,6 +11,8 @@ holds:
 - **data** (folders, ``imagefolder``): the absolute root, and every file under it with its relative path,
   size and modification time (``os.stat``; no image is decoded); adding, removing, replacing or touching a
   file changes the key.
+- **data** (``torch:NAME``, torch Datasets registered from Python): the registration's fingerprint
+  (:func:`normlab.data.torch_data.torch_data_fingerprint`).
 
 File hashes are cached per process by ``(path, size, mtime_ns, ctime_ns)``, so asking for a key many times in
 a sweep reads a big array file once.
