@@ -480,3 +480,27 @@ def test_timm_bottleneck_resnet_and_other_models_become_normalizer_free():
     assert type(plain[6]) is nn.Linear and plain[6].weight.abs().sum() == 0  # the classifier: plain, zeroed
     with pytest.raises(NormlabError, match="uses several activations"):
         to_normalizer_free(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.Tanh()))
+
+
+def test_a_streamed_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+    from normlab.data import register_torch_data
+    from normlab.train import Trainer
+
+    name = register_torch_data("t13_resume", _Images(64, 0), _Images(32, 1), num_classes=4, stream=True)
+    config = TrainConfig(model=f"{EXAMPLE}:resnet", dataset=name, steps=10, batch_size=16, lr=0.1,
+                         model_options={"width": 4, "depth": 10}, eval_train_samples=16,
+                         checkpoint_dir=str(tmp_path), checkpoint_every=6)  # fmt: skip
+    straight = Trainer(config, progress=False)
+    straight.fit()
+
+    def stop(ctx):
+        if ctx.step == 7:
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        Trainer(config, callbacks=[stop], progress=False).fit()  # checkpoint at step 6 (epoch 1, batch 2)
+    resumed = Trainer(config, progress=False, resume=True)
+    assert resumed.step == 6
+    resumed.fit()
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)

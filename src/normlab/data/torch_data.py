@@ -12,8 +12,9 @@ Inputs are made contiguous float32 where they enter (a channels-last batch crash
 - **In memory** (``stream=False``): the datasets are read once through a ``DataLoader`` (``num_workers``)
   into tensors; from then on it is a normal :class:`normlab.data.Dataset` (subset, augment, resume).
 - **Streamed** (``stream=True``): for data larger than memory. Training batches come from a ``DataLoader``
-  with ``num_workers`` worker processes over a seeded ``RandomSampler`` (epoch e uses seed
-  ``(seed, e)``, drop_last), so the order is reproducible and a checkpoint resumes by skipping to its batch.
+  with ``num_workers`` persistent worker processes over a seeded sampler (epoch e draws its permutation
+  from seed ``(seed, e)``, drop_last), so the order is reproducible and a checkpoint resumes by skipping
+  to its batch.
   Test metrics run over the whole test set through a loader; ``eval_train_samples`` and the train/eval gap
   use the first examples of each split (up to ``eval_train_samples`` / ``_HEAD`` = 4096). ``augment`` does
   not apply (put transforms in the Dataset).
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
 from normlab.data.dataset import Dataset
@@ -163,16 +164,20 @@ class LoaderBatches:
         self.device, self.num_workers = device, num_workers
         self.num_batches = len(data) // batch_size
         self._epoch, self._position, self._iterator = 0, 0, None
+        self._loader: DataLoader | None = None
+        self._sampler: _EpochSampler | None = None
 
     def __len__(self) -> int:
         return self.num_batches
 
     def _start(self, skip: int) -> None:
-        words = np.random.SeedSequence([self.seed, self._epoch]).generate_state(1, dtype=np.uint64)[0]
-        sampler = RandomSampler(self.data, generator=torch.Generator().manual_seed(int(words)))
-        loader = DataLoader(self.data, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=self.num_workers)  # fmt: skip
-        self._iterator = iter(loader)
+        if self._loader is None:  # one loader per run: persistent workers start once, not every epoch
+            self._sampler = _EpochSampler(len(self.data), self.seed)
+            self._loader = DataLoader(self.data, batch_size=self.batch_size, sampler=self._sampler,
+                                      drop_last=True, num_workers=self.num_workers,
+                                      persistent_workers=self.num_workers > 0)  # fmt: skip
+        self._sampler.epoch = self._epoch  # indices are drawn in this process, so workers need not know
+        self._iterator = iter(self._loader)
         for _ in range(skip):  # resuming mid-epoch: the sampler's order is fixed, so skip to the position
             next(self._iterator)
 
@@ -195,6 +200,20 @@ class LoaderBatches:
                 mine = self.state_dict()[key]
                 raise NormlabError(f"state_dict has {key}={state.get(key)!r}, this loader {mine!r}")
         self._epoch, self._position, self._iterator = int(state["epoch"]), int(state["position"]), None
+
+
+class _EpochSampler(Sampler[int]):
+    """A permutation of range(n) from a generator seeded by ``(seed, epoch)`` (set ``epoch`` each epoch)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __iter__(self) -> Iterator[int]:
+        words = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0]
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(int(words))).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def _entry(name: str) -> _Registered:
