@@ -12,12 +12,19 @@ import typer
 
 from normlab.errors import NormlabError
 
+#: Version of the JSON that ``--json`` prints (docs/json.md): an object carries ``"schema": JSON_SCHEMA``.
+#: Raise it when a field is renamed or removed or changes meaning; adding a field keeps it.
+JSON_SCHEMA = 1
+
 STORE_HELP = "results store (SQLite file); default $NORMLAB_STORE or ./.normlab/results.sqlite"
 
 
 def print_json(value: Any) -> None:
+    """``value`` as strict JSON (NaN/inf -> null); an object gets ``"schema": JSON_SCHEMA`` first."""
     from normlab.store.export import json_safe
 
+    if isinstance(value, dict):
+        value = {"schema": JSON_SCHEMA, **value}
     typer.echo(json.dumps(json_safe(value), indent=2, allow_nan=False))
 
 
@@ -72,3 +79,17 @@ def check_norms(norms: list[str]) -> None:
     unknown = [n for n in norms if n not in valid]
     if unknown:
         raise NormlabError(f"unknown norm(s) {', '.join(unknown)}; valid norms: {', '.join(valid)}")
+
+
+def refuse_model_code_from(source: str, values: dict[str, Any], given_model: str | None) -> None:
+    """A config read from ``source`` (a file: config, checkpoint, recipe) may name a registered model, but
+    never user code to import: a model spec (``module:factory`` / ``file.py:factory``) in it is refused
+    unless the same spec was given as ``--model`` on the command line (docs/external.md)."""
+    from normlab.external import is_model_spec
+
+    named = values.get("model")
+    if is_model_spec(named) and named != given_model:
+        raise NormlabError(
+            f"{source} names model code {named!r}; normlab imports user code only when it is given on the "
+            f"command line: add --model {named}"
+        )

@@ -28,7 +28,10 @@ COMPARE_DEFAULTS = {
 
 
 def compare_command(
-    model: str = typer.Option(COMPARE_DEFAULTS["model"], help="model name (see `normlab models`)"),
+    model: str = typer.Option(
+        COMPARE_DEFAULTS["model"], help="model name (see `normlab models`), or your code: "
+        "package.module:factory or file.py:factory (bn: as built; nf: to_normalizer_free)"
+    ),
     norms: str = typer.Option(COMPARE_DEFAULTS["norms"], help="comma-separated norms; nf = NF variant + AGC"),
     batch_sizes: str = typer.Option(COMPARE_DEFAULTS["batch_sizes"], help="comma-separated batch sizes"),
     lrs: str = typer.Option(
@@ -41,6 +44,11 @@ def compare_command(
     subset: str | None = typer.Option(None, help="train on a seeded subset (count or fraction)"),
     width: str | None = typer.Option(None, help="model width (model default if unset)"),
     depth: int | None = typer.Option(None, help="model depth (model default if unset)"),
+    model_options: str | None = typer.Option(None, help="JSON object of model (or factory) options"),
+    image_size: int | None = typer.Option(None, help="imagefolder: image side (loader default 64)"),
+    val_fraction: float | None = typer.Option(
+        None, help="imagefolder: hold out this fraction of each class as the test split (instead of val/)"
+    ),
     agc_clip: float = typer.Option(COMPARE_DEFAULTS["agc_clip"], help="AGC clip factor for nf runs"),
     optimizer: str = typer.Option("sgd", help="sgd or adamw"),
     device: str = typer.Option("cpu", help="device of every run"),
@@ -80,6 +88,7 @@ def compare_command(
         depth=depth,
         optimizer=optimizer,
         device=device,
+        **_data_and_model_options(model_options, image_size, val_fraction),
     )
     _check_buildable(configs[0])
     executor = LocalPoolExecutor(workers)  # validates --workers before the store is opened
@@ -111,6 +120,14 @@ def _write_compare_report(out: str, results, example, settings: dict[str, Any]):
         out, results, title=f"normlab compare: {example.model} on {example.dataset}", config=settings,
         environment=environment_info(example.device),
     )
+
+
+def _data_and_model_options(model_options: str | None, image_size: int | None, val_fraction: float | None):
+    """The TrainConfig fields of --model-options / --image-size / --val-fraction that were given."""
+    fields: dict[str, Any] = {"image_size": image_size, "val_fraction": val_fraction}
+    if model_options is not None:
+        fields["model_options"] = parse_option("model_options", model_options)
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def _check_buildable(config) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 
+from normlab.cli._common import refuse_model_code_from
 from normlab.errors import NormlabError
 
 _GAP_EXAMPLES = 2048  # test examples for train_eval_gap (and up to 20 training batches for PreciseBN)
@@ -63,6 +64,7 @@ def _setup(checkpoint: str | None, overrides: dict[str, Any]):
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
         values = dict(state["config"])
+        refuse_model_code_from(f"checkpoint {checkpoint!r}", values, overrides.get("model"))
         for name in ("model", "norm"):
             given = overrides.get(name)
             if given is not None and given != values.get(name):
@@ -171,11 +173,14 @@ def _table(name: str, result) -> None:
 def probe_command(
     name: str = typer.Argument(..., help="probe: activation_stats, batch_dependence, example_similarity, "
                                "hessian, ics, landscape, residual_scale, signal_propagation, train_eval_gap"),
-    model: str | None = typer.Option(None, "--model", help="model name (default: the checkpoint's, or cnn)"),
+    model: str | None = typer.Option(None, "--model", help="model name or your code (module:factory, "
+                                     "file.py:factory); default: the checkpoint's, or cnn"),
     norm: str | None = typer.Option(None, "--norm", help="normalization (default: the checkpoint's, or bn)"),
     checkpoint: str | None = typer.Option(None, "--checkpoint", help="a trainer checkpoint (.pt) to load"),
     dataset: str | None = typer.Option(None, "--dataset", help="dataset (default: checkpoint's, or mnist1d)"),
     data_root: str | None = typer.Option(None, "--data-root", help="folder holding the data"),
+    model_options: str | None = typer.Option(None, "--model-options", help="JSON object of model options"),
+    image_size: int | None = typer.Option(None, "--image-size", help="imagefolder: image side"),
     batch_size: int | None = typer.Option(None, "--batch-size", help="examples in the probe batch"),
     mode: str = typer.Option("train", "--mode", help="train (BN batch statistics) or eval (running ones)"),
     seed: int = typer.Option(0, "--seed", help="seed of the batch draw and of random directions / units"),
@@ -195,13 +200,20 @@ def probe_command(
         raise NormlabError(f"--batch-size must be a positive int, got {batch_size}")
     probe_options = _parse_options(options)
     overrides = {"model": model, "norm": norm, "dataset": dataset, "data_root": data_root,
-                 "batch_size": batch_size}
+                 "batch_size": batch_size, "image_size": image_size}
+    if model_options is not None:
+        from normlab.cli.train_cmd import parse_option
+
+        overrides["model_options"] = parse_option("model_options", model_options)
     config, data, net, optimizer, loss_fn = _setup(checkpoint, overrides)
     check_options(name, probe_options)
     result = run_probe(name, config=config, data=data, model=net, optimizer=optimizer, loss_fn=loss_fn,
                        mode=mode, seed=seed, options=probe_options)
     if json_output:
-        typer.echo(json.dumps(json_ready({"probe": name, **result.to_dict()}), indent=2, allow_nan=False))
+        from normlab.cli._common import JSON_SCHEMA
+
+        document = {"schema": JSON_SCHEMA, "probe": name, **result.to_dict()}
+        typer.echo(json.dumps(json_ready(document), indent=2, allow_nan=False))
         return
     _table(name, result)
 

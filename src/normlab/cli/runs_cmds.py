@@ -92,6 +92,10 @@ def runs_export(
     status: str | None = typer.Option(None, help="only runs with this status"),
     group: str | None = typer.Option(None, help="only runs of this group"),
     store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    metrics: bool = typer.Option(
+        False, "--metrics", help="per-step metrics: JSON adds each run's series; CSV writes one row per "
+        "point (run_id, step, name, value)"
+    ),
 ) -> None:
     """Export runs (config and summary flattened per row for CSV; full records for JSON)."""
     from normlab.store.export import EXPORT_FORMATS
@@ -99,7 +103,36 @@ def runs_export(
     if format not in EXPORT_FORMATS:
         raise NormlabError(f"unknown export format {format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
     with existing_store(store) as db:
+        if metrics:
+            _export_metrics(db, output, format, status=status, group=group)
+            return
         db.export(output if output is not None else sys.stdout, format, status=status, group=group)
+
+
+def _export_metrics(db, output: str | None, format: str, **filters) -> None:
+    """Runs with their per-step metrics: JSON records with ``metrics`` {name: [[step, value], ...]} (and
+    ``schema``), or CSV rows ``run_id,step,name,value``."""
+    import contextlib
+    import csv
+
+    from normlab.cli._common import JSON_SCHEMA
+    from normlab.store.export import json_safe
+
+    runs = db.runs(**filters)
+    with contextlib.ExitStack() as stack:
+        stream = sys.stdout if output is None else stack.enter_context(open(output, "w", newline=""))
+        if format == "json":
+            records = []
+            for run in runs:
+                series = {n: [[s, v] for s, v in db.metrics(run.id, n)] for n in db.metric_names(run.id)}
+                records.append({"schema": JSON_SCHEMA, **run.to_dict(), "metrics": series})
+            stream.write(json.dumps(json_safe(records), indent=2, allow_nan=False) + "\n")
+            return
+        writer = csv.writer(stream)
+        writer.writerow(["run_id", "step", "name", "value"])
+        for run in runs:
+            for name in db.metric_names(run.id):
+                writer.writerows([run.id, step, name, value] for step, value in db.metrics(run.id, name))
 
 
 def register(app: typer.Typer) -> None:

@@ -10,11 +10,19 @@ from typing import Any
 
 import typer
 
-from normlab.cli._common import STORE_HELP, console, csv_list, fmt, open_store, print_json
+from normlab.cli._common import (
+    STORE_HELP,
+    console,
+    csv_list,
+    fmt,
+    open_store,
+    print_json,
+    refuse_model_code_from,
+)
 from normlab.errors import NormlabError
 
 _FIELD_HELP = {
-    "model": "model name (see `normlab models`)",
+    "model": "model name (see `normlab models`), or your code: package.module:factory or file.py:factory",
     "norm": "normalization (see `normlab norms`), or nf for the normalizer-free variant",
     "norm_options": 'JSON object of norm options, e.g. \'{"groups": 8}\'',
     "model_options": "JSON object of model options",
@@ -25,6 +33,9 @@ _FIELD_HELP = {
     "download": "download missing data",
     "subset": "train on a seeded subset: a count, or a fraction in (0, 1]",
     "augment": "augmentation: shift (1-D), crop_flip (images)",
+    "image_size": "imagefolder: side of the resized, centre-cropped images (loader default 64)",
+    "val_fraction": "imagefolder: hold out this fraction of each class's training images as the test split "
+                    "(instead of val/)",
     "batch_size": "training batch size",
     "epochs": "epochs (ignored when --steps is set)",
     "steps": "optimizer steps (overrides --epochs)",
@@ -124,6 +135,8 @@ def config_from_cli(config_file: Path | None, options: dict[str, Any]):
     from normlab.train import TrainConfig
 
     values = TrainConfig.from_toml(config_file).to_dict() if config_file is not None else {}
+    if config_file is not None:
+        refuse_model_code_from(f"config file {str(config_file)!r}", values, options.get("model"))
     values.update({k: parse_option(k, v) for k, v in options.items() if v is not None})
     return TrainConfig.from_dict(values)
 

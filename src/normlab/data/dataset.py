@@ -48,6 +48,9 @@ class Dataset:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Inputs enter contiguous: channels-last batches from user loaders crashed a conv backward
+        # (``free(): invalid next size``); contiguous() is free for tensors that already are.
+        self.x_train, self.x_test = self.x_train.contiguous(), self.x_test.contiguous()
         if self.task not in TASKS:
             raise NormlabError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if len(self.x_train) != len(self.y_train) or len(self.x_test) != len(self.y_test):
@@ -115,6 +118,22 @@ def load_dataset(
     Raises:
         NormlabError: unknown name or option, bad value, or missing data (the message says how to get it).
     """
+    if name.startswith("torch:"):  # torch Datasets registered from Python (normlab.data.torch_data)
+        from normlab.data.torch_data import StreamingDataset, load_torch_data
+
+        if options:
+            raise NormlabError(f"dataset {name!r} takes no options, got {', '.join(sorted(options))}")
+        loaded = load_torch_data(name)
+        if subset is not None and isinstance(loaded, StreamingDataset):
+            raise NormlabError(f"subset applies to in-memory data; dataset {name!r} is streamed")
+        return take_subset(loaded, subset, seed) if subset is not None else loaded
+    if name.startswith("npz:"):  # user arrays: npz:FILE (normlab.data.npz); root and options do not apply
+        from normlab.data.npz import load_npz
+
+        if options:
+            raise NormlabError(f"dataset {name!r} takes no options, got {', '.join(sorted(options))}")
+        dataset = load_npz(name)
+        return take_subset(dataset, subset, seed) if subset is not None else dataset
     loader = _get_loader(name)
     valid = dataset_options(name)
     unknown = sorted(set(options) - set(valid))

@@ -1,6 +1,11 @@
 """ImageNet-style image folders: ``root/train/<class>/*.{png,jpg,jpeg}`` and ``root/val/<class>/...``,
 loaded with PIL into memory.
 
+Split: with ``val_fraction=None`` (default) the test split is ``val/``. With ``val_fraction=f`` in (0, 1)
+the test split is held out of the training images instead: ``root/train/<class>/`` (or ``root/<class>/``
+when there is no ``train/`` folder), per class the first ``round(f * n)`` images of a permutation seeded
+by 0 (stratified and the same for every run seed, so seeds compare on one test set); ``val/`` is not read.
+
 Each image is converted to RGB, its shorter side resized to ``image_size`` (bilinear) and the centre
 ``image_size x image_size`` square cropped (the standard ImageNet evaluation transform, which keeps the
 aspect ratio), scaled to [0, 1] and normalized per channel with the training split's mean and standard
@@ -51,6 +56,24 @@ def load_split(split_dir: Path, classes: list[str], size: int) -> tuple[torch.Te
     items = list_images(split_dir, classes)
     if not items:
         raise NormlabError(f"no images ({', '.join(EXTENSIONS)}) under {split_dir}/<class>/")
+    return load_items(items, size)
+
+
+def hold_out(items: list[tuple[Path, int]], fraction: float) -> tuple[list, list]:
+    """``(train, test)``: per class, ``round(fraction * n)`` images (at least 1, at most n - 1) to test,
+    drawn by a permutation seeded by 0; both lists keep the sorted order."""
+    generator = np.random.default_rng(0)
+    test: set[Path] = set()
+    for label in sorted({label for _, label in items}):
+        paths = [path for path, y in items if y == label]
+        if len(paths) < 2:
+            raise NormlabError(f"class {label} has {len(paths)} image(s); val_fraction needs >= 2 per class")
+        count = min(max(1, round(fraction * len(paths))), len(paths) - 1)
+        test.update(paths[i] for i in generator.permutation(len(paths))[:count])
+    return [it for it in items if it[0] not in test], [it for it in items if it[0] in test]
+
+
+def load_items(items: list[tuple[Path, int]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = np.stack([load_image(path, size) for path, _ in items])
     y = np.array([label for _, label in items], dtype=np.int64)
     return torch.from_numpy(x).float().div_(255), torch.from_numpy(y)
@@ -58,15 +81,23 @@ def load_split(split_dir: Path, classes: list[str], size: int) -> tuple[torch.Te
 
 @register_dataset("imagefolder")
 def load_imagefolder(
-    root: Path | None, download: bool, *, image_size: int = 64, normalize: bool = True
+    root: Path | None,
+    download: bool,
+    *,
+    image_size: int = 64,
+    normalize: bool = True,
+    val_fraction: float | None = None,
 ) -> Dataset:
-    """Images under ``root/train/<class>/`` and ``root/val/<class>/``; x (N, 3, image_size, image_size)."""
+    """Images under ``root/train/<class>/`` and ``root/val/<class>/`` (or a held-out ``val_fraction``, see
+    the module docstring); x (N, 3, image_size, image_size)."""
     if root is None:
         raise NormlabError(
             "imagefolder needs root= (CLI: --data-root): a folder with train/<class>/ and val/<class>/"
         )
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise NormlabError(f"image_size must be a positive int, got {image_size!r}")
+    if val_fraction is not None:
+        return _held_out(root, image_size, normalize, val_fraction)
     for split in SPLITS:
         if not (root / split).is_dir():
             raise NormlabError(
@@ -80,7 +111,31 @@ def load_imagefolder(
         raise NormlabError(f"val/ has classes that train/ lacks: {', '.join(extra)}")
     x_train, y_train = load_split(root / "train", classes, image_size)
     x_test, y_test = load_split(root / "val", classes, image_size)
-    meta: dict = {"source": str(root), "label_names": classes}
+    return _dataset(root, classes, image_size, normalize, x_train, y_train, x_test, y_test, {})
+
+
+def _held_out(root: Path, image_size: int, normalize: bool, fraction: float) -> Dataset:
+    ok = isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction < 1
+    if not ok:
+        raise NormlabError(f"val_fraction must be a number in (0, 1), got {fraction!r}")
+    if not root.is_dir():
+        raise NormlabError(f"{root} is not a folder; imagefolder expects {root}/<class>/ or train/<class>/")
+    base = root / "train" if (root / "train").is_dir() else root
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    if not classes:
+        raise NormlabError(f"no class folders under {base}")
+    items = list_images(base, classes)
+    if not items:
+        raise NormlabError(f"no images ({', '.join(EXTENSIONS)}) under {base}/<class>/")
+    train_items, test_items = hold_out(items, float(fraction))
+    x_train, y_train = load_items(train_items, image_size)
+    x_test, y_test = load_items(test_items, image_size)
+    meta = {"val_fraction": float(fraction), "test_files": [str(p.relative_to(base)) for p, _ in test_items]}
+    return _dataset(root, classes, image_size, normalize, x_train, y_train, x_test, y_test, meta)
+
+
+def _dataset(root, classes, image_size, normalize, x_train, y_train, x_test, y_test, extra) -> Dataset:
+    meta: dict = {"source": str(root), "label_names": classes, **extra}
     if normalize:
         mean, std = channel_stats(x_train)
         shift, scale = mean.float().view(1, 3, 1, 1), std.float().clamp_min(1e-8).view(1, 3, 1, 1)

@@ -3,7 +3,7 @@
 Registered names: ``bn``, ``gn``, ``ln``, ``in``, ``none`` (PyTorch's layers), ``frozen_bn``, ``ghost_bn``,
 ``batch_renorm``, ``noisy_bn``, ``noise``, ``evalnorm``. Model tools: :func:`convert_norm`, :func:`fold_bn`,
 :func:`precise_bn`, :func:`fit_evalnorm`. Normalizer-free parts: Scaled WS layers, :func:`activation_gamma`,
-:class:`SkipInit`.
+:class:`SkipInit`, :func:`to_normalizer_free` (a whole model).
 """
 
 from normlab.layers import standard  # noqa: F401  (registers bn, gn, ln, in, none)
@@ -18,6 +18,7 @@ from normlab.layers.frozen_bn import FrozenBatchNorm, frozen_batch_norm
 from normlab.layers.ghost_bn import GhostBatchNorm, ghost_batch_norm
 from normlab.layers.noise import NoiseInjection, inject_bn_noise
 from normlab.layers.noisy_bn import NoisyBatchNorm, noisy_batch_norm, sample_bn_noise
+from normlab.layers.normalizer_free import to_normalizer_free
 from normlab.layers.precise_bn import precise_bn
 from normlab.layers.skipinit import SkipInit
 from normlab.layers.std_conv import ScaledStdConv1d, ScaledStdConv2d, ScaledStdLinear, scaled_std_weight
@@ -28,5 +29,5 @@ __all__ = [
     "ScaledStdConv1d", "ScaledStdConv2d", "ScaledStdLinear", "SkipInit", "activation_gamma", "batch_renorm",
     "convert_norm", "create_norm", "eval_norm", "fit_evalnorm", "fold_bn", "frozen_batch_norm",
     "ghost_batch_norm", "inject_bn_noise", "list_norms", "noisy_batch_norm", "norm_options", "precise_bn",
-    "register_norm", "sample_bn_noise", "scaled_std_weight",
+    "register_norm", "sample_bn_noise", "scaled_std_weight", "to_normalizer_free",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 from collections.abc import Iterator
 
 import torch
@@ -11,12 +10,6 @@ from torch import nn
 
 from normlab.errors import NormlabError
 from normlab.probes._data import check_batch, check_positive_int, model_device
-
-# timm / torchvision naming (timm/utils/model.py SignalPropagationPlots uses "layer?.?"-style patterns).
-_BLOCK_PATTERNS = ("layer?.?", "layer?.??", "stages.?.?", "stages.?.??", "stages.?.blocks.?",
-                   "stages.?.blocks.??", "blocks.?", "blocks.??")
-_RESIDUAL_END = ("bn3", "bn2", "conv3", "conv2")  # Bottleneck, BasicBlock; NF blocks end at a conv
-_STEM = ("stem", "maxpool", "bn1", "conv1")
 
 
 @contextlib.contextmanager
@@ -38,6 +31,26 @@ def captured(modules: list[tuple[str, nn.Module]]) -> Iterator[dict[str, torch.T
             handle.remove()
 
 
+@contextlib.contextmanager
+def captured_inputs(modules: list[tuple[str, nn.Module]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside the context, ``out[name]`` holds the first positional input of module ``name``'s first call
+    (the identity shortcut of a block whose skip path has no module)."""
+    out: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in modules:
+
+        def hook(_m, inputs, name=name):
+            if name not in out and inputs and isinstance(inputs[0], torch.Tensor):
+                out[name] = inputs[0].detach().clone()  # clone: an in-place op later may change it
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield out
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def contract_blocks(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     """``model.blocks()`` of the normlab residual-block contract (normlab/models/blocks.py), or None."""
     blocks = getattr(model, "blocks", None)
@@ -46,33 +59,15 @@ def contract_blocks(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     return list(blocks())
 
 
-def residual_points(model: nn.Module) -> tuple[tuple[str, nn.Module], list[tuple[str, nn.Module, nn.Module]]]:
-    """``(stem name, stem)`` and ``[(block name, block, end of its residual branch)]``.
+def residual_points(
+    model: nn.Module, names: list[str] | None = None
+) -> tuple[tuple[str, nn.Module], list[tuple[str, nn.Module, nn.Module]]]:
+    """``(stem name, stem)`` and ``[(block name, block, end of its residual branch)]``, found by
+    :func:`normlab.probes._blocks.find_blocks` (contract, torchvision/timm blocks, or ``names``)."""
+    from normlab.probes._blocks import find_blocks
 
-    The normlab contract gives ``model.stem`` and ``block.branch``. Other models are matched by timm /
-    torchvision names: blocks ``layer1.0`` / ``stages.0.0`` / ``stages.0.blocks.0`` / ``blocks.0``, branch end
-    the block's ``bn3``, ``bn2``, ``conv3`` or ``conv2`` (first found), stem ``stem``, ``maxpool``, ``bn1`` or
-    ``conv1``.
-    """
-    blocks = contract_blocks(model)
-    if blocks:
-        return ("stem", model.stem), [(n, b, b.branch) for n, b in blocks]
-    modules = dict(model.named_modules())
-    found = [(n, m) for n, m in modules.items() if any(fnmatch.fnmatchcase(n, p) for p in _BLOCK_PATTERNS)]
-    out = []
-    for name, block in found:
-        children = dict(block.named_children())
-        end = next((children[c] for c in _RESIDUAL_END if c in children), None)
-        if end is not None:
-            out.append((name, block, end))
-    stem = next(((n, modules[n]) for n in _STEM if n in modules), None)
-    if not out or stem is None:
-        raise NormlabError(
-            f"cannot find residual blocks in {type(model).__name__}: it has no model.stem + model.blocks() "
-            "(the normlab.models.blocks contract) and no modules named like timm/torchvision blocks "
-            "(layer1.0, stages.0.0, ... with a bn2/bn3/conv2/conv3 child)"
-        )
-    return stem, out
+    stem, blocks = find_blocks(model, names)
+    return stem, [(b.name, b.module, b.branch_end) for b in blocks]
 
 
 def channel_moments(t: torch.Tensor, *, unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

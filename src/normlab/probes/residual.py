@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.probes._hooks import captured, contract_blocks, probe_input
+from normlab.probes._blocks import find_blocks
+from normlab.probes._hooks import captured, captured_inputs, probe_input
 from normlab.probes._result import ProbeResult
 from normlab.probes._state import check_batch_for_mode, check_mode, preserved, set_mode
 
@@ -43,26 +44,35 @@ def residual_scale(
     batch_size: int = 8,
     mode: str = "train",
     seed: int = 0,
+    blocks: list[str] | None = None,
 ) -> ResidualScale:
     """Branch-to-shortcut std ratio of every residual block of ``model`` on ``x`` (or N(0, 1) input of
-    ``input_shape``); needs ``model.blocks()`` with ``skip_scale`` and ``shortcut``
-    (normlab.models.blocks)."""
+    ``input_shape``). Blocks: the normlab contract (``skip_scale``, ``shortcut``), torchvision/timm ResNet
+    blocks (branch = ``bn2``/``bn3`` output, shortcut = ``downsample`` output or the block's input), or the
+    module names in ``blocks`` (:mod:`normlab.probes._blocks`)."""
     check_mode(mode)
-    blocks = contract_blocks(model)
-    if not blocks:
+    try:
+        _, found = find_blocks(model, blocks)
+    except NormlabError:
+        if blocks is not None:
+            raise
         raise NormlabError(
-            f"residual_scale needs a residual model with model.stem and model.blocks() yielding blocks with "
-            f"skip_scale and shortcut (normlab.models.blocks); {type(model).__name__} has none"
-        )
+            "residual_scale needs a residual model (model.stem + model.blocks() of normlab.models.blocks, "
+            f"torchvision/timm ResNet blocks, or blocks=[module names]); {type(model).__name__} has none"
+        ) from None
     x, source = probe_input(model, x, input_shape, batch_size, seed)
     check_batch_for_mode(model, x.shape[0], mode)
-    points = [(f"{n}/branch", b.skip_scale) for n, b in blocks]
-    points += [(f"{n}/shortcut", b.shortcut) for n, b in blocks]
-    with torch.no_grad(), preserved(model, parameters=False), captured(points) as out:
+    points = [(f"{b.name}/branch", b.contribution) for b in found]
+    points += [(f"{b.name}/shortcut", b.shortcut) for b in found if b.shortcut is not None]
+    inputs = [(f"{b.name}/shortcut", b.module) for b in found if b.shortcut is None]
+    with torch.no_grad(), preserved(model, parameters=False), captured(points) as out, captured_inputs(
+        inputs
+    ) as block_inputs:
         set_mode(model, mode)
         model(x)
+    out.update(block_inputs)
     result = ResidualScale(mode=mode, input=source, ratio={}, branch_std={}, shortcut_std={})
-    for name, _ in blocks:
+    for name in (b.name for b in found):
         branch = out[f"{name}/branch"].double().std(unbiased=False).item()
         shortcut = out[f"{name}/shortcut"].double().std(unbiased=False).item()
         result.branch_std[name], result.shortcut_std[name] = branch, shortcut

@@ -51,12 +51,14 @@ def signal_propagation(
     mode: str = "train",
     unbiased: bool = False,
     seed: int = 0,
+    blocks: list[str] | None = None,
 ) -> SignalPropagation:
     """SPP statistics of a residual ``model`` on ``x`` or on N(0, 1) input of ``input_shape`` (one forward
-    pass, no gradient). Blocks come from ``model.blocks()`` (normlab.models.blocks) or timm/torchvision
-    names; a model with neither raises NormlabError."""
+    pass, no gradient). Blocks come from ``model.blocks()`` (normlab.models.blocks), torchvision/timm
+    ResNet blocks or names, or the module names in ``blocks`` (:mod:`normlab.probes._blocks`); a model
+    with none raises NormlabError."""
     check_mode(mode)
-    stem, blocks = residual_points(model)
+    stem, blocks = residual_points(model, blocks)
     x, source = probe_input(model, x, input_shape, batch_size, seed)
     check_batch_for_mode(model, x.shape[0], mode)
     points = [stem] + [(n, b) for n, b, _ in blocks] + [(f"{n}/branch", end) for n, _, end in blocks]

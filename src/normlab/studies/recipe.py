@@ -64,6 +64,7 @@ def parse_recipe(raw: dict[str, Any], source: str = "<recipe>", path: Path | Non
             f"recipe {source}: unknown field(s) {', '.join(unknown)}; "
             f"allowed: {', '.join([*_FIELDS, 'scale'])}"
         )
+    _refuse_model_code(scales, source)
     return Study(
         name=raw["name"],
         title=raw["title"],
@@ -125,3 +126,18 @@ def _names(kind: Any) -> str:
         return f"list of {_names(kind['list'])}"
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join({"dict": "table"}.get(k.__name__, k.__name__) for k in kinds)
+
+
+def _refuse_model_code(value: Any, source: str) -> None:
+    # A recipe is a file from elsewhere: it may name registered models, never code to import
+    # (``module:factory`` specs; docs/external.md).
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "model" and isinstance(item, str) and ":" in item:
+                raise NormlabError(
+                    f"recipe {source} names model code {item!r}; recipes may name registered models only"
+                )
+            _refuse_model_code(item, source)
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_model_code(item, source)

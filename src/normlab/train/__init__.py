@@ -5,7 +5,7 @@ from normlab.train.config import OPTIMIZERS, SCHEDULES, TrainConfig, field_names
 from normlab.train.context import StepContext
 from normlab.train.result import RunResult
 from normlab.train.schedule import learning_rate
-from normlab.train.trainer import Trainer, train
+from normlab.train.trainer import Trainer, TrainOutput, train, train_model
 
 __all__ = [
     "OPTIMIZERS",
@@ -13,10 +13,12 @@ __all__ = [
     "RunResult",
     "StepContext",
     "TrainConfig",
+    "TrainOutput",
     "Trainer",
     "field_names",
     "learning_rate",
     "load_checkpoint",
     "save_checkpoint",
     "train",
+    "train_model",
 ]

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from normlab.errors import NormlabError
+from normlab.external.spec import is_model_spec
 from normlab.train.config import TrainConfig
 
 
@@ -36,19 +37,27 @@ def load_data(config: TrainConfig):
     """The dataset of ``config`` (in-memory tensors, see :func:`normlab.data.load_dataset`)."""
     from normlab.data import load_dataset
 
+    # Loader options the config sets (imagefolder's image size and held-out split); an unset one is left
+    # to the loader's default, and one the dataset does not take is named by load_dataset's error.
+    options = {name: getattr(config, name) for name in ("image_size", "val_fraction")}
     return load_dataset(
         config.dataset,
         root=config.data_root,
         download=config.download,
         subset=config.subset,
         seed=config.seed,
+        **{name: value for name, value in options.items() if value is not None},
     )
 
 
 def build_model(config: TrainConfig, data) -> nn.Module:
-    """``create_model`` for ``config`` shaped to ``data`` (channels, dims, classes, input length)."""
+    """``create_model`` for ``config`` shaped to ``data`` (channels, dims, classes, input length); a model
+    spec (``module:factory`` / ``file.py:factory``) is built by
+    :func:`normlab.external.build_external_model`."""
     from normlab.models import create_model, model_options
 
+    if is_model_spec(config.model):
+        return _build_external(config, data)
     options = dict(config.model_options)
     # Models that size a flatten/linear layer from the input need its length; the data knows it.
     if "input_size" in model_options(config.model) and "input_size" not in options:
@@ -68,6 +77,30 @@ def build_model(config: TrainConfig, data) -> nn.Module:
         norm_options=config.norm_options,
         **options,
     )
+
+
+def _build_external(config: TrainConfig, data) -> nn.Module:
+    from normlab.external import build_external_model
+
+    options = dict(config.model_options)
+    for name in ("width", "depth"):  # the factory's own knobs, when the config sets them
+        if getattr(config, name) is not None and name not in options:
+            options[name] = getattr(config, name)
+    return build_external_model(
+        config.model,
+        norm=config.norm,
+        norm_options=config.norm_options,
+        options=options,
+        outputs=_outputs(data),
+        in_channels=data.in_channels,
+        sample=data.x_train[:2],
+    )
+
+
+def _outputs(data) -> int:
+    if data.task == "classification":
+        return data.num_classes
+    return int(data.y_train.shape[-1]) if data.y_train.ndim > 1 else 1
 
 
 def loss_function(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

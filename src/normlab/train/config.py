@@ -20,6 +20,8 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 DEVICE_PREFIXES = ("cpu", "cuda", "mps", "auto")
 # Fields that say where or under which label a run is kept, not what it computes: left out of the key.
+# Data options added later: in the key only when set, so stored runs keep their keys.
+_IN_KEY_WHEN_SET = ("image_size", "val_fraction")
 _NOT_IN_KEY = ("name", "group", "checkpoint_dir", "checkpoint_every", "download", "data_root")
 
 
@@ -40,6 +42,8 @@ class TrainConfig:
     download: bool = False
     subset: int | float | None = None
     augment: str | None = None
+    image_size: int | None = None
+    val_fraction: float | None = None
     batch_size: int = 128
     # length
     epochs: int | None = 10
@@ -122,7 +126,24 @@ class TrainConfig:
         return config_key(self.key_dict())
 
     def key_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_KEY}
+        """The fields in the key, plus ``fingerprint`` of user code and data when the run uses them
+        (:mod:`normlab.external.fingerprint`: the model spec's source file, the npz file's bytes, the image
+        folder's file list with sizes and times), so a changed model or data set is trained again."""
+        values = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_KEY}
+        for name in _IN_KEY_WHEN_SET:  # unset, they leave the keys of earlier runs as they were
+            if values[name] is None:
+                del values[name]
+        from normlab.external import data_fingerprint, is_model_spec, model_fingerprint
+
+        fingerprint = {}
+        if is_model_spec(self.model):
+            fingerprint["model"] = model_fingerprint(self.model)
+        data = data_fingerprint(self.dataset, self.data_root)
+        if data is not None:
+            fingerprint["data"] = data
+        if fingerprint:
+            values["fingerprint"] = fingerprint
+        return values
 
 
 def field_names() -> list[str]:
@@ -162,6 +183,8 @@ _RULES: dict[str, tuple[str, bool, float | None, float | None, tuple | None]] = 
     "download": (_BOOL, False, None, None, None),
     "subset": (_NUM, True, 1e-12, None, None),
     "augment": (_STR, True, None, None, None),
+    "image_size": (_INT, True, 1, None, None),
+    "val_fraction": (_FLOAT, True, 1e-12, 0.999999, None),
     "batch_size": (_INT, False, 1, None, None),
     "epochs": (_INT, True, 1, None, None),
     "steps": (_INT, True, 1, None, None),
@@ -195,6 +218,10 @@ def _check_field(name: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise NormlabError(f"{name} must be a table/dict of options, got {value!r}")
         return dict(value)
+    if name == "model" and callable(value) and not isinstance(value, str):
+        from normlab.external import spec_of
+
+        return spec_of(value)  # a factory from Python: kept as the spec that loads it again (in workers too)
     if name == "milestones":
         if not isinstance(value, (list, tuple)) or not all(_is_int(v) and v > 0 for v in value):
             raise NormlabError(f"milestones must be a list of positive step numbers, got {value!r}")

@@ -16,6 +16,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,7 @@ class Trainer:
 
         seed_everything(config.seed)
         self.data = load_data(config)
+        self.streaming = not hasattr(self.data, "x_test")  # normlab.data.StreamingDataset
         self.classification = self.data.task == "classification"
         self.loss_fn = loss_function(self.data.task)
         self.model = build_model(config, self.data).to(self.device)
@@ -87,7 +89,13 @@ class Trainer:
         self.total_steps = config.steps or config.epochs * len(self.batches)
         # The convergence rule needs the held-out curve: eval_every=0 spreads EVALUATIONS over the run.
         self.eval_every = config.eval_every or max(1, self.total_steps // EVALUATIONS)
-        self.x_test, self.y_test = self.data.x_test.to(self.device), self.data.y_test.to(self.device)
+        # Streamed data (normlab.data.StreamingDataset) evaluates the test set through its loader; the
+        # tensors here are then its first examples, for the train/eval gap.
+        if self.streaming:
+            x_test, y_test = self.data.head("test", 4096)
+        else:
+            x_test, y_test = self.data.x_test, self.data.y_test
+        self.x_test, self.y_test = x_test.to(self.device), y_test.to(self.device)
 
         self.step = 0
         self.run_id: int | None = None
@@ -231,14 +239,22 @@ class Trainer:
         )
 
     def _evaluate_test(self) -> tuple[float, float]:
-        loss, acc = evaluate(
-            self.model,
-            self.x_test,
-            self.y_test,
-            self.loss_fn,
-            batch_size=self.config.eval_batch_size,
-            classification=self.classification,
-        )
+        if self.streaming:
+            from normlab.train.evaluate import evaluate_batches
+
+            batches = self.data.test_batches(self.config.eval_batch_size)
+            loss, acc = evaluate_batches(
+                self.model, batches, self.loss_fn, device=self.device, classification=self.classification
+            )
+        else:
+            loss, acc = evaluate(
+                self.model,
+                self.x_test,
+                self.y_test,
+                self.loss_fn,
+                batch_size=self.config.eval_batch_size,
+                classification=self.classification,
+            )
         self.log("test/loss", loss)
         if self.classification:
             self.log("test/acc", acc)
@@ -248,6 +264,10 @@ class Trainer:
     def _batch_iterator(self):
         from normlab.data import BatchIterator
 
+        if self.streaming:
+            if self.config.augment is not None:
+                raise NormlabError("augment applies to in-memory data; a streamed Dataset does its own")
+            return self.data.batches(self.config.batch_size, seed=self.config.seed, device=self.device)
         # next_batch() rolls over epochs and its state resumes mid-epoch (normlab.data.BatchIterator).
         return BatchIterator(
             self.data.x_train,
@@ -286,12 +306,18 @@ class Trainer:
             result.convergence, result.convergence_reason = status, f"the run {status}: {reason}"
             return result
         test_loss, test_acc = self._evaluate_test()
-        n_train = min(self.config.eval_train_samples, self.data.x_train.shape[0])
+        available = len(self.data.train) if self.streaming else self.data.x_train.shape[0]
+        n_train = min(self.config.eval_train_samples, available)
         if n_train:
+            x_train, y_train = (
+                self.data.head("train", n_train)
+                if self.streaming
+                else (self.data.x_train[:n_train], self.data.y_train[:n_train])
+            )
             result.final_train_loss, result.final_train_acc = evaluate(
                 self.model,
-                self.data.x_train[:n_train].to(self.device),
-                self.data.y_train[:n_train].to(self.device),
+                x_train.to(self.device),
+                y_train.to(self.device),
                 self.loss_fn,
                 batch_size=self.config.eval_batch_size,
                 classification=self.classification,
@@ -427,6 +453,29 @@ def _grad_norm(params: list[torch.nn.Parameter]) -> float:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
 
 
+@dataclass
+class TrainOutput:
+    """What :func:`train_model` returns: the run's :class:`RunResult` and the trained ``nn.Module`` (in
+    eval mode, on the run's device). The result stays plain values (picklable, stored); the model is
+    here, not in it."""
+
+    result: RunResult
+    model: torch.nn.Module
+
+
+def train_model(
+    config: TrainConfig,
+    store: Any = None,
+    callbacks: Iterable[Any] = (),
+    progress: bool | None = None,
+    resume: str | os.PathLike | bool | None = None,
+) -> TrainOutput:
+    """Train ``config`` like :func:`train` and also return the trained model (:class:`TrainOutput`)."""
+    trainer = Trainer(config, store=store, callbacks=callbacks, progress=progress, resume=resume)
+    result = trainer.fit()
+    return TrainOutput(result=result, model=trainer.model.eval())
+
+
 def train(
     config: TrainConfig,
     store: Any = None,
@@ -434,5 +483,6 @@ def train(
     progress: bool | None = None,
     resume: str | os.PathLike | bool | None = None,
 ) -> RunResult:
-    """Train ``config`` and return its :class:`RunResult` (see :class:`Trainer` for the arguments)."""
+    """Train ``config`` and return its :class:`RunResult` (see :class:`Trainer` for the arguments); the
+    trained model: :func:`train_model`, or ``Trainer(config).fit()`` then ``trainer.model``."""
     return Trainer(config, store=store, callbacks=callbacks, progress=progress, resume=resume).fit()
