@@ -14,6 +14,8 @@ Evaluation runs on every rank over the whole test set (the replicas hold the sam
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import torch
@@ -65,6 +67,11 @@ def _rank_main(config_dict: dict[str, Any], bn_sync: str, store_path: str | None
 
     from normlab.train import Trainer
 
+    # The run's name says how it ran (the config key cannot: TrainConfig has no field for it).
+    config_dict = {**config_dict}
+    config_dict["name"] = config_dict.get("name") or (
+        f"{config_dict['model']}/{config_dict['norm']} nproc={dist_world()} bn-sync={bn_sync}"
+    )
     config = TrainConfig.from_dict(config_dict)
     rank, world, device = init_process_group(config.device)
     try:
@@ -84,10 +91,19 @@ def _rank_main(config_dict: dict[str, Any], bn_sync: str, store_path: str | None
         trainer.loss_fn = GlobalMeanLoss(trainer.loss_fn)
         result = trainer.fit()
         if store is not None:
+            if result.run_id is not None:
+                record = {"nproc": world, "bn_sync": bn_sync, "virtual_batch_size": vbs,
+                          "backend": dist.get_backend(), "replica_batch_size": config.batch_size // world}
+                store.add_artifact(result.run_id, "data_parallel.json", "json", json.dumps(record).encode())
             store.close()
         return result if rank == 0 else None
     finally:
         destroy_process_group()
+
+
+def dist_world() -> int:
+    """WORLD_SIZE of this launched process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class ShardedBatches:

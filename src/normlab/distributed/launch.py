@@ -10,6 +10,7 @@ comes back here in one line (a :class:`NormlabError` stays one, so the CLI exits
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -87,7 +88,7 @@ def launch(fn: Callable[..., Any], nproc: int, args: tuple = (), *, threads: int
                 if kind == "NormlabError":
                     raise NormlabError(message)
                 raise RuntimeError(f"rank {rank}: {kind}: {message}")
-            outcome[rank] = value
+            outcome[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10 if len(outcome) == nproc else 0.5)
@@ -111,4 +112,6 @@ def _bootstrap(fn, args, rank: int, world: int, port: int, threads: int, results
         message = str(exc) if isinstance(exc, NormlabError) else f"{exc}\n{traceback.format_exc()}"
         results.put((rank, False, (type(exc).__name__, message)))
         raise SystemExit(1) from None
-    results.put((rank, True, value))
+    # Plain pickle: torch's queue reductions would pass tensors as shared memory owned by this process,
+    # which exits now.
+    results.put((rank, True, pickle.dumps(value)))
