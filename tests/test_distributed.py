@@ -178,6 +178,7 @@ TINY = ["--subset", "256", "--batch-size", "32", "--steps", "8", "--width", "4",
         "--eval-train-samples", "64", "--no-progress", "--threads", "1", "--json"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_train_nproc_2_sync_equals_one_process_and_local_equals_ghost(capsys, tmp_path):
     db = str(tmp_path / "r.sqlite")
     runs = {}
