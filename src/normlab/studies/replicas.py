@@ -19,10 +19,10 @@ Run real processes with ``normlab train --nproc R --bn-sync local|sync``.
 Verdicts (science.md section 8), per R > 1, on the final test accuracy, paired over seeds (every arm uses
 the same seeds): the difference ``local - sync`` (and ``local - GN``) is a win / loss only when its 95%
 t-interval over >= 3 seeds excludes 0, else a tie; "inconclusive" when an arm did not converge (a seed not
-finished, mean test accuracy below ``min_acc`` — a stalled arm — or a training loss still falling by more than
-``plateau_tol`` over the last quarter of the run). The claim holds when sync BN wins over local BN at the
-smallest per-replica batch. The rule is written here (:func:`compare_arms`) until the shared verdict helper
-lands in ``normlab.stats``.
+finished, mean test accuracy below ``min_acc`` — a stalled arm — or a training loss whose mean still fell by
+more than ``plateau_tol`` x its starting value from the third to the last quarter of the run). The claim
+holds when sync BN wins over local BN at the smallest per-replica batch. The rule is written here
+(:func:`compare_arms`) until the shared verdict helper lands in ``normlab.stats``.
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ def run(ctx: StudyContext) -> StudyOutcome:
             "(identical training, tested against 2 gloo processes); sync BN = BN on G (cross-replica BN "
             "equals it to 1e-10), trained once for every R; GN does not depend on R.",
             "train/eval gap: test accuracy with batch statistics (per-replica batches) minus eval mode.",
-            f"Converged: every seed finished, mean test acc >= {pct(p['min_acc'], 0)}, and the training loss "
-            f"fell by less than {100 * p['plateau_tol']:.0f}% over the last quarter of the run.",
+            f"Converged: every seed finished, mean test acc >= {pct(p['min_acc'], 0)}, and the mean training "
+            f"loss fell by at most {100 * p['plateau_tol']:.0f}% of its starting value from the third to the "
+            "last quarter of the run.",
         ],
     )
     for (variant, r), runs in cells.items():
@@ -151,8 +152,7 @@ def _acc(runs: list[Any]) -> tuple[float, float]:
 
 def converged_arm(ctx: StudyContext, runs: list[Any], min_acc: float, plateau_tol: float) -> bool:
     """Every seed finished, the mean test accuracy reaches ``min_acc`` (not stalled), and each seed's
-    training loss over the last quarter of its logged steps is within ``plateau_tol`` (relative) of the
-    quarter before (a plateau)."""
+    training loss has plateaued (:func:`plateaued` with ``plateau_tol``)."""
     if not runs or any(x.status != "finished" for x in runs):
         return False
     if not _acc(runs)[0] >= min_acc:
@@ -165,12 +165,14 @@ def converged_arm(ctx: StudyContext, runs: list[Any], min_acc: float, plateau_to
 
 
 def plateaued(curve: list[float], tol: float) -> bool:
-    """Mean of the last quarter of ``curve`` >= (1 - tol) x mean of the quarter before (needs 8 points)."""
+    """The mean of the last quarter of ``curve`` is below that of the quarter before by at most ``tol`` x the
+    first value (needs 8 points). Absolute, in units of the starting loss: a loss near 0 that still halves
+    has stopped improving in any sense that matters, a relative rule would call it moving."""
     q = len(curve) // 4
     if q < 2:
         return False
     last, before = sum(curve[-q:]) / q, sum(curve[-2 * q:-q]) / q
-    return math.isfinite(last) and last >= (1 - tol) * before
+    return math.isfinite(last) and before - last <= tol * curve[0]
 
 
 def compare_arms(a: list[Any], b: list[Any], both_converged: bool) -> tuple[str, tuple[float, float]]:
@@ -200,6 +202,11 @@ def judge(cells: dict, verdicts: dict[tuple[int, str], str], replicas: list[int]
                 f"{pct(local[0])} and sync BN {pct(sync[0])} ({pts(local[0] - sync[0])}, local - sync)")
     if ("gn", r) in cells:
         sentence += f"; GN {pct(_acc(cells[('gn', r)])[0])}"
+    r0 = min(replicas)
+    if ("local", r0) in cells and r0 != r:
+        gaps = [mean_ci(x.train_eval_gap for x in finished(cells[("local", k)]))[0] for k in (r0, r)]
+        sentence += (f"; local BN's train/eval gap goes from {pts(gaps[0])} at per-replica batch {g // r0} "
+                     f"to {pts(gaps[1])} at {g // r}")
     if outcome == "loss":
         return sentence + ": synchronizing BN's statistics helps at this per-replica batch, as claimed.", \
             True, None
