@@ -179,12 +179,14 @@ TINY = ["--subset", "256", "--batch-size", "32", "--steps", "8", "--width", "4",
 
 
 @pytest.mark.slow
-def test_train_nproc_2_sync_equals_one_process_and_local_equals_ghost(capsys, tmp_path):
+def test_train_nproc_2_sync_local_ghost_equal_their_one_process_forms(capsys, tmp_path):
     db = str(tmp_path / "r.sqlite")
     runs = {}
     for label, extra in (("single", []), ("sync", ["--nproc", "2", "--bn-sync", "sync"]),
                          ("local", ["--nproc", "2", "--bn-sync", "local"]),
-                         ("ghost", ["--norm", "ghost_bn", "--norm-options", '{"virtual_batch_size": 16}'])):
+                         ("ghost", ["--norm", "ghost_bn", "--norm-options", '{"virtual_batch_size": 16}']),
+                         ("dp_ghost8", ["--nproc", "2", "--bn-sync", "ghost", "--virtual-batch-size", "8"]),
+                         ("ghost8", ["--norm", "ghost_bn", "--norm-options", '{"virtual_batch_size": 8}'])):
         code, out, err = cli(capsys, "train", *TINY, "--store", db, *extra)
         assert code == 0, err
         runs[label] = json.loads(out)
@@ -198,6 +200,8 @@ def test_train_nproc_2_sync_equals_one_process_and_local_equals_ghost(capsys, tm
     # Local BN on 2 x 16 is ghost BN with virtual batch 16 on 32 (and differs from single-process BN).
     assert max(abs(a - b) for a, b in zip(losses["local"], losses["ghost"], strict=True)) < 1e-5
     assert abs(losses["local"][-1] - losses["single"][-1]) > 1e-4
+    # --bn-sync ghost: virtual batches of 8 inside each replica = ghost BN of 8 on the global batch.
+    assert max(abs(a - b) for a, b in zip(losses["dp_ghost8"], losses["ghost8"], strict=True)) < 1e-5
     names = {r.id: r.name for r in store.runs()}
     assert names[runs["sync"]["run_id"]] == "cnn/bn nproc=2 bn-sync=sync"
     record = json.loads(store.artifacts(runs["local"]["run_id"])[0].payload)
@@ -211,6 +215,9 @@ def test_train_nproc_2_sync_equals_one_process_and_local_equals_ghost(capsys, tm
         (["--nproc", "999"], "--nproc 999 is more than the"),
         (["--nproc", "0"], "--nproc must be a positive int, got 0"),
         (["--nproc", "2", "--batch-size", "33"], "--batch-size 33 does not split over --nproc 2 replicas"),
+        (["--nproc", "2", "--bn-sync", "ghost", "--virtual-batch-size", "5"],
+         "--virtual-batch-size 5 must be >= 2 and divide the per-replica batch 64"),
+        (["--virtual-batch-size", "8"], "--virtual-batch-size goes with --bn-sync ghost"),
         (["--nproc", "2", "--bn-sync", "sometimes"],
          "unknown --bn-sync 'sometimes'; valid: local, sync, ghost"),
     ],

@@ -44,19 +44,25 @@ def train_data_parallel(
     ``config.batch_size`` is the global batch; it must split evenly. ``virtual_batch_size`` is the ghost
     batch of ``--bn-sync ghost`` (default: the norm option ``virtual_batch_size``).
     """
-    check_data_parallel(config, nproc, bn_sync)
+    check_data_parallel(config, nproc, bn_sync, virtual_batch_size)
     results = launch(_rank_main, nproc, (config.to_dict(), bn_sync, store_path, progress, virtual_batch_size),
                      threads=threads)
     return results[0]
 
 
-def check_data_parallel(config: TrainConfig, nproc: int, bn_sync: str) -> None:
+def check_data_parallel(config: TrainConfig, nproc: int, bn_sync: str,
+                        virtual_batch_size: int | None = None) -> None:
     """Bad input for a data-parallel run, as NormlabError, before any process starts."""
     check_nproc(nproc, config.device)
     if bn_sync not in BN_SYNC_MODES:
         raise NormlabError(f"unknown --bn-sync {bn_sync!r}; valid: {', '.join(BN_SYNC_MODES)}")
     if config.batch_size % nproc:
         raise NormlabError(f"--batch-size {config.batch_size} does not split over --nproc {nproc} replicas")
+    replica_batch = config.batch_size // nproc
+    vbs = virtual_batch_size
+    if vbs is not None and (vbs < 2 or replica_batch % vbs):
+        raise NormlabError(f"--virtual-batch-size {vbs} must be >= 2 and divide the per-replica batch "
+                           f"{replica_batch}")
     if config.checkpoint_dir is not None:
         raise NormlabError("--nproc > 1 does not write checkpoints; drop --checkpoint-dir")
 
