@@ -69,3 +69,20 @@ def test_tiny_scale_writes_its_report(tmp_path):
     assert outcome.tables[1].rows[0][4] == "tie"  # two seeds
     page = files.html.read_text()
     assert html.escape(outcome.verdict) in page and page.count("data:image/png;base64,") == 1
+
+
+def test_recipe_has_every_scale_and_quick_fits_the_budget():
+    from normlab.studies import get_study
+
+    study = get_study("replicas")
+    assert set(study.scales) == {"tiny", "quick", "paper"}
+    quick = study.params("quick")
+    # 5 distinct configs (local at R = 2, 4, 8; BN; GN) x 3 seeds: about 3 minutes on one core.
+    assert quick["replicas"] == [1, 2, 4, 8] and quick["global_batch"] // max(quick["replicas"]) == 8
+
+
+@pytest.mark.slow
+def test_quick_scale_converges_and_quotes_numbers(tmp_path):
+    outcome, _ = run_study("replicas", scale="quick", seeds=3, out=tmp_path)
+    assert all(row[-1] == "yes" for row in outcome.tables[0].rows)  # every arm reached its plateau
+    assert outcome.tables[1].rows and "train/eval gap" in outcome.verdict
