@@ -162,6 +162,8 @@ def test_convert_keeps_parameter_objects_and_covers_every_bn_like_layer():
     ghost = convert_sync_norm(nn.Sequential(nn.BatchNorm1d(C)), "ghost", virtual_batch_size=4)
     assert isinstance(ghost[0], GhostBatchNorm) and ghost[0].virtual_batch_size == 4
     assert isinstance(convert_sync_norm(nn.BatchNorm2d(C), "sync"), CrossReplicaBatchNorm)
+    # torch's SyncBatchNorm refuses CPU tensors: on CPU it becomes normlab's cross-replica BN.
+    assert isinstance(convert_sync_norm(nn.SyncBatchNorm(C), "sync"), CrossReplicaBatchNorm)
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:

@@ -81,15 +81,15 @@ def convert_sync_norm(
     def to_sync(layer: nn.Module) -> nn.Module:
         if isinstance(layer, _NORMLAB_BN) or not isinstance(layer, _BatchNorm):
             return _to_sync_normlab(layer, process_group, ghost_groups, world)
-        if isinstance(layer, nn.SyncBatchNorm) or torch_sync:
+        if torch_sync:
             return nn.SyncBatchNorm.convert_sync_batchnorm(layer, process_group)
+        # Plain BN, or a torch SyncBatchNorm that would refuse these (CPU) tensors.
         return _adopt(CrossReplicaBatchNorm(
             layer.num_features, process_group=process_group, dims=_DIMS.get(type(layer), 2), eps=layer.eps,
             momentum=layer.momentum, affine=layer.affine,
         ), layer)
 
     return _convert(model, to_sync)
-
 
 
 def _convert(model: nn.Module, fn) -> nn.Module:
