@@ -230,3 +230,36 @@ def test_data_parallel_bad_input_is_one_line_exit_2(capsys, tmp_path, args, mess
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
     assert not db.exists()
+
+
+def _ghost_replica(world: int) -> dict:
+    """A ghost BN with ghost batches of 2B over replicas of B: each ghost batch spans a pair of ranks."""
+    from normlab.distributed import destroy_process_group, init_process_group
+
+    rank, _, _ = init_process_group("cpu")
+    try:
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(world * B, C, L, generator=g, dtype=torch.float64)
+        w = torch.randn(world * B, C, L, generator=g, dtype=torch.float64)
+        torch.manual_seed(1)
+        layer = convert_sync_norm(GhostBatchNorm(C, 2 * B, dims=1).double(), "sync")
+        share = slice(rank * B, (rank + 1) * B)
+        return _step(layer, x[share], w[share])
+    finally:
+        destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sync_ghost_bn_spans_sub_groups_of_replicas():
+    world = 4
+    got = launch(_ghost_replica, world, (world,), timeout_s=240)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(world * B, C, L, generator=g, dtype=torch.float64)
+    w = torch.randn(world * B, C, L, generator=g, dtype=torch.float64)
+    torch.manual_seed(1)
+    ref = _step(GhostBatchNorm(C, 2 * B, dims=1).double(), x, w)  # 2 ghost batches of 2B in one process
+    for key in ("out", "dx"):
+        torch.testing.assert_close(torch.cat([r[key] for r in got]), ref[key], rtol=0, atol=1e-10)
+    # Parameter gradients: summed over the 4 replicas they are the single-process ghost layer's.
+    for key in ("dw", "db"):
+        torch.testing.assert_close(sum(r[key] for r in got), ref[key], rtol=0, atol=1e-10)

@@ -143,3 +143,18 @@ def test_unreachable_address_is_one_line_exit_2(capsys, tmp_path, address, messa
 def test_address_without_ray_executor_is_refused(capsys, tmp_path):
     code, _, err = cli(capsys, *COMPARE, "--address", "127.0.0.1:6379", "--store", str(tmp_path / "r.sqlite"))
     assert code == 2 and "--address needs --executor ray" in err
+
+
+def test_compare_cli_on_ray(ray_local, capsys, tmp_path):
+    import json
+
+    db = tmp_path / "r.sqlite"
+    args = ["--executor", "ray", "--cpus-per-run", "1", "--store", str(db), "--json"]
+    code, out, err = cli(capsys, *COMPARE, *args)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["statuses"] == {"finished": 1, "diverged": 0, "failed": 0}
+    with Store(db) as store:
+        (run,) = store.runs()
+        assert run.status == "finished" and store.metric_names(run.id)
+    assert ray_local.is_initialized()  # the CLI joined the running instance and left it running
