@@ -158,3 +158,18 @@ def test_compare_cli_on_ray(ray_local, capsys, tmp_path):
         (run,) = store.runs()
         assert run.status == "finished" and store.metric_names(run.id)
     assert ray_local.is_initialized()  # the CLI joined the running instance and left it running
+
+
+def test_a_cluster_that_cannot_be_joined_is_one_line():
+    from normlab.errors import NormlabError
+    from normlab.sweep.ray_executor import init_ray
+
+    class NoCluster:
+        @staticmethod
+        def init(address, **options):
+            raise ConnectionError(f"Failed to connect to Ray cluster at {address}\nmore detail")
+
+    with pytest.raises(NormlabError) as err:
+        init_ray(NoCluster, "10.0.0.1:6379", {})
+    assert str(err.value) == ("cannot join a Ray cluster at --address 10.0.0.1:6379: Failed to connect to Ray "
+                              "cluster at 10.0.0.1:6379")

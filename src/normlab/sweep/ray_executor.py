@@ -14,6 +14,8 @@ raising is recorded as failed at once (a deterministic failure would fail again)
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import socket
 import tempfile
@@ -84,15 +86,16 @@ class RayExecutor:
                 raise NormlabError(f"{name} must be a number >= {low}, got {value!r}")
         if cpus_per_run == 0 and gpus_per_run == 0:
             raise NormlabError("cpus_per_run and gpus_per_run are both 0; a run needs some resource")
-        self.ray = import_ray()
+        check_address(address)
         self.address = address
         self.cpus_per_run, self.gpus_per_run, self.max_retries = cpus_per_run, gpus_per_run, int(max_retries)
         self._started_ray = False
-        check_address(address)
-        if not self.ray.is_initialized():
-            options = {"include_dashboard": False, "log_to_driver": False, **(init_options or {})}
-            self.ray.init(address=address, **options)
-            self._started_ray = True
+        with _quiet_connect(address):
+            self.ray = import_ray()
+            if not self.ray.is_initialized():
+                options = {"include_dashboard": False, "log_to_driver": False, **(init_options or {})}
+                init_ray(self.ray, address, options)
+                self._started_ray = True
         self._task = self.ray.remote(_run_task).options(
             num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=self.max_retries, retry_exceptions=False
         )
@@ -141,6 +144,34 @@ class RayExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def init_ray(ray: Any, address: str | None, options: dict[str, Any]) -> None:
+    """``ray.init``; a cluster that cannot be joined is a one-line NormlabError."""
+    try:
+        ray.init(address=address, **options)
+    except (ConnectionError, RuntimeError, TimeoutError) as exc:
+        raise NormlabError(f"cannot join a Ray cluster at --address {address}: {_first_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def _quiet_connect(address: str | None) -> Iterator[None]:
+    """While joining ``address``: give up on an endpoint that answers but is no Ray cluster after
+    CONNECT_TIMEOUT_S tries, one a second (Ray's default is ~20; Ray's C++ client still logs a warning per
+    try before normlab's one-line error). A user's own setting of the variable wins."""
+    quiet = {"RAY_gcs_server_port_wait_time_s": str(int(CONNECT_TIMEOUT_S))}
+    saved = {k: os.environ.get(k) for k in quiet}
+    if address not in (None, "local"):
+        for k, v in quiet.items():
+            os.environ.setdefault(k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _run_task(config: dict[str, Any], callbacks_factory: CallbacksFactory | None, threads: int) -> dict:
