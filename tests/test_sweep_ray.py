@@ -171,5 +171,5 @@ def test_a_cluster_that_cannot_be_joined_is_one_line():
 
     with pytest.raises(NormlabError) as err:
         init_ray(NoCluster, "10.0.0.1:6379", {})
-    assert str(err.value) == ("cannot join a Ray cluster at --address 10.0.0.1:6379: Failed to connect to Ray "
-                              "cluster at 10.0.0.1:6379")
+    assert str(err.value) == ("cannot join a Ray cluster at --address 10.0.0.1:6379: Failed to connect to "
+                              "Ray cluster at 10.0.0.1:6379")
