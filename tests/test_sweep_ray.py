@@ -96,6 +96,20 @@ def test_killed_worker_is_retried_then_recorded_as_failed(ray_local, tmp_path):
         assert len(runs) == 2 and runs["kill-1"].status == "finished" and runs["kill-9"].status == "failed"
         assert "WorkerCrashedError" in runs["kill-9"].error
         assert [n for _, _, n, _ in db.metric_rows([runs["kill-1"].id])].count("train/loss") == 3
+    # The killed attempts' scratch folders were removed by the next task on this machine.
+    import tempfile
+
+    run_sweep([TrainConfig(seed=5, **TINY)], None, executor)
+    assert not [f for f in Path(tempfile.gettempdir()).glob("normlab-ray-*-*") if not _pid_alive(f)]
+
+
+def _pid_alive(folder: Path) -> bool:
+    pid = folder.name.split("-")[2]
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:

@@ -20,6 +20,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from normlab.errors import NormlabError
@@ -179,7 +180,8 @@ def _run_task(config: dict[str, Any], callbacks_factory: CallbacksFactory | None
     from normlab.store import Store
 
     init_worker(threads)
-    folder = tempfile.mkdtemp(prefix="normlab-ray-")
+    _remove_orphans()
+    folder = tempfile.mkdtemp(prefix=f"normlab-ray-{os.getpid()}-")
     try:
         path = f"{folder}/run.sqlite"
         result = run_config(config, path, callbacks_factory)
@@ -192,6 +194,24 @@ def _run_task(config: dict[str, Any], callbacks_factory: CallbacksFactory | None
                 "artifacts": artifacts}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_orphans() -> None:
+    """Delete scratch folders of workers that died mid-run (killed tasks never reach their cleanup)."""
+    for folder in Path(tempfile.gettempdir()).glob("normlab-ray-*-*"):
+        pid = folder.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def record_payload(payload: dict[str, Any], store: Any) -> RunResult:
