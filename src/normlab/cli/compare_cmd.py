@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from normlab.cli._common import STORE_HELP, check_norms, console, csv_list, fmt, open_store, print_json
+from normlab.cli._executor import ADDRESS_HELP, CPUS_HELP, EXECUTOR_HELP, GPUS_HELP, make_executor
 from normlab.cli.train_cmd import parse_option
 from normlab.errors import NormlabError
 
@@ -53,6 +54,10 @@ def compare_command(
     optimizer: str = typer.Option("sgd", help="sgd or adamw"),
     device: str = typer.Option("cpu", help="device of every run"),
     workers: int | None = typer.Option(None, help="parallel runs (default: all cores)"),
+    executor_kind: str = typer.Option("local", "--executor", help=EXECUTOR_HELP),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+    cpus_per_run: float = typer.Option(1, "--cpus-per-run", help=CPUS_HELP),
+    gpus_per_run: float = typer.Option(0, "--gpus-per-run", help=GPUS_HELP),
     store: str | None = typer.Option(None, "--store", help=STORE_HELP),
     out: str = typer.Option(
         "normlab-results/compare", "--out", help="folder for report.html + report.md + figures"
@@ -91,7 +96,12 @@ def compare_command(
         **_data_and_model_options(model_options, image_size, val_fraction),
     )
     _check_buildable(configs[0])
-    executor = LocalPoolExecutor(workers)  # validates --workers before the store is opened
+    # Validates --workers / --executor / --address before the store is opened.
+    if executor_kind == "local" and address is None:
+        executor = LocalPoolExecutor(workers)
+    else:
+        executor = make_executor(executor_kind, workers, address=address, cpus_per_run=cpus_per_run,
+                                 gpus_per_run=gpus_per_run)
     started = time.perf_counter()
     with open_store(store) as db, executor:
         results = run_sweep(configs, db, executor)

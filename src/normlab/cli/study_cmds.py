@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from normlab.cli._executor import ADDRESS_HELP, CPUS_HELP, EXECUTOR_HELP, GPUS_HELP, make_executor
 from normlab.errors import NormlabError
 
 
@@ -28,6 +29,10 @@ def study(
     store: Annotated[Path | None, typer.Option(help="Results store (default OUT/NAME/runs.sqlite).")] = None,
     workers: Annotated[int, typer.Option(help="Parallel training processes (1 = in this process).")] = 1,
     threads: Annotated[int, typer.Option(help="Torch threads in this process (0 = torch's default).")] = 0,
+    executor_kind: Annotated[str, typer.Option("--executor", help=EXECUTOR_HELP)] = "local",
+    address: Annotated[str | None, typer.Option("--address", help=ADDRESS_HELP)] = None,
+    cpus_per_run: Annotated[float, typer.Option("--cpus-per-run", help=CPUS_HELP)] = 1,
+    gpus_per_run: Annotated[float, typer.Option("--gpus-per-run", help=GPUS_HELP)] = 0,
 ) -> None:
     """Run a study: train its variants, measure, and write OUT/NAME/report.html + report.md."""
     from rich.console import Console
@@ -54,7 +59,8 @@ def study(
     from normlab.studies.runner import run_study
 
     err = Console(stderr=True)
-    executor = _executor(workers)
+    executor = make_executor(executor_kind, workers, address=address, cpus_per_run=cpus_per_run,
+                             gpus_per_run=gpus_per_run)
     try:
         _, files = run_study(
             name,
@@ -96,14 +102,6 @@ def report(
     if not quiet:
         _print_markdown(console, files.markdown_text)
     console.print(f"report: {files.html}")
-
-
-def _executor(workers: int):
-    if workers == 1:
-        return None
-    from normlab.sweep import LocalPoolExecutor
-
-    return LocalPoolExecutor(workers=workers)
 
 
 def _print_markdown(console, text: str) -> None:

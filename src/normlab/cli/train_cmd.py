@@ -124,6 +124,12 @@ def _train_signature() -> inspect.Signature:
         ("resume", bool, typer.Option(False, "--resume", help="continue from this config's checkpoint")),
         ("progress", bool, typer.Option(True, "--progress/--no-progress", help="progress bar on a terminal")),
         ("json_output", bool, typer.Option(False, "--json", help="print the result as JSON only")),
+        ("nproc", int, typer.Option(1, "--nproc", help="data-parallel processes on this machine (torchrun-"
+                                    "style; gloo on CPU, NCCL on CUDA); --batch-size is the global batch")),
+        ("bn_sync", str, typer.Option("local", "--bn-sync", help="BN across replicas: local (own sub-batch, "
+                                      "DDP's default), sync (global batch), ghost (virtual batch)")),
+        ("virtual_batch_size", int | None, typer.Option(None, "--virtual-batch-size",
+                                                        help="ghost batch of --bn-sync ghost")),
     ]
     keyword = inspect.Parameter.KEYWORD_ONLY
     params += [inspect.Parameter(n, keyword, default=d, annotation=a) for n, a, d in extra]
@@ -147,6 +153,7 @@ def train_command(**kwargs: Any) -> None:
 
     store_path, resume, threads = kwargs.pop("store"), kwargs.pop("resume"), kwargs.pop("threads")
     progress, as_json = kwargs.pop("progress"), kwargs.pop("json_output")
+    nproc, bn_sync, vbs = kwargs.pop("nproc"), kwargs.pop("bn_sync"), kwargs.pop("virtual_batch_size")
     config = config_from_cli(kwargs.pop("config"), kwargs)
     if threads is not None:
         if threads < 1:
@@ -155,11 +162,16 @@ def train_command(**kwargs: Any) -> None:
         import torch
 
         torch.set_num_threads(threads)
-    # Build everything (data, model, checkpoint) before opening the store: bad input leaves it untouched.
-    trainer = Trainer(config, progress=None if progress else False, resume=True if resume else None)
-    with open_store(store_path) as store:
-        trainer.store = store
-        result = trainer.fit()
+    if vbs is not None and bn_sync != "ghost":
+        raise NormlabError("--virtual-batch-size goes with --bn-sync ghost")
+    if nproc != 1 or bn_sync != "local":
+        result = _train_data_parallel(config, nproc, bn_sync, store_path, resume, progress, vbs)
+    else:
+        # Build everything (data, model, checkpoint) before opening the store: bad input leaves it untouched.
+        trainer = Trainer(config, progress=None if progress else False, resume=True if resume else None)
+        with open_store(store_path) as store:
+            trainer.store = store
+            result = trainer.fit()
     if as_json:
         print_json(result.to_dict())
         return
@@ -176,6 +188,21 @@ def train_command(**kwargs: Any) -> None:
         if value is not None:
             table.add_row(name, fmt(value))
     console().print(table)
+
+
+def _train_data_parallel(config, nproc: int, bn_sync: str, store_path, resume: bool, progress: bool,
+                         virtual_batch_size: int | None):
+    from normlab.distributed import check_data_parallel, train_data_parallel
+    from normlab.train import Trainer
+
+    if resume:
+        raise NormlabError("--resume works for one process only; drop it or --nproc")
+    check_data_parallel(config, nproc, bn_sync, virtual_batch_size)
+    Trainer(config, progress=False)  # bad model / data names fail here, before any process starts
+    with open_store(store_path) as store:
+        path = str(store.path)
+    return train_data_parallel(config, nproc, bn_sync, store_path=path, progress=None if progress else False,
+                               virtual_batch_size=virtual_batch_size)
 
 
 train_command.__signature__ = _train_signature()  # type: ignore[attr-defined]

@@ -1,0 +1,243 @@
+"""Study ``replicas``: one global batch G split over R = 1, 2, 4... data-parallel replicas, with BN statistics
+local to each replica, synchronized across replicas, or GN — accuracy, and BN's dependence on the
+per-replica batch b = G / R.
+
+Across devices BN changes meaning: DDP's default normalizes each replica's sub-batch with its own statistics
+(ghost BN in effect, Hoffer et al. 2017), so the noise of BN's statistics is that of batch b, not G; the
+small-batch degradation of Wu & He (2018, Fig. 1 / Table 2) is a degradation in the *per-GPU* batch, and
+synchronized ("cross-GPU") BN (Peng et al. 2018, MegDet) removes it. GN has no batch statistics.
+
+How the replicas are run: simulated in one process, which is exact for training.
+- ``local`` with R replicas = ghost BN with virtual batch b on the global batch (same forward, same gradients,
+  same weights after every step; tests/test_distributed.py checks 2 gloo processes against it). The only
+  difference: ghost BN moves the running statistics R times per step (once per ghost batch), DDP keeps rank
+  0's, moved once per step from rank 0's sub-batch — both are averages of b-sample statistics.
+- ``sync`` = BN on the global batch (cross-replica BN equals it to 1e-10, tests/test_distributed.py), so its
+  runs do not depend on R and are trained once; ``gn`` likewise.
+Run real processes with ``normlab train --nproc R --bn-sync local|sync``.
+
+Verdicts (science.md section 8), per R > 1, on the final test accuracy, paired over seeds (every arm uses
+the same seeds): the difference ``local - sync`` (and ``local - GN``) is a win / loss only when its 95%
+t-interval over >= 3 seeds excludes 0, else a tie; "inconclusive" when an arm did not converge (a seed not
+finished, mean test accuracy below ``min_acc`` — a stalled arm — or a training loss whose mean still fell by
+more than ``plateau_tol`` x its starting value from the third to the last quarter of the run). The claim
+holds when sync BN wins over local BN at the smallest per-replica batch. The rule is written here
+(:func:`compare_arms`) until the shared verdict helper lands in ``normlab.stats``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from normlab.errors import NormlabError
+from normlab.studies._grid import base_fields, finished, group_results, pct, pct_cell, pts
+from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
+
+PARAMS = {
+    "model": str,
+    "width": (int, float),
+    "dataset": str,
+    "subset": int,
+    "epochs": int,
+    "global_batch": int,
+    "replicas": {"list": int},
+    "variants": {"list": str},
+    "lr": float,
+    "weight_decay": float,
+    "gn_groups": int,
+    "min_acc": float,
+    "plateau_tol": float,
+}
+
+LABELS = {"local": "local BN", "sync": "sync BN", "gn": "GN"}
+VARIANTS = tuple(LABELS)
+LOSS = "train/loss"
+
+
+def arm_fields(variant: str, replicas: int, params: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig fields of ``variant`` over ``replicas`` replicas of the global batch (simulated)."""
+    if variant == "gn":
+        return {"norm": "gn", "norm_options": {"groups": int(params["gn_groups"])}}
+    if variant == "sync" or replicas == 1:
+        return {"norm": "bn"}
+    if variant == "local":
+        vbs = params["global_batch"] // replicas
+        return {"norm": "ghost_bn", "norm_options": {"virtual_batch_size": vbs}}
+    raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+
+
+def run(ctx: StudyContext) -> StudyOutcome:
+    p = ctx.params
+    unknown = [v for v in p["variants"] if v not in VARIANTS]
+    if unknown:
+        raise NormlabError(f"replicas study: unknown variant(s) {', '.join(unknown)}; "
+                           f"valid: {', '.join(VARIANTS)}")
+    g = p["global_batch"]
+    bad = [r for r in p["replicas"] if r < 1 or g % r or g // r < 2]
+    if bad:
+        raise NormlabError(f"replicas study: global_batch {g} does not split into replicas {bad} "
+                           "of >= 2 samples each")
+    configs, keys = [], []
+    for variant in p["variants"]:
+        for r in p["replicas"]:
+            for seed in ctx.seeds:
+                configs.append(ctx.config(**base_fields(p), **arm_fields(variant, r, p), batch_size=g,
+                                          lr=p["lr"], seed=seed, log_every=_log_every(p, g)))
+                keys.append((variant, r))
+    cells = group_results(keys, ctx.train_grid(configs))
+    converged = {k: converged_arm(ctx, runs, p["min_acc"], p["plateau_tol"]) for k, runs in cells.items()}
+
+    table = Table(
+        f"Test accuracy (%, mean ± 95% CI over {len(ctx.seeds)} seeds) with global batch {g} over R replicas",
+        ["arm", "replicas R", "per-replica batch", "BN statistics over", "test acc", "train/eval gap (pts)",
+         "converged"],
+        notes=[
+            f"{p['model']} on {p['dataset']} ({p['subset']} examples), {p['epochs']} epochs, lr {p['lr']:g}.",
+            "Replicas simulated in one process: local BN over R replicas = ghost BN with virtual batch G/R "
+            "(identical training, tested against 2 gloo processes); sync BN = BN on G (cross-replica BN "
+            "equals it to 1e-10), trained once for every R; GN does not depend on R.",
+            "train/eval gap: test accuracy with batch statistics (per-replica batches) minus eval mode.",
+            f"Converged: every seed finished, mean test acc >= {pct(p['min_acc'], 0)}, and the mean training "
+            f"loss fell by at most {100 * p['plateau_tol']:.0f}% of its starting value from the third to the "
+            "last quarter of the run.",
+        ],
+    )
+    for (variant, r), runs in cells.items():
+        gap = mean_ci(x.train_eval_gap for x in finished(runs))
+        stats_over = {"local": g // r, "sync": g}.get(variant, "-")
+        table.add_row(LABELS[variant], r, g // r, stats_over, pct_cell(_acc(runs)),
+                      pct_cell(gap), "yes" if converged[(variant, r)] else "no")
+
+    comparisons = Table(
+        "Differences in test accuracy (pts, paired over seeds; win only if the 95% CI excludes 0)",
+        ["replicas R", "per-replica batch", "comparison", "difference", "verdict"],
+        notes=["A win needs >= 3 seeds and a 95% t-interval on the per-seed differences that excludes 0; "
+               "otherwise a tie. Inconclusive: an arm did not converge at this budget."],
+    )
+    verdicts: dict[tuple[int, str], str] = {}
+    for r in p["replicas"]:
+        if r == 1 or "local" not in p["variants"]:
+            continue
+        for other in ("sync", "gn"):
+            if other not in p["variants"]:
+                continue
+            a, b = ("local", r), (other, r)
+            outcome, diff = compare_arms(cells[a], cells[b], converged[a] and converged[b])
+            verdicts[(r, other)] = outcome
+            better = {"win": LABELS["local"], "loss": LABELS[other]}
+            name = f"{better[outcome]} better" if outcome in better else outcome
+            comparisons.add_row(r, g // r, f"{LABELS['local']} - {LABELS[other]}", pct_cell(diff), name)
+
+    verdict, agrees, discrepancy = judge(cells, verdicts, p["replicas"], g)
+    figure = ctx.save_figure(_plot(cells, p), "acc_vs_replica_batch",
+                             "Test accuracy vs per-replica batch (mean ± 95% CI): local BN depends on it, "
+                             "sync BN and GN do not (one set of runs each).")
+    data = {
+        "test_acc": {f"{v}/{r}": [x.final_test_acc for x in runs] for (v, r), runs in cells.items()},
+        "converged": {f"{v}/{r}": c for (v, r), c in converged.items()},
+        "verdicts": {f"local-{o}/{r}": v for (r, o), v in verdicts.items()},
+    }
+    return StudyOutcome([table, comparisons], [figure], verdict, agrees, discrepancy, data)
+
+
+def _log_every(p: dict[str, Any], g: int) -> int:
+    steps = p["epochs"] * (p["subset"] // g)
+    return max(1, steps // 20)  # about 20 points of the loss curve for the plateau rule
+
+
+def _acc(runs: list[Any]) -> tuple[float, float]:
+    return mean_ci(x.final_test_acc for x in finished(runs))
+
+
+def converged_arm(ctx: StudyContext, runs: list[Any], min_acc: float, plateau_tol: float) -> bool:
+    """Every seed finished, the mean test accuracy reaches ``min_acc`` (not stalled), and each seed's
+    training loss has plateaued (:func:`plateaued` with ``plateau_tol``)."""
+    if not runs or any(x.status != "finished" for x in runs):
+        return False
+    if not _acc(runs)[0] >= min_acc:
+        return False
+    for x in runs:
+        curve = [v for _, v in ctx.metrics(x.run_id, LOSS)] if x.run_id is not None else []
+        if not plateaued(curve, plateau_tol):
+            return False
+    return True
+
+
+def plateaued(curve: list[float], tol: float) -> bool:
+    """The mean of the last quarter of ``curve`` is below that of the quarter before by at most ``tol`` x the
+    first value (needs 8 points). Absolute, in units of the starting loss: a loss near 0 that still halves
+    has stopped improving in any sense that matters, a relative rule would call it moving."""
+    q = len(curve) // 4
+    if q < 2:
+        return False
+    last, before = sum(curve[-q:]) / q, sum(curve[-2 * q:-q]) / q
+    return math.isfinite(last) and before - last <= tol * curve[0]
+
+
+def compare_arms(a: list[Any], b: list[Any], both_converged: bool) -> tuple[str, tuple[float, float]]:
+    """``win`` (a better), ``loss``, ``tie`` or ``inconclusive`` on final test accuracy, and the mean ± 95% CI
+    of the per-seed differences ``a - b`` (paired by seed)."""
+    by_seed = {x.config.get("seed"): x.final_test_acc for x in finished(b)}
+    diffs = [x.final_test_acc - by_seed[x.config.get("seed")] for x in finished(a)
+             if x.config.get("seed") in by_seed]
+    diff = mean_ci(diffs)
+    if not both_converged:
+        return "inconclusive", diff
+    mean, half = diff
+    if len(diffs) < 3 or not math.isfinite(half) or abs(mean) <= half:
+        return "tie", diff
+    return ("win" if mean > 0 else "loss"), diff
+
+
+def judge(cells: dict, verdicts: dict[tuple[int, str], str], replicas: list[int], g: int
+          ) -> tuple[str, bool | None, str | None]:
+    """The claim at the largest R (smallest per-replica batch): sync BN beats local BN."""
+    r = max(replicas)
+    if (r, "sync") not in verdicts:
+        return "Undecided: the recipe has no local-vs-sync comparison at R > 1.", None, None
+    outcome = verdicts[(r, "sync")]
+    local, sync = _acc(cells[("local", r)]), _acc(cells[("sync", r)])
+    sentence = (f"With global batch {g} over {r} replicas (per-replica batch {g // r}), local BN reaches "
+                f"{pct(local[0])} and sync BN {pct(sync[0])} ({pts(local[0] - sync[0])}, local - sync)")
+    if ("gn", r) in cells:
+        sentence += f"; GN {pct(_acc(cells[('gn', r)])[0])}"
+    r0 = min(replicas)
+    if ("local", r0) in cells and r0 != r:
+        gaps = [mean_ci(x.train_eval_gap for x in finished(cells[("local", k)]))[0] for k in (r0, r)]
+        sentence += (f"; local BN's train/eval gap goes from {pts(gaps[0])} at per-replica batch {g // r0} "
+                     f"to {pts(gaps[1])} at {g // r}")
+    if outcome == "loss":
+        return sentence + ": synchronizing BN's statistics helps at this per-replica batch, as claimed.", \
+            True, None
+    if outcome == "win":
+        return sentence + ": local BN is better here.", False, (
+            f"local BN's per-replica statistics (batch {g // r}) beat the global batch's beyond the seeds' "
+            "spread: at this budget the extra noise regularizes (as Hoffer et al.'s ghost BN) rather than "
+            "hurts.")
+    if outcome == "tie":
+        return sentence + ": a tie (the 95% interval of the difference contains 0).", None, None
+    return sentence + ": inconclusive (an arm did not converge at this budget).", None, None
+
+
+def _plot(cells: dict, p: dict[str, Any]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = p["global_batch"]
+    batches = [g // r for r in p["replicas"]]
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for variant in p["variants"]:
+        stats = [_acc(cells[(variant, r)]) for r in p["replicas"]]
+        means = [100 * m for m, _ in stats]
+        halves = [100 * h if math.isfinite(h) else 0.0 for _, h in stats]
+        ax.errorbar(batches, means, yerr=halves, marker="o", capsize=3, label=LABELS[variant])
+    ax.set_xscale("log", base=2)
+    ax.invert_xaxis()
+    ax.set_xlabel(f"per-replica batch (global batch {g})")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,88 @@
+"""Study ``replicas``: tiny scale writes its report; the arms map to the configs proven equivalent in
+tests/test_distributed.py; the verdict rule (win / tie / inconclusive) and the claim flip with the numbers."""
+
+from __future__ import annotations
+
+import html
+import math
+
+import pytest
+
+from normlab.studies import run_study
+from normlab.studies.replicas import arm_fields, compare_arms, judge, plateaued
+from normlab.train import RunResult
+
+P = {"global_batch": 64, "gn_groups": 4}
+
+
+def test_arms_are_ghost_bn_bn_and_gn():
+    assert arm_fields("local", 4, P) == {"norm": "ghost_bn", "norm_options": {"virtual_batch_size": 16}}
+    assert arm_fields("local", 1, P) == {"norm": "bn"}  # one replica: local is plain BN
+    assert arm_fields("sync", 4, P) == {"norm": "bn"}
+    assert arm_fields("gn", 4, P) == {"norm": "gn", "norm_options": {"groups": 4}}
+
+
+def _runs(accs, status="finished", gap=0.0):
+    return [RunResult(status=status, final_test_acc=a, train_eval_gap=gap, config={"seed": i})
+            for i, a in enumerate(accs)]
+
+
+def test_compare_arms_win_tie_inconclusive():
+    outcome, (mean, half) = compare_arms(_runs([0.80, 0.81, 0.82]), _runs([0.70, 0.72, 0.71]), True)
+    # paired differences 0.10, 0.09, 0.11: mean 0.10, half = 4.3027 * 0.01 / sqrt(3)
+    assert outcome == "win" and mean == pytest.approx(0.10)
+    assert half == pytest.approx(4.3027 * 0.01 / math.sqrt(3))
+    assert compare_arms(_runs([0.70, 0.72, 0.71]), _runs([0.80, 0.81, 0.82]), True)[0] == "loss"
+    assert compare_arms(_runs([0.80, 0.70, 0.75]), _runs([0.75, 0.75, 0.76]), True)[0] == "tie"
+    assert compare_arms(_runs([0.80, 0.81]), _runs([0.70, 0.71]), True)[0] == "tie"  # two seeds: never a win
+    assert compare_arms(_runs([0.80, 0.81, 0.82]), _runs([0.70, 0.72, 0.71]), False)[0] == "inconclusive"
+
+
+def test_plateau_rule():
+    assert plateaued([2.0] * 6 + [1.0] * 2, 0.1) is False  # the last quarter halved the loss
+    assert plateaued([1.0] * 4 + [0.95] * 4, 0.1) is True
+    assert plateaued([1.0] * 7, 0.1) is False  # too few points to tell
+
+
+def test_judge_flips_with_the_numbers():
+    cells = {("local", 4): _runs([0.70, 0.72, 0.71], gap=-0.05), ("sync", 4): _runs([0.80, 0.81, 0.82]),
+             ("local", 1): _runs([0.80, 0.81, 0.82], gap=-0.01)}
+    sentence, agrees, discrepancy = judge(cells, {(4, "sync"): "loss"}, [1, 4], 64)
+    assert agrees is True and discrepancy is None
+    assert sentence == ("With global batch 64 over 4 replicas (per-replica batch 16), local BN reaches 71.0% "
+                        "and sync BN 81.0% (-10.0 pts, local - sync); local BN's train/eval gap goes from "
+                        "-1.0 pts at per-replica batch 64 to -5.0 pts at 16: synchronizing BN's statistics "
+                        "helps at this per-replica batch, as claimed.")
+    _, agrees, discrepancy = judge(cells, {(4, "sync"): "win"}, [1, 4], 64)
+    assert agrees is False and "beat the global batch's" in discrepancy
+    assert judge(cells, {(4, "sync"): "tie"}, [1, 4], 64)[1] is None
+    assert "inconclusive" in judge(cells, {(4, "sync"): "inconclusive"}, [1, 4], 64)[0]
+
+
+def test_tiny_scale_writes_its_report(tmp_path):
+    outcome, files = run_study("replicas", scale="tiny", seeds=2, out=tmp_path)
+    assert [t.columns[0] for t in outcome.tables] == ["arm", "replicas R"]
+    rows = {(row[0], row[1]): row for row in outcome.tables[0].rows}
+    # sync BN and GN are one set of runs for every R; local BN at R = 1 is that BN.
+    assert rows[("sync BN", 1)][4] == rows[("sync BN", 2)][4] == rows[("local BN", 1)][4]
+    assert rows[("local BN", 2)][3] == 16 and rows[("sync BN", 2)][3] == 32
+    assert outcome.tables[1].rows[0][4] == "tie"  # two seeds
+    page = files.html.read_text()
+    assert html.escape(outcome.verdict) in page and page.count("data:image/png;base64,") == 1
+
+
+def test_recipe_has_every_scale_and_quick_fits_the_budget():
+    from normlab.studies import get_study
+
+    study = get_study("replicas")
+    assert set(study.scales) == {"tiny", "quick", "paper"}
+    quick = study.params("quick")
+    # 5 distinct configs (local at R = 2, 4, 8; BN; GN) x 3 seeds: about 3 minutes on one core.
+    assert quick["replicas"] == [1, 2, 4, 8] and quick["global_batch"] // max(quick["replicas"]) == 8
+
+
+@pytest.mark.slow
+def test_quick_scale_converges_and_quotes_numbers(tmp_path):
+    outcome, _ = run_study("replicas", scale="quick", seeds=3, out=tmp_path)
+    assert all(row[-1] == "yes" for row in outcome.tables[0].rows)  # every arm reached its plateau
+    assert outcome.tables[1].rows and "train/eval gap" in outcome.verdict
