@@ -152,9 +152,13 @@ def test_renorm_with_rmax_1_dmax_0_is_bn():
     torch.testing.assert_close(renorm.running_var, bn.running_var)
 
 
+#: The full limits from the first step (the default schedule trains as plain BN first).
+NO_RAMP = dict(bn_fraction=0.0, r_max_fraction=0.0, d_max_fraction=0.0)
+
+
 def test_renorm_matches_ioffe_formula_by_hand():
     torch.manual_seed(1)
-    layer = BatchRenorm(3, r_max=1.5, d_max=0.5, momentum=0.1)
+    layer = BatchRenorm(3, r_max=1.5, d_max=0.5, momentum=0.1, **NO_RAMP)
     _randomize(layer)
     rm, rv = layer.running_mean.clone(), layer.running_var.clone()
     x = torch.randn(10, 3, 4) * 2 + 1
@@ -171,26 +175,38 @@ def test_renorm_matches_ioffe_formula_by_hand():
 
 
 def test_renorm_unclipped_training_output_is_the_inference_function():
-    layer = _randomize(BatchRenorm(3, r_max=1e6, d_max=1e6, momentum=0.0))
+    layer = _randomize(BatchRenorm(3, r_max=1e6, d_max=1e6, momentum=0.0, **NO_RAMP))
     x = torch.randn(8, 3, 5, dtype=torch.float64)
     layer.double()
     y_train = layer(x)
     torch.testing.assert_close(y_train, layer.eval()(x))
 
 
-def test_renorm_warmup_schedule():
-    assert renorm_limits(0, 3.0, 5.0, 10, 4) == (1.0, 0.0)
-    assert renorm_limits(3, 3.0, 5.0, 10, 4) == (1.0, 0.0)
-    assert renorm_limits(9, 3.0, 5.0, 10, 4) == pytest.approx((2.0, 2.5))
-    assert renorm_limits(14, 3.0, 5.0, 10, 4) == (3.0, 5.0)
-    assert renorm_limits(100, 3.0, 5.0, 0, 0) == (3.0, 5.0)
-    layer = BatchRenorm(2, r_max=3.0, d_max=5.0, warmup_steps=4, bn_steps=2)
+def test_renorm_schedule_is_ioffe_scaled_to_the_run():
+    # Ioffe 2017 Sec. 4 over 130k steps: BN until 5k, r_max 1 -> 3 by 40k, d_max 0 -> 5 by 25k (linear ramps).
+    assert renorm_limits(0, 3.0, 5.0) == (1.0, 0.0)
+    assert renorm_limits(4_999, 3.0, 5.0) == (1.0, 0.0)
+    assert renorm_limits(15_000, 3.0, 5.0) == pytest.approx((1.0 + 2.0 * 10 / 35, 5.0 * 10 / 20))
+    assert renorm_limits(25_000, 3.0, 5.0) == pytest.approx((1.0 + 2.0 * 20 / 35, 5.0))
+    assert renorm_limits(40_000, 3.0, 5.0) == (3.0, 5.0)
+    assert renorm_limits(129_999, 3.0, 5.0) == (3.0, 5.0)
+    # The same schedule on a 1,300-step run: BN for 50 steps, d_max at 5 from step 250, r_max at 3 from 400.
+    assert renorm_limits(49, 3.0, 5.0, total_steps=1300) == (1.0, 0.0)
+    assert renorm_limits(150, 3.0, 5.0, total_steps=1300) == pytest.approx((1.0 + 2.0 * 100 / 350, 2.5))
+    assert renorm_limits(250, 3.0, 5.0, total_steps=1300) == pytest.approx((1.0 + 2.0 * 200 / 350, 5.0))
+    assert renorm_limits(400, 3.0, 5.0, total_steps=1300) == (3.0, 5.0)
+    # Custom fractions: no BN phase and both limits reached at 40% of 10 steps.
+    kw = dict(total_steps=10, bn_fraction=0.0, r_max_fraction=0.4, d_max_fraction=0.4)
+    assert renorm_limits(2, 3.0, 5.0, **kw) == pytest.approx((2.0, 2.5))
+    layer = BatchRenorm(2, total_steps=26)  # BN for 1 step, d_max at 5 from step 5, r_max at 3 from step 8
     seen = []
-    for _ in range(7):
+    for _ in range(9):
         seen.append(layer.current_limits())
         layer(torch.randn(4, 2))
-    assert seen == [(1.0, 0.0), (1.0, 0.0), (1.0, 0.0), (1.5, 1.25), (2.0, 2.5), (2.5, 3.75), (3.0, 5.0)]
-    assert int(layer.renorm_steps) == 7
+    expected = [(1.0, 0.0), (1.0, 0.0), (1 + 2 / 7, 1.25), (1 + 4 / 7, 2.5), (1 + 6 / 7, 3.75),
+                (1 + 8 / 7, 5.0), (1 + 10 / 7, 5.0), (1 + 12 / 7, 5.0), (3.0, 5.0)]
+    assert [pytest.approx(e) for e in expected] == seen
+    assert int(layer.renorm_steps) == 9
 
 
 def test_renorm_gradcheck_with_saturated_clips():
@@ -371,8 +387,9 @@ def test_unknown_name_lists_valid_norms():
     ("ghost_bn", "momentum", 1.5, "momentum must be in [0, 1] or None, got 1.5"),
     ("batch_renorm", "r_max", 0.5, "r_max must be a finite number >= 1, got 0.5"),
     ("batch_renorm", "d_max", -1.0, "d_max must be a finite number >= 0, got -1.0"),
-    ("batch_renorm", "warmup_steps", -3, "warmup_steps must be an int >= 0, got -3"),
-    ("batch_renorm", "bn_steps", 2.5, "bn_steps must be an int >= 0, got 2.5"),
+    ("batch_renorm", "total_steps", 0, "total_steps must be a positive int or None, got 0"),
+    ("batch_renorm", "bn_fraction", 1.5, "bn_fraction must be a number in [0, 1], got 1.5"),
+    ("batch_renorm", "d_max_fraction", 0.01, "d_max_fraction must be >= bn_fraction (0.0384615), got 0.01"),
     ("noisy_bn", "n_sigma", 0.9, "n_sigma must be a finite number >= 1, got 0.9"),
     ("noisy_bn", "r_sigma", -0.1, "r_sigma must be a finite number >= 0, got -0.1"),
     ("noise", "n_mu", math.inf, "n_mu must be a finite number >= 0, got inf"),
