@@ -298,6 +298,16 @@ def test_noisy_bn_without_affine_gradcheck():
         assert gradcheck(fn, (x,))
 
 
+def test_ghost_bn_without_affine_or_with_frozen_gamma_gradcheck():
+    x = torch.randn(7, 3, 2, dtype=torch.float64, requires_grad=True)
+    bare = lambda x: ghost_batch_norm(x, None, None, None, None, virtual_batch_size=3, training=True)  # noqa: E731
+    assert gradcheck(bare, (x,))
+    w = torch.randn(3, dtype=torch.float64)  # no gradient wanted for gamma
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda x, b: ghost_batch_norm(x, None, None, w, b, virtual_batch_size=3, training=True),
+                     (x, b))
+
+
 def test_ghost_and_frozen_bn_gradcheck():
     x = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
