@@ -221,13 +221,29 @@ def test_param_counts_match_the_papers() -> None:
     assert len(list(resnet20.blocks())) == 9
 
 
-def test_resnet_he_init_and_nf_zero_classifier() -> None:
+def test_resnet_he_init_and_nf_head_as_deepmind() -> None:
     torch.manual_seed(0)
     model = create_model("resnet", depth=8, dims=2, in_channels=3, width=4)
     conv = model.stages[2][0].branch[3]  # 256 -> 256 3x3 conv: fan-out = 9 * 256
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 256)), rel=0.02)
-    nf = create_model("nf_resnet", depth=8, dims=2, in_channels=3)
-    assert nf.classifier.weight.abs().sum() == 0 and nf.classifier.bias.abs().sum() == 0
+    # deepmind-research nfnets/nf_resnet.py: pool = mean(activation(out)) with gamma baked into the
+    # activation (base.nonlinearities: relu(x) * 1.7139588594436646); fc weight ~ N(0, 0.01), bias 0.
+    nf = create_model("nf_resnet", depth=8, dims=2, in_channels=3, width=8, num_classes=100)
+    w = nf.classifier.weight
+    assert w.shape == (100, 512) and w.std().item() == pytest.approx(0.01, rel=0.05)
+    assert abs(w.mean().item()) < 0.001 and nf.classifier.bias.abs().sum() == 0
+    x = torch.randn(4, 128, 3, 3)
+    torch.testing.assert_close(nf.final(x), torch.relu(x) * 1.7139588594436646)
+    feats = []
+    nf.pool.register_forward_hook(lambda m, i, o: feats.append((i[0], o)))
+    with torch.no_grad():
+        nf(torch.randn(2, 3, 16, 16))
+    pre_pool, _ = feats[0]
+    assert pre_pool.min() >= 0  # the head sees the (scaled) activation, not the raw block output
+    silu = create_model("nf_resnet", depth=8, dims=2, in_channels=3, activation="silu")
+    torch.testing.assert_close(silu.final(x), F.silu(x) * 1.7881293296813965)
+    zero = create_model("nf_resnet", depth=8, dims=2, in_channels=3, fc_init_std=0.0)
+    assert zero.classifier.weight.abs().sum() == 0
     assert all(b.skip_scale.gain.item() == 0.0 and b.skip_scale.alpha == 0.2 for _, b in nf.blocks())
 
 
@@ -343,6 +359,7 @@ def test_aliases_defaults_and_dln_regression_output() -> None:
         (dict(name="cnn", input_size=2), "input_size=2 is too small for cnn with depth=3"),
         (dict(name="nf_resnet", norm="bn"), "nf_resnet is normalizer-free: norm must be 'nf', got 'bn'"),
         (dict(name="nf_resnet", downsample="max"), "downsample must be one of 'avg', 'conv', got 'max'"),
+        (dict(name="nf_resnet", fc_init_std=-0.1), "fc_init_std must be a number >= 0, got -0.1"),
         (dict(name="resnet", skip_gain_init=1.0), "skip_gain_init and downsample apply only to norm='nf'"),
         (dict(name="resnet", norm="nf", skipinit=True), "skipinit is for normalized nets"),
         (dict(name="resnet", dropout=1.5), "dropout must be in [0, 1), got 1.5"),
