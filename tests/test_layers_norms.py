@@ -221,24 +221,52 @@ def test_renorm_gradcheck_with_saturated_clips():
 
 # --- noisy BN and noise ---------------------------------------------------------------------------------
 
-def test_noise_moments_match_algorithm_1():
+N_MU, N_SIGMA, R_MU, R_SIGMA = 0.5, 1.25, 0.1, 0.1
+E_S = (1 + N_SIGMA) / 2  # 1.125
+VAR_S = (N_SIGMA - 1) ** 2 / 12 + R_SIGMA**2  # sigma_j ~ U(1, n_sigma), then N(sigma_j, r_sigma^2)
+VAR_M = N_MU**2 / 3 + R_MU**2 / 3  # mu_j ~ U(-n_mu, n_mu), then U(mu_j - r_mu, mu_j + r_mu)
+
+
+def test_noise_moments_match_algorithm_1_per_sample():
     gen = torch.Generator().manual_seed(0)
-    n_mu, n_sigma, r_mu, r_sigma = 0.5, 1.25, 0.1, 0.1
-    draws = [sample_bn_noise((16, 64, 3, 3), generator=gen) for _ in range(400)]
+    draws = [sample_bn_noise((16, 64, 3, 3), generator=gen, per_position=False) for _ in range(400)]
     s = torch.stack([d[0] for d in draws]).double()
     m = torch.stack([d[1] for d in draws]).double()
     assert s.shape == (400, 16, 64, 1, 1)
     assert abs(m.mean().item()) < 0.01
-    assert m.var().item() == pytest.approx(n_mu**2 / 3 + r_mu**2 / 3, rel=0.03)
-    assert s.mean().item() == pytest.approx((1 + n_sigma) / 2, abs=0.003)
-    assert s.var().item() == pytest.approx((n_sigma - 1) ** 2 / 12 + r_sigma**2, rel=0.03)
+    assert m.var().item() == pytest.approx(VAR_M, rel=0.03)
+    assert s.mean().item() == pytest.approx(E_S, abs=0.003)
+    assert s.var().item() == pytest.approx(VAR_S, rel=0.03)
     # Within one draw and channel, m_ij stays within r_mu of the channel's mu_j.
     spread = m.amax(dim=1) - m.amin(dim=1)
-    assert spread.max().item() <= 2 * r_mu + 1e-6
-    assert sample_bn_noise((4, 3, 5, 5), per_position=True)[0].shape == (4, 3, 5, 5)
+    assert spread.max().item() <= 2 * R_MU + 1e-6
 
 
-def test_noisy_bn_output_is_noise_times_bn_plus_noise_and_eval_is_clean():
+@pytest.mark.parametrize("shape", [(16, 8, 16, 16), (4, 8, 3, 3)])  # per-channel draws / broadcast path
+def test_per_position_noise_moments_match_algorithm_1(shape):
+    # The paper's default for conv layers: H and W are batch dimensions, every activation (n, c, h, w) gets
+    # its own m and s.
+    gen = torch.Generator().manual_seed(0)
+    draws = [sample_bn_noise(shape, generator=gen) for _ in range(60 if shape[0] == 16 else 2000)]
+    s = torch.stack([d[0] for d in draws]).double()  # (draw, N, C, H, W)
+    m = torch.stack([d[1] for d in draws]).double()
+    assert s.shape[1:] == shape and m.shape[1:] == shape
+    assert s.mean().item() == pytest.approx(E_S, abs=0.01)
+    assert s.var().item() == pytest.approx(VAR_S, rel=0.1)
+    assert abs(m.mean().item()) < 0.02
+    assert m.var().item() == pytest.approx(VAR_M, rel=0.1)
+    # Given a draw's channel (mu_j, sigma_j), the activations' noise varies like U(mu_j +- r_mu) and
+    # N(sigma_j, r_sigma^2) over samples and positions, and never beyond r_mu of mu_j.
+    per_channel = (1, 3, 4)  # within one draw and channel
+    assert m.var(dim=per_channel).mean().item() == pytest.approx(R_MU**2 / 3, rel=0.1)
+    assert s.var(dim=per_channel).mean().item() == pytest.approx(R_SIGMA**2, rel=0.1)
+    spread = m.amax(dim=(1, 3, 4)) - m.amin(dim=(1, 3, 4))
+    assert spread.max().item() <= 2 * R_MU + 1e-6
+    # positions of one sample and channel do not share a draw
+    assert (s.std(dim=(3, 4)) > 1e-4).all() and (m.std(dim=(3, 4)) > 1e-4).all()
+
+
+def test_noisy_bn_output_is_noise_times_bn_plus_noise_and_eval_is_its_expectation():
     layer = _randomize(NoisyBatchNorm(4))
     ref = nn.BatchNorm2d(4)
     ref.load_state_dict(layer.state_dict())
@@ -246,11 +274,40 @@ def test_noisy_bn_output_is_noise_times_bn_plus_noise_and_eval_is_clean():
     layer.generator = torch.Generator().manual_seed(3)
     y = layer(x)
     s, m = sample_bn_noise(x.shape, generator=torch.Generator().manual_seed(3))
+    assert s.shape == x.shape  # per-position by default
     torch.testing.assert_close(y, s * _by_hand_bn(x, layer.weight, layer.bias) + m)
     ref(x)
     torch.testing.assert_close(layer.running_var, ref.running_var)
     layer.eval(), ref.eval()
+    torch.testing.assert_close(layer(x), E_S * ref(x))
+    layer.eval_expectation = False
     torch.testing.assert_close(layer(x), ref(x))
+    before = _randomize(NoisyBatchNorm(4, noise_after_affine=False)).eval()
+    ref.load_state_dict(before.state_dict())
+    w, b = before.weight.view(1, -1, 1, 1), before.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(before(x), w * E_S * (ref(x) - b) / w + b)
+
+
+@pytest.mark.parametrize("after", [True, False])
+def test_noisy_bn_eval_is_the_expected_training_time_layer_of_a_linear_network(after):
+    # Linear -> noisy BN -> Linear with the running statistics set to the batch's (biased) statistics, so
+    # training- and evaluation-mode BN normalize alike: the mean of the training-mode output over many noise
+    # draws is the evaluation-mode output (the layers after the noise are linear).
+    torch.manual_seed(0)
+    noisy = _randomize(NoisyBatchNorm(4, dims=1, momentum=0.0, noise_after_affine=after))
+    net = nn.Sequential(nn.Linear(5, 4), noisy, nn.Linear(4, 3))
+    x = torch.randn(32, 5)
+    with torch.no_grad():
+        h = net[0](x)
+        noisy.running_mean.copy_(h.mean(0))
+        noisy.running_var.copy_(h.var(0, correction=0))
+        draws = 2000
+        mean_train = sum(net(x) for _ in range(draws)) / draws
+        expected = net.eval()(x)
+        noisy.eval_expectation = False
+        clean = net(x)
+    torch.testing.assert_close(mean_train, expected, atol=0.04, rtol=0)
+    assert (mean_train - clean).abs().max() > 0.1  # dropping the noise without E[s] is not the expectation
 
 
 def test_noisy_bn_noise_before_affine():
@@ -270,7 +327,9 @@ def test_noise_layer_is_noise_without_normalization():
     x = torch.randn(6, 4, 3, 3) * 5 + 2
     s, m = sample_bn_noise(x.shape, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(layer(x), s * x + m)
-    assert torch.equal(layer.eval()(x), x)
+    torch.testing.assert_close(layer.eval()(x), E_S * x)  # the expectation of s * x + m
+    layer.eval_expectation = False
+    assert torch.equal(layer(x), x)
 
 
 @pytest.mark.parametrize("after", [True, False])
