@@ -288,6 +288,17 @@ def test_noisy_bn_output_is_noise_times_bn_plus_noise_and_eval_is_its_expectatio
     torch.testing.assert_close(before(x), w * E_S * (ref(x) - b) / w + b)
 
 
+def test_fold_bn_keeps_noisy_bn_unless_its_eval_is_plain_bn():
+    from normlab.layers import fold_bn
+
+    x = torch.randn(2, 3, 6, 6)
+    for expectation, kept in ((True, True), (False, False)):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), _randomize(NoisyBatchNorm(4, eval_expectation=expectation)))
+        folded = fold_bn(model.eval())
+        assert any(isinstance(m, NoisyBatchNorm) for m in folded.modules()) == kept
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("after", [True, False])
 def test_noisy_bn_eval_is_the_expected_training_time_layer_of_a_linear_network(after):
     # Linear -> noisy BN -> Linear with the running statistics set to the batch's (biased) statistics, so
