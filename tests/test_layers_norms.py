@@ -288,6 +288,25 @@ def test_noisy_bn_output_is_noise_times_bn_plus_noise_and_eval_is_its_expectatio
     torch.testing.assert_close(before(x), w * E_S * (ref(x) - b) / w + b)
 
 
+def test_noisy_bn_per_channel_draws_match_sample_bn_noise_and_autograd():
+    # 16 * 16 * 16 = 4096 values per channel: the noise is drawn channel by channel, m into the output
+    layer = _randomize(NoisyBatchNorm(4))
+    x = torch.randn(16, 4, 16, 16, requires_grad=True)
+    layer.generator = torch.Generator().manual_seed(3)
+    y = layer(x)
+    s, m = sample_bn_noise(x.shape, generator=torch.Generator().manual_seed(3))
+    x_ref = x.detach().clone().requires_grad_()
+    w, b = layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+    y_ref = s * F.batch_norm(x_ref, None, None, w, b, training=True) + m
+    torch.testing.assert_close(y, y_ref)
+    assert y.is_contiguous()
+    g = torch.randn_like(y)
+    y.backward(g), y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(layer.weight.grad, w.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer.bias.grad, b.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_fold_bn_keeps_noisy_bn_unless_its_eval_is_plain_bn():
     from normlab.layers import fold_bn
 

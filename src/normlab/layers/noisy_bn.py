@@ -84,35 +84,49 @@ def sample_bn_noise(
     kw = {"generator": generator, "device": device, "dtype": dtype}
     mu = torch.rand(c, **kw).mul_(2 * n_mu).sub_(n_mu)
     sigma = torch.rand(c, **kw).mul_(n_sigma - 1.0).add_(1.0)
-    per_channel = n * math.prod(spatial)
-    if per_channel >= _PER_CHANNEL_MIN_VALUES and mu.device.type == "cpu":
-        # One fused draw per channel with the channel's own mean and bounds: the random numbers (the
-        # dominant cost) are generated once and never touched again.
-        s = torch.empty((c, n, *spatial), device=device, dtype=dtype)
-        m = torch.empty((c, n, *spatial), device=device, dtype=dtype)
-        for j, (mu_j, sigma_j) in enumerate(zip(mu.tolist(), sigma.tolist(), strict=True)):
-            s[j].normal_(sigma_j, r_sigma, generator=generator)
-            m[j].uniform_(mu_j - r_mu, mu_j + r_mu, generator=generator)
-        return s.transpose(0, 1), m.transpose(0, 1)
+    if _draws_per_channel(shape, per_position, mu.device):
+        return _per_channel_noise(shape, mu, sigma, r_mu, r_sigma, generator)
     m = torch.rand(n, c, *spatial, **kw).mul_(2 * r_mu).sub_(r_mu)
     s = torch.randn(n, c, *spatial, **kw).mul_(r_sigma)
     view = (1, c) + (1,) * len(spatial)
     return s.add_(sigma.view(view)), m.add_(mu.view(view))
 
 
+def _draws_per_channel(shape: tuple[int, ...] | torch.Size, per_position: bool, device: torch.device) -> bool:
+    return per_position and device.type == "cpu" and math.prod(shape) // shape[1] >= _PER_CHANNEL_MIN_VALUES
+
+
+def _per_channel_noise(
+    shape: tuple[int, ...] | torch.Size, mu: Tensor, sigma: Tensor, r_mu: float, r_sigma: float,
+    generator: torch.Generator | None, m_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-position (s, m), one fused draw per channel with the channel's own mean and bounds, so the random
+    numbers (the dominant cost) are generated once and never touched again. s lives in a channel-major
+    buffer (returned as an (N, C, *S) view); m is drawn straight into ``m_out`` (N, C, *S) when given (the
+    layer's output buffer: one tensor fewer to allocate) or into a channel-major buffer."""
+    n, c, spatial = shape[0], shape[1], tuple(shape[2:])
+    s = mu.new_empty((c, n, *spatial))
+    m = mu.new_empty((c, n, *spatial)).transpose(0, 1) if m_out is None else m_out
+    for j, (mu_j, sigma_j) in enumerate(zip(mu.tolist(), sigma.tolist(), strict=True)):
+        s[j].normal_(sigma_j, r_sigma, generator=generator)
+        m[:, j].uniform_(mu_j - r_mu, mu_j + r_mu, generator=generator)
+    return s.transpose(0, 1), m
+
+
 class _NoisyBNPerPositionFn(torch.autograd.Function):
-    """``y = s * BN(x) + m`` with per-activation s, m: one fused BN forward, one ``addcmul``; backward is
-    ``dy * s`` (the chain rule through the noise, reusing the saved s) fed to BN's fused backward, which
-    returns dx, dgamma = sum(dy s x_hat) and dbeta = sum(dy s). BN's output is not kept (only x and s).
-    ``native_batch_norm`` also updates the running statistics (unbiased batch variance, as torch BN).
+    """``y = s * BN(x) + m`` with per-activation s, m: one fused BN forward, then ``m += s * a`` in place (m,
+    laid out like x, becomes the output: no further tensor); backward is ``dy * s`` (the chain rule through
+    the noise, reusing the saved s) fed to BN's fused backward, which returns dx, dgamma = sum(dy s x_hat)
+    and dbeta = sum(dy s). BN's output is not kept (only x and s). ``native_batch_norm`` also updates the
+    running statistics (unbiased batch variance, as torch BN).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, s, m, running_mean, running_var, momentum, eps):
         a, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum,
                                                   eps)
-        # out= keeps x's layout: s and m may be channel-major views, whose layout the result would inherit.
-        out = torch.addcmul(m, s, a, out=torch.empty_like(a))
+        ctx.mark_dirty(m)
+        out = m.addcmul_(s, a)
         ctx.save_for_backward(x, weight, s, mean, invstd)
         ctx.eps = eps
         return out
@@ -204,10 +218,20 @@ def noisy_batch_norm(
             weight = weight * scale
             bias = bias * scale if noise_after_affine and bias is not None else bias
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    if per_position and (noise_after_affine or weight is None):
+        if _draws_per_channel(x.shape, True, x.device):
+            # The same draws as sample_bn_noise, with m written straight into the output buffer.
+            kw = {"generator": generator, "device": x.device, "dtype": x.dtype}
+            mu = torch.rand(x.shape[1], **kw).mul_(2 * n_mu).sub_(n_mu)
+            sigma = torch.rand(x.shape[1], **kw).mul_(n_sigma - 1.0).add_(1.0)
+            s, m = _per_channel_noise(x.shape, mu, sigma, r_mu, r_sigma, generator, m_out=torch.empty_like(x))
+        else:
+            s, m = sample_bn_noise(x.shape, n_mu=n_mu, n_sigma=n_sigma, r_mu=r_mu, r_sigma=r_sigma,
+                                   generator=generator, device=x.device, dtype=x.dtype)
+        return _NoisyBNPerPositionFn.apply(x, weight, bias, s, m.contiguous(), running_mean, running_var,
+                                           momentum, eps)
     s, m = sample_bn_noise(x.shape, n_mu=n_mu, n_sigma=n_sigma, r_mu=r_mu, r_sigma=r_sigma,
                            per_position=per_position, generator=generator, device=x.device, dtype=x.dtype)
-    if per_position and (noise_after_affine or weight is None):
-        return _NoisyBNPerPositionFn.apply(x, weight, bias, s, m, running_mean, running_var, momentum, eps)
     if noise_after_affine or weight is None:  # without gamma and beta both orders are the same
         mean, var = batch_stats(x)
         if running_mean is not None and running_var is not None:
