@@ -307,6 +307,30 @@ def test_noisy_bn_per_channel_draws_match_sample_bn_noise_and_autograd():
     torch.testing.assert_close(layer.bias.grad, b.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["ghost_bn", "noisy_bn"])
+def test_fused_layers_under_batched_gradients_and_vmap(name):
+    # Their out= / in-place kernels have no vmap batching rule: batched vector-Jacobian products (the batch-
+    # coupling probe) and torch.func.vmap must take the functional fallback and give the row-by-row result.
+    layer = _randomize(create_norm(name, 3, **({"virtual_batch_size": 4} if name == "ghost_bn" else {})))
+    if name == "noisy_bn":
+        layer.generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 4, 4, requires_grad=True)
+    y = layer(x)
+    seeds = torch.randn(5, *y.shape)
+    (batched,) = torch.autograd.grad(y, x, grad_outputs=seeds, retain_graph=True, is_grads_batched=True)
+    rows = torch.stack([torch.autograd.grad(y, x, s, retain_graph=True)[0] for s in seeds])
+    torch.testing.assert_close(batched, rows, atol=1e-5, rtol=1e-4)
+    if name == "ghost_bn":  # without running statistics (torch.func cannot mutate captured buffers)
+        w, b = layer.weight.detach(), layer.bias.detach()
+
+        def f(x):
+            return ghost_batch_norm(x, None, None, w, b, virtual_batch_size=4, training=True).square().sum()
+
+        xs = torch.randn(2, 6, 3, 4, 4)
+        per_sample = torch.func.vmap(torch.func.grad(f))(xs)
+        torch.testing.assert_close(per_sample, torch.stack([torch.func.grad(f)(xi) for xi in xs]))
+
+
 def test_fold_bn_keeps_noisy_bn_unless_its_eval_is_plain_bn():
     from normlab.layers import fold_bn
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from normlab.errors import NormlabError
-from normlab.layers._batchnorm_base import BatchStatsNorm, check_batch_size
+from normlab.layers._batchnorm_base import BatchStatsNorm, check_batch_size, under_vmap
 from normlab.layers.factory import register_norm
 
 
@@ -56,15 +56,24 @@ class _GhostBatchNormFn(torch.autograd.Function):
         # dx, dgamma and dbeta (the last two are the reductions dx needs anyway); without gamma, ones give
         # the same dx.
         kernel_weight = weight if affine else x.new_ones(x.shape[1], dtype=means.dtype)
-        dx = torch.empty_like(x)
-        dws = kernel_weight.new_empty((len(means), x.shape[1]))
-        dbs = kernel_weight.new_empty((len(means), x.shape[1]))
-        for g in range(len(means)):
-            rows = slice(g * ctx.size, (g + 1) * ctx.size)
-            torch.ops.aten.native_batch_norm_backward.out(
-                dy[rows], x[rows], kernel_weight, None, None, means[g], invstds[g], True, ctx.eps,
-                [True, True, True], out0=dx[rows], out1=dws[g], out2=dbs[g],
-            )
+        if under_vmap(dy):
+            # Under vmap (e.g. autograd.grad(is_grads_batched=True)) out= kernels have no batching rule: the
+            # functional kernel per ghost batch, then one concatenation.
+            grads = [torch.ops.aten.native_batch_norm_backward(
+                dy[g * ctx.size:(g + 1) * ctx.size], x[g * ctx.size:(g + 1) * ctx.size], kernel_weight, None,
+                None, means[g], invstds[g], True, ctx.eps, [True, True, True]) for g in range(len(means))]
+            dx = torch.cat([gr[0] for gr in grads])
+            dws, dbs = torch.stack([gr[1] for gr in grads]), torch.stack([gr[2] for gr in grads])
+        else:
+            dx = torch.empty_like(x)
+            dws = kernel_weight.new_empty((len(means), x.shape[1]))
+            dbs = kernel_weight.new_empty((len(means), x.shape[1]))
+            for g in range(len(means)):
+                rows = slice(g * ctx.size, (g + 1) * ctx.size)
+                torch.ops.aten.native_batch_norm_backward.out(
+                    dy[rows], x[rows], kernel_weight, None, None, means[g], invstds[g], True, ctx.eps,
+                    [True, True, True], out0=dx[rows], out1=dws[g], out2=dbs[g],
+                )
         dw = dws.sum(0) if affine and ctx.needs_input_grad[1] else None
         db = dbs.sum(0) if affine and ctx.needs_input_grad[2] else None
         dx = dx if ctx.needs_input_grad[0] else None
@@ -113,6 +122,10 @@ def ghost_batch_norm(
             if momentum is None:
                 m = 1.0 / float(num_batches_tracked)
         momenta.append(m)
+    if under_vmap(x):  # out= kernels have no vmap batching rules
+        chunks = [F.batch_norm(chunk, running_mean, running_var, weight, bias, True, m, eps)
+                  for chunk, m in zip(torch.split(x, v), momenta, strict=True)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
     return _GhostBatchNormFn.apply(x, weight, bias, running_mean, running_var, v, momenta, eps)
 
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from normlab.errors import NormlabError
-from normlab.layers._batchnorm_base import BatchStatsNorm, channel_view
+from normlab.layers._batchnorm_base import BatchStatsNorm, channel_view, under_vmap
 from normlab.layers.batch_renorm import batch_stats
 from normlab.layers.factory import register_norm
 
@@ -125,8 +125,11 @@ class _NoisyBNPerPositionFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, s, m, running_mean, running_var, momentum, eps):
         a, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum,
                                                   eps)
-        ctx.mark_dirty(m)
-        out = m.addcmul_(s, a)
+        if under_vmap(a) or under_vmap(s):
+            out = torch.addcmul(m, s, a)
+        else:
+            ctx.mark_dirty(m)
+            out = m.addcmul_(s, a)
         ctx.save_for_backward(x, weight, s, mean, invstd)
         ctx.eps = eps
         return out
@@ -137,7 +140,8 @@ class _NoisyBNPerPositionFn(torch.autograd.Function):
         x, weight, s, mean, invstd = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
                 weight is not None and ctx.needs_input_grad[2]]
-        dy_s = torch.mul(dy, s, out=torch.empty_like(x))
+        # out= keeps x's layout (s may be a channel-major view); vmapped gradients take the functional mul.
+        dy_s = dy * s if under_vmap(dy) else torch.mul(dy, s, out=torch.empty_like(x))
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
             dy_s, x, weight, None, None, mean, invstd, True, ctx.eps, mask
         )
