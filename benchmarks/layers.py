@@ -117,6 +117,10 @@ def bench_norms(repeat: int) -> None:
     layers["ghost_bn(virtual_batch_size=16)"] = create_norm("ghost_bn", 64, virtual_batch_size=16)
     layers["evalnorm (eval, sample_weight=0.25)"] = create_norm("evalnorm", 64, sample_weight=0.25).eval()
     fns = {name: forward_backward(m, x, grad) for name, m in layers.items()}
+    # Not a layer: the floor of per-position noisy BN, the two random tensors Alg. 1 needs per step
+    # (one normal_ and one uniform_ fill of x's size), whatever the layer does around them.
+    buffer = torch.empty_like(x)
+    fns["(floor) normal_ + uniform_ fills of x"] = lambda: (buffer.normal_(), buffer.uniform_())
     print_table("Norm layers, forward+backward, (128, 64, 32, 32) float32, ratio to nn.BatchNorm2d",
                 "nn.BatchNorm2d (baseline)", interleaved_times(fns, repeat))
 
