@@ -1,6 +1,6 @@
 """Speed of normlab's layers and AGC against their PyTorch baselines, measured in the same run.
 
-    python benchmarks/layers.py [--repeat 10] [--threads 1]
+    python benchmarks/layers.py [--repeat 10] [--threads 1] [--tables norms ws agc]
 
 Prints three tables of median and minimum times and their ratios (lower is better):
 1. forward+backward (training mode) of every registered norm on a (128, 64, 32, 32) float32 CPU tensor,
@@ -111,10 +111,16 @@ def bench_norms(repeat: int) -> None:
     for name in ("bn", "ghost_bn", "batch_renorm", "noisy_bn", "evalnorm", "frozen_bn", "noise", "gn", "ln",
                  "in"):
         layers[name] = create_norm(name, 64, dims=2)
+    # noisy_bn is per-position by default (Santurkar et al. Alg. 1: every activation its own m, s)
+    layers["noisy_bn(per_position=False)"] = create_norm("noisy_bn", 64, per_position=False)
     layers["noisy_bn(noise_after_affine=False)"] = create_norm("noisy_bn", 64, noise_after_affine=False)
-    layers["noisy_bn(per_position=True)"] = create_norm("noisy_bn", 64, per_position=True)
+    layers["ghost_bn(virtual_batch_size=16)"] = create_norm("ghost_bn", 64, virtual_batch_size=16)
     layers["evalnorm (eval, sample_weight=0.25)"] = create_norm("evalnorm", 64, sample_weight=0.25).eval()
     fns = {name: forward_backward(m, x, grad) for name, m in layers.items()}
+    # Not a layer: the floor of per-position noisy BN, the two random tensors Alg. 1 needs per step
+    # (one normal_ and one uniform_ fill of x's size), whatever the layer does around them.
+    buffer = torch.empty_like(x)
+    fns["(floor) normal_ + uniform_ fills of x"] = lambda: (buffer.normal_(), buffer.uniform_())
     print_table("Norm layers, forward+backward, (128, 64, 32, 32) float32, ratio to nn.BatchNorm2d",
                 "nn.BatchNorm2d (baseline)", interleaved_times(fns, repeat))
 
@@ -163,13 +169,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=10, help="timed rounds per candidate (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--tables", nargs="+", choices=("norms", "ws", "agc"), default=["norms", "ws", "agc"],
+                        help="which tables to time (default: all three)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeat} rounds")
-    bench_norms(args.repeat)
-    bench_ws_conv(args.repeat)
-    bench_agc(args.repeat)
+    tables = {"norms": bench_norms, "ws": bench_ws_conv, "agc": bench_agc}
+    for name in args.tables:
+        tables[name](args.repeat)
 
 
 if __name__ == "__main__":

@@ -152,9 +152,13 @@ def test_renorm_with_rmax_1_dmax_0_is_bn():
     torch.testing.assert_close(renorm.running_var, bn.running_var)
 
 
+#: The full limits from the first step (the default schedule trains as plain BN first).
+NO_RAMP = dict(bn_fraction=0.0, r_max_fraction=0.0, d_max_fraction=0.0)
+
+
 def test_renorm_matches_ioffe_formula_by_hand():
     torch.manual_seed(1)
-    layer = BatchRenorm(3, r_max=1.5, d_max=0.5, momentum=0.1)
+    layer = BatchRenorm(3, r_max=1.5, d_max=0.5, momentum=0.1, **NO_RAMP)
     _randomize(layer)
     rm, rv = layer.running_mean.clone(), layer.running_var.clone()
     x = torch.randn(10, 3, 4) * 2 + 1
@@ -171,26 +175,38 @@ def test_renorm_matches_ioffe_formula_by_hand():
 
 
 def test_renorm_unclipped_training_output_is_the_inference_function():
-    layer = _randomize(BatchRenorm(3, r_max=1e6, d_max=1e6, momentum=0.0))
+    layer = _randomize(BatchRenorm(3, r_max=1e6, d_max=1e6, momentum=0.0, **NO_RAMP))
     x = torch.randn(8, 3, 5, dtype=torch.float64)
     layer.double()
     y_train = layer(x)
     torch.testing.assert_close(y_train, layer.eval()(x))
 
 
-def test_renorm_warmup_schedule():
-    assert renorm_limits(0, 3.0, 5.0, 10, 4) == (1.0, 0.0)
-    assert renorm_limits(3, 3.0, 5.0, 10, 4) == (1.0, 0.0)
-    assert renorm_limits(9, 3.0, 5.0, 10, 4) == pytest.approx((2.0, 2.5))
-    assert renorm_limits(14, 3.0, 5.0, 10, 4) == (3.0, 5.0)
-    assert renorm_limits(100, 3.0, 5.0, 0, 0) == (3.0, 5.0)
-    layer = BatchRenorm(2, r_max=3.0, d_max=5.0, warmup_steps=4, bn_steps=2)
+def test_renorm_schedule_is_ioffe_scaled_to_the_run():
+    # Ioffe 2017 Sec. 4 over 130k steps: BN until 5k, r_max 1 -> 3 by 40k, d_max 0 -> 5 by 25k (linear ramps).
+    assert renorm_limits(0, 3.0, 5.0) == (1.0, 0.0)
+    assert renorm_limits(4_999, 3.0, 5.0) == (1.0, 0.0)
+    assert renorm_limits(15_000, 3.0, 5.0) == pytest.approx((1.0 + 2.0 * 10 / 35, 5.0 * 10 / 20))
+    assert renorm_limits(25_000, 3.0, 5.0) == pytest.approx((1.0 + 2.0 * 20 / 35, 5.0))
+    assert renorm_limits(40_000, 3.0, 5.0) == (3.0, 5.0)
+    assert renorm_limits(129_999, 3.0, 5.0) == (3.0, 5.0)
+    # The same schedule on a 1,300-step run: BN for 50 steps, d_max at 5 from step 250, r_max at 3 from 400.
+    assert renorm_limits(49, 3.0, 5.0, total_steps=1300) == (1.0, 0.0)
+    assert renorm_limits(150, 3.0, 5.0, total_steps=1300) == pytest.approx((1.0 + 2.0 * 100 / 350, 2.5))
+    assert renorm_limits(250, 3.0, 5.0, total_steps=1300) == pytest.approx((1.0 + 2.0 * 200 / 350, 5.0))
+    assert renorm_limits(400, 3.0, 5.0, total_steps=1300) == (3.0, 5.0)
+    # Custom fractions: no BN phase and both limits reached at 40% of 10 steps.
+    kw = dict(total_steps=10, bn_fraction=0.0, r_max_fraction=0.4, d_max_fraction=0.4)
+    assert renorm_limits(2, 3.0, 5.0, **kw) == pytest.approx((2.0, 2.5))
+    layer = BatchRenorm(2, total_steps=26)  # BN for 1 step, d_max at 5 from step 5, r_max at 3 from step 8
     seen = []
-    for _ in range(7):
+    for _ in range(9):
         seen.append(layer.current_limits())
         layer(torch.randn(4, 2))
-    assert seen == [(1.0, 0.0), (1.0, 0.0), (1.0, 0.0), (1.5, 1.25), (2.0, 2.5), (2.5, 3.75), (3.0, 5.0)]
-    assert int(layer.renorm_steps) == 7
+    expected = [(1.0, 0.0), (1.0, 0.0), (1 + 2 / 7, 1.25), (1 + 4 / 7, 2.5), (1 + 6 / 7, 3.75),
+                (1 + 8 / 7, 5.0), (1 + 10 / 7, 5.0), (1 + 12 / 7, 5.0), (3.0, 5.0)]
+    assert [pytest.approx(e) for e in expected] == seen
+    assert int(layer.renorm_steps) == 9
 
 
 def test_renorm_gradcheck_with_saturated_clips():
@@ -205,24 +221,52 @@ def test_renorm_gradcheck_with_saturated_clips():
 
 # --- noisy BN and noise ---------------------------------------------------------------------------------
 
-def test_noise_moments_match_algorithm_1():
+N_MU, N_SIGMA, R_MU, R_SIGMA = 0.5, 1.25, 0.1, 0.1
+E_S = (1 + N_SIGMA) / 2  # 1.125
+VAR_S = (N_SIGMA - 1) ** 2 / 12 + R_SIGMA**2  # sigma_j ~ U(1, n_sigma), then N(sigma_j, r_sigma^2)
+VAR_M = N_MU**2 / 3 + R_MU**2 / 3  # mu_j ~ U(-n_mu, n_mu), then U(mu_j - r_mu, mu_j + r_mu)
+
+
+def test_noise_moments_match_algorithm_1_per_sample():
     gen = torch.Generator().manual_seed(0)
-    n_mu, n_sigma, r_mu, r_sigma = 0.5, 1.25, 0.1, 0.1
-    draws = [sample_bn_noise((16, 64, 3, 3), generator=gen) for _ in range(400)]
+    draws = [sample_bn_noise((16, 64, 3, 3), generator=gen, per_position=False) for _ in range(400)]
     s = torch.stack([d[0] for d in draws]).double()
     m = torch.stack([d[1] for d in draws]).double()
     assert s.shape == (400, 16, 64, 1, 1)
     assert abs(m.mean().item()) < 0.01
-    assert m.var().item() == pytest.approx(n_mu**2 / 3 + r_mu**2 / 3, rel=0.03)
-    assert s.mean().item() == pytest.approx((1 + n_sigma) / 2, abs=0.003)
-    assert s.var().item() == pytest.approx((n_sigma - 1) ** 2 / 12 + r_sigma**2, rel=0.03)
+    assert m.var().item() == pytest.approx(VAR_M, rel=0.03)
+    assert s.mean().item() == pytest.approx(E_S, abs=0.003)
+    assert s.var().item() == pytest.approx(VAR_S, rel=0.03)
     # Within one draw and channel, m_ij stays within r_mu of the channel's mu_j.
     spread = m.amax(dim=1) - m.amin(dim=1)
-    assert spread.max().item() <= 2 * r_mu + 1e-6
-    assert sample_bn_noise((4, 3, 5, 5), per_position=True)[0].shape == (4, 3, 5, 5)
+    assert spread.max().item() <= 2 * R_MU + 1e-6
 
 
-def test_noisy_bn_output_is_noise_times_bn_plus_noise_and_eval_is_clean():
+@pytest.mark.parametrize("shape", [(16, 8, 16, 16), (4, 8, 3, 3)])  # per-channel draws / broadcast path
+def test_per_position_noise_moments_match_algorithm_1(shape):
+    # The paper's default for conv layers: H and W are batch dimensions, every activation (n, c, h, w) gets
+    # its own m and s.
+    gen = torch.Generator().manual_seed(0)
+    draws = [sample_bn_noise(shape, generator=gen) for _ in range(60 if shape[0] == 16 else 2000)]
+    s = torch.stack([d[0] for d in draws]).double()  # (draw, N, C, H, W)
+    m = torch.stack([d[1] for d in draws]).double()
+    assert s.shape[1:] == shape and m.shape[1:] == shape
+    assert s.mean().item() == pytest.approx(E_S, abs=0.01)
+    assert s.var().item() == pytest.approx(VAR_S, rel=0.1)
+    assert abs(m.mean().item()) < 0.02
+    assert m.var().item() == pytest.approx(VAR_M, rel=0.1)
+    # Given a draw's channel (mu_j, sigma_j), the activations' noise varies like U(mu_j +- r_mu) and
+    # N(sigma_j, r_sigma^2) over samples and positions, and never beyond r_mu of mu_j.
+    per_channel = (1, 3, 4)  # within one draw and channel
+    assert m.var(dim=per_channel).mean().item() == pytest.approx(R_MU**2 / 3, rel=0.1)
+    assert s.var(dim=per_channel).mean().item() == pytest.approx(R_SIGMA**2, rel=0.1)
+    spread = m.amax(dim=(1, 3, 4)) - m.amin(dim=(1, 3, 4))
+    assert spread.max().item() <= 2 * R_MU + 1e-6
+    # positions of one sample and channel do not share a draw
+    assert (s.std(dim=(3, 4)) > 1e-4).all() and (m.std(dim=(3, 4)) > 1e-4).all()
+
+
+def test_noisy_bn_output_is_noise_times_bn_plus_noise_and_eval_is_its_expectation():
     layer = _randomize(NoisyBatchNorm(4))
     ref = nn.BatchNorm2d(4)
     ref.load_state_dict(layer.state_dict())
@@ -230,11 +274,94 @@ def test_noisy_bn_output_is_noise_times_bn_plus_noise_and_eval_is_clean():
     layer.generator = torch.Generator().manual_seed(3)
     y = layer(x)
     s, m = sample_bn_noise(x.shape, generator=torch.Generator().manual_seed(3))
+    assert s.shape == x.shape  # per-position by default
     torch.testing.assert_close(y, s * _by_hand_bn(x, layer.weight, layer.bias) + m)
     ref(x)
     torch.testing.assert_close(layer.running_var, ref.running_var)
     layer.eval(), ref.eval()
+    torch.testing.assert_close(layer(x), E_S * ref(x))
+    layer.eval_expectation = False
     torch.testing.assert_close(layer(x), ref(x))
+    before = _randomize(NoisyBatchNorm(4, noise_after_affine=False)).eval()
+    ref.load_state_dict(before.state_dict())
+    w, b = before.weight.view(1, -1, 1, 1), before.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(before(x), w * E_S * (ref(x) - b) / w + b)
+
+
+def test_noisy_bn_per_channel_draws_match_sample_bn_noise_and_autograd():
+    # 16 * 16 * 16 = 4096 values per channel: the noise is drawn channel by channel, m into the output
+    layer = _randomize(NoisyBatchNorm(4))
+    x = torch.randn(16, 4, 16, 16, requires_grad=True)
+    layer.generator = torch.Generator().manual_seed(3)
+    y = layer(x)
+    s, m = sample_bn_noise(x.shape, generator=torch.Generator().manual_seed(3))
+    x_ref = x.detach().clone().requires_grad_()
+    w, b = layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+    y_ref = s * F.batch_norm(x_ref, None, None, w, b, training=True) + m
+    torch.testing.assert_close(y, y_ref)
+    assert y.is_contiguous()
+    g = torch.randn_like(y)
+    y.backward(g), y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(layer.weight.grad, w.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer.bias.grad, b.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ghost_bn", "noisy_bn"])
+def test_fused_layers_under_batched_gradients_and_vmap(name):
+    # Their out= / in-place kernels have no vmap batching rule: batched vector-Jacobian products (the batch-
+    # coupling probe) and torch.func.vmap must take the functional fallback and give the row-by-row result.
+    layer = _randomize(create_norm(name, 3, **({"virtual_batch_size": 4} if name == "ghost_bn" else {})))
+    if name == "noisy_bn":
+        layer.generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 4, 4, requires_grad=True)
+    y = layer(x)
+    seeds = torch.randn(5, *y.shape)
+    (batched,) = torch.autograd.grad(y, x, grad_outputs=seeds, retain_graph=True, is_grads_batched=True)
+    rows = torch.stack([torch.autograd.grad(y, x, s, retain_graph=True)[0] for s in seeds])
+    torch.testing.assert_close(batched, rows, atol=1e-5, rtol=1e-4)
+    if name == "ghost_bn":  # without running statistics (torch.func cannot mutate captured buffers)
+        w, b = layer.weight.detach(), layer.bias.detach()
+
+        def f(x):
+            return ghost_batch_norm(x, None, None, w, b, virtual_batch_size=4, training=True).square().sum()
+
+        xs = torch.randn(2, 6, 3, 4, 4)
+        per_sample = torch.func.vmap(torch.func.grad(f))(xs)
+        torch.testing.assert_close(per_sample, torch.stack([torch.func.grad(f)(xi) for xi in xs]))
+
+
+def test_fold_bn_keeps_noisy_bn_unless_its_eval_is_plain_bn():
+    from normlab.layers import fold_bn
+
+    x = torch.randn(2, 3, 6, 6)
+    for expectation, kept in ((True, True), (False, False)):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), _randomize(NoisyBatchNorm(4, eval_expectation=expectation)))
+        folded = fold_bn(model.eval())
+        assert any(isinstance(m, NoisyBatchNorm) for m in folded.modules()) == kept
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("after", [True, False])
+def test_noisy_bn_eval_is_the_expected_training_time_layer_of_a_linear_network(after):
+    # Linear -> noisy BN -> Linear with the running statistics set to the batch's (biased) statistics, so
+    # training- and evaluation-mode BN normalize alike: the mean of the training-mode output over many noise
+    # draws is the evaluation-mode output (the layers after the noise are linear).
+    torch.manual_seed(0)
+    noisy = _randomize(NoisyBatchNorm(4, dims=1, momentum=0.0, noise_after_affine=after))
+    net = nn.Sequential(nn.Linear(5, 4), noisy, nn.Linear(4, 3))
+    x = torch.randn(32, 5)
+    with torch.no_grad():
+        h = net[0](x)
+        noisy.running_mean.copy_(h.mean(0))
+        noisy.running_var.copy_(h.var(0, correction=0))
+        draws = 2000
+        mean_train = sum(net(x) for _ in range(draws)) / draws
+        expected = net.eval()(x)
+        noisy.eval_expectation = False
+        clean = net(x)
+    torch.testing.assert_close(mean_train, expected, atol=0.04, rtol=0)
+    assert (mean_train - clean).abs().max() > 0.1  # dropping the noise without E[s] is not the expectation
 
 
 def test_noisy_bn_noise_before_affine():
@@ -254,7 +381,9 @@ def test_noise_layer_is_noise_without_normalization():
     x = torch.randn(6, 4, 3, 3) * 5 + 2
     s, m = sample_bn_noise(x.shape, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(layer(x), s * x + m)
-    assert torch.equal(layer.eval()(x), x)
+    torch.testing.assert_close(layer.eval()(x), E_S * x)  # the expectation of s * x + m
+    layer.eval_expectation = False
+    assert torch.equal(layer(x), x)
 
 
 @pytest.mark.parametrize("after", [True, False])
@@ -280,6 +409,16 @@ def test_noisy_bn_without_affine_gradcheck():
                                     generator=torch.Generator().manual_seed(1))
 
         assert gradcheck(fn, (x,))
+
+
+def test_ghost_bn_without_affine_or_with_frozen_gamma_gradcheck():
+    x = torch.randn(7, 3, 2, dtype=torch.float64, requires_grad=True)
+    bare = lambda x: ghost_batch_norm(x, None, None, None, None, virtual_batch_size=3, training=True)  # noqa: E731
+    assert gradcheck(bare, (x,))
+    w = torch.randn(3, dtype=torch.float64)  # no gradient wanted for gamma
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda x, b: ghost_batch_norm(x, None, None, w, b, virtual_batch_size=3, training=True),
+                     (x, b))
 
 
 def test_ghost_and_frozen_bn_gradcheck():
@@ -371,8 +510,9 @@ def test_unknown_name_lists_valid_norms():
     ("ghost_bn", "momentum", 1.5, "momentum must be in [0, 1] or None, got 1.5"),
     ("batch_renorm", "r_max", 0.5, "r_max must be a finite number >= 1, got 0.5"),
     ("batch_renorm", "d_max", -1.0, "d_max must be a finite number >= 0, got -1.0"),
-    ("batch_renorm", "warmup_steps", -3, "warmup_steps must be an int >= 0, got -3"),
-    ("batch_renorm", "bn_steps", 2.5, "bn_steps must be an int >= 0, got 2.5"),
+    ("batch_renorm", "total_steps", 0, "total_steps must be a positive int or None, got 0"),
+    ("batch_renorm", "bn_fraction", 1.5, "bn_fraction must be a number in [0, 1], got 1.5"),
+    ("batch_renorm", "d_max_fraction", 0.01, "d_max_fraction must be >= bn_fraction (0.0384615), got 0.01"),
     ("noisy_bn", "n_sigma", 0.9, "n_sigma must be a finite number >= 1, got 0.9"),
     ("noisy_bn", "r_sigma", -0.1, "r_sigma must be a finite number >= 0, got -0.1"),
     ("noise", "n_mu", math.inf, "n_mu must be a finite number >= 0, got inf"),

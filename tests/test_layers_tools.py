@@ -189,26 +189,64 @@ def _two_bn_model():
     return model
 
 
-def test_precise_bn_is_the_average_of_batch_statistics_by_hand():
+def test_precise_bn_is_the_population_statistics_of_all_batches_by_hand():
+    # Wu & Johnson 2021, Appendix: the variance of all batches combined, E[x^2] - E[x]^2 (biased), each layer
+    # seeing the training-mode output of the layers before it; batches of different sizes weigh by size.
     model = _two_bn_model().eval()
     params = {k: v.clone() for k, v in model.named_parameters()}
-    batches = [(torch.randn(6, 2, 5, 5) * (1 + i), torch.zeros(6)) for i in range(3)]
-    stats1, stats2 = [], []
+    batches = [(torch.randn(2 + 2 * i, 2, 5, 5) * (1 + i) + i, torch.zeros(6)) for i in range(3)]
+    inputs1, inputs2 = [], []
     for x, _ in batches:
         h = model[0](x)
-        stats1.append((h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3), correction=1)))
+        inputs1.append(h.transpose(0, 1).reshape(3, -1))
         a = F.relu(F.batch_norm(h, None, None, model[1].weight, model[1].bias, training=True))
-        h2 = model[3](a)
-        stats2.append((h2.mean(dim=(0, 2, 3)), h2.var(dim=(0, 2, 3), correction=1)))
+        inputs2.append(model[3](a).transpose(0, 1).reshape(4, -1))
     precise_bn(model, batches)
-    for bn, stats in ((model[1], stats1), (model[4], stats2)):
-        torch.testing.assert_close(bn.running_mean, torch.stack([s[0] for s in stats]).mean(0))
-        torch.testing.assert_close(bn.running_var, torch.stack([s[1] for s in stats]).mean(0))
+    for bn, inputs in ((model[1], inputs1), (model[4], inputs2)):
+        values = torch.cat(inputs, dim=1).double()
+        torch.testing.assert_close(bn.running_mean, values.mean(1).float())
+        torch.testing.assert_close(bn.running_var, values.var(1, correction=0).float())
         assert int(bn.num_batches_tracked) == 0
     assert not model.training and not model[1].training
     assert model[1].momentum == 0.1 and model[4].momentum == 0.05
     for k, v in model.named_parameters():
         assert torch.equal(v, params[k])
+
+
+def _offset_conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)]
+    return nn.Sequential(*convs, nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 6), nn.BatchNorm1d(6))
+
+
+def _offset_images(n: int) -> torch.Tensor:
+    """Images whose samples differ by a constant offset: the variance between samples is what small batches
+    miss."""
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 8, 8, generator=gen) + 3 * torch.randn(n, 1, 1, 1, generator=gen)
+
+
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_precise_bn_equals_fvcore_update_bn_stats(batch_size):
+    fvcore_precise_bn = pytest.importorskip("fvcore.nn.precise_bn")
+    x = _offset_images(160)
+    batches = list(x.split(batch_size))
+    ours, theirs = _offset_conv_net(), _offset_conv_net()
+    precise_bn(ours, batches)
+    fvcore_precise_bn.update_bn_stats(theirs.train(), batches, num_iters=len(batches))
+    bns = [m for m in ours.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    refs = [m for m in theirs.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn, ref in zip(bns, refs, strict=True):
+        torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-4, atol=1e-5)
+    # and both are the first layer input's population variance, which the mean of per-batch variances
+    # underestimates at batch 2 (the between-sample offsets are missing)
+    with torch.no_grad():
+        h = ours[0](x).transpose(0, 1).reshape(8, -1).double()
+    torch.testing.assert_close(bns[0].running_var.double(), h.var(1, correction=0), rtol=1e-5, atol=1e-6)
+    if batch_size == 2:
+        per_batch = torch.stack([ours[0](b).var(dim=(0, 2, 3)) for b in batches]).mean(0).double().detach()
+        assert (per_batch / h.var(1, correction=0)).mean() < 0.9
 
 
 def test_precise_bn_num_batches_and_errors():

@@ -16,7 +16,9 @@ from normlab.models import ResidualBlock, ResidualModel, create_model, list_mode
 from normlab.models.nf_resnet import NFSkipGain, expected_variances
 
 SMALL = {  # small but complete configurations, so the fast tier stays fast
-    "vgg": dict(width=0.125),
+    # VGG-A: the normalizer-free VGG-16 (13 plain Scaled WS convs, no AGC) does not settle in 4 steps of
+    # SGD at lr 0.02; the VGG-16 layout is checked in test_vgg16_layout_matches_the_papers_table.
+    "vgg": dict(width=0.125, depth=11),
     "mlp": dict(width=32),
     "dln": dict(depth=6),
     "cnn": dict(),
@@ -67,11 +69,11 @@ def test_norm_layers_are_the_requested_ones() -> None:
     assert not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) for m in nf.modules())
     convs = [m for m in nf.features if isinstance(m, ScaledStdConv2d)]
     # the first conv sees the data (gamma 1); the others follow a ReLU (its gamma)
-    assert [c.gamma for c in convs] == [1.0] + [activation_gamma("relu")] * 7
+    assert [c.gamma for c in convs] == [1.0] + [activation_gamma("relu")] * 12  # VGG-16: 13 convs
     assert all(isinstance(m, ScaledStdLinear) for m in nf.head if isinstance(m, nn.Linear))
 
 
-# --- VGG-A (Santurkar et al. 2018, AlexeyGB/batch-norm-helps-optimization src/models/vgg.py) -------------
+# --- VGG-16 / VGG-A (Santurkar et al. 2018; Simonyan & Zisserman 2015, Table 1, configurations D and A) ---
 
 
 def _vgg_layout(model: nn.Module) -> list[str]:
@@ -90,22 +92,47 @@ def _vgg_layout(model: nn.Module) -> list[str]:
     return out
 
 
-def test_vgg_a_layout_matches_the_paper() -> None:
-    c = lambda n: [f"conv{n}", "bn", "relu"]  # noqa: E731
-    f = lambda n: [f"fc{n}", "bn", "relu"]  # noqa: E731
-    paper = [*c(64), "M", *c(128), "M", *c(256), *c(256), "M", *c(512), *c(512), "M", *c(512), *c(512), "M"]
-    paper += [*f(512), *f(512), "fc10"]
+def _conv(n: int) -> list[str]:
+    return [f"conv{n}", "bn", "relu"]
+
+
+#: The CIFAR head: two hidden linears with BN, then the classifier without one (BN after every layer but
+#: the last).
+_HEAD = ["fc512", "bn", "relu", "fc512", "bn", "relu", "fc10"]
+
+
+def test_vgg16_layout_matches_the_papers_table() -> None:
+    # Simonyan & Zisserman Table 1, configuration D: conv3-64 x2, M, conv3-128 x2, M, conv3-256 x3, M,
+    # conv3-512 x3, M, conv3-512 x3, M: 13 convs; with the 3 linears, 16 weight layers. Santurkar et al.'s
+    # "Layer #13" is the 13th normalized layer: the last conv.
+    c = _conv
+    paper = [*c(64), *c(64), "M", *c(128), *c(128), "M", *c(256), *c(256), *c(256), "M",
+             *c(512), *c(512), *c(512), "M", *c(512), *c(512), *c(512), "M", *_HEAD]
     for dims in (1, 2):
         model = create_model("vgg", norm="bn", dims=dims, in_channels=3)
         assert _vgg_layout(model) == paper
+        assert _vgg_layout(create_model("vgg", norm="bn", dims=dims, in_channels=3, depth=16)) == paper
         convs = [m for m in model.features if isinstance(m, (nn.Conv1d, nn.Conv2d))]
         assert all(m.kernel_size == (3,) * dims and m.padding == (1,) * dims for m in convs)
+        weights = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert (len(convs), len(weights), len(norms)) == (13, 16, 15)
     # no norm after the last layer; Glorot-uniform bound sqrt(6 / (fan_in + fan_out)) on the classifier
     model = create_model("vgg", dims=2, in_channels=3)
     bound = math.sqrt(6 / (512 + 10))
     assert model.classifier.weight.abs().max() <= bound
     assert model.classifier.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
     assert _vgg_layout(create_model("vgg", dims=2, in_channels=3, width=0.5))[0] == "conv32"
+    assert create_model("vgg", dims=2, in_channels=3)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_vgg_a_is_depth_11() -> None:
+    # Configuration A: conv3-64, M, conv3-128, M, conv3-256 x2, M, conv3-512 x2, M, conv3-512 x2, M.
+    c = _conv
+    paper = [*c(64), "M", *c(128), "M", *c(256), *c(256), "M", *c(512), *c(512), "M", *c(512), *c(512), "M"]
+    model = create_model("vgg", norm="bn", dims=2, in_channels=3, depth=11)
+    assert _vgg_layout(model) == paper + _HEAD
+    assert sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()) == 11
 
 
 def test_vgg_pooling_on_short_and_paper_sized_inputs() -> None:
@@ -194,13 +221,29 @@ def test_param_counts_match_the_papers() -> None:
     assert len(list(resnet20.blocks())) == 9
 
 
-def test_resnet_he_init_and_nf_zero_classifier() -> None:
+def test_resnet_he_init_and_nf_head_as_deepmind() -> None:
     torch.manual_seed(0)
     model = create_model("resnet", depth=8, dims=2, in_channels=3, width=4)
     conv = model.stages[2][0].branch[3]  # 256 -> 256 3x3 conv: fan-out = 9 * 256
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 256)), rel=0.02)
-    nf = create_model("nf_resnet", depth=8, dims=2, in_channels=3)
-    assert nf.classifier.weight.abs().sum() == 0 and nf.classifier.bias.abs().sum() == 0
+    # deepmind-research nfnets/nf_resnet.py: pool = mean(activation(out)) with gamma baked into the
+    # activation (base.nonlinearities: relu(x) * 1.7139588594436646); fc weight ~ N(0, 0.01), bias 0.
+    nf = create_model("nf_resnet", depth=8, dims=2, in_channels=3, width=8, num_classes=100)
+    w = nf.classifier.weight
+    assert w.shape == (100, 512) and w.std().item() == pytest.approx(0.01, rel=0.05)
+    assert abs(w.mean().item()) < 0.001 and nf.classifier.bias.abs().sum() == 0
+    x = torch.randn(4, 128, 3, 3)
+    torch.testing.assert_close(nf.final(x), torch.relu(x) * 1.7139588594436646)
+    feats = []
+    nf.pool.register_forward_hook(lambda m, i, o: feats.append((i[0], o)))
+    with torch.no_grad():
+        nf(torch.randn(2, 3, 16, 16))
+    pre_pool, _ = feats[0]
+    assert pre_pool.min() >= 0  # the head sees the (scaled) activation, not the raw block output
+    silu = create_model("nf_resnet", depth=8, dims=2, in_channels=3, activation="silu")
+    torch.testing.assert_close(silu.final(x), F.silu(x) * 1.7881293296813965)
+    zero = create_model("nf_resnet", depth=8, dims=2, in_channels=3, fc_init_std=0.0)
+    assert zero.classifier.weight.abs().sum() == 0
     assert all(b.skip_scale.gain.item() == 0.0 and b.skip_scale.alpha == 0.2 for _, b in nf.blocks())
 
 
@@ -309,13 +352,14 @@ def test_aliases_defaults_and_dln_regression_output() -> None:
         (dict(name="resnet20", depth=56), "model 'resnet20' fixes depth=20, got depth=56"),
         (dict(name="vgg", dims=3), "dims must be 1 (N, C, L) or 2 (N, C, H, W), got 3"),
         (dict(name="vgg", width=0), "width must be a positive number, got 0"),
-        (dict(name="vgg", depth=16), "depth must be 11 or None, got 16"),
+        (dict(name="vgg", depth=13), "depth must be 16, 11 or None, got 13"),
         (dict(name="cnn", num_classes=0), "cnn needs num_classes >= 1, got 0"),
         (dict(name="mlp", in_channels=0), "in_channels must be a positive int, got 0"),
         (dict(name="mlp", activation="swish"), "activation must be one of"),
         (dict(name="cnn", input_size=2), "input_size=2 is too small for cnn with depth=3"),
         (dict(name="nf_resnet", norm="bn"), "nf_resnet is normalizer-free: norm must be 'nf', got 'bn'"),
         (dict(name="nf_resnet", downsample="max"), "downsample must be one of 'avg', 'conv', got 'max'"),
+        (dict(name="nf_resnet", fc_init_std=-0.1), "fc_init_std must be a number >= 0, got -0.1"),
         (dict(name="resnet", skip_gain_init=1.0), "skip_gain_init and downsample apply only to norm='nf'"),
         (dict(name="resnet", norm="nf", skipinit=True), "skipinit is for normalized nets"),
         (dict(name="resnet", dropout=1.5), "dropout must be in [0, 1), got 1.5"),

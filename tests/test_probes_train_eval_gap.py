@@ -93,12 +93,11 @@ def test_precise_bn_recalibration_on_a_copy():
     before, _ = _snapshot(model)
     calib = [torch.randn(32, 5) * 0.5 for _ in range(4)]
     gap = train_eval_gap(model, x, y, batch_size=16, recalibrate=calib)
-    # PreciseBN = the true population statistics of the calibration batches: mean of batch means,
-    # and of batch variances (science.md section 5); compute eval logits with them by hand.
+    # PreciseBN = the population statistics of all calibration batches combined (Wu & Johnson 2021,
+    # Appendix; fvcore's _PopulationVarianceEstimator): E[x] and E[x^2] - E[x]^2; eval logits by hand.
     with torch.no_grad():
-        h = [model[0](c) for c in calib]
-        mean = torch.stack([t.mean(0) for t in h]).mean(0)
-        var = torch.stack([t.var(0, unbiased=True) for t in h]).mean(0)
+        h = torch.cat([model[0](c) for c in calib])
+        mean, var = h.mean(0), h.var(0, unbiased=False)
         bn = model[1]
         z = model[0](x)
         zn = (z - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias

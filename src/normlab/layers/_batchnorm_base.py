@@ -44,6 +44,14 @@ def reduce_dims(x: Tensor) -> list[int]:
     return [0, *range(2, x.dim())]
 
 
+def under_vmap(t: Tensor) -> bool:
+    """Inside a functorch transform, or given a vmap-batched tensor (``autograd.grad(is_grads_batched=True)``
+    hands a backward a legacy-vmap tensor carrying the Batched dispatch key): then ``out=`` and in-place
+    kernels, which have no batching rule, must give way to functional ones."""
+    return (torch._C._are_functorch_transforms_active() or torch._C._functorch.is_batchedtensor(t)
+            or "Batched" in str(torch._C._dispatch_keys(t)))
+
+
 def channel_view(t: Tensor, x: Tensor) -> Tensor:
     """Reshape a (C,) tensor so it broadcasts against ``x`` of shape (N, C, *spatial)."""
     return t.view(1, -1, *([1] * (x.dim() - 2)))

@@ -5,6 +5,9 @@ Training normalizes with the batch statistics and then corrects towards the movi
 ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``, r and d treated as constants by backprop
 (``stop_gradient``); ``y = gamma * x_hat + beta``. When the clips are inactive, training computes exactly
 the inference function ``(x - mu) / sigma``. Evaluation is plain BN with the moving statistics.
+
+Defaults follow Ioffe's schedule (Sec. 4), scaled to the run's length ``total_steps``: plain BN for the
+first 5/130 of training, then r_max ramps to 3 by 40/130 and d_max to 5 by 25/130 (:func:`renorm_limits`).
 """
 
 from __future__ import annotations
@@ -20,20 +23,44 @@ from normlab.errors import NormlabError
 from normlab.layers._batchnorm_base import BatchStatsNorm, channel_view, reduce_dims
 from normlab.layers.factory import register_norm
 
+#: Ioffe 2017, Sec. 4: of ~130k training steps, the first 5k are plain BN, r_max reaches its final value at
+#: 40k and d_max at 25k (linear ramps from the end of the BN phase).
+REFERENCE_STEPS = 130_000
+BN_FRACTION = 5_000 / REFERENCE_STEPS
+R_MAX_FRACTION = 40_000 / REFERENCE_STEPS
+D_MAX_FRACTION = 25_000 / REFERENCE_STEPS
+
 
 def renorm_limits(
-    step: int, r_max: float, d_max: float, warmup_steps: int, bn_steps: int
+    step: int,
+    r_max: float,
+    d_max: float,
+    *,
+    total_steps: int | None = None,
+    bn_fraction: float = BN_FRACTION,
+    r_max_fraction: float = R_MAX_FRACTION,
+    d_max_fraction: float = D_MAX_FRACTION,
 ) -> tuple[float, float]:
-    """The clipping limits (r_max_t, d_max_t) at training step ``step`` (0-based).
+    """The clipping limits (r_max_t, d_max_t) at training step ``step`` (0-based): Ioffe's schedule.
 
-    Ioffe 2017 (Sec. 4) trains the first steps as plain BN (r_max = 1, d_max = 0) and then relaxes the limits
-    gradually. Here: ``bn_steps`` steps of plain BN, then a linear ramp over ``warmup_steps`` steps from
-    (1, 0) to (r_max, d_max), then constant. ``warmup_steps = 0`` jumps straight to (r_max, d_max).
+    Ioffe 2017 (Sec. 4) trains ~130k steps: plain BN (r_max = 1, d_max = 0) for the first 5k, then relaxes
+    the limits gradually, r_max to 3 by step 40k and d_max to 5 by step 25k. Here the three step counts are
+    fractions of the run's length ``total_steps`` (default fractions 5/130, 40/130, 25/130): with
+    ``B = bn_fraction * T``, r_max_t ramps linearly from 1 at B to ``r_max`` at ``r_max_fraction * T`` and
+    d_max_t from 0 at B to ``d_max`` at ``d_max_fraction * T``; both stay constant afterwards.
+    ``total_steps=None`` uses the paper's own run length, T = 130,000 (so 5k / 25k / 40k steps). Ioffe does
+    not give the ramps' shape ("gradually relaxed"); linear is our choice.
     """
-    if step < bn_steps:
+    total = REFERENCE_STEPS if total_steps is None else total_steps
+    start = bn_fraction * total
+    if step < start:
         return 1.0, 0.0
-    frac = 1.0 if warmup_steps == 0 else min(1.0, (step - bn_steps) / warmup_steps)
-    return 1.0 + (r_max - 1.0) * frac, d_max * frac
+
+    def ramp(end_fraction: float) -> float:
+        span = end_fraction * total - start
+        return 1.0 if span <= 0 else min(1.0, (step - start) / span)
+
+    return 1.0 + (r_max - 1.0) * ramp(r_max_fraction), d_max * ramp(d_max_fraction)
 
 
 def batch_renorm(
@@ -120,33 +147,52 @@ class BatchRenorm(BatchStatsNorm):
     Shapes: input and output (N, C, *spatial). Args (besides :class:`BatchStatsNorm`'s):
         r_max: final upper clip of r (>= 1; Ioffe uses 3).
         d_max: final clip of |d| (>= 0; Ioffe uses 5).
-        warmup_steps: training steps over which the limits ramp linearly from (1, 0) to (r_max, d_max).
-        bn_steps: training steps of plain BN (r = 1, d = 0) before the ramp starts (Ioffe: 5000).
+        total_steps: the run's number of training steps, to which Ioffe's schedule is scaled (see
+            :func:`renorm_limits`); ``None`` uses the paper's 130k steps (plain BN for the first 5,000 steps,
+            so a short run that does not pass ``total_steps`` trains as BN).
+        bn_fraction: fraction of the run trained as plain BN (r_max = 1, d_max = 0); Ioffe: 5k/130k.
+        r_max_fraction: fraction of the run at which r_max reaches ``r_max``; Ioffe: 40k/130k.
+        d_max_fraction: fraction of the run at which d_max reaches ``d_max``; Ioffe: 25k/130k.
     Training steps are counted in the buffer ``renorm_steps``. With ``r_max=1, d_max=0`` it is BN.
     """
 
     def __init__(
-        self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0,
-        bn_steps: int = 0, dims: int = 2, eps: float = 1e-5, momentum: float | None = 0.1,
-        affine: bool = True,
+        self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0, total_steps: int | None = None,
+        bn_fraction: float = BN_FRACTION, r_max_fraction: float = R_MAX_FRACTION,
+        d_max_fraction: float = D_MAX_FRACTION, dims: int = 2, eps: float = 1e-5,
+        momentum: float | None = 0.1, affine: bool = True,
     ) -> None:
         super().__init__(num_features, dims=dims, eps=eps, momentum=momentum, affine=affine)
         if not (isinstance(r_max, (int, float)) and math.isfinite(r_max) and r_max >= 1.0):
             raise NormlabError(f"r_max must be a finite number >= 1, got {r_max!r}")
         if not (isinstance(d_max, (int, float)) and math.isfinite(d_max) and d_max >= 0.0):
             raise NormlabError(f"d_max must be a finite number >= 0, got {d_max!r}")
-        for name, value in (("warmup_steps", warmup_steps), ("bn_steps", bn_steps)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise NormlabError(f"{name} must be an int >= 0, got {value!r}")
+        if total_steps is not None and (not isinstance(total_steps, int) or isinstance(total_steps, bool)
+                                        or total_steps < 1):
+            raise NormlabError(f"total_steps must be a positive int or None, got {total_steps!r}")
+        fractions = {"bn_fraction": bn_fraction, "r_max_fraction": r_max_fraction,
+                     "d_max_fraction": d_max_fraction}
+        for name, value in fractions.items():
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0):
+                raise NormlabError(f"{name} must be a number in [0, 1], got {value!r}")
+        for name in ("r_max_fraction", "d_max_fraction"):
+            if fractions[name] < bn_fraction:
+                raise NormlabError(
+                    f"{name} must be >= bn_fraction ({bn_fraction:g}), got {fractions[name]!r}"
+                )
         self.r_max = float(r_max)
         self.d_max = float(d_max)
-        self.warmup_steps = warmup_steps
-        self.bn_steps = bn_steps
+        self.total_steps = total_steps
+        self.bn_fraction = float(bn_fraction)
+        self.r_max_fraction = float(r_max_fraction)
+        self.d_max_fraction = float(d_max_fraction)
         self.register_buffer("renorm_steps", torch.tensor(0, dtype=torch.long))
 
     def current_limits(self) -> tuple[float, float]:
         """(r_max_t, d_max_t) the next training step will use."""
-        return renorm_limits(int(self.renorm_steps), self.r_max, self.d_max, self.warmup_steps, self.bn_steps)
+        return renorm_limits(int(self.renorm_steps), self.r_max, self.d_max, total_steps=self.total_steps,
+                             bn_fraction=self.bn_fraction, r_max_fraction=self.r_max_fraction,
+                             d_max_fraction=self.d_max_fraction)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
@@ -162,13 +208,17 @@ class BatchRenorm(BatchStatsNorm):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
-                f"warmup_steps={self.warmup_steps}, bn_steps={self.bn_steps}")
+                f"total_steps={self.total_steps}, bn_fraction={self.bn_fraction:.4g}, "
+                f"r_max_fraction={self.r_max_fraction:.4g}, d_max_fraction={self.d_max_fraction:.4g}")
 
 
 @register_norm("batch_renorm")
 def batch_renorm_layer(
-    num_channels: int, *, r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0, bn_steps: int = 0,
-    dims: int = 2, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+    num_channels: int, *, r_max: float = 3.0, d_max: float = 5.0, total_steps: int | None = None,
+    bn_fraction: float = BN_FRACTION, r_max_fraction: float = R_MAX_FRACTION,
+    d_max_fraction: float = D_MAX_FRACTION, dims: int = 2, eps: float = 1e-5, momentum: float | None = 0.1,
+    affine: bool = True,
 ) -> nn.Module:
-    return BatchRenorm(num_channels, r_max=r_max, d_max=d_max, warmup_steps=warmup_steps, bn_steps=bn_steps,
+    return BatchRenorm(num_channels, r_max=r_max, d_max=d_max, total_steps=total_steps,
+                       bn_fraction=bn_fraction, r_max_fraction=r_max_fraction, d_max_fraction=d_max_fraction,
                        dims=dims, eps=eps, momentum=momentum, affine=affine)

@@ -36,6 +36,9 @@ def _is_foldable_bn(module: nn.Module) -> bool:
     # EvalNorm's evaluation uses per-sample statistics unless both blend weights are 0.
     if isinstance(module, EvalNorm):
         return float(module.alpha) == 0.0 and float(module.beta) == 0.0
+    # Noisy BN evaluates as its expectation (BN times E[s]) unless told otherwise: not a plain BN to fold.
+    if getattr(module, "eval_expectation", False):
+        return False
     return has_batch_stats(module)
 
 
@@ -56,7 +59,8 @@ def fold_bn(model: nn.Module) -> torch.fx.GraphModule:
     """A new module computing ``model`` with every foldable BN folded into its conv/linear; input untouched.
 
     Traced with ``torch.fx``: a BN node (torch BN with running statistics, FrozenBatchNorm, normlab's ghost /
-    renorm / noisy layers, EvalNorm with a = b = 0) is folded when its only input is a call of an
+    renorm layers, noisy BN with eval_expectation=False, EvalNorm with a = b = 0) is folded when its only
+    input is a call of an
     ``nn.Conv1d/2d/3d`` or ``nn.Linear`` (exact types; its output channels = BN's channels) that has no other
     user and is called once in the graph. Other BNs (pre-activation BN, BN after an addition) stay. A Linear
     followed by BN is folded on the reading that BN normalizes the Linear's last dim, true for (N, C) input.

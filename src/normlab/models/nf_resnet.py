@@ -14,9 +14,16 @@ output on unit-variance input), grows by ``alpha^2`` after every block and is re
 the first block of each stage, whose projection shortcut re-normalizes the signal (timm
 ``timm/models/nfnet.py`` schedule). Every conv after an activation is Scaled WS with the activation's gain
 gamma in the conv (timm's default); the stem sees the data, so its gamma is 1 (DeepMind applies gamma in
-the activation, which leaves the stem unscaled too). No norm layers anywhere. The classifier is
-zero-initialized as in the NF paper; the Scaled WS layers keep their own init (standardization makes the
-function at init independent of the weights' scale).
+the activation, which leaves the stem unscaled too). No norm layers anywhere.
+
+Head, as DeepMind's ``nfnets/nf_resnet.py`` (``NF_ResNet.__call__``): ``pool = mean(self.activation(out))``
+where ``base.nonlinearities`` bakes gamma into every activation, so the final activation is gamma-scaled
+(``act(x) * gamma``, :class:`GammaAct`) before global average pooling; the classifier's weight is drawn from
+N(0, 0.01^2) ("Head. By default, initialize with N(0, 0.01)": ``hk.initializers.RandomNormal(0.01, 0)``) and
+its bias is zero. timm's ``NormFreeNet`` also draws the fc from N(0, 0.01) (``zero_init_fc=False``) but
+applies a plain activation before the head (its gamma lives in the next conv, and there is none);
+``fc_init_std=0`` gives a zero-initialized classifier. The Scaled WS layers keep their own init
+(standardization makes the function at init independent of the weights' scale).
 
 NOTE on ``downsample``: the default "conv" follows DeepMind's nfnets code; "avg" follows timm. timm's 2x2
 average pool divides the shortcut's variance by up to 4 when neighbouring activations are uncorrelated, as
@@ -65,6 +72,21 @@ class NFPreact(nn.Module):
 
     def extra_repr(self) -> str:
         return f"beta={self.beta:.6g}"
+
+
+class GammaAct(nn.Module):
+    """``act(x) * gamma``: DeepMind's activation with its gain gamma baked in (``base.nonlinearities``)."""
+
+    def __init__(self, activation: str) -> None:
+        super().__init__()
+        self.act = create_act(activation)
+        self.gamma = activation_gamma(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x) * self.gamma
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma:.6g}"
 
 
 class NFSkipGain(nn.Module):
@@ -155,8 +177,8 @@ def expected_variances(num_stages: int, blocks_per_stage: int, alpha: float) -> 
 
 
 class NFResNet(StagedResNet):
-    """NF-ResNet: stem (Scaled WS 3x3 conv, gamma 1), stages of :class:`NFBlock`, ``act``, global average
-    pool, zero-initialized ``classifier``.
+    """NF-ResNet: stem (Scaled WS 3x3 conv, gamma 1), stages of :class:`NFBlock`, ``act * gamma``
+    (:class:`GammaAct`), global average pool, ``classifier`` with weight ~ N(0, fc_init_std^2) and zero bias.
 
     Shapes: input (N, in_channels, L) (``dims=1``) or (N, in_channels, H, W) (``dims=2``); output
     (N, num_classes). At init with ``skip_gain_init=1`` the block outputs' average channel variance on unit
@@ -179,9 +201,12 @@ class NFResNet(StagedResNet):
         dropout: float = 0.0,
         downsample: str = "conv",
         norm_options: dict | None = None,
+        fc_init_std: float = 0.01,
     ) -> None:
         super().__init__()
         check_positive_float("alpha", alpha)
+        if isinstance(fc_init_std, bool) or not isinstance(fc_init_std, (int, float)) or not fc_init_std >= 0:
+            raise NormlabError(f"fc_init_std must be a number >= 0, got {fc_init_std!r}")
         check_choice("downsample", downsample, DOWNSAMPLES)
         if isinstance(skip_gain_init, bool) or not isinstance(skip_gain_init, (int, float)):
             raise NormlabError(f"skip_gain_init must be a number, got {skip_gain_init!r}")
@@ -213,10 +238,10 @@ class NFResNet(StagedResNet):
                 channels = width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
-        self.final = create_act(activation)
+        self.final = GammaAct(activation)
         self.pool = global_avg_pool(dims)
         self.classifier = nn.Linear(channels, num_classes)
-        nn.init.zeros_(self.classifier.weight)
+        nn.init.normal_(self.classifier.weight, 0.0, float(fc_init_std))
         nn.init.zeros_(self.classifier.bias)
 
 
@@ -235,9 +260,11 @@ def nf_resnet(
     skip_gain_init: float = 0.0,
     dropout: float = 0.0,
     downsample: str = "conv",
+    fc_init_std: float = 0.01,
 ) -> nn.Module:
     """NF-ResNet with the CIFAR ResNet layout: ``depth`` = 6n+2 (default 20), stage widths 16/32/64 times
-    ``width``; ``alpha`` (0.2), ``skip_gain_init`` (0, the paper), ``activation`` (its gamma is used)."""
+    ``width``; ``alpha`` (0.2), ``skip_gain_init`` (0, the paper), ``activation`` (its gamma is used),
+    ``fc_init_std`` (0.01, DeepMind's classifier init; 0 = zero-initialized)."""
     if norm != NF:
         raise NormlabError(
             f"nf_resnet is normalizer-free: norm must be 'nf', got {norm!r} (for a normalized net use resnet)"
@@ -259,4 +286,5 @@ def nf_resnet(
         dropout=check_dropout(dropout),
         downsample=downsample,
         norm_options=norm_options,
+        fc_init_std=fc_init_std,
     )

@@ -1,12 +1,20 @@
-"""VGG-A (VGG-11) as used by Santurkar et al. 2018, "How Does Batch Normalization Help Optimization?"
+"""VGG-16 (default) and VGG-A for Santurkar et al. 2018, "How Does Batch Normalization Help Optimization?"
 (arXiv 1805.11604, Sec. 2 and App. A): the CIFAR-10 network on which BN's effect on the loss landscape
 was measured.
 
-Layout (Simonyan & Zisserman 2015, configuration A; CIFAR head as in the reproduction
-AlexeyGB/batch-norm-helps-optimization, ``src/models/vgg.py``)::
+Which VGG: the paper says "VGG" without a configuration, has no official code, and its Fig. 2 and Fig. 8
+plot "Layer #13", so the network has at least 13 layers with a norm after them, more than VGG-A's 10
+(8 convs + 2 hidden linears; VGG-A was this project's first choice and is wrong for the paper). VGG-16
+(Simonyan & Zisserman 2015, configuration D) has exactly 13 convs: its layer #13 is the last conv, the
+deepest layer that sits in every CIFAR variant of VGG-16 — the torchvision-style head with two hidden
+linears (as in AlexeyGB/batch-norm-helps-optimization ``src/models/vgg.py``, which reproduces the paper
+with VGG-A) and the single-linear head of kuangliu/pytorch-cifar, which MadryLab's ``robustness`` library
+(the authors' lab) uses for its CIFAR VGG16. We take configuration D with the paper's "BN after every
+conv/linear layer except the last" on a two-hidden-linear CIFAR head, i.e. 16 weight layers as in VGG-16.
+``depth=11`` gives VGG-A (configuration A) with the same head. Layout (depth 16)::
 
-    conv64 M conv128 M conv256 conv256 M conv512 conv512 M conv512 conv512 M
-    -> flatten -> linear512 -> linear512 -> linear(num_classes)
+    conv64 conv64 M conv128 conv128 M conv256 conv256 conv256 M conv512 conv512 conv512 M
+    conv512 conv512 conv512 M -> flatten -> linear512 -> linear512 -> linear(num_classes)
 
 every conv is 3x3 / stride 1 / padding 1 with bias, M is 2x2 max-pooling, and each conv and hidden linear
 layer is followed by ``norm`` then ReLU ("BN after every layer but the last"). Glorot init.
@@ -33,14 +41,19 @@ from normlab.models._layers import (
 )
 from normlab.models.factory import NF, check_classes, register_model
 
-#: VGG configuration A: output channels per conv, "M" = max-pool.
+#: VGG configuration A (VGG-11): output channels per conv, "M" = max-pool.
 VGG_A = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+#: VGG configuration D (VGG-16): 13 convs.
+VGG_D = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+#: Conv plans by depth (weight layers: convs + the two hidden linears + the classifier).
+VGG_CONFIGS = {11: VGG_A, 16: VGG_D}
 #: The two hidden fully connected layers of the CIFAR head.
 VGG_A_HIDDEN = (512, 512)
 
 
 class VGG(nn.Module):
-    """VGG-A with a pluggable normalization (or the normalizer-free variant, ``norm="nf"``).
+    """VGG (configuration ``convs``, default VGG-16's) with a pluggable normalization (or the
+    normalizer-free variant, ``norm="nf"``).
 
     Shapes: input (N, in_channels, L) for ``dims=1`` or (N, in_channels, H, W) for ``dims=2``; output
     (N, num_classes). The five poolings take 32x32 (CIFAR) to 1x1 and length 40 (MNIST-1D) to 1 (40 -> 20
@@ -68,6 +81,7 @@ class VGG(nn.Module):
         width: float = 1.0,
         activation: str = "relu",
         norm_options: dict | None = None,
+        convs: tuple = VGG_D,
     ) -> None:
         super().__init__()
         norm_options = dict(norm_options or {})
@@ -76,7 +90,7 @@ class VGG(nn.Module):
         gamma = activation_gamma(activation) if nf else 1.0
         layers: list[nn.Module] = []
         channels = in_channels
-        for item in VGG_A:
+        for item in convs:
             if item == "M":
                 layers.append(MaxPool(dims))
                 continue
@@ -131,9 +145,14 @@ def vgg(
     norm_options: dict,
     activation: str = "relu",
 ) -> nn.Module:
-    """VGG-A (Santurkar et al. 2018); ``width`` multiplies every layer's channels (1.0 = the paper)."""
-    if depth is not None and depth != 11:
-        raise NormlabError(f"vgg is VGG-A with 11 weight layers; depth must be 11 or None, got {depth!r}")
+    """VGG for Santurkar et al. 2018: ``depth`` 16 (default, VGG-16) or 11 (VGG-A) weight layers; ``width``
+    multiplies every layer's channels (1.0 = the paper)."""
+    depth = 16 if depth is None else depth
+    if depth not in VGG_CONFIGS:
+        raise NormlabError(
+            f"vgg has 16 (VGG-16, default) or 11 (VGG-A) weight layers; depth must be 16, 11 or None, "
+            f"got {depth!r}"
+        )
     width = 1.0 if width is None else check_positive_float("width", width)
     return VGG(
         norm=norm,
@@ -143,4 +162,5 @@ def vgg(
         width=width,
         activation=activation,
         norm_options=norm_options,
+        convs=VGG_CONFIGS[depth],
     )
