@@ -265,6 +265,30 @@ class Trainer:
 
         return list(agc_parameters(self.model)), adaptive_clip_grad_
 
+    # -- for engines that run the loop elsewhere (normlab.batched) ---------------------------------
+
+    def open_run(self) -> None:
+        """Open the run's store record, as :meth:`fit` does before its loop."""
+        self._open_run()
+
+    def conclude(self, status: str, reason: str | None, *, steps: int, train_time: float) -> RunResult:
+        """Finish a run whose loop ran elsewhere, as :meth:`fit` does after its loop: ``self.model`` holds
+        the final state and the metrics went through :meth:`log`; ``train_time`` is the loop's seconds."""
+        self.step, self._train_time = steps, train_time
+        try:
+            result = self._result(status, reason)
+        except BaseException as exc:
+            self.record_failure(exc)
+            raise
+        self._flush()
+        self._close_run(result.status, error=result.error, summary=result.summary(), wall=result.wall_time)
+        return result
+
+    def record_failure(self, exc: BaseException) -> None:
+        """Close the store record as ``failed`` with ``exc``'s message."""
+        self._flush()
+        self._close_run("failed", error=f"{type(exc).__name__}: {exc}", summary={})
+
     # -- end of run ---------------------------------------------------------------------------------
 
     def _result(self, status: str, reason: str | None) -> RunResult:

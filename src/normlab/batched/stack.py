@@ -1,0 +1,108 @@
+"""``StackedModel``: K copies of one architecture as stacked tensors, run as one model.
+
+Member k's parameter ``name`` is ``params[name][k]`` and its buffer (BN running statistics, counters) is
+``buffers[name][k]`` (``torch.func.stack_module_state``). The forward of all members is one
+``torch.func.vmap`` over ``functional_call`` of a parameter-free copy of the architecture on the meta
+device: input (K, B, ...) -> output (K, B, ...). Under vmap a conv with a batched weight becomes one
+grouped convolution and BN one ``batch_norm`` over K*C channels, so K small runs cost a few larger kernels
+instead of K times the per-step Python and dispatch overhead. Buffers go in as batched inputs, so the
+in-place running-statistics updates of BN-type layers land in each member's own slice, and
+``randomness="different"`` gives every member its own noise (noisy BN).
+
+Layers that vmap cannot trace (old-style ``torch.autograd.Function`` s without a vmap rule, e.g. noisy BN's
+fused kernel, batch renorm) run member by member (``mode == "loop"``) through views of the same stacked
+tensors: the optimizer, clipping and bookkeeping stay batched. The mode is chosen once, by trying vmap on a
+throwaway copy of two members.
+
+The sum of the members' losses has, for each member's parameters, exactly that member's gradient (no
+member's output depends on another's parameters), so one ``backward`` gives every member its own
+gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+
+class StackedModel:
+    """K members of one architecture (``models``: same class and shapes) as stacked leaf tensors;
+    ``input_shape``: one example's shape (without the batch dim), used to choose the mode."""
+
+    def __init__(self, models: list[nn.Module], input_shape: tuple[int, ...]) -> None:
+        if not models:
+            raise ValueError("StackedModel needs at least one model")
+        params, buffers = stack_module_state(models)
+        self.params: dict[str, Tensor] = params
+        self.buffers: dict[str, Tensor] = buffers
+        # Parameter-free skeleton: functional_call swaps the stacked slices in.
+        self.skeleton = copy.deepcopy(models[0]).to("meta")
+        self.size = len(models)
+        self.mode = _choose_mode(self.skeleton, params, buffers, tuple(input_shape))
+
+    def train(self, mode: bool = True) -> None:
+        self.skeleton.train(mode)
+
+    def __call__(self, x: Tensor, *, shared_input: bool = False) -> Tensor:
+        """Outputs (K, B, ...) of inputs (K, B, ...), or of one (B, ...) for all when ``shared_input``."""
+        if self.mode == "vmap":
+            in_x = None if shared_input else 0
+            return vmap(self._forward_one, in_dims=(0, 0, in_x), randomness="different")(
+                self.params, self.buffers, x
+            )
+        return torch.stack([
+            self._forward_one(
+                {n: p[k] for n, p in self.params.items()},
+                {n: b[k] for n, b in self.buffers.items()},
+                x if shared_input else x[k],
+            )
+            for k in range(self.size)
+        ])
+
+    def _forward_one(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.skeleton, (params, buffers), (x,))
+
+    def keep(self, members: list[int]) -> None:
+        """Keep only ``members`` (indices into the current stack), in that order (new leaf tensors)."""
+        index = torch.tensor(members, dtype=torch.long)
+        device = next(iter(self.params.values())).device
+        index = index.to(device)
+        self.params = {
+            n: p.detach().index_select(0, index).requires_grad_(p.requires_grad) for n, p in self.params.items()
+        }
+        self.buffers = {n: b.index_select(0, index) for n, b in self.buffers.items()}
+        self.size = len(members)
+
+    @torch.no_grad()
+    def copy_member_to(self, k: int, model: nn.Module) -> None:
+        """Write member ``k``'s parameters and buffers into ``model`` (same architecture)."""
+        state = {n: p[k] for n, p in self.params.items()} | {n: b[k] for n, b in self.buffers.items()}
+        model.load_state_dict(state, strict=True)
+
+
+def _choose_mode(
+    skeleton: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], shape: tuple[int, ...]
+) -> str:
+    """``"vmap"`` if a training-mode forward and backward of two throwaway members runs under vmap."""
+    probe = {n: p[:2].detach().clone().requires_grad_(p.requires_grad) for n, p in params.items()}
+    probe_buffers = {n: b[:2].clone() for n, b in buffers.items()}
+    device = next(iter(params.values())).device
+    x = torch.randn(2, 4, *shape, device=device)
+    was_training = skeleton.training
+    skeleton.train()
+    state = torch.random.get_rng_state()
+    try:
+        out = vmap(
+            lambda p, b, xb: functional_call(skeleton, (p, b), (xb,)), randomness="different"
+        )(probe, probe_buffers, x)
+        out.float().sum().backward()
+        return "vmap"
+    except Exception:  # noqa: BLE001 - any layer vmap cannot run sends the group down the loop path
+        return "loop"
+    finally:
+        torch.random.set_rng_state(state)  # the probe must not shift the members' random streams
+        skeleton.train(was_training)
+
