@@ -15,7 +15,7 @@ from normlab.optim.agc import _clip_scale
 
 
 def member_grad_norms(params: dict[str, Tensor]) -> Tensor:
-    """(K,) global L2 norms ``sqrt(sum_p ||g_p[k]||^2)``, one per member (the Trainer's ``train/grad_norm``)."""
+    """(K,) global L2 norms ``sqrt(sum_p ||g_p[k]||^2)``, one per member (the Trainer's grad_norm)."""
     grads = [p.grad for p in params.values() if p.grad is not None]
     if not grads:
         return torch.zeros(next(iter(params.values())).shape[0])

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
 from torch.func import vmap
 
 from normlab.batched.clip import member_grad_norms, stacked_agc_
@@ -151,7 +150,8 @@ class _Group:
             total.backward()
         after = [m.trainer.step + 1 for m in alive]
         log_now = [
-            s % cfg.log_every == 0 or m.policy.done(s, m.trainer.history) for s, m in zip(after, alive, strict=True)
+            s % cfg.log_every == 0 or m.policy.done(s, m.trainer.history)
+            for s, m in zip(after, alive, strict=True)
         ]
         grad_norms = member_grad_norms(stack.params).tolist() if any(log_now) else None
         if self.agc_names:

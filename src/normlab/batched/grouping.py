@@ -40,7 +40,8 @@ def check_group(configs: Sequence[TrainConfig]) -> None:
             raise NormlabError(f"batched configs must be TrainConfigs, got {type(config).__name__}")
         if not can_batch(config):
             raise NormlabError(
-                f"config {config.name or config.key()} cannot be batched (checkpointing or compile): train it alone"
+                f"config {config.name or config.key()} cannot be batched (checkpointing or compile); "
+                "train it alone"
             )
     keys = {batch_key(c) for c in configs}
     if len(keys) > 1:

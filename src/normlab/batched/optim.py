@@ -86,10 +86,11 @@ class StackedOptimizer:
             p.sub_((rate / correction1) * m / denom)
 
     def keep(self, members: list[int], params: dict[str, Tensor]) -> None:
-        """Keep the state of ``members`` only (as :meth:`StackedModel.keep`); ``params`` are the new leaves."""
+        """Keep the state of ``members`` only (as ``StackedModel.keep``); ``params`` are the new leaves."""
         index = torch.tensor(members, dtype=torch.long, device=next(iter(params.values())).device)
         self.state = {
-            name: {k: v.index_select(0, index) for k, v in state.items()} for name, state in self.state.items()
+            name: {k: v.index_select(0, index) for k, v in state.items()}
+            for name, state in self.state.items()
         }
         self.params = params
 

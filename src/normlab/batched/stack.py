@@ -22,6 +22,7 @@ gradient.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -71,7 +72,8 @@ class StackedModel:
         device = next(iter(self.params.values())).device
         index = index.to(device)
         self.params = {
-            n: p.detach().index_select(0, index).requires_grad_(p.requires_grad) for n, p in self.params.items()
+            n: p.detach().index_select(0, index).requires_grad_(p.requires_grad)
+            for n, p in self.params.items()
         }
         self.buffers = {n: b.index_select(0, index) for n, b in self.buffers.items()}
         self.size = len(members)
@@ -95,10 +97,12 @@ def _choose_mode(
     skeleton.train()
     state = torch.random.get_rng_state()
     try:
-        out = vmap(
-            lambda p, b, xb: functional_call(skeleton, (p, b), (xb,)), randomness="different"
-        )(probe, probe_buffers, x)
-        out.float().sum().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # functorch's "no batching rule, slow fallback" notes
+            out = vmap(
+                lambda p, b, xb: functional_call(skeleton, (p, b), (xb,)), randomness="different"
+            )(probe, probe_buffers, x)
+            out.float().sum().backward()
         return "vmap"
     except Exception:  # noqa: BLE001 - any layer vmap cannot run sends the group down the loop path
         return "loop"

@@ -45,6 +45,9 @@ def compare_command(
     optimizer: str = typer.Option("sgd", help="sgd or adamw"),
     device: str = typer.Option("cpu", help="device of every run"),
     workers: int | None = typer.Option(None, help="parallel runs (default: all cores)"),
+    batch: bool = typer.Option(
+        True, "--batch/--no-batch", help="train runs differing only in seed and lr as one stacked model"
+    ),
     store: str | None = typer.Option(None, "--store", help=STORE_HELP),
     out: str = typer.Option(
         "normlab-results/compare", "--out", help="folder for report.html + report.md + figures"
@@ -85,7 +88,7 @@ def compare_command(
     executor = LocalPoolExecutor(workers)  # validates --workers before the store is opened
     started = time.perf_counter()
     with open_store(store) as db, executor:
-        results = run_sweep(configs, db, executor)
+        results = run_sweep(configs, db, executor, batch=batch)
     wall = time.perf_counter() - started
     cells = summarize_compare(results)
     counts = {s: sum(r.status == s for r in results) for s in ("finished", "diverged", "failed")}

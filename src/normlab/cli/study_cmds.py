@@ -27,7 +27,9 @@ def study(
     ] = Path("normlab-results"),
     store: Annotated[Path | None, typer.Option(help="Results store (default OUT/NAME/runs.sqlite).")] = None,
     workers: Annotated[int, typer.Option(help="Parallel training processes (1 = in this process).")] = 1,
-    threads: Annotated[int, typer.Option(help="Torch threads in this process (0 = torch's default).")] = 0,
+    threads: Annotated[
+        int, typer.Option(help="Torch threads per training process (0 = usable cores / workers).")
+    ] = 0,
 ) -> None:
     """Run a study: train its variants, measure, and write OUT/NAME/report.html + report.md."""
     from rich.console import Console
@@ -45,16 +47,15 @@ def study(
     if workers < 1:
         raise NormlabError(f"--workers must be >= 1, got {workers!r}")
     if threads < 0:
-        raise NormlabError(f"--threads must be >= 0 (0 = torch's default), got {threads!r}")
-    if threads:
-        import torch
+        raise NormlabError(f"--threads must be >= 0 (0 = usable cores / workers), got {threads!r}")
+    from normlab.train.threads import fit_threads, set_threads
 
-        # On a shared machine, oversubscribed intra-op threads can slow training by an order of magnitude.
-        torch.set_num_threads(threads)
+    # On a shared machine, oversubscribed intra-op threads can slow training by an order of magnitude.
+    set_threads(fit_threads(workers, threads or None))
     from normlab.studies.runner import run_study
 
     err = Console(stderr=True)
-    executor = _executor(workers)
+    executor = _executor(workers, threads or None)
     try:
         _, files = run_study(
             name,
@@ -98,12 +99,12 @@ def report(
     console.print(f"report: {files.html}")
 
 
-def _executor(workers: int):
+def _executor(workers: int, threads: int | None):
     if workers == 1:
         return None
     from normlab.sweep import LocalPoolExecutor
 
-    return LocalPoolExecutor(workers=workers)
+    return LocalPoolExecutor(workers=workers, threads_per_worker=threads)
 
 
 def _print_markdown(console, text: str) -> None:

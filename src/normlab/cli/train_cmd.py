@@ -109,7 +109,7 @@ def _train_signature() -> inspect.Signature:
         )
     extra = [
         ("store", str | None, typer.Option(None, "--store", help=STORE_HELP)),
-        ("threads", int | None, typer.Option(None, "--threads", help="torch CPU threads (default: torch's)")),
+        ("threads", int | None, typer.Option(None, "--threads", help="torch CPU threads (default: usable cores)")),
         ("resume", bool, typer.Option(False, "--resume", help="continue from this config's checkpoint")),
         ("progress", bool, typer.Option(True, "--progress/--no-progress", help="progress bar on a terminal")),
         ("json_output", bool, typer.Option(False, "--json", help="print the result as JSON only")),
@@ -135,13 +135,12 @@ def train_command(**kwargs: Any) -> None:
     store_path, resume, threads = kwargs.pop("store"), kwargs.pop("resume"), kwargs.pop("threads")
     progress, as_json = kwargs.pop("progress"), kwargs.pop("json_output")
     config = config_from_cli(kwargs.pop("config"), kwargs)
-    if threads is not None:
-        if threads < 1:
-            raise NormlabError(f"--threads must be a positive int, got {threads}")
-        # Small models gain little from intra-op threads, and on a busy machine spinning threads cost a lot.
-        import torch
+    if threads is not None and threads < 1:
+        raise NormlabError(f"--threads must be a positive int, got {threads}")
+    from normlab.train.threads import fit_threads, set_threads
 
-        torch.set_num_threads(threads)
+    # The same rule as sweeps and studies: the cores this process may use (normlab.train.threads).
+    set_threads(fit_threads(1, threads))
     # Build everything (data, model, checkpoint) before opening the store: bad input leaves it untouched.
     trainer = Trainer(config, progress=None if progress else False, resume=True if resume else None)
     with open_store(store_path) as store:
