@@ -109,7 +109,7 @@ def _train_signature() -> inspect.Signature:
         )
     extra = [
         ("store", str | None, typer.Option(None, "--store", help=STORE_HELP)),
-        ("threads", int | None, typer.Option(None, "--threads", help="torch CPU threads (default: usable cores)")),
+        ("threads", int | None, typer.Option(None, "--threads", help="torch threads (default: cores)")),
         ("resume", bool, typer.Option(False, "--resume", help="continue from this config's checkpoint")),
         ("progress", bool, typer.Option(True, "--progress/--no-progress", help="progress bar on a terminal")),
         ("json_output", bool, typer.Option(False, "--json", help="print the result as JSON only")),

@@ -20,7 +20,8 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 DEVICE_PREFIXES = ("cpu", "cuda", "mps", "auto")
 # Fields that say where or under which label a run is kept, not what it computes: left out of the key.
-_NOT_IN_KEY = ("name", "group", "checkpoint_dir", "checkpoint_every", "download", "data_root")
+# ``compile`` changes how a step is computed, not its numbers (equal to float tolerance, tested).
+_NOT_IN_KEY = ("name", "group", "checkpoint_dir", "checkpoint_every", "download", "data_root", "compile")
 
 
 @dataclass
@@ -70,6 +71,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     name: str | None = None
     group: str | None = None
+    # torch.compile the model's forward/backward (normlab.train.compile; off: it pays on no default model)
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -187,6 +190,7 @@ _RULES: dict[str, tuple[str, bool, float | None, float | None, tuple | None]] = 
     "checkpoint_every": (_INT, False, 0, None, None),
     "name": (_STR, True, None, None, None),
     "group": (_STR, True, None, None, None),
+    "compile": (_BOOL, False, None, None, None),
 }
 
 

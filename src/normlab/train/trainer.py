@@ -30,6 +30,7 @@ from normlab.train.checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from normlab.train.compile import compiled
 from normlab.train.config import TrainConfig
 from normlab.train.context import Callback, StepContext, normalize_callbacks
 from normlab.train.evaluate import evaluate
@@ -80,6 +81,7 @@ class Trainer:
         self.classification = self.data.task == "classification"
         self.loss_fn = loss_function(self.data.task)
         self.model = build_model(config, self.data).to(self.device)
+        self.forward = compiled(self.model, config.compile)  # the model, or its compiled forward
         self.optimizer = build_optimizer(self.model, config)
         self.agc_params, self._clip = self._agc()
         self.batches = self._batch_iterator()
@@ -160,7 +162,7 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
-                out = model(x)
+                out = self.forward(x)
                 loss = self.loss_fn(out, y)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value) or loss_value > cfg.divergence_bound:
