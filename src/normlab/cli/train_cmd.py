@@ -51,6 +51,7 @@ _FIELD_HELP = {
     "checkpoint_every": "checkpoint every N steps (0: at the end only, if checkpoint_dir is set)",
     "name": "run name",
     "group": "run group / study tag",
+    "compile": "torch.compile the step (same numbers; pays only for long runs of large models)",
 }
 
 
