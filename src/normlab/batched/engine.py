@@ -30,7 +30,7 @@ from normlab.batched.clip import member_grad_norms, stacked_agc_
 from normlab.batched.grouping import check_group
 from normlab.batched.optim import StackedOptimizer
 from normlab.batched.policy import MemberPolicy, member_policy
-from normlab.batched.stack import StackedModel
+from normlab.batched.stack import ModeChooser, StackedModel
 from normlab.train import RunResult, TrainConfig, Trainer
 from normlab.train.optimizer import param_groups
 
@@ -107,10 +107,14 @@ class _Group:
             m.trainer.open_run()
         started = time.perf_counter()
         side = 0.0
+        chooser = ModeChooser(self.stack)
         try:
             self.stack.train()
             while self.alive:
+                chooser.start()
+                tick = time.perf_counter()
                 self._step()
+                chooser.record(time.perf_counter() - tick)
                 tick = time.perf_counter()
                 self._evaluate_due()
                 side += time.perf_counter() - tick
