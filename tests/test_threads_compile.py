@@ -41,6 +41,7 @@ def test_environment_records_the_thread_count_and_cores():
 
 def test_compile_falls_back_to_eager_with_one_warning_without_a_compiler(monkeypatch):
     monkeypatch.setattr(compile_module, "compiler_available", lambda: False)
+    monkeypatch.setattr(compile_module, "_WARNED", False)
     config = TrainConfig(subset=256, batch_size=32, steps=4, width=4, eval_train_samples=64)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler is present for torch.compile; running eagerly"):
         trainer = Trainer(config.replace(compile=True), progress=False)
@@ -86,3 +87,13 @@ def test_compiled_training_equals_eager():
         assert getattr(compiled_result, name) == pytest.approx(getattr(eager_result, name), abs=1e-4)
     losses = [v for _, v in compiled.history["train/loss"]]
     assert losses == pytest.approx([v for _, v in eager.history["train/loss"]], abs=1e-4)
+
+
+def test_compile_by_default_only_where_it_paid():
+    cpu = torch.device("cpu")
+    long_resnet = TrainConfig(model="resnet20", dataset="cifar10", steps=3000)
+    assert compile_module.wants_compile(long_resnet, 3000, cpu)
+    assert not compile_module.wants_compile(long_resnet.replace(steps=100), 100, cpu)
+    assert not compile_module.wants_compile(long_resnet.replace(compile=False), 3000, cpu)
+    assert not compile_module.wants_compile(TrainConfig(steps=5000), 5000, cpu)  # the cnn: slower compiled
+    assert compile_module.wants_compile(TrainConfig(compile=True), 10, cpu)

@@ -71,8 +71,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     name: str | None = None
     group: str | None = None
-    # torch.compile the model's forward/backward (normlab.train.compile; off: it pays on no default model)
-    compile: bool = False
+    # torch.compile the model's forward/backward; None: where it pays (normlab.train.compile.wants_compile)
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -190,7 +190,7 @@ _RULES: dict[str, tuple[str, bool, float | None, float | None, tuple | None]] = 
     "checkpoint_every": (_INT, False, 0, None, None),
     "name": (_STR, True, None, None, None),
     "group": (_STR, True, None, None, None),
-    "compile": (_BOOL, False, None, None, None),
+    "compile": (_BOOL, True, None, None, None),
 }
 
 

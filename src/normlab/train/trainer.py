@@ -30,7 +30,7 @@ from normlab.train.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from normlab.train.compile import compiled
+from normlab.train.compile import compiled, wants_compile
 from normlab.train.config import TrainConfig
 from normlab.train.context import Callback, StepContext, normalize_callbacks
 from normlab.train.evaluate import evaluate
@@ -81,11 +81,12 @@ class Trainer:
         self.classification = self.data.task == "classification"
         self.loss_fn = loss_function(self.data.task)
         self.model = build_model(config, self.data).to(self.device)
-        self.forward = compiled(self.model, config.compile)  # the model, or its compiled forward
         self.optimizer = build_optimizer(self.model, config)
         self.agc_params, self._clip = self._agc()
         self.batches = self._batch_iterator()
         self.total_steps = config.steps or config.epochs * len(self.batches)
+        # The model, or its compiled forward (config.compile; None: where benchmarks/compile.py shows a gain).
+        self.forward = compiled(self.model, wants_compile(config, self.total_steps, self.device))
         self.x_test, self.y_test = self.data.x_test.to(self.device), self.data.y_test.to(self.device)
 
         self.step = 0
