@@ -1,7 +1,7 @@
 """Batched runs (normlab.batched) against the same runs one by one, measured in the same run.
 
     python benchmarks/batched.py [--steps 300] [--rounds 3] [--members 9]
-    python benchmarks/batched.py --grid [--epochs 8]      # + the default compare grid, long
+    python benchmarks/batched.py --grid [--epochs 8] [--subset N] [--no-steps]   # + the compare grid, long
 
 1. Time per optimizer step of K (default 9) members trained as one stacked model, divided by the time of
    K separate runs' steps (each run's ``steps_per_s``, which excludes evaluation), for the MNIST-1D CNN
@@ -60,7 +60,7 @@ def step_ratios(steps: int, rounds: int, members: int) -> None:
                   f"{min(ratios):6.3f}")
 
 
-def grid_wall(epochs: int) -> None:
+def grid_wall(epochs: int, subset: int | None) -> None:
     from normlab.cli.compare_cmd import COMPARE_DEFAULTS
     from normlab.store import Store
     from normlab.sweep import InlineExecutor, LocalPoolExecutor, compare_configs, run_sweep
@@ -73,6 +73,7 @@ def grid_wall(epochs: int) -> None:
         base_lrs=[float(v) for v in COMPARE_DEFAULTS["lrs"].split(",")],
         agc_clip=COMPARE_DEFAULTS["agc_clip"],
         epochs=epochs,
+        subset=subset,
     )
     walls = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -105,11 +106,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--grid", action="store_true", help="also time the default compare grid (long)")
     parser.add_argument("--epochs", type=int, default=8, help="epochs of each grid run")
+    parser.add_argument("--subset", type=int, default=None, help="grid runs on this many training examples")
+    parser.add_argument("--no-steps", action="store_true", help="skip the step-time table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    step_ratios(args.steps, args.rounds, args.members)
+    if not args.no_steps:
+        step_ratios(args.steps, args.rounds, args.members)
     if args.grid:
-        grid_wall(args.epochs)
+        grid_wall(args.epochs, args.subset)
 
 
 if __name__ == "__main__":
