@@ -302,7 +302,7 @@ def test_cli_study_bad_counts(capsys):
     assert _cli(["study", "regularization", "--workers", "0"]) == 2
     assert "--workers must be >= 1, got 0" in capsys.readouterr().err
     assert _cli(["study", "regularization", "--threads", "-1"]) == 2
-    assert "--threads must be >= 0 (0 = torch's default), got -1" in capsys.readouterr().err
+    assert "--threads must be >= 0 (0 = usable cores / workers), got -1" in capsys.readouterr().err
     assert _cli(["study"]) == 2
     assert "give a study name or --list; valid studies:" in capsys.readouterr().err
 

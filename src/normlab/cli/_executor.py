@@ -14,8 +14,9 @@ GPUS_HELP = "Ray: GPUs per run"
 
 
 def make_executor(kind: str, workers: int | None, *, address: str | None = None, cpus_per_run: float = 1,
-                  gpus_per_run: float = 0) -> Any:
-    """A :class:`LocalPoolExecutor` (``local``; ``workers == 1`` gives None: in this process) or a
+                  gpus_per_run: float = 0, threads: int | None = None) -> Any:
+    """A :class:`LocalPoolExecutor` (``local``; ``workers == 1`` gives None: in this process) with
+    ``threads`` torch threads per worker (None: cores / workers), or a
     :class:`~normlab.sweep.ray_executor.RayExecutor`; bad values raise NormlabError."""
     if kind not in EXECUTORS:
         raise NormlabError(f"unknown --executor {kind!r}; valid: {', '.join(EXECUTORS)}")
@@ -26,7 +27,7 @@ def make_executor(kind: str, workers: int | None, *, address: str | None = None,
             return None
         from normlab.sweep import LocalPoolExecutor
 
-        return LocalPoolExecutor(workers)
+        return LocalPoolExecutor(workers, threads_per_worker=threads)
     from normlab.sweep.ray_executor import RayExecutor
 
     return RayExecutor(address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)

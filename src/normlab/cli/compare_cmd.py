@@ -58,6 +58,9 @@ def compare_command(
     address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
     cpus_per_run: float = typer.Option(1, "--cpus-per-run", help=CPUS_HELP),
     gpus_per_run: float = typer.Option(0, "--gpus-per-run", help=GPUS_HELP),
+    batch: bool = typer.Option(
+        True, "--batch/--no-batch", help="train runs differing only in seed and lr as one stacked model"
+    ),
     store: str | None = typer.Option(None, "--store", help=STORE_HELP),
     out: str = typer.Option(
         "normlab-results/compare", "--out", help="folder for report.html + report.md + figures"
@@ -104,7 +107,7 @@ def compare_command(
                                  gpus_per_run=gpus_per_run)
     started = time.perf_counter()
     with open_store(store) as db, executor:
-        results = run_sweep(configs, db, executor)
+        results = run_sweep(configs, db, executor, batch=batch)
     wall = time.perf_counter() - started
     cells = summarize_compare(results)
     counts = {s: sum(r.status == s for r in results) for s in ("finished", "diverged", "failed")}

@@ -28,7 +28,9 @@ def study(
     ] = Path("normlab-results"),
     store: Annotated[Path | None, typer.Option(help="Results store (default OUT/NAME/runs.sqlite).")] = None,
     workers: Annotated[int, typer.Option(help="Parallel training processes (1 = in this process).")] = 1,
-    threads: Annotated[int, typer.Option(help="Torch threads in this process (0 = torch's default).")] = 0,
+    threads: Annotated[
+        int, typer.Option(help="Torch threads per training process (0 = usable cores / workers).")
+    ] = 0,
     executor_kind: Annotated[str, typer.Option("--executor", help=EXECUTOR_HELP)] = "local",
     address: Annotated[str | None, typer.Option("--address", help=ADDRESS_HELP)] = None,
     cpus_per_run: Annotated[float, typer.Option("--cpus-per-run", help=CPUS_HELP)] = 1,
@@ -50,17 +52,16 @@ def study(
     if workers < 1:
         raise NormlabError(f"--workers must be >= 1, got {workers!r}")
     if threads < 0:
-        raise NormlabError(f"--threads must be >= 0 (0 = torch's default), got {threads!r}")
-    if threads:
-        import torch
+        raise NormlabError(f"--threads must be >= 0 (0 = usable cores / workers), got {threads!r}")
+    from normlab.train.threads import fit_threads, set_threads
 
-        # On a shared machine, oversubscribed intra-op threads can slow training by an order of magnitude.
-        torch.set_num_threads(threads)
+    # On a shared machine, oversubscribed intra-op threads can slow training by an order of magnitude.
+    set_threads(fit_threads(workers, threads or None))
     from normlab.studies.runner import run_study
 
     err = Console(stderr=True)
     executor = make_executor(executor_kind, workers, address=address, cpus_per_run=cpus_per_run,
-                             gpus_per_run=gpus_per_run)
+                             gpus_per_run=gpus_per_run, threads=threads or None)
     try:
         _, files = run_study(
             name,

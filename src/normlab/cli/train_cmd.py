@@ -62,6 +62,7 @@ _FIELD_HELP = {
     "checkpoint_every": "checkpoint every N steps (0: at the end only, if checkpoint_dir is set)",
     "name": "run name",
     "group": "run group / study tag",
+    "compile": "torch.compile the step (same numbers; pays only for long runs of large models)",
 }
 
 
@@ -120,7 +121,7 @@ def _train_signature() -> inspect.Signature:
         )
     extra = [
         ("store", str | None, typer.Option(None, "--store", help=STORE_HELP)),
-        ("threads", int | None, typer.Option(None, "--threads", help="torch CPU threads (default: torch's)")),
+        ("threads", int | None, typer.Option(None, "--threads", help="torch threads (default: cores)")),
         ("resume", bool, typer.Option(False, "--resume", help="continue from this config's checkpoint")),
         ("progress", bool, typer.Option(True, "--progress/--no-progress", help="progress bar on a terminal")),
         ("json_output", bool, typer.Option(False, "--json", help="print the result as JSON only")),
@@ -155,13 +156,12 @@ def train_command(**kwargs: Any) -> None:
     progress, as_json = kwargs.pop("progress"), kwargs.pop("json_output")
     nproc, bn_sync, vbs = kwargs.pop("nproc"), kwargs.pop("bn_sync"), kwargs.pop("virtual_batch_size")
     config = config_from_cli(kwargs.pop("config"), kwargs)
-    if threads is not None:
-        if threads < 1:
-            raise NormlabError(f"--threads must be a positive int, got {threads}")
-        # Small models gain little from intra-op threads, and on a busy machine spinning threads cost a lot.
-        import torch
+    if threads is not None and threads < 1:
+        raise NormlabError(f"--threads must be a positive int, got {threads}")
+    from normlab.train.threads import fit_threads, set_threads
 
-        torch.set_num_threads(threads)
+    # The same rule as sweeps and studies: the cores this process may use (normlab.train.threads).
+    set_threads(fit_threads(1, threads))
     if vbs is not None and bn_sync != "ghost":
         raise NormlabError("--virtual-batch-size goes with --bn-sync ghost")
     if nproc != 1 or bn_sync != "local":

@@ -8,15 +8,15 @@ store is safe for concurrent writers), so the executor only carries configs and 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from typing import Any, Protocol, runtime_checkable
 
 from normlab.errors import NormlabError
-from normlab.sweep.worker import CallbacksFactory, failed_result, init_worker, run_config
+from normlab.sweep.worker import CallbacksFactory, failed_result, init_worker, run_config, run_group
 from normlab.train import RunResult, TrainConfig
+from normlab.train.threads import available_cores, fit_threads
 
 
 @runtime_checkable
@@ -30,12 +30,7 @@ class Executor(Protocol):
     def results(self) -> Iterator[tuple[TrainConfig, RunResult]]: ...
 
 
-def available_cores() -> int:
-    """Cores this process may run on (the affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+__all__ = ["Executor", "InlineExecutor", "LocalPoolExecutor", "available_cores"]
 
 
 def _store_path(store: Any) -> str | None:
@@ -45,19 +40,29 @@ def _store_path(store: Any) -> str | None:
 class InlineExecutor:
     """Runs each submitted config in this process, one after another, when :meth:`results` is iterated."""
 
+    workers = 1
+
     def __init__(self) -> None:
-        self._queue: list[tuple[TrainConfig, CallbacksFactory | None, str | None]] = []
+        self._queue: list[tuple[list[TrainConfig], CallbacksFactory | None, str | None]] = []
 
     def submit(
         self, config: TrainConfig, callbacks_factory: CallbacksFactory | None = None, *, store: Any = None
     ) -> int:
-        self._queue.append((config, callbacks_factory, _store_path(store)))
+        self._queue.append(([config], callbacks_factory, _store_path(store)))
+        return len(self._queue) - 1
+
+    def submit_group(self, configs: list[TrainConfig], *, store: Any = None) -> int:
+        """Queue compatible configs to train as one stacked model (:func:`normlab.batched.train_batched`)."""
+        self._queue.append((list(configs), None, _store_path(store)))
         return len(self._queue) - 1
 
     def results(self) -> Iterator[tuple[TrainConfig, RunResult]]:
         while self._queue:
-            config, factory, path = self._queue.pop(0)
-            yield config, run_config(config.to_dict(), path, factory)
+            configs, factory, path = self._queue.pop(0)
+            if len(configs) == 1:
+                yield configs[0], run_config(configs[0].to_dict(), path, factory)
+            else:
+                yield from zip(configs, run_group([c.to_dict() for c in configs], path), strict=True)
 
     as_completed = results
 
@@ -66,26 +71,41 @@ class InlineExecutor:
 
 
 class LocalPoolExecutor:
-    """A ``concurrent.futures`` process pool: ``workers`` processes (default: all cores) with
-    ``threads_per_worker`` torch threads each (default 1, so workers do not fight over cores).
+    """A ``concurrent.futures`` process pool: ``workers`` processes (default: all usable cores, and never
+    more) with ``threads_per_worker`` torch threads each (default: ``cores // workers``, so workers x
+    threads never exceed the cores; :func:`normlab.train.threads.fit_threads`).
 
     Workers are started with ``spawn``: forking a process whose OpenMP pool already ran can deadlock.
     ``callbacks_factory`` must be a module-level function (it is pickled to the worker).
     """
 
-    def __init__(self, workers: int | None = None, threads_per_worker: int = 1) -> None:
+    def __init__(self, workers: int | None = None, threads_per_worker: int | None = None) -> None:
         workers = available_cores() if workers is None else workers
-        for name, value in (("workers", workers), ("threads_per_worker", threads_per_worker)):
+        for name, value in (("workers", workers), ("threads_per_worker", threads_per_worker or 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise NormlabError(f"{name} must be a positive int, got {value!r}")
-        self.workers = workers
-        self.threads_per_worker = threads_per_worker
+        # More processes than cores only time-slice: they finish no sooner and oversubscribe the cores.
+        self.workers = min(workers, available_cores())
+        self.threads_per_worker = fit_threads(self.workers, threads_per_worker)
         self._pool: ProcessPoolExecutor | None = None
-        self._futures: dict[Future, tuple[TrainConfig, str | None]] = {}
+        self._futures: dict[Future, tuple[list[TrainConfig], str | None]] = {}
 
     def submit(
         self, config: TrainConfig, callbacks_factory: CallbacksFactory | None = None, *, store: Any = None
     ) -> Future:
+        path = _store_path(store)
+        future = self._started().submit(run_config, config.to_dict(), path, callbacks_factory)
+        self._futures[future] = ([config], path)
+        return future
+
+    def submit_group(self, configs: list[TrainConfig], *, store: Any = None) -> Future:
+        """Train compatible configs as one stacked model in one worker (``normlab.batched.train_batched``)."""
+        path = _store_path(store)
+        future = self._started().submit(run_group, [c.to_dict() for c in configs], path)
+        self._futures[future] = (list(configs), path)
+        return future
+
+    def _started(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers,
@@ -93,21 +113,19 @@ class LocalPoolExecutor:
                 initializer=init_worker,
                 initargs=(self.threads_per_worker,),
             )
-        path = _store_path(store)
-        future = self._pool.submit(run_config, config.to_dict(), path, callbacks_factory)
-        self._futures[future] = (config, path)
-        return future
+        return self._pool
 
     def results(self) -> Iterator[tuple[TrainConfig, RunResult]]:
         futures, self._futures = self._futures, {}
         try:
             for future in as_completed(futures):
-                config, path = futures[future]
+                configs, path = futures[future]
                 try:
-                    result = future.result()
-                except Exception as exc:  # the worker died (e.g. killed for memory): the run failed
-                    result = _worker_died(config, path, f"{type(exc).__name__}: {exc}")
-                yield config, result
+                    outcome = future.result()
+                    results = outcome if isinstance(outcome, list) else [outcome]
+                except Exception as exc:  # the worker died (e.g. killed for memory): its runs failed
+                    results = [_worker_died(c, path, f"{type(exc).__name__}: {exc}") for c in configs]
+                yield from zip(configs, results, strict=True)
         finally:
             for future in futures:
                 future.cancel()

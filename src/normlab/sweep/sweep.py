@@ -24,6 +24,7 @@ def run_sweep(
     *,
     callbacks_factory: CallbacksFactory | None = None,
     progress: bool | None = None,
+    batch: bool = True,
 ) -> list[RunResult]:
     """Train every config and return the results in the order of ``configs``.
 
@@ -38,6 +39,10 @@ def run_sweep(
         on_result: called with ``(config, result)`` as each run completes (stored ones first).
         callbacks_factory: module-level ``factory(config) -> callbacks`` called where the run executes.
         progress: a progress bar over runs: True, False, or None = only when stderr is a terminal.
+        batch: train configs that differ only in seed and lr as one stacked model
+            (:func:`normlab.batched.group_configs`, at most ``MAX_GROUP`` per group, split so every worker
+            has a group), when the executor offers ``submit_group`` and there is no ``callbacks_factory``;
+            results and the store are those of runs trained one by one. False: one run at a time.
 
     A run that fails (exception) or diverges is recorded with that status and the sweep goes on.
     """
@@ -47,6 +52,7 @@ def run_sweep(
         raise NormlabError(f"executor must have submit() and results(), got {type(executor).__name__}")
     results: list[RunResult | None] = [None] * len(configs)
     positions: dict[str, list[int]] = {}
+    pending: list[TrainConfig] = []
     for i, config in enumerate(configs):
         done = None
         if store is not None and skip_finished:
@@ -58,8 +64,9 @@ def run_sweep(
             continue
         key = config.key()
         if key not in positions:
-            executor.submit(config, callbacks_factory, store=store)
+            pending.append(config)
         positions.setdefault(key, []).append(i)
+    _submit(pending, executor, store, callbacks_factory, batch)
 
     with _RunProgress(len(positions), progress) as bar:
         for config, result in executor.results():
@@ -69,6 +76,27 @@ def run_sweep(
                 on_result(config, result)
             bar.advance(result.status)
     return [r for r in results if r is not None]
+
+
+def _submit(
+    configs: list[TrainConfig],
+    executor: Executor,
+    store: Any,
+    callbacks_factory: CallbacksFactory | None,
+    batch: bool,
+) -> None:
+    """Submit each config alone, or compatible ones as stacked groups (callbacks need a model each)."""
+    if not batch or callbacks_factory is not None or not hasattr(executor, "submit_group"):
+        for config in configs:
+            executor.submit(config, callbacks_factory, store=store)
+        return
+    from normlab.batched import group_configs
+
+    for group in group_configs(configs, min_groups=getattr(executor, "workers", 1)):
+        if len(group) == 1:
+            executor.submit(configs[group[0]], None, store=store)
+        else:
+            executor.submit_group([configs[i] for i in group], store=store)
 
 
 class _RunProgress:

@@ -3,13 +3,11 @@ run; a failure comes back as a ``failed`` :class:`RunResult` and is recorded in 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from normlab.train import RunResult, TrainConfig, Trainer
+from normlab.train.threads import set_threads
 
 CallbacksFactory = Callable[[TrainConfig], list[Any]]
 
@@ -38,6 +36,24 @@ def run_config(
             store.close()
 
 
+def run_group(configs: list[dict[str, Any]], store_path: str | None) -> list[RunResult]:
+    """Train compatible ``configs`` as one stacked model (:func:`normlab.batched.train_batched`); when the
+    group cannot be built (a bad config, a model that does not stack), each is trained alone instead."""
+    from normlab.batched import train_batched
+    from normlab.store import Store
+
+    store = Store(store_path) if store_path is not None else None
+    try:
+        cfgs = [TrainConfig.from_dict(c) for c in configs]
+        return train_batched(cfgs, store=store)
+    except Exception:  # noqa: BLE001 - nothing was stored yet: the runs go one by one, as without batching
+        pass
+    finally:
+        if store is not None:
+            store.close()
+    return [run_config(c, store_path) for c in configs]
+
+
 def failed_result(config: dict[str, Any], error: str, store: Any, run_id: int | None) -> RunResult:
     """A ``failed`` result; when the run never reached the store (it failed while being built), a run
     record with status ``failed`` is written so the sweep's outcome is complete."""
@@ -53,9 +69,8 @@ def failed_result(config: dict[str, Any], error: str, store: Any, run_id: int | 
 
 def init_worker(threads: int) -> None:
     """Pool initializer: ``threads`` intra-op torch threads per worker (workers x threads <= cores)."""
-    torch.set_num_threads(threads)
     # Nested BLAS/OpenMP pools would oversubscribe the cores the other workers use.
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    set_threads(threads)
 
 
 def _key(config: dict[str, Any]) -> str | None:

@@ -22,7 +22,8 @@ DEVICE_PREFIXES = ("cpu", "cuda", "mps", "auto")
 # Fields that say where or under which label a run is kept, not what it computes: left out of the key.
 # Data options added later: in the key only when set, so stored runs keep their keys.
 _IN_KEY_WHEN_SET = ("image_size", "val_fraction")
-_NOT_IN_KEY = ("name", "group", "checkpoint_dir", "checkpoint_every", "download", "data_root")
+# ``compile`` changes how a step is computed, not its numbers (equal to float tolerance, tested).
+_NOT_IN_KEY = ("name", "group", "checkpoint_dir", "checkpoint_every", "download", "data_root", "compile")
 
 
 @dataclass
@@ -74,6 +75,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     name: str | None = None
     group: str | None = None
+    # torch.compile the model's forward/backward; None: where it pays (normlab.train.compile.wants_compile)
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -210,6 +213,7 @@ _RULES: dict[str, tuple[str, bool, float | None, float | None, tuple | None]] = 
     "checkpoint_every": (_INT, False, 0, None, None),
     "name": (_STR, True, None, None, None),
     "group": (_STR, True, None, None, None),
+    "compile": (_BOOL, True, None, None, None),
 }
 
 

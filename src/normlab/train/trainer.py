@@ -31,6 +31,7 @@ from normlab.train.checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from normlab.train.compile import compiled, wants_compile
 from normlab.train.config import TrainConfig
 from normlab.train.context import Callback, StepContext, normalize_callbacks
 from normlab.train.evaluate import evaluate
@@ -96,6 +97,8 @@ class Trainer:
         else:
             x_test, y_test = self.data.x_test, self.data.y_test
         self.x_test, self.y_test = x_test.to(self.device), y_test.to(self.device)
+        # The model, or its compiled forward (config.compile; None: where benchmarks/compile.py shows a gain).
+        self.forward = compiled(self.model, wants_compile(config, self.total_steps, self.device))
 
         self.step = 0
         self.run_id: int | None = None
@@ -171,7 +174,7 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
-                out = model(x)
+                out = self.forward(x)
                 loss = self.loss_fn(out, y)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value) or loss_value > cfg.divergence_bound:
@@ -287,6 +290,30 @@ class Trainer:
         from normlab.optim import adaptive_clip_grad_, agc_parameters
 
         return list(agc_parameters(self.model)), adaptive_clip_grad_
+
+    # -- for engines that run the loop elsewhere (normlab.batched) ---------------------------------
+
+    def open_run(self) -> None:
+        """Open the run's store record, as :meth:`fit` does before its loop."""
+        self._open_run()
+
+    def conclude(self, status: str, reason: str | None, *, steps: int, train_time: float) -> RunResult:
+        """Finish a run whose loop ran elsewhere, as :meth:`fit` does after its loop: ``self.model`` holds
+        the final state and the metrics went through :meth:`log`; ``train_time`` is the loop's seconds."""
+        self.step, self._train_time = steps, train_time
+        try:
+            result = self._result(status, reason)
+        except BaseException as exc:
+            self.record_failure(exc)
+            raise
+        self._flush()
+        self._close_run(result.status, error=result.error, summary=result.summary(), wall=result.wall_time)
+        return result
+
+    def record_failure(self, exc: BaseException) -> None:
+        """Close the store record as ``failed`` with ``exc``'s message."""
+        self._flush()
+        self._close_run("failed", error=f"{type(exc).__name__}: {exc}", summary={})
 
     # -- end of run ---------------------------------------------------------------------------------
 

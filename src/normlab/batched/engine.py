@@ -1,0 +1,264 @@
+"""``train_batched``: K runs that differ only in seed and learning rate, trained as one stacked model.
+
+Each member is built by :class:`normlab.train.Trainer` exactly as its run alone would be (seeded init,
+data, its own seeded :class:`normlab.data.BatchIterator`, store record), then the members' parameters and
+buffers are stacked (:class:`StackedModel`) and the loop below replaces ``Trainer.fit``'s, step for step:
+
+    every member draws its own batch; its policy gives its lr; one forward of the stack; per-member loss;
+    members whose loss is non-finite or above ``divergence_bound`` stop as ``diverged``; one backward of
+    the sum of the others' losses; per-member grad norm (on log steps) and AGC; one stacked optimizer
+    step; per-member logging; evaluation on the test split every ``eval_every`` steps; members whose
+    policy says done stop.
+
+A member that stops leaves the stack (the rest are re-stacked) and is finished by its own Trainer
+(``Trainer.conclude``): final evaluation, train/eval gap, summary and store record are the single run's
+code, so results and the store look as if the runs were trained one by one. ``steps_per_s`` of a member
+is its steps over the group's loop time (the members shared that time).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.func import vmap
+
+from normlab.batched.clip import member_grad_norms, stacked_agc_
+from normlab.batched.grouping import check_group
+from normlab.batched.optim import StackedOptimizer
+from normlab.batched.policy import MemberPolicy, member_policy
+from normlab.batched.stack import ModeChooser, StackedModel
+from normlab.train import RunResult, TrainConfig, Trainer
+from normlab.train.optimizer import param_groups
+
+
+class _Member:
+    """One run in the group: its Trainer (model, data, store record, history) and policy."""
+
+    def __init__(self, trainer: Trainer, policy: MemberPolicy) -> None:
+        self.trainer = trainer
+        self.policy = policy
+        self.result: RunResult | None = None
+        self.reason: str | None = None
+
+
+def train_batched(
+    configs: Sequence[TrainConfig],
+    store: Any = None,
+    policies: Sequence[MemberPolicy] | None = None,
+) -> list[RunResult]:
+    """Train ``configs`` (compatible: :func:`normlab.batched.batch_key` equal) as one stacked model and
+    return their RunResults in order. ``policies`` overrides each member's :func:`member_policy`.
+
+    Bad configs raise NormlabError before anything is stored; an exception while training records every
+    unfinished member as ``failed`` and returns those results (as a sweep's worker would)."""
+    configs = list(configs)
+    check_group(configs)
+    if policies is not None and len(policies) != len(configs):
+        raise ValueError(f"{len(policies)} policies for {len(configs)} configs")
+    members = []
+    for i, config in enumerate(configs):
+        trainer = Trainer(config, store=store, progress=False)
+        if members:
+            _share_data(members[0].trainer, trainer)
+        policy = policies[i] if policies is not None else member_policy(config, trainer.total_steps)
+        members.append(_Member(trainer, policy))
+    _Group(members).run()
+    return [m.result for m in members]  # type: ignore[misc]
+
+
+class _Group:
+    def __init__(self, members: list[_Member]) -> None:
+        first = members[0].trainer
+        self.members = members
+        self.alive = list(members)
+        self.config = first.config
+        self.loss_fn = first.loss_fn
+        self.classification = first.classification
+        self.stack = StackedModel([m.trainer.model for m in members], tuple(first.data.x_train.shape[1:]))
+        names = dict(first.model.named_parameters())
+        decayed_ids = {
+            id(p)
+            for g in param_groups(first.model, self.config.weight_decay, self.config.wd_exclude_norm_bias)
+            if g["weight_decay"]
+            for p in g["params"]
+        }
+        self.optimizer = StackedOptimizer(
+            self.stack.params, {n for n, p in names.items() if id(p) in decayed_ids}, self.config
+        )
+        self.agc_names: list[str] = []
+        if self.config.agc_clip is not None:
+            from normlab.optim import agc_parameters
+
+            clipped = {id(p) for p in agc_parameters(first.model)}
+            self.agc_names = [n for n, p in names.items() if id(p) in clipped]
+        self.shared_test = all(
+            m.trainer.x_test is first.x_test or torch.equal(m.trainer.x_test, first.x_test) for m in members
+        )
+        self.train_time = 0.0
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        for m in self.members:
+            m.trainer.open_run()
+        started = time.perf_counter()
+        side = 0.0
+        chooser = ModeChooser(self.stack)
+        try:
+            self.stack.train()
+            while self.alive:
+                chooser.start()
+                tick = time.perf_counter()
+                self._step()
+                chooser.record(time.perf_counter() - tick)
+                tick = time.perf_counter()
+                self._evaluate_due()
+                side += time.perf_counter() - tick
+                self.train_time = time.perf_counter() - started - side
+                tick = time.perf_counter()
+                self._retire(done=[m for m in self.alive if m.policy.done(m.trainer.step, m.trainer.history)])
+                side += time.perf_counter() - tick
+        except Exception as exc:  # every unfinished member failed with it, as a single run would
+            for m in self.alive:
+                m.trainer.record_failure(exc)
+                t = m.trainer
+                m.result = RunResult(
+                    status="failed", steps=t.step, run_id=t.run_id, error=f"{type(exc).__name__}: {exc}",
+                    config=t.config.to_dict(), config_key=t.config.key(),
+                )
+            self.alive = []
+
+    def _step(self) -> None:
+        cfg, alive, stack = self.config, self.alive, self.stack
+        batches = [m.trainer.batches.next_batch() for m in alive]
+        x = torch.stack([b[0] for b in batches])
+        y = torch.stack([b[1] for b in batches])
+        lrs = [m.policy.lr(m.trainer.step) for m in alive]
+
+        out = stack(x)
+        losses = vmap(self.loss_fn)(out, y)
+        values = losses.tolist()
+        diverged = [i for i, v in enumerate(values) if not math.isfinite(v) or v > cfg.divergence_bound]
+        for i in diverged:
+            t = alive[i].trainer
+            t.log("train/loss", values[i], step=t.step + 1)
+        ok = [i for i in range(len(alive)) if i not in set(diverged)]
+        for p in stack.params.values():
+            p.grad = None
+        if ok:
+            total = losses.sum() if not diverged else losses[torch.tensor(ok, device=losses.device)].sum()
+            total.backward()
+        after = [m.trainer.step + 1 for m in alive]
+        log_now = [
+            s % cfg.log_every == 0 or m.policy.done(s, m.trainer.history)
+            for s, m in zip(after, alive, strict=True)
+        ]
+        grad_norms = member_grad_norms(stack.params).tolist() if any(log_now) else None
+        if self.agc_names:
+            stacked_agc_(stack.params, self.agc_names, cfg.agc_clip, cfg.agc_eps)
+        self.optimizer.step(stack.params, torch.tensor(lrs, dtype=torch.float64))
+
+        accs = None
+        if self.classification and any(log_now):
+            accs = (out.detach().argmax(dim=-1) == y).float().mean(dim=1).tolist()
+        for i in ok:
+            t = alive[i].trainer
+            t.step += 1
+            if log_now[i]:
+                t.log("train/loss", values[i])
+                t.log("train/grad_norm", grad_norms[i])
+                t.log("train/lr", lrs[i])
+                if accs is not None:
+                    t.log("train/acc", accs[i])
+        if diverged:
+            for i in diverged:
+                t = alive[i].trainer
+                alive[i].reason = (
+                    f"loss {values[i]:.4g} at step {t.step + 1} "
+                    f"(non-finite or above divergence_bound={cfg.divergence_bound:g})"
+                )
+            self._retire(diverged=[alive[i] for i in diverged])
+
+    @torch.no_grad()
+    def _evaluate_due(self) -> None:
+        # Each member's Trainer resolved eval_every (0: spread over the run) as the run alone would.
+        due = [m for m in self.alive if m.trainer.step % m.trainer.eval_every == 0]
+        if not due:
+            return
+        # Members step together, so either all alive members are due or none.
+        losses, accs = self._evaluate_test()
+        for m, loss, acc in zip(self.alive, losses, accs, strict=True):
+            m.trainer.log("test/loss", loss)
+            if self.classification:
+                m.trainer.log("test/acc", acc)
+
+    def _evaluate_test(self) -> tuple[list[float], list[float]]:
+        """Per-member ``(mean loss, accuracy)`` on the test split in eval mode, as
+        :func:`normlab.train.evaluate.evaluate` (chunks of ``eval_batch_size``, chunk means re-weighted)."""
+        first = self.alive[0].trainer
+        x_all = first.x_test if self.shared_test else torch.stack([m.trainer.x_test for m in self.alive])
+        y_all = first.y_test if self.shared_test else torch.stack([m.trainer.y_test for m in self.alive])
+        n, size = first.x_test.shape[0], self.config.eval_batch_size
+        k = len(self.alive)
+        total = torch.zeros(k, dtype=torch.float64)
+        correct = torch.zeros(k, dtype=torch.float64)
+        self.stack.train(False)
+        try:
+            for start in range(0, n, size):
+                if self.shared_test:
+                    xb, yb = x_all[start : start + size], y_all[start : start + size]
+                    out = self.stack(xb, shared_input=True)
+                    loss = vmap(self.loss_fn, in_dims=(0, None))(out, yb)
+                    hits = (out.argmax(dim=-1) == yb) if self.classification else None
+                else:
+                    xb, yb = x_all[:, start : start + size], y_all[:, start : start + size]
+                    out = self.stack(xb)
+                    loss = vmap(self.loss_fn)(out, yb)
+                    hits = (out.argmax(dim=-1) == yb) if self.classification else None
+                m = min(size, n - start)
+                total += loss.double() * m
+                if hits is not None:
+                    correct += hits.sum(dim=1).double()
+        finally:
+            self.stack.train(True)
+        accs = (correct / n).tolist() if self.classification else [math.nan] * k
+        return (total / n).tolist(), accs
+
+    # -- members leaving --------------------------------------------------------------------------
+
+    def _retire(self, *, done: Sequence[_Member] = (), diverged: Sequence[_Member] = ()) -> None:
+        leaving = {id(m) for m in (*done, *diverged)}
+        if not leaving:
+            return
+        for i, m in enumerate(self.alive):
+            if id(m) not in leaving:
+                continue
+            t = m.trainer
+            if any(m is d for d in diverged):
+                m.result = t.conclude("diverged", m.reason, steps=t.step, train_time=self.train_time)
+            else:
+                self.stack.copy_member_to(i, t.model)
+                m.result = t.conclude("finished", None, steps=t.step, train_time=self.train_time)
+        keep = [i for i, m in enumerate(self.alive) if id(m) not in leaving]
+        self.alive = [self.alive[i] for i in keep]
+        if keep:
+            self.stack.keep(keep)
+            self.optimizer.keep(keep, self.stack.params)
+
+
+def _share_data(first: Trainer, other: Trainer) -> None:
+    """Let ``other`` use ``first``'s tensors where they are equal (K copies of a data set add up)."""
+    a, b = first.data, other.data
+    same = all(
+        torch.equal(getattr(a, n), getattr(b, n)) for n in ("x_train", "y_train", "x_test", "y_test")
+    )
+    if same:
+        other.data = a
+        other.x_test, other.y_test = first.x_test, first.y_test
+        other.batches.x, other.batches.y = first.batches.x, first.batches.y
+
+

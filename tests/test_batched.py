@@ -1,0 +1,187 @@
+"""normlab.batched: a member of a stacked group yields exactly the RunResult and metric history of the same
+config trained alone by normlab's Trainer (SGD + momentum with per-member lr, AdamW, BN running
+statistics, NF + AGC); divergence removes one member and leaves the others unchanged; per-member stopping;
+random layers draw per member; grouping and sweeps. The engine times vmap and member-by-member modes on
+its first 20 steps, so the 24-step runs here go through both."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from normlab.batched import FixedBudget, batch_key, group_configs, train_batched
+from normlab.errors import NormlabError
+from normlab.store import Store
+from normlab.sweep import InlineExecutor, run_sweep
+from normlab.train import RunResult, TrainConfig, Trainer
+
+# Small but not trivial: 24 steps of batch 16 (several log and eval points, momentum state built up).
+SMALL = dict(subset=512, batch_size=16, steps=24, width=6, log_every=4, eval_every=12, eval_train_samples=128)
+FIELDS = ("final_train_loss", "final_train_acc", "final_test_loss", "final_test_acc",
+          "test_acc_train_mode", "test_acc_eval_mode", "train_eval_gap")
+
+
+def alone(config: TrainConfig) -> Trainer:
+    trainer = Trainer(config, progress=False)
+    trainer.result = trainer.fit()
+    return trainer
+
+
+def assert_same_run(
+    batched: RunResult, single: Trainer, history: dict, tol: float = 2e-5, same_config: bool = True
+) -> None:
+    result = single.result
+    assert batched.status == result.status
+    assert batched.steps == result.steps
+    assert batched.config_key == result.config_key or not same_config
+    for name in FIELDS:
+        a, b = getattr(batched, name), getattr(result, name)
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=tol), name
+    assert sorted(history) == sorted(single.history)
+    for name, logged in single.history.items():
+        points = sorted(dict(logged).items())  # the store keeps one value per (run, step, name)
+        assert [s for s, _ in history[name]] == [s for s, _ in points], name
+        got = torch.tensor([v for _, v in history[name]], dtype=torch.float64)
+        want = torch.tensor([v for _, v in points], dtype=torch.float64)
+        assert torch.allclose(got, want, rtol=1e-4, atol=tol, equal_nan=True), name
+
+
+def run_group(configs, store):
+    results = train_batched(configs, store=store)
+    histories = [_history(store, r.run_id) for r in results]
+    return results, histories
+
+
+def _history(store, run_id) -> dict:
+    return {name: store.metrics(run_id, name) for name in store.metric_names(run_id)}
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "runs.sqlite") as db:
+        yield db
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        dict(norm="bn", optimizer="sgd", nesterov=True, schedule="cosine", warmup_steps=4),
+        dict(norm="gn", optimizer="adamw", weight_decay=0.05, schedule="step", milestones=[10]),
+        dict(norm="nf", agc_clip=0.01, optimizer="sgd"),
+    ],
+    ids=["bn-sgd-nesterov", "gn-adamw", "nf-agc"],
+)
+def test_batched_members_equal_their_runs_alone(store, setup):
+    base = TrainConfig(**SMALL, **setup)
+    configs = [base.replace(seed=0, lr=0.05), base.replace(seed=1, lr=0.2), base.replace(seed=0, lr=0.01)]
+    results, histories = run_group(configs, store)
+    for config, result, history in zip(configs, results, histories, strict=True):
+        assert_same_run(result, alone(config), history)
+    # The store holds one finished run per member, each with its own summary and environment.
+    runs = store.runs()
+    assert sorted(r.config_key for r in runs) == sorted(c.key() for c in configs)
+    assert all(r.status == "finished" and r.environment["threads"] >= 1 for r in runs)
+
+
+def test_bn_running_statistics_are_per_member(store):
+    base = TrainConfig(**SMALL, norm="bn")
+    configs = [base.replace(seed=3, lr=0.1), base.replace(seed=4, lr=0.1)]
+    train_batched(configs, store=store)
+    # Equal eval-mode test accuracy/loss (asserted above) needs the members' own running stats; here the two
+    # members' final eval-mode losses must also differ from each other (no shared statistics).
+    a, b = (r.summary["final_test_loss"] for r in store.runs())
+    assert a != b
+
+
+def test_a_diverging_member_leaves_the_others_unchanged(store):
+    base = TrainConfig(**SMALL, norm="bn", divergence_bound=50.0)
+    configs = [base.replace(lr=0.05), base.replace(lr=1e4), base.replace(seed=2, lr=0.1)]
+    results, histories = run_group(configs, store)
+    assert [r.status for r in results] == ["finished", "diverged", "finished"]
+    single = alone(configs[1])
+    assert single.result.status == "diverged"
+    assert results[1].steps == single.result.steps
+    assert results[1].error == single.result.error
+    assert histories[1]["train/loss"][-1][0] == single.history["train/loss"][-1][0]
+    for i in (0, 2):
+        assert_same_run(results[i], alone(configs[i]), histories[i])
+
+
+class _StopAt:
+    """A policy stopping at ``stop`` steps on the config's schedule (as an auto budget would decide)."""
+
+    def __init__(self, config: TrainConfig, stop: int) -> None:
+        self.inner, self.stop = FixedBudget(config, config.steps), stop
+
+    def lr(self, step: int) -> float:
+        return self.inner.lr(step)
+
+    def done(self, step: int, history) -> bool:
+        assert "train/loss" in history or step < 4  # the member's own history is what it decides on
+        return step >= self.stop
+
+
+def test_members_stop_on_their_own_policy_and_the_rest_go_on(store):
+    base = TrainConfig(**{**SMALL, "eval_every": 0}, norm="bn", schedule="constant")
+    configs = [base.replace(seed=0), base.replace(seed=1), base.replace(seed=2)]
+    policies = [_StopAt(c, s) for c, s in zip(configs, (8, 24, 16), strict=True)]
+    results = train_batched(configs, store=store, policies=policies)
+    assert [r.steps for r in results] == [8, 24, 16]
+    assert all(r.status == "finished" for r in results)
+    # The member that stopped at 8 is the run of 8 steps alone (constant lr: the schedule does not depend
+    # on the length); the one that went on to 24 is unaffected by the others leaving the stack.
+    history = [_history(store, r.run_id) for r in results]
+    assert_same_run(results[0], alone(configs[0].replace(steps=8)), history[0], same_config=False)
+    assert_same_run(results[1], alone(configs[1]), history[1])
+
+
+def test_noisy_bn_members_draw_their_own_noise(store):
+    base = TrainConfig(**{**SMALL, "eval_every": 0}, norm="noisy_bn")
+    # Two members with the same seed and lr differ only through the noise each draws.
+    results = train_batched([base, base.replace(name="twin")], store=store)
+    assert all(r.status == "finished" and math.isfinite(r.final_test_loss) for r in results)
+    assert results[0].final_test_loss != results[1].final_test_loss
+    assert 0.05 < results[0].final_test_acc <= 1.0
+
+
+def test_deterministic_variants_match_alone(store):
+    for norm, options in (("ghost_bn", {"virtual_batch_size": 8}), ("batch_renorm", {})):
+        base = TrainConfig(**{**SMALL, "steps": 12, "eval_every": 0}, norm=norm, norm_options=options)
+        configs = [base.replace(seed=0, lr=0.05), base.replace(seed=1, lr=0.1)]
+        results, histories = run_group(configs, store)
+        for config, result, history in zip(configs, results, histories, strict=True):
+            assert_same_run(result, alone(config), history)
+
+
+def test_grouping_keeps_seed_and_lr_apart_from_everything_else():
+    base = TrainConfig(**SMALL)
+    same = [base.replace(seed=s, lr=lr, name=f"r{s}") for s in range(3) for lr in (0.1, 0.2)]
+    other = base.replace(norm="gn")
+    alone_only = base.replace(checkpoint_dir="/tmp/ckpt")
+    assert len({batch_key(c) for c in same}) == 1 and batch_key(other) != batch_key(base)
+    groups = group_configs([*same, other, alone_only], max_size=4)
+    assert groups == [[0, 1, 2], [3, 4, 5], [6], [7]]
+    assert group_configs(same, min_groups=3) == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(NormlabError, match="batched configs must differ only in seed, lr, name and group"):
+        train_batched([base, other])
+    with pytest.raises(NormlabError, match="cannot be batched \\(checkpointing or compile\\)"):
+        train_batched([alone_only])
+
+
+def test_sweep_batched_equals_sweep_one_by_one_and_resumes(tmp_path):
+    base = TrainConfig(**{**SMALL, "steps": 12, "eval_every": 6}, norm="bn")
+    configs = [base.replace(seed=s, lr=lr) for s in (0, 1) for lr in (0.05, 0.2)] + [base.replace(norm="gn")]
+    with Store(tmp_path / "a.sqlite") as a, Store(tmp_path / "b.sqlite") as b:
+        batched = run_sweep(configs, a, InlineExecutor(), batch=True)
+        single = run_sweep(configs, b, InlineExecutor(), batch=False)
+        for x, y in zip(batched, single, strict=True):
+            assert x.config_key == y.config_key and x.status == y.status
+            assert x.final_test_acc == pytest.approx(y.final_test_acc, abs=1e-6)
+            assert x.final_test_loss == pytest.approx(y.final_test_loss, abs=2e-5)
+        assert len(a.runs()) == len(b.runs()) == 5
+        # Resume: every run is finished, so nothing is trained again.
+        again = run_sweep(configs, a, InlineExecutor(), batch=True)
+        assert [r.run_id for r in again] == [r.run_id for r in batched]
+        assert len(a.runs()) == 5
