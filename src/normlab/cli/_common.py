@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,27 @@ def existing_store(path: str | None):
 
 
 def fmt(value: Any, digits: int = 4) -> str:
-    """A table cell: ``-`` for None/NaN, ``digits`` significant digits for floats, markup escaped."""
+    """A table cell: ``-`` for None/NaN, ``digits`` significant digits for floats, markup escaped and
+    control characters shown as escapes (see :func:`safe_text`)."""
     from rich.markup import escape
 
     if value is None:
         return "-"
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.{digits}g}"
-    return escape(str(value))
+    return escape(safe_text(str(value)))
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def safe_text(text: str) -> str:
+    """``text`` with terminal control characters (ESC sequences, BEL, CR...) written as ``\\xNN``.
+
+    Run names and errors come from the store, which anyone can write: printed raw, an escape sequence
+    could rewrite the terminal (clear it, retitle it, hide lines).
+    """
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def csv_list(text: str, kind: type, what: str) -> list:

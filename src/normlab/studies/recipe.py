@@ -6,7 +6,8 @@ Recipe layout::
     title = "..."                      # str
     claim = "..."                      # str, the paper's claim in one sentence
     paper = "Luo et al. 2019, ..."     # str, citation
-    module = "regularization"          # str, normlab.studies.<module> defines run(ctx)
+    module = "regularization"          # str, normlab/studies/<module>.py defines run(ctx), or
+                                       # "plugin:<name>", entry point <name> of group "normlab.studies"
     [scale.tiny]                       # fast-tier tests (seconds)
     [scale.quick]                      # CPU minutes (default)
     [scale.paper]                      # the paper's settings, for a GPU user
