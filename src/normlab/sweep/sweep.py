@@ -65,7 +65,8 @@ def run_sweep(
     with _RunProgress(len(positions), progress) as bar:
         # Claimed in the store: a config another live sweep trains is read back, not trained twice.
         done = DONE_STATUSES if skip_finished else ()
-        for config, result in run_claimed(todo.values(), store, executor, callbacks_factory, done_statuses=done):
+        claimed = run_claimed(todo.values(), store, executor, callbacks_factory, done_statuses=done)
+        for config, result in claimed:
             for i in positions.pop(config.key()):
                 results[i] = result
             if on_result is not None:
