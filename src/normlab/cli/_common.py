@@ -42,7 +42,11 @@ def existing_store(path: str | None):
     file = Path(path) if path is not None else default_store_path()
     if not file.exists():
         raise NormlabError(f"no results store at {str(file)!r}; train something first or pass --store")
-    return open_store(str(file))
+    from normlab.store import Store
+
+    # Read-only: a reading command never writes, never turns a stray file into a store, and works on a
+    # store it may not write (a read-only file system, someone else's file).
+    return Store(str(file), readonly=True)
 
 
 def fmt(value: Any, digits: int = 4) -> str:

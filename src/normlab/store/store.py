@@ -166,7 +166,7 @@ class Store:
 
     def _check_integrity(self, conn: sqlite3.Connection, pragma: str = "integrity_check") -> None:
         rows = self._retry(lambda: conn.execute(f"PRAGMA {pragma}").fetchall())
-        verdict = "; ".join(str(row[0]) for row in rows)
+        verdict = " ".join(" ".join(str(row[0]) for row in rows).split())  # one line
         if verdict != "ok":
             raise NormlabError(
                 f"results store {str(self.path)!r} is damaged ({verdict[:160]}); refusing to write to it "

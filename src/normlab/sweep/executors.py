@@ -90,8 +90,8 @@ class LocalPoolExecutor:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers,
                 mp_context=get_context("spawn"),
-                initializer=init_worker,
-                initargs=(self.threads_per_worker,),
+                initializer=_init_pool_worker,
+                initargs=(self.threads_per_worker, os.getpid()),
             )
         path = _store_path(store)
         future = self._pool.submit(run_config, config.to_dict(), path, callbacks_factory)
@@ -125,6 +125,14 @@ class LocalPoolExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _init_pool_worker(threads: int, parent_pid: int) -> None:
+    """Set the worker's threads and end it when the process that started the pool dies."""
+    from normlab.sweep.watchdog import exit_with_parent
+
+    init_worker(threads)
+    exit_with_parent(parent_pid)
 
 
 def _worker_died(config: TrainConfig, store_path: str | None, error: str) -> RunResult:
