@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -90,3 +91,103 @@ def check_norms(norms: list[str]) -> None:
     unknown = [n for n in norms if n not in valid]
     if unknown:
         raise NormlabError(f"unknown norm(s) {', '.join(unknown)}; valid norms: {', '.join(valid)}")
+
+
+# -- checks before anything trains or is stored ----------------------------------------------------------
+
+FORCE_HELP = "run even when the memory/time estimate says it will not fit"
+MAX_THREADS = 1024  # beyond this, torch's thread pool creation crashes the process
+
+
+def check_threads(threads: int | None, option: str = "--threads") -> None:
+    """``threads`` (None = torch's default) must be in 1..min(1024, 4 x cores)."""
+    if threads is None:
+        return
+    from normlab.sweep.executors import available_cores
+
+    limit = min(MAX_THREADS, 4 * available_cores())
+    if not 1 <= threads <= limit:
+        raise NormlabError(
+            f"{option} must be between 1 and {limit} (4 x the {available_cores()} cores here), got {threads}"
+        )
+
+
+def check_device(name: str):
+    """The torch device ``name`` names, or a NormlabError listing the valid forms."""
+    from normlab.train.build import resolve_device
+
+    try:
+        return resolve_device(name)
+    except (RuntimeError, ValueError, TypeError):
+        allowed = "cpu, cuda, cuda:N, mps, auto"
+        raise NormlabError(f"--device {name!r} is not a device; allowed: {allowed}") from None
+
+
+def check_folder_target(path: str | Path | None, option: str) -> None:
+    """``path`` is a folder, or can be created as one, and is writable (checked before any work)."""
+    if path is None:
+        return
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise NormlabError(f"{option} {str(folder)!r} exists and is a file; give a folder")
+    _check_writable_ancestor(folder, option)
+
+
+def check_file_target(path: str | Path | None, option: str) -> None:
+    """``path`` can be written as a file: not a folder, its folder creatable and writable."""
+    if path is None:
+        return
+    file = Path(path)
+    if file.is_dir():
+        raise NormlabError(f"{option} {str(file)!r} is a folder; give a file path")
+    if file.exists():
+        if not os.access(file, os.W_OK):
+            raise NormlabError(f"{option} {str(file)!r} is not writable (read-only file or file system)")
+        return
+    _check_writable_ancestor(file.parent, option, target=file)
+
+
+def _check_writable_ancestor(folder: Path, option: str, target: Path | None = None) -> None:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    shown = str(target if target is not None else folder)
+    if not probe.is_dir():
+        raise NormlabError(f"{option} {shown!r} cannot be created: {str(probe)!r} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise NormlabError(f"{option} {shown!r} cannot be written: {str(probe)!r} is read-only")
+
+
+def check_store_target(path: str | None) -> None:
+    """The store a command will write: a writable file path (default: $NORMLAB_STORE or ./.normlab/)."""
+    from normlab.store import default_store_path
+
+    check_file_target(path if path is not None else default_store_path(), "--store")
+
+
+def preflight(config, *, force: bool = False, data=None):
+    """Check one run of ``config`` before it trains: device, lr, augmentation against the data's shape,
+    checkpoint folder, and the memory/time estimate (skipped with ``force``). Returns the loaded data."""
+    from normlab.train.budget import MAX_DEPTH, check_fits, finite_lr
+    from normlab.train.build import load_data
+
+    device = check_device(config.device)
+    finite_lr(config.lr)
+    check_folder_target(config.checkpoint_dir, "--checkpoint-dir")
+    data = load_data(config) if data is None else data
+    if config.batch_size > len(data.x_train):
+        raise NormlabError(
+            f"--batch-size {config.batch_size} exceeds the {len(data.x_train)} training examples of "
+            f"{config.dataset}; use a batch size up to {len(data.x_train)}"
+        )
+    if config.augment is not None:
+        import torch
+
+        from normlab.data.augment import get_augmentation
+
+        get_augmentation(config.augment)(data.x_train[:2], torch.Generator().manual_seed(0))
+    if not force:
+        check_fits(config, data, device)
+    elif config.depth is not None and config.depth > 100 * MAX_DEPTH:
+        raise NormlabError(f"depth={config.depth} is beyond what even --force builds ({100 * MAX_DEPTH})")
+    return data

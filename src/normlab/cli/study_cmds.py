@@ -91,7 +91,8 @@ def report(
     else:
         from normlab.store import Store
 
-        files = store_report(Store(path, readonly=True), out if out is not None else path.parent / f"{path.stem}-report")
+        target = out if out is not None else path.parent / f"{path.stem}-report"
+        files = store_report(Store(path, readonly=True), target)
     console = Console()
     if not quiet:
         _print_markdown(console, files.markdown_text)

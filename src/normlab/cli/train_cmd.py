@@ -10,7 +10,18 @@ from typing import Any
 
 import typer
 
-from normlab.cli._common import STORE_HELP, console, csv_list, fmt, open_store, print_json
+from normlab.cli._common import (
+    FORCE_HELP,
+    STORE_HELP,
+    check_store_target,
+    check_threads,
+    console,
+    csv_list,
+    fmt,
+    open_store,
+    preflight,
+    print_json,
+)
 from normlab.errors import NormlabError
 
 _FIELD_HELP = {
@@ -113,6 +124,7 @@ def _train_signature() -> inspect.Signature:
         ("resume", bool, typer.Option(False, "--resume", help="continue from this config's checkpoint")),
         ("progress", bool, typer.Option(True, "--progress/--no-progress", help="progress bar on a terminal")),
         ("json_output", bool, typer.Option(False, "--json", help="print the result as JSON only")),
+        ("force", bool, typer.Option(False, "--force", help=FORCE_HELP)),
     ]
     keyword = inspect.Parameter.KEYWORD_ONLY
     params += [inspect.Parameter(n, keyword, default=d, annotation=a) for n, a, d in extra]
@@ -133,11 +145,12 @@ def train_command(**kwargs: Any) -> None:
     from normlab.train import Trainer
 
     store_path, resume, threads = kwargs.pop("store"), kwargs.pop("resume"), kwargs.pop("threads")
-    progress, as_json = kwargs.pop("progress"), kwargs.pop("json_output")
+    progress, as_json, force = kwargs.pop("progress"), kwargs.pop("json_output"), kwargs.pop("force")
     config = config_from_cli(kwargs.pop("config"), kwargs)
+    check_threads(threads)
+    check_store_target(store_path)
+    preflight(config, force=force)  # paths, device, data shape, memory/time: before anything is stored
     if threads is not None:
-        if threads < 1:
-            raise NormlabError(f"--threads must be a positive int, got {threads}")
         # Small models gain little from intra-op threads, and on a busy machine spinning threads cost a lot.
         import torch
 
