@@ -165,6 +165,35 @@ def check_store_target(path: str | None) -> None:
     check_file_target(path if path is not None else default_store_path(), "--store")
 
 
+PROBE_SIZE_OPTIONS = ("num_points", "max_iter", "top_k", "trace_samples", "num_examples", "units_per_layer",
+                      "batch_size")  # fmt: skip
+PROBE_MAX_S = 86400.0
+
+
+def check_probe_budget(name: str, options: dict, config, data, *, force: bool = False) -> None:
+    """Refuse probe ``options`` whose sizes multiply to more than a day of forward/backward passes."""
+    from normlab.train.budget import FLOPS_PER_S, estimate_cost
+
+    sizes = {k: v for k, v in options.items() if k in PROBE_SIZE_OPTIONS}
+    for key, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise NormlabError(f"--options {key} must be a positive int, got {value!r}")
+    if force or not sizes:
+        return
+    units = math.prod(sizes.values())
+    step_flops = estimate_cost(config.replace(steps=1), data).flops
+    if step_flops is None:
+        return
+    device = check_device(config.device).type
+    seconds = units * step_flops / FLOPS_PER_S.get(device, FLOPS_PER_S["cpu"])
+    if seconds > PROBE_MAX_S:
+        shown = ", ".join(f"{k}={v}" for k, v in sizes.items())
+        raise NormlabError(
+            f"probe {name} with {shown} would take about {seconds / 3600:.3g} hours (at least {units:.3g} "
+            f"forward/backward passes of {step_flops:.2g} FLOPs); reduce them or pass --force"
+        )
+
+
 def preflight(config, *, force: bool = False, data=None):
     """Check one run of ``config`` before it trains: device, lr, augmentation against the data's shape,
     checkpoint folder, and the memory/time estimate (skipped with ``force``). Returns the loaded data."""
@@ -177,7 +206,7 @@ def preflight(config, *, force: bool = False, data=None):
     data = load_data(config) if data is None else data
     if config.batch_size > len(data.x_train):
         raise NormlabError(
-            f"--batch-size {config.batch_size} exceeds the {len(data.x_train)} training examples of "
+            f"batch size {config.batch_size} exceeds the {len(data.x_train)} training examples of "
             f"{config.dataset}; use a batch size up to {len(data.x_train)}"
         )
     if config.augment is not None:

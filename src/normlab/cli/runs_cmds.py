@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from normlab.cli._common import STORE_HELP, console, existing_store, fmt, print_json
+from normlab.cli._common import STORE_HELP, check_file_target, console, existing_store, fmt, print_json
 from normlab.errors import NormlabError
 
 runs_app = typer.Typer(help="List, show and export the runs in the results store.", no_args_is_help=True)
@@ -54,6 +54,8 @@ def runs_show(
     json_output: bool = typer.Option(False, "--json", help="print JSON only"),
 ) -> None:
     """Show one run: config, environment, summary and its metrics' last values."""
+    if not 1 <= run_id < 2**63:  # SQLite's INTEGER range; ids start at 1
+        raise NormlabError(f"run id must be between 1 and 2**63-1, got {run_id}")
     with existing_store(store) as db:
         run = db.get_run(run_id)
         metrics = {name: db.metrics(run_id, name) for name in db.metric_names(run_id)}
@@ -97,6 +99,7 @@ def runs_export(
 
     if format not in EXPORT_FORMATS:
         raise NormlabError(f"unknown export format {format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+    check_file_target(output, "--output")
     with existing_store(store) as db:
         db.export(output if output is not None else sys.stdout, format, status=status, group=group)
 
