@@ -43,6 +43,8 @@ def load_recipe(path: str | Path) -> Study:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise NormlabError(f"recipe {path}: invalid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise NormlabError(f"recipe {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     return parse_recipe(raw, source=str(path), path=path)
 
 
