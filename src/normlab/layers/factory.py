@@ -91,7 +91,7 @@ def check_option(norm: str, option: str, value: object) -> None:
     # eps = inf passes the builders' "> 0" and zeroes every output; other ranges are the builders'.
     if option == "eps" and isinstance(value, float) and math.isinf(value):
         raise NormlabError(f"norm {norm!r}: {option} must be finite, got {value!r}")
-    if option in _NOISE_MAX and value > _NOISE_MAX[option]:
+    if option in _NOISE_MAX and math.isfinite(value) and value > _NOISE_MAX[option]:
         raise NormlabError(
             f"norm {norm!r}: {option} must be <= {_NOISE_MAX[option]:g} (float32 activations overflow "
             f"beyond), got {value!r}"
