@@ -94,8 +94,8 @@ def compare_command(
         optimizer=optimizer,
         device=device,
     )
-    _check_buildable(configs[0])
     _check_before_training(configs, store, out if report else None, force)
+    _check_buildable(configs[0])
     executor = LocalPoolExecutor(workers)  # validates --workers before the store is opened
     started = time.perf_counter()
     with open_store(store) as db, executor:

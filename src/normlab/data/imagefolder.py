@@ -52,6 +52,10 @@ def load_image(path: Path, size: int) -> np.ndarray:
             return _resize_crop(img.convert("RGB"), size)
     except NormlabError:
         raise
+    except Image.DecompressionBombError as exc:  # PIL refuses > 2 x its limit while opening
+        raise NormlabError(
+            f"image {path} is too large ({exc}); the limit is {MAX_PIXELS / 1e6:.0f} megapixels"
+        ) from None
     # PIL reports a damaged file as OSError (truncated), SyntaxError/ValueError (bad chunks) or
     # DecompressionBombError, depending on the format.
     except Exception as exc:
