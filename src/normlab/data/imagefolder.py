@@ -13,6 +13,7 @@ refused with a one-line NormlabError naming it.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,8 @@ def load_image(path: Path, size: int) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings(), Image.open(path) as img:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise NormlabError(
