@@ -65,9 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         message, code = _describe(exc)
         _fail(message, args, code)
-    else:
-        if isinstance(code, int) and code:
-            sys.exit(code)
+    # As click's standalone mode did: the script always ends in SystemExit (0, or a command's exit code).
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _click():

@@ -43,15 +43,16 @@ def load_image(path: Path, size: int) -> np.ndarray:
     from PIL import Image
 
     try:
-        with warnings.catch_warnings(), Image.open(path) as img:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise NormlabError(
-                    f"image {path} is {w} x {h} = {w * h / 1e6:.0f} megapixels; the limit is "
-                    f"{MAX_PIXELS / 1e6:.0f} megapixels (resize it, or remove it from the folder)"
-                )
-            return _resize_crop(img.convert("RGB"), size)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise NormlabError(
+                        f"image {path} is {w} x {h} = {w * h / 1e6:.0f} megapixels; the limit is "
+                        f"{MAX_PIXELS / 1e6:.0f} megapixels (resize it, or remove it from the folder)"
+                    )
+                return _resize_crop(img.convert("RGB"), size)
     except NormlabError:
         raise
     except Image.DecompressionBombError as exc:  # PIL refuses > 2 x its limit while opening
