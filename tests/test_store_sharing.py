@@ -301,3 +301,29 @@ def test_a_store_under_a_file_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(NormlabError, match="cannot create the folder of store"):
         Store(tmp_path / "afile" / "x.sqlite")
+
+
+def test_read_only_targets_are_refused_before_any_work(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("x")
+    targets = [
+        ["runs", "export", "-o", f"{folder}/x.csv", "--store", f"{tmp_path}/none.sqlite"],
+        ["train", "--checkpoint-dir", f"{folder}/ck", "--steps", "1"],
+        ["compare", "--out", f"{folder}/out", "--seeds", "1"],
+        ["train", "--store", f"{folder}/s.sqlite", "--steps", "1"],
+    ]
+    code = textwrap.dedent(f"""
+        from normlab.cli import main
+        for argv in {targets!r}:
+            try:
+                main(argv)
+            except SystemExit as exc:
+                print("exit", exc.code, flush=True)
+    """)
+    proc = _run_readonly(folder, code)
+    assert proc.stdout.splitlines() == ["exit 2"] * 4, proc.stderr
+    lines = proc.stderr.splitlines()
+    ending = f"cannot be written: '{folder}' is read-only"
+    assert len(lines) == 4 and all(line.endswith(ending) for line in lines), lines
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
