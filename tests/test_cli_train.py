@@ -88,7 +88,7 @@ def test_models_and_norms_listings(capsys):
         (["train", "--config", "{tmp}/bad.toml"], "error: config file '{tmp}/bad.toml' is not valid TOML"),
         (["train", "--config", "{tmp}/unknown.toml"], "error: unknown TrainConfig field(s) learning_rate in"),
         (["train", "--resume", "--checkpoint-dir", "{tmp}/ckpt"], "error: checkpoint '{tmp}/ckpt/"),
-        (["train", "--threads", "0"], "error: --threads must be a positive int, got 0"),
+        (["train", "--threads", "0"], "error: --threads must be between 1 and"),
         (["compare", "--norms", "bn,batchnorm"], "error: unknown norm(s) batchnorm; valid norms:"),
         (["compare", "--batch-sizes", "16,x"], "error: --batch-sizes='16,x' must be a comma-separated list"),
         (["compare", "--seeds", "0"], "error: --seeds must be >= 1, got 0"),

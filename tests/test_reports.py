@@ -20,6 +20,7 @@ from normlab.errors import NormlabError  # noqa: E402
 from normlab.reports import Figure, Section, Table, format_cell, save_matplotlib, write_report  # noqa: E402
 
 EVIL = '<script>alert("x")</script>&'
+MD_EVIL = '&lt;script&gt;alert("x")&lt;/script&gt;&amp;'  # EVIL in Markdown: viewers render raw HTML
 
 
 def test_format_cell_rules():
@@ -72,7 +73,7 @@ def test_figure_is_inlined_as_the_saved_png(tmp_path):
     encoded = re.search(r'src="data:image/png;base64,([^"]+)"', html_text).group(1)
     assert base64.b64decode(encoded) == (tmp_path / "curve.png").read_bytes()
     assert "<script>" not in html_text
-    assert figure.to_markdown() == f"![caption {EVIL}](curve.png)"
+    assert figure.to_markdown() == f"![caption {MD_EVIL}](curve.png)"
 
 
 def test_figure_bad_inputs(tmp_path):
@@ -111,7 +112,8 @@ def test_write_report_files(tmp_path):
     assert "&quot;lr&quot;: 0.1" in page
     md = files.markdown.read_text()
     assert md == files.markdown_text
-    assert md.startswith(f"# Title {EVIL}\n\n_sub_\n\n## Verdict\n\n> BN wins {EVIL}")
+    assert md.startswith(f"# Title {MD_EVIL}\n\n_sub_\n\n## Verdict\n\n> BN wins {MD_EVIL}")
+    assert "<script>" not in md.split("```json")[0]
     assert "| bn | 0.91 ± 0.02 |" in md
     assert "![caption" in md and '"lr": 0.1' in md
 

@@ -172,18 +172,25 @@ def run(ctx):
 
 @pytest.fixture
 def demo_recipe(tmp_path, monkeypatch):
+    # An installed plugin: a package plus a .dist-info with an entry point in group "normlab.studies",
+    # in a site folder apart from the recipe (recipes may only name built-in modules or plugins).
     package = f"fakestudies_{uuid.uuid4().hex[:8]}"
-    (tmp_path / package).mkdir()
-    (tmp_path / package / "__init__.py").write_text("")
-    (tmp_path / package / "demo.py").write_text(DEMO_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    site = tmp_path / "site"
+    (site / package).mkdir(parents=True)
+    (site / package / "__init__.py").write_text("")
+    (site / package / "demo.py").write_text(DEMO_MODULE)
+    info = site / f"{package}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[normlab.studies]\n{package} = {package}.demo\n")
+    monkeypatch.syspath_prepend(str(site))
     path = tmp_path / "demo.toml"
     path.write_text(textwrap.dedent(f"""\
         name = "demo"
         title = "Demo <study>"
         claim = "Scores are 3."
         paper = "Nobody 2024"
-        module = "{package}.demo"
+        module = "plugin:{package}"
         [scale.tiny]
         n = 1
         [scale.quick]

@@ -8,7 +8,19 @@ from typing import Any
 
 import typer
 
-from normlab.cli._common import STORE_HELP, check_norms, console, csv_list, fmt, open_store, print_json
+from normlab.cli._common import (
+    FORCE_HELP,
+    STORE_HELP,
+    check_folder_target,
+    check_norms,
+    check_store_target,
+    console,
+    csv_list,
+    fmt,
+    open_store,
+    preflight,
+    print_json,
+)
 from normlab.cli._executor import ADDRESS_HELP, CPUS_HELP, EXECUTOR_HELP, GPUS_HELP, make_executor
 from normlab.cli.train_cmd import parse_option
 from normlab.errors import NormlabError
@@ -67,6 +79,7 @@ def compare_command(
     ),
     report: bool = typer.Option(True, "--report/--no-report", help="write the HTML/Markdown report"),
     json_output: bool = typer.Option(False, "--json", help="print JSON only"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """One model under several norms and batch sizes, side by side (parallel, resumable).
 
@@ -98,6 +111,7 @@ def compare_command(
         device=device,
         **_data_and_model_options(model_options, image_size, val_fraction),
     )
+    _check_before_training(configs, store, out if report else None, force)
     _check_buildable(configs[0])
     # Validates --workers / --executor / --address before the store is opened.
     if executor_kind == "local" and address is None:
@@ -149,6 +163,17 @@ def _check_buildable(config) -> None:
 
     resolve_device(config.device)
     build_model(config, load_data(config))
+
+
+def _check_before_training(configs, store: str | None, out: str | None, force: bool) -> None:
+    # Every batch size, the largest lr and the costliest run are checked, and the store and report folder
+    # must be writable, before the first run trains (not after all of them).
+    check_store_target(store)
+    check_folder_target(out, "--out")
+    data = None
+    for config in {c.batch_size: c for c in configs}.values():
+        data = preflight(config, force=force, data=data)
+    preflight(max(configs, key=lambda c: c.lr), force=True, data=data)
 
 
 def _ci_cell(values: list[float]) -> tuple[float, float]:

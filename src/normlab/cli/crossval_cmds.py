@@ -7,6 +7,8 @@ libraries' batch norm.
 
 from __future__ import annotations
 
+import math
+
 import typer
 
 from normlab.errors import NormlabError
@@ -37,8 +39,32 @@ def _momentum(text: str) -> float | None:
         raise NormlabError(f"momentum must be a float in [0, 1] or 'none', got {text!r}") from None
 
 
+MAX_WORK_VALUES = 2e9  # steps x input values: ~8 GB of float32 batches, minutes of numpy work per backend
+
+
+def _check_run(seed: int, steps: int, values: int) -> None:
+    """Seed in range; ``steps`` passes over ``values`` input values must fit memory and minutes."""
+    if not 0 <= seed < 2**63:
+        raise NormlabError(f"--seed must be between 0 and 2**63-1, got {seed}")
+    if steps < 0:
+        raise NormlabError(f"--steps must be >= 0, got {steps}")
+    work = max(steps, 1) * values
+    if work > MAX_WORK_VALUES:
+        raise NormlabError(
+            f"--steps {steps} over inputs of {values} values is {work:.3g} values to generate and run "
+            f"through every backend (about {work * 4 / 2**30:.3g} GiB of float32); the limit is "
+            f"{MAX_WORK_VALUES:.0e}"
+        )
+
+
 def _thresholds(t_mad: float, t_class: float, p: float, rtol: float, atol: float):
     from normlab.crossval import Thresholds
+
+    for flag, value in (("--t-mad", t_mad), ("--t-class", t_class), ("--rtol", rtol), ("--atol", atol)):
+        if not math.isfinite(value) or value < 0:
+            raise NormlabError(f"{flag} must be a finite number >= 0, got {value}")
+    if not 0.0 <= p <= 1.0:  # also refuses nan
+        raise NormlabError(f"--p must be a fraction in [0, 1], got {p}")
 
     return Thresholds(t_mad=t_mad, t_class=t_class, p=p, rtol=rtol, atol=atol)
 
@@ -85,6 +111,7 @@ def layer(
     """Cross-check one normalization layer (outputs and running statistics) against the numpy oracle."""
     from normlab.crossval import LayerSpec, crossval_layer
 
+    _check_run(seed, steps, math.prod(_ints(shape, "shape")))
     spec = LayerSpec(
         kind=kind,
         eps=eps,
@@ -140,6 +167,9 @@ def model(
 
     if batch < 1 or steps < 0:
         raise NormlabError(f"batch must be >= 1 and steps >= 0, got batch={batch}, steps={steps}")
+    default_shape = (in_channels, 32 * 32 if dims == 2 else 40)
+    per_input = _ints(input_shape, "input_shape") if input_shape else default_shape
+    _check_run(seed, steps, batch * math.prod(per_input))
     torch.manual_seed(seed)
     net = create_model(model_name, norm=norm, num_classes=num_classes, in_channels=in_channels, dims=dims)
     if randomize_norms:

@@ -10,11 +10,12 @@ batch statistics ("train", default) or running ones ("eval"); every result state
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import typer
 
-from normlab.cli._common import refuse_model_code_from
+from normlab.cli._common import FORCE_HELP, check_probe_budget, refuse_model_code_from
 from normlab.errors import NormlabError
 
 _GAP_EXAMPLES = 2048  # test examples for train_eval_gap (and up to 20 training batches for PreciseBN)
@@ -63,6 +64,11 @@ def _setup(checkpoint: str | None, overrides: dict[str, Any]):
     values: dict[str, Any] = {}
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
+        if not isinstance(state.get("config"), dict):
+            raise NormlabError(
+                f"checkpoint {checkpoint!r} has no config table (got {type(state.get('config')).__name__}); "
+                "it was not written by normlab's trainer"
+            )
         values = dict(state["config"])
         refuse_model_code_from(f"checkpoint {checkpoint!r}", values, overrides.get("model"))
         for name in ("model", "norm"):
@@ -187,6 +193,7 @@ def probe_command(
     options: str | None = typer.Option(None, "--options", help='JSON object of probe arguments, e.g. '
                                        '\'{"num_points": 4}\'; train_eval_gap takes {"precise_bn": true}'),
     json_output: bool = typer.Option(False, "--json", help="print the result as JSON only"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Measure one mechanism of BN on a model: what it changes, in training mode by default."""
     from normlab import probes
@@ -198,6 +205,8 @@ def probe_command(
     check_mode(mode)
     if batch_size is not None and batch_size < 1:
         raise NormlabError(f"--batch-size must be a positive int, got {batch_size}")
+    if not 0 <= seed < 2**63:
+        raise NormlabError(f"--seed must be between 0 and 2**63-1, got {seed}")
     probe_options = _parse_options(options)
     overrides = {"model": model, "norm": norm, "dataset": dataset, "data_root": data_root,
                  "batch_size": batch_size, "image_size": image_size}
@@ -205,8 +214,11 @@ def probe_command(
         from normlab.cli.train_cmd import parse_option
 
         overrides["model_options"] = parse_option("model_options", model_options)
+    if data_root is not None and not Path(data_root).is_dir():
+        raise NormlabError(f"--data-root {data_root!r} is not a folder")
     config, data, net, optimizer, loss_fn = _setup(checkpoint, overrides)
     check_options(name, probe_options)
+    check_probe_budget(name, probe_options, config, data, force=force)
     result = run_probe(name, config=config, data=data, model=net, optimizer=optimizer, loss_fn=loss_fn,
                        mode=mode, seed=seed, options=probe_options)
     if json_output:

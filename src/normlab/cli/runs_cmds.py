@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from normlab.cli._common import STORE_HELP, console, existing_store, fmt, print_json
+from normlab.cli._common import STORE_HELP, check_file_target, console, existing_store, fmt, print_json
 from normlab.errors import NormlabError
 
 runs_app = typer.Typer(help="List, show and export the runs in the results store.", no_args_is_help=True)
@@ -40,8 +40,8 @@ def runs_list(
     for run in runs:
         c, s = run.config, run.summary
         table.add_row(
-            str(run.id), fmt(run.name), run.status, str(c.get("model")), str(c.get("norm")),
-            str(c.get("batch_size")), fmt(c.get("lr")), str(c.get("seed")),
+            str(run.id), fmt(run.name), fmt(run.status), fmt(str(c.get("model"))), fmt(str(c.get("norm"))),
+            fmt(str(c.get("batch_size"))), fmt(c.get("lr")), fmt(str(c.get("seed"))),
             fmt(s.get("final_test_acc")), fmt(s.get("steps_per_s")), fmt(run.wall_time, 3),
         )  # fmt: skip
     console().print(table)
@@ -54,6 +54,8 @@ def runs_show(
     json_output: bool = typer.Option(False, "--json", help="print JSON only"),
 ) -> None:
     """Show one run: config, environment, summary and its metrics' last values."""
+    if not 1 <= run_id < 2**63:  # SQLite's INTEGER range; ids start at 1
+        raise NormlabError(f"run id must be between 1 and 2**63-1, got {run_id}")
     with existing_store(store) as db:
         run = db.get_run(run_id)
         metrics = {name: db.metrics(run_id, name) for name in db.metric_names(run_id)}
@@ -64,24 +66,23 @@ def runs_show(
     from rich.table import Table
 
     out = console()
-    from rich.markup import escape
-
-    title = f"{escape(run.name or '')} status={run.status} group={escape(run.group or '-')}"
+    title = f"{fmt(run.name or '')} status={fmt(run.status)} group={fmt(run.group or '-')}"
     out.print(f"[bold]run {run.id}[/bold] {title}")
     if run.error:
-        out.print(f"error: {escape(run.error)}")
+        out.print(f"error: {fmt(run.error)}")
     for title, values in (("config", run.config), ("summary", run.summary), ("environment", run.environment)):
         table = Table(title=title)
         table.add_column("field")
         table.add_column("value", justify="right")
         for key, value in values.items():
-            table.add_row(key, fmt(value) if not isinstance(value, (dict, list)) else json.dumps(value))
+            shown = json.dumps(value) if isinstance(value, (dict, list)) else value
+            table.add_row(fmt(key), fmt(shown))
         out.print(table)
     table = Table(title="metrics")
     for column in ("name", "points", "last step", "last value"):
         table.add_column(column)
     for name, series in metrics.items():
-        table.add_row(name, str(len(series)), str(series[-1][0]), fmt(series[-1][1]))
+        table.add_row(fmt(name), str(len(series)), str(series[-1][0]), fmt(series[-1][1]))
     out.print(table)
 
 
@@ -102,6 +103,7 @@ def runs_export(
 
     if format not in EXPORT_FORMATS:
         raise NormlabError(f"unknown export format {format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+    check_file_target(output, "--output")
     with existing_store(store) as db:
         if metrics:
             _export_metrics(db, output, format, status=status, group=group)

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from normlab.cli._common import check_file_target, check_folder_target, check_threads, print_json
 from normlab.cli._executor import ADDRESS_HELP, CPUS_HELP, EXECUTOR_HELP, GPUS_HELP, make_executor
 from normlab.errors import NormlabError
 
@@ -35,17 +36,22 @@ def study(
     address: Annotated[str | None, typer.Option("--address", help=ADDRESS_HELP)] = None,
     cpus_per_run: Annotated[float, typer.Option("--cpus-per-run", help=CPUS_HELP)] = 1,
     gpus_per_run: Annotated[float, typer.Option("--gpus-per-run", help=GPUS_HELP)] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Run a study: train its variants, measure, and write OUT/NAME/report.html + report.md."""
     from rich.console import Console
+    from rich.markup import escape
 
     from normlab.studies import get_study, list_studies
 
     console = Console()
     if list_:
-        for study_name in list_studies():
-            recipe = get_study(study_name)
-            console.print(f"[bold]{study_name}[/bold]  {recipe.title}", soft_wrap=True)
+        rows = [{"name": n, "title": get_study(n).title} for n in list_studies()]
+        if json_output:
+            print_json(rows)
+            return
+        for row in rows:
+            console.print(f"[bold]{row['name']}[/bold]  {escape(row['title'])}", soft_wrap=True)
         return
     if name is None:
         raise NormlabError(f"give a study name or --list; valid studies: {', '.join(list_studies())}")
@@ -53,6 +59,10 @@ def study(
         raise NormlabError(f"--workers must be >= 1, got {workers!r}")
     if threads < 0:
         raise NormlabError(f"--threads must be >= 0 (0 = usable cores / workers), got {threads!r}")
+    check_threads(threads or None)
+    check_folder_target(out, "--out")
+    if store is not None:
+        check_file_target(store, "--store")
     from normlab.train.threads import fit_threads, set_threads
 
     # On a shared machine, oversubscribed intra-op threads can slow training by an order of magnitude.
@@ -63,7 +73,7 @@ def study(
     executor = make_executor(executor_kind, workers, address=address, cpus_per_run=cpus_per_run,
                              gpus_per_run=gpus_per_run, threads=threads or None)
     try:
-        _, files = run_study(
+        outcome, files = run_study(
             name,
             scale=scale,
             seeds=seeds,
@@ -76,6 +86,10 @@ def study(
     finally:
         if executor is not None:
             executor.shutdown()
+    if json_output:
+        paths = {"report": str(files.html), "markdown": str(files.markdown)}
+        print_json({"study": name, **outcome.to_dict(), **paths})
+        return
     _print_markdown(console, files.markdown_text)
     console.print(f"report: {files.html}")
 
@@ -84,6 +98,7 @@ def report(
     path: Annotated[Path, typer.Argument(help="A study output folder (with outcome.json) or a store file.")],
     out: Annotated[Path | None, typer.Option(help="Where a store report goes (default: beside).")] = None,
     quiet: Annotated[bool, typer.Option(help="Do not print the Markdown summary.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON only (report paths).")] = False,
 ) -> None:
     """Render report.html + report.md from a study output folder or a results store, and print the summary."""
     from rich.console import Console
@@ -93,12 +108,19 @@ def report(
 
     if not path.exists():
         raise NormlabError(f"report path {path} does not exist; give a study output folder or a store file")
+    if out is not None:
+        check_folder_target(out, "--out")
     if path.is_dir():
         files = render_study_folder(path)
     else:
         from normlab.store import Store
 
-        files = store_report(Store(path), out if out is not None else path.parent / f"{path.stem}-report")
+        target = out if out is not None else path.parent / f"{path.stem}-report"
+        files = store_report(Store(path, readonly=True), target)
+    if json_output:
+        paths = {"report": str(files.html), "markdown": str(files.markdown)}
+        print_json({**paths, "summary": files.markdown_text})
+        return
     console = Console()
     if not quiet:
         _print_markdown(console, files.markdown_text)

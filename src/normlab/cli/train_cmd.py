@@ -11,11 +11,15 @@ from typing import Any
 import typer
 
 from normlab.cli._common import (
+    FORCE_HELP,
     STORE_HELP,
+    check_store_target,
+    check_threads,
     console,
     csv_list,
     fmt,
     open_store,
+    preflight,
     print_json,
     refuse_model_code_from,
 )
@@ -131,6 +135,7 @@ def _train_signature() -> inspect.Signature:
                                       "DDP's default), sync (global batch), ghost (virtual batch)")),
         ("virtual_batch_size", int | None, typer.Option(None, "--virtual-batch-size",
                                                         help="ghost batch of --bn-sync ghost")),
+        ("force", bool, typer.Option(False, "--force", help=FORCE_HELP)),
     ]
     keyword = inspect.Parameter.KEYWORD_ONLY
     params += [inspect.Parameter(n, keyword, default=d, annotation=a) for n, a, d in extra]
@@ -153,11 +158,12 @@ def train_command(**kwargs: Any) -> None:
     from normlab.train import Trainer
 
     store_path, resume, threads = kwargs.pop("store"), kwargs.pop("resume"), kwargs.pop("threads")
-    progress, as_json = kwargs.pop("progress"), kwargs.pop("json_output")
+    progress, as_json, force = kwargs.pop("progress"), kwargs.pop("json_output"), kwargs.pop("force")
     nproc, bn_sync, vbs = kwargs.pop("nproc"), kwargs.pop("bn_sync"), kwargs.pop("virtual_batch_size")
     config = config_from_cli(kwargs.pop("config"), kwargs)
-    if threads is not None and threads < 1:
-        raise NormlabError(f"--threads must be a positive int, got {threads}")
+    check_threads(threads)
+    check_store_target(store_path)
+    preflight(config, force=force)  # paths, device, data shape, memory/time: before anything is stored
     from normlab.train.threads import fit_threads, set_threads
 
     # The same rule as sweeps and studies: the cores this process may use (normlab.train.threads).

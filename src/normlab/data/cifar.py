@@ -3,7 +3,10 @@
 ``root`` may hold the extracted folder (``cifar-10-batches-py`` / ``cifar-100-python``), the archive
 (``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``, MD5-verified then extracted), or nothing, in which
 case ``download=True`` fetches the archive from www.cs.toronto.edu/~kriz/ with MD5 verification. The batch
-files are pickles, read as torchvision does: only from the official archive or a folder the user points at.
+files are pickles; a pickle can name any importable callable and so run code, and a data folder is
+untrusted. They are read with :class:`BatchUnpickler`, which resolves only what the official files
+contain (numpy arrays and dtypes; dicts, lists, bytes and ints need no lookup) and refuses anything else
+in one line, before anything named in the file is called.
 
 Inputs are scaled to [0, 1], then normalized per channel with the training split's mean and standard
 deviation (recorded in ``meta``); x is (N, 3, 32, 32) float32, y (N,) int64.
@@ -109,6 +112,62 @@ def safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
     tar.extractall(dest)
 
 
+# The globals the official batch and meta files reference: numpy's array reconstructor, ndarray, dtype.
+# ``np.ndarray.__reduce__`` names the reconstructor this numpy pickles with (numpy.core or numpy._core).
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes (protocol 2), limited to the latin-1 codec."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is not allowed")
+    return text.encode("latin1")
+
+
+_ALLOWED_GLOBALS = {
+    ("_codecs", "encode"): _latin1,
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """An unpickler for the CIFAR python batches that resolves only numpy's array/dtype reconstruction.
+
+    Any other global (``os.system``, ``builtins.eval``, ``subprocess.Popen``...) raises
+    :class:`pickle.UnpicklingError`, so a crafted file fails before it can call anything.
+    """
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not allowed")
+
+
+def load_batch(path: Path) -> dict:
+    """Unpickle one CIFAR batch/meta file with :class:`BatchUnpickler`.
+
+    Raises:
+        NormlabError: the file is not a pickled dict of the allowed content (the message names the file).
+    """
+    try:
+        with open(path, "rb") as f:
+            batch = BatchUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        raise NormlabError(f"{path} is not an official CIFAR batch file; refusing it ({exc})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as exc:
+        raise NormlabError(f"{path} is not a readable CIFAR batch file ({type(exc).__name__})") from None
+    if not isinstance(batch, dict):
+        raise NormlabError(f"{path} is not a CIFAR batch file: it holds a {type(batch).__name__}")
+    return batch
+
+
 def read_batches(folder: Path, files: tuple[str, ...], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate the pickled batches: data rows (N, 3072) uint8, the R, G, B planes of 32x32 pixels,
     become (N, 3, 32, 32)."""
@@ -119,17 +178,31 @@ def read_batches(folder: Path, files: tuple[str, ...], label_key: bytes) -> tupl
             raise NormlabError(
                 f"{path} is missing; the folder {folder} is incomplete, delete it and extract again"
             )
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(batch[label_key], dtype=np.int64))
+        batch = load_batch(path)
+        data, labels = batch.get(b"data"), batch.get(label_key)
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)):
+            raise NormlabError(
+                f"{path} is not a CIFAR batch file: {b'data'!r} must be a uint8 array of shape (N, 3072)"
+            )
+        try:
+            y = np.asarray(labels, dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError):
+            y = None
+        if y is None or labels is None or len(y) != len(data):
+            raise NormlabError(
+                f"{path} is not a CIFAR batch file: {label_key!r} must be {len(data)} integer labels"
+            )
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)
 
 
 def read_label_names(folder: Path, meta_file: str, key: bytes) -> list[str]:
-    with open(folder / meta_file, "rb") as f:
-        meta = pickle.load(f, encoding="bytes")
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[key]]
+    path = folder / meta_file
+    names = load_batch(path).get(key)
+    if not isinstance(names, list):
+        raise NormlabError(f"{path} is not a CIFAR meta file: {key!r} must be a list of names")
+    return [n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in names]
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,10 +10,15 @@ Each image is converted to RGB, its shorter side resized to ``image_size`` (bili
 ``image_size x image_size`` square cropped (the standard ImageNet evaluation transform, which keeps the
 aspect ratio), scaled to [0, 1] and normalized per channel with the training split's mean and standard
 deviation. Classes are the sorted folder names of ``train/``; y indexes them.
+
+A data folder is untrusted: a file that is not an image, a truncated one, or one larger than
+``MAX_PIXELS`` (read from the header, before anything is decoded: a small PNG can claim a gigapixel) is
+refused with a one-line NormlabError naming it.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +29,7 @@ from normlab.data.dataset import Dataset, register_dataset
 from normlab.errors import NormlabError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (a 9459 x 9459 image, ~256 MB as RGB)
 SPLITS = ("train", "val")
 
 
@@ -41,15 +47,40 @@ def load_image(path: Path, size: int) -> np.ndarray:
     """(3, size, size) uint8: RGB, shorter side resized to ``size``, centre-cropped."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        w, h = img.size
-        scale = size / min(w, h)
-        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise NormlabError(
+                        f"image {path} is {w} x {h} = {w * h / 1e6:.0f} megapixels; the limit is "
+                        f"{MAX_PIXELS / 1e6:.0f} megapixels (resize it, or remove it from the folder)"
+                    )
+                return _resize_crop(img.convert("RGB"), size)
+    except NormlabError:
+        raise
+    except Image.DecompressionBombError as exc:  # PIL refuses > 2 x its limit while opening
+        raise NormlabError(
+            f"image {path} is too large ({exc}); the limit is {MAX_PIXELS / 1e6:.0f} megapixels"
+        ) from None
+    # PIL reports a damaged file as OSError (truncated), SyntaxError/ValueError (bad chunks) or
+    # DecompressionBombError, depending on the format.
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise NormlabError(f"image {path} cannot be read ({reason}); it is not a valid image") from None
+
+
+def _resize_crop(img, size: int) -> np.ndarray:
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
 def load_split(split_dir: Path, classes: list[str], size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -198,13 +198,13 @@ class BatchRenorm(BatchStatsNorm):
         self._check(x)
         if not self.training:
             return batch_renorm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                training=False, r_max=self.r_max, d_max=self.d_max, eps=self.eps)
+                                training=False, r_max=self.r_max, d_max=self.d_max, eps=self.eps).to(x.dtype)
         r_max, d_max = self.current_limits()
         self.renorm_steps.add_(1)
         return batch_renorm(
             x, self.running_mean, self.running_var, self.weight, self.bias, training=True, r_max=r_max,
             d_max=d_max, momentum=self._next_momentum(), eps=self.eps,
-        )
+        ).to(x.dtype)  # float32 parameters with fp16/bf16 input: the output keeps the input's dtype
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "

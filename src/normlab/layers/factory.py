@@ -8,6 +8,7 @@ signals), 2 -> ``BatchNorm2d``, 3 -> ``BatchNorm3d``. The other layers accept an
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 
 from torch import nn
@@ -58,7 +59,43 @@ def create_norm(name: str, num_channels: int, **options) -> nn.Module:
             f"unknown option(s) {', '.join(unknown)} for norm {name!r}; "
             f"valid options: {', '.join(valid) or 'none'}"
         )
+    for option, value in options.items():
+        check_option(name, option, value)
     return builder(num_channels, **options)
+
+
+# Options whose type the factory enforces before a builder sees them (the builders check the ranges).
+_BOOL_OPTIONS = ("affine", "per_position", "noise_after_affine")
+_NUMBER_OPTIONS = ("eps", "momentum", "dims", "groups", "virtual_batch_size", "warmup_steps", "bn_steps",
+                   "r_max", "d_max", "sample_weight", "n_mu", "n_sigma", "r_mu", "r_sigma")  # fmt: skip
+# Noise constants beyond this overflow float32 activations (the papers use values below 3).
+_NOISE_MAX = {"n_mu": 1e4, "n_sigma": 1e4, "r_mu": 1e4, "r_sigma": 1e4}
+
+
+def check_option(norm: str, option: str, value: object) -> None:
+    """Strict type of one option before the builder checks its range: bools are ``True``/``False`` only
+    (``"no"``, ``-1`` or NaN are not booleans), numbers are finite ints/floats (never bools or strings;
+    ``momentum`` may be None), and noise constants stay where float32 activations stay finite.
+
+    Raises:
+        NormlabError: naming the norm, the option, the value given and what is allowed.
+    """
+    if option in _BOOL_OPTIONS and not isinstance(value, bool):
+        raise NormlabError(
+            f"norm {norm!r}: {option} must be True or False, got {type(value).__name__} {value!r}"
+        )
+    if option not in _NUMBER_OPTIONS or (option == "momentum" and value is None):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise NormlabError(f"norm {norm!r}: {option} must be a number, got {type(value).__name__} {value!r}")
+    # eps = inf passes the builders' "> 0" and zeroes every output; other ranges are the builders'.
+    if option == "eps" and isinstance(value, float) and math.isinf(value):
+        raise NormlabError(f"norm {norm!r}: {option} must be finite, got {value!r}")
+    if option in _NOISE_MAX and math.isfinite(value) and value > _NOISE_MAX[option]:
+        raise NormlabError(
+            f"norm {norm!r}: {option} must be <= {_NOISE_MAX[option]:g} (float32 activations overflow "
+            f"beyond), got {value!r}"
+        )
 
 
 def _get_builder(name: str) -> Callable[..., nn.Module]:

@@ -73,7 +73,8 @@ class FrozenBatchNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, type(self).__name__)
-        return frozen_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+        out = frozen_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+        return out.to(x.dtype)  # float32 buffers with fp16/bf16 input: the output keeps the input's dtype
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, dims={self.dims}, eps={self.eps}"

@@ -281,7 +281,7 @@ class NoisyBatchNorm(BatchStatsNorm):
             momentum=momentum, eps=self.eps, per_position=self.per_position,
             noise_after_affine=self.noise_after_affine, eval_expectation=self.eval_expectation,
             generator=self.generator, **self.noise,
-        )
+        ).to(x.dtype)  # float32 parameters with fp16/bf16 input: the output keeps the input's dtype
 
     def extra_repr(self) -> str:
         noise = ", ".join(f"{k}={v}" for k, v in self.noise.items())

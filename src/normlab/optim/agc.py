@@ -9,6 +9,12 @@ Reference code: deepmind-research ``nfnets/agc_optax.py``; timm ``timm/utils/agc
 Do not clip the final classifier: pass :func:`agc_parameters` (model). With AMP, the gradients must be
 unscaled first: ``scaler.scale(loss).backward(); scaler.unscale_(optimizer);
 adaptive_clip_grad_(agc_parameters(model)); scaler.step(optimizer)``.
+
+Non-finite gradients are propagated unchanged: a unit whose gradient norm is NaN or inf is not rescaled
+(rescaling would turn ``inf`` into ``0 * inf = NaN`` and hide which failure happened), so the optimizer,
+``GradScaler`` (which skips such steps) or the trainer's divergence check sees exactly what backward
+produced. Empty tensors have nothing to clip. A sparse gradient (``nn.Embedding(sparse=True)``) is clipped
+per row of its coalesced values, its units being the rows of the parameter as for a dense one.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ def unitwise_norms(tensors: list[Tensor]) -> list[Tensor]:
         for i, n in zip(whole, torch._foreach_norm([tensors[i] for i in whole]), strict=True):
             out[i] = n.reshape(1)
     for i, t in enumerate(tensors):
-        if t.dim() > 1:
-            out[i] = torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
+        if t.dim() > 1:  # flatten(1), not reshape(n, -1): a tensor with a zero-size dim has no "-1"
+            out[i] = torch.linalg.vector_norm(t.flatten(1), dim=1)
     return out  # type: ignore[return-value]
 
 
@@ -58,7 +64,10 @@ def adaptive_clip_grad_(parameters: Iterable[Tensor] | Tensor, clip: float = 0.0
         raise NormlabError(f"AGC eps must be a finite number > 0, got {eps!r}")
     if isinstance(parameters, Tensor):
         parameters = [parameters]
-    params = [p for p in parameters if p.grad is not None]
+    params = [p for p in parameters if p.grad is not None and p.numel() > 0]
+    for p in [p for p in params if p.grad.is_sparse]:
+        _clip_sparse_(p, clip, eps)
+    params = [p for p in params if not p.grad.is_sparse]
     if not params:
         return
     with torch.no_grad():
@@ -83,7 +92,29 @@ def adaptive_clip_grad_(parameters: Iterable[Tensor] | Tensor, clip: float = 0.0
 def _clip_scale(w_norm: Tensor, g_norm: Tensor, clip: float, eps: float) -> Tensor:
     """The factor each unit's gradient is multiplied by: ``min(1, clip * max(||W||, eps) / ||G||)``."""
     max_norm = w_norm.clamp_min(eps).mul_(clip)
-    return torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(1e-6), torch.ones_like(g_norm))
+    # A non-finite gradient norm is left alone (factor 1): see the module docstring.
+    clipped = (g_norm > max_norm) & torch.isfinite(g_norm)
+    return torch.where(clipped, max_norm / g_norm.clamp_min(1e-6), torch.ones_like(g_norm))
+
+
+def _clip_sparse_(param: Tensor, clip: float, eps: float) -> None:
+    """AGC for a sparse COO gradient: unit norms from its coalesced values, rows rescaled in place."""
+    with torch.no_grad():
+        grad = param.grad.coalesce()
+        values = grad.values()
+        if param.dim() <= 1:  # one unit: the whole tensor
+            g_norm = torch.linalg.vector_norm(values).reshape(1).float()
+            scale = _clip_scale(unitwise_norms([param.detach()])[0].float(), g_norm, clip, eps)
+            values.mul_(scale.to(values.dtype))  # values() of a coalesced tensor is a view
+            param.grad = grad
+            return
+        rows = grad.indices()[0]
+        squares = values.float().pow(2).reshape(values.shape[0], -1).sum(dim=1)
+        g_norm = torch.zeros(param.shape[0], device=values.device).index_add_(0, rows, squares).sqrt_()
+        scale = _clip_scale(unitwise_norms([param.detach()])[0].float(), g_norm, clip, eps)
+        factor = scale[rows].to(values.dtype).view(-1, *([1] * (values.dim() - 1)))
+        values.mul_(factor)
+        param.grad = grad
 
 
 def agc_parameters(model: nn.Module) -> list[nn.Parameter]:

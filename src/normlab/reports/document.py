@@ -1,7 +1,8 @@
 """Write a report: one self-contained ``report.html`` (inline figures, no external resources) and a
 ``report.md`` summary, from a title and a list of :class:`Section` s.
 
-Every user-provided string (titles, text, table cells, config values) is escaped with ``html.escape``.
+Every user-provided string (titles, text, table cells, config values) is escaped with ``html.escape``, in
+the HTML and in the Markdown (whose viewers render raw HTML), so a ``<script>`` in a run name shows as text.
 The page sets ``data-figures-loaded`` on ``<body>`` once every ``<img>`` has decoded (``naturalWidth > 0``),
 which lets a headless browser check that the figures render.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,22 +139,34 @@ def render_html(root: Path, title: str, sections: list[Section], *, subtitle: st
 
 def render_markdown(title: str, sections: list[Section], *, subtitle: str | None = None) -> str:
     """A Markdown summary: headings, callouts as quotes, tables, figure links, data as JSON blocks."""
-    lines = [f"# {title}"]
+    md = _md_text
+    lines = [f"# {md(title)}"]
     if subtitle:
-        lines += ["", f"_{subtitle}_"]
+        lines += ["", f"_{md(subtitle)}_"]
     for section in sections:
-        lines += ["", f"## {section.heading}"]
+        lines += ["", f"## {md(section.heading)}"]
         if section.callout:
-            lines += ["", f"> {section.callout}"]
+            lines += ["", f"> {md(section.callout)}"]
         for p in section.text:
-            lines += ["", p]
+            lines += ["", md(p)]
         for t in section.tables:
             lines += ["", t.to_markdown()]
         for f in section.figures:
             lines += ["", f.to_markdown()]
         if section.data is not None:
-            lines += ["", "```json", _json(section.data), "```"]
+            data = _json(section.data)
+            fence = "`" * max(3, _longest_backtick_run(data) + 1)
+            lines += ["", f"{fence}json", data, fence]
     return "\n".join(lines) + "\n"
+
+
+def _md_text(text: str) -> str:
+    """Markdown text with ``&``, ``<``, ``>`` escaped: raw HTML (``<script>``) shows as text, not tags."""
+    return html.escape(str(text), quote=False)
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall("`+", text)), default=0)
 
 
 def _json(data: dict[str, Any]) -> str:

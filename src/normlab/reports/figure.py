@@ -2,6 +2,12 @@
 
 Reports are self-contained: HTML embeds the PNG as base64 (``data:image/png``), so the file opens anywhere
 with no sibling files; the Markdown summary links the PNG beside it.
+
+Report folders come from elsewhere (a colleague's ``outcome.json``), so a figure is untrusted: its path
+must name a plain file inside the report folder (no ``..``, no absolute path, no symlink leading out), and
+its bytes must be a PNG or an SVG. An SVG is never pasted into the page as markup (its ``<script>`` and
+``onload`` would run); it is embedded as ``<img src="data:image/svg+xml;base64,...">``, where browsers
+render it as a static image with scripts and external loads disabled.
 """
 
 from __future__ import annotations
@@ -32,25 +38,53 @@ class Figure:
 
     def to_html(self, root: Path) -> str:
         """``<figure>`` with the image inlined as base64 PNG (or inline SVG markup) and an escaped caption."""
-        file = Path(root) / self.path
-        if not file.is_file():
-            raise NormlabError(f"figure {self.name!r}: file {file} does not exist")
-        if file.suffix == ".svg":
-            img = file.read_text(encoding="utf-8")
-            # Drop the XML prolog: it is not allowed inside HTML.
-            img = img[img.find("<svg") :]
-        elif file.suffix == ".png":
-            data = base64.b64encode(file.read_bytes()).decode("ascii")
-            img = f'<img alt="{html.escape(self.name)}" src="data:image/png;base64,{data}">'
-        else:
+        file = self.resolve(root)
+        suffix = file.suffix.lower()
+        if suffix not in _MIME:
             raise NormlabError(
                 f"figure {self.name!r}: unsupported format {file.suffix!r}; allowed: .png, .svg"
             )
+        content = file.read_bytes()
+        if not _looks_like(suffix, content):
+            raise NormlabError(f"figure {self.name!r}: {self.path} is not a valid {suffix[1:].upper()} file")
+        data = base64.b64encode(content).decode("ascii")
+        img = f'<img alt="{html.escape(self.name)}" src="data:{_MIME[suffix]};base64,{data}">'
         return f"<figure>{img}<figcaption>{html.escape(self.caption)}</figcaption></figure>"
 
+    def resolve(self, root: Path) -> Path:
+        """The figure's file, checked to be a plain file inside ``root`` (after following symlinks)."""
+        if not isinstance(self.path, str) or not self.path or Path(self.path).is_absolute():
+            raise NormlabError(
+                f"figure {self.name!r}: path {self.path!r} must be relative to the report folder"
+            )
+        base = Path(root).resolve()
+        file = (base / self.path).resolve()
+        if not file.is_relative_to(base):
+            raise NormlabError(f"figure {self.name!r}: path {self.path!r} leads outside the report folder")
+        if not file.is_file():
+            raise NormlabError(f"figure {self.name!r}: file {self.path} does not exist in {root}")
+        return file
+
     def to_markdown(self) -> str:
-        caption = self.caption.replace("\n", " ")
-        return f"![{caption}]({self.path})"
+        caption = _md_text(self.caption.replace("\n", " ")).replace("]", "\\]")
+        target = self.path.replace(" ", "%20").replace(")", "%29").replace("<", "%3C").replace(">", "%3E")
+        return f"![{caption}]({target})"
+
+
+_MIME = {".png": "image/png", ".svg": "image/svg+xml"}
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _looks_like(suffix: str, content: bytes) -> bool:
+    if suffix == ".png":
+        return content.startswith(_PNG_MAGIC)
+    head = content[:1024].lstrip().lower()
+    return head.startswith((b"<?xml", b"<svg", b"<!doctype svg", b"<!--")) and b"<svg" in content.lower()
+
+
+def _md_text(text: str) -> str:
+    """Escape ``&``, ``<`` and ``>`` so raw HTML in a Markdown source renders as text, never as tags."""
+    return html.escape(str(text), quote=False)
 
 
 def save_matplotlib(fig: Any, directory: Path, name: str, caption: str, dpi: int = 110) -> Figure:

@@ -115,7 +115,8 @@ def format_cell(value: Any, digits: int = 4) -> str:
 
 
 def _md_escape(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    # html.escape: Markdown viewers render raw HTML, so a cell holding ``<script>`` must stay text.
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
 
 
 def _jsonable(value: Any) -> Any:

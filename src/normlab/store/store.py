@@ -3,7 +3,14 @@
 Safe for several processes at once: WAL journal (readers never block the writer), a busy timeout, every
 write in one ``BEGIN IMMEDIATE`` transaction retried with backoff while another process holds the lock.
 A file that is not a normlab store, or is corrupt, is refused with a :class:`NormlabError` naming it and is
-never modified or deleted. A ``Store`` pickles as its path, so a process-pool worker reopens the same file.
+never modified or deleted: a store opened for writing passes SQLite's ``quick_check`` first, and a store
+opened with ``readonly=True`` (what the reading commands use) never creates tables, so a stray empty file
+is not turned into a store; a store on a read-only file or file system opens that way for reading.
+A ``Store`` pickles as its path, so a process-pool worker reopens the same file.
+
+Two sweeps on one store share the work through *claims* (:meth:`Store.claim_config`): a row per config key
+naming the process (host, pid) that trains it and a heartbeat it refreshes; another process skips a config
+held by a live owner and takes over one whose owner died, closing that owner's ``running`` rows as failed.
 """
 
 from __future__ import annotations
@@ -12,9 +19,12 @@ import json
 import math
 import os
 import re
+import socket
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +38,8 @@ from normlab.store.schema import RUN_STATUSES, SCHEMA_VERSION, TABLES
 DEFAULT_PATH = Path(".normlab") / "results.sqlite"
 _BUSY_TIMEOUT_S = 30.0
 _RETRY_FOR_S = 120.0
+HEARTBEAT_EVERY_S = 10.0  # how often a claim holder refreshes its claims
+STALE_AFTER_S = 120.0  # a claim without a heartbeat for this long is taken over
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _RUN_COLUMNS = (
     "id, name, run_group, config, config_key, status, error, started_at, finished_at, wall_time, "
@@ -57,41 +69,122 @@ class Store:
             schema version.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, *, readonly: bool = False) -> None:
         self.path = Path(path) if path is not None else default_store_path()
+        self.readonly = readonly
         if self.path.is_dir():
             raise NormlabError(f"store path {str(self.path)!r} is a folder; give the path of an SQLite file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if readonly:
+            if not self.path.is_file():
+                raise NormlabError(f"no results store at {str(self.path)!r}")
+            self._conn = self._open_readonly()
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise NormlabError(
+                f"cannot create the folder of store {str(self.path)!r}: {exc.strerror or exc}"
+            ) from None
         self._conn = self._open()
 
     # -- connection -------------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        existed = self.path.exists()
+        try:
+            conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise NormlabError(f"cannot open results store {str(self.path)!r}: {exc}") from None
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
             # Reading the header is where SQLite notices a file that is not a database.
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise NormlabError(
-                    f"store {str(self.path)!r} has schema version {version}; this normlab reads up to "
-                    f"{SCHEMA_VERSION}: upgrade normlab"
-                )
+            self._check_version(version)
             if version == 0:
                 self._retry(lambda: self._create_schema(conn))
+            else:
+                # Damaged pages are refused before anything is written over them.
+                self._check_integrity(conn, "quick_check")
             self._retry(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise NormlabError(
-                f"cannot open results store {str(self.path)!r}: {exc}; it is not a normlab SQLite store "
-                "(the file was left untouched)"
-            ) from None
+            if not existed:
+                self.path.unlink(missing_ok=True)
+            raise self._open_error(exc) from None
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        """Open for reading only: no tables created, no journal mode changed. A store on a read-only
+        file system (where SQLite cannot create the WAL index) is opened as immutable."""
+        uri = self.path.resolve().as_uri()
+        last: sqlite3.Error | None = None
+        for query in ("?mode=ro", "?mode=ro&immutable=1"):
+            try:
+                conn = sqlite3.connect(uri + query, uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+            except sqlite3.Error as exc:
+                last = exc
+                continue
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                conn.close()
+                last = exc
+                if "database is locked" in str(exc):
+                    raise self._open_error(exc) from None
+                continue
+            except sqlite3.DatabaseError as exc:
+                conn.close()
+                raise self._open_error(exc) from None
+            except BaseException:
+                conn.close()
+                raise
+            try:
+                self._check_version(version)
+                if version == 0:
+                    raise NormlabError(
+                        f"{str(self.path)!r} is not a normlab results store (no normlab tables; the file "
+                        "was left untouched)"
+                    )
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+        raise self._open_error(last) from None
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise NormlabError(
+                f"store {str(self.path)!r} has schema version {version}; this normlab reads up to "
+                f"{SCHEMA_VERSION}: upgrade normlab"
+            )
+
+    def _check_integrity(self, conn: sqlite3.Connection, pragma: str = "integrity_check") -> None:
+        rows = self._retry(lambda: conn.execute(f"PRAGMA {pragma}").fetchall())
+        verdict = " ".join(" ".join(str(row[0]) for row in rows).split())  # one line
+        if verdict != "ok":
+            raise NormlabError(
+                f"results store {str(self.path)!r} is damaged ({verdict[:160]}); refusing to write to it "
+                "(the file was left untouched; restore a copy or start a new store)"
+            )
+
+    def _open_error(self, exc: BaseException | None) -> NormlabError:
+        message = str(exc)
+        if isinstance(exc, sqlite3.OperationalError) and (
+            "unable to open" in message or "readonly" in message or "read-only" in message
+        ):
+            return NormlabError(
+                f"cannot open results store {str(self.path)!r}: {message} (is its folder writable?)"
+            )
+        return NormlabError(
+            f"cannot open results store {str(self.path)!r}: {message}; it is not a sound normlab SQLite "
+            "store (the file was left untouched)"
+        )
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
@@ -133,6 +226,9 @@ class Store:
         return NormlabError(f"results store {str(self.path)!r}: {exc} (nothing was deleted)")
 
     def _write(self, statements: Callable[[sqlite3.Connection], T]) -> T:
+        if self.readonly:
+            raise NormlabError(f"results store {str(self.path)!r} was opened read-only; cannot write to it")
+
         def transaction() -> T:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -158,10 +254,10 @@ class Store:
         self.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": str(self.path)}
+        return {"path": str(self.path), "readonly": self.readonly}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"])
+        self.__init__(state["path"], readonly=state.get("readonly", False))
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
@@ -169,6 +265,72 @@ class Store:
     def integrity_check(self) -> str:
         """SQLite's ``PRAGMA integrity_check``: ``"ok"`` for a sound file."""
         return "\n".join(row[0] for row in self._read("PRAGMA integrity_check"))
+
+    # -- claims: which process trains which config ---------------------------------------------------
+
+    def claim_config(self, key: str, owner: Owner, *, stale_after: float = STALE_AFTER_S) -> bool:
+        """Atomically claim config ``key`` for ``owner``; False if another live owner holds it.
+
+        A claim whose owner is dead (same host and its pid gone, or no heartbeat for ``stale_after``
+        seconds) is taken over: that owner's ``running`` rows of ``key`` are closed as ``failed``.
+        """
+
+        def claim(c: sqlite3.Connection) -> bool:
+            c.execute(_CLAIMS_TABLE)
+            row = c.execute(
+                "SELECT host, pid, token, heartbeat FROM claims WHERE config_key = ?", (key,)
+            ).fetchone()
+            if row is not None:
+                holder = Owner(row[0], row[1], row[2])
+                if holder == owner:
+                    return True
+                if holder.is_alive(row[3], stale_after):
+                    return False
+                c.execute(
+                    "UPDATE runs SET status = 'failed', error = ?, finished_at = ? "
+                    "WHERE config_key = ? AND status = 'running'",
+                    (f"interrupted: its process {holder} died", _now(), key),
+                )
+            c.execute(
+                "INSERT OR REPLACE INTO claims (config_key, host, pid, token, heartbeat) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (key, owner.host, owner.pid, owner.token, time.time()),
+            )
+            return True
+
+        return self._write(claim)
+
+    def release_config(self, key: str, owner: Owner) -> None:
+        """Drop ``owner``'s claim on ``key`` (another owner's claim is left alone)."""
+        def release(c: sqlite3.Connection) -> None:
+            c.execute(_CLAIMS_TABLE)
+            c.execute("DELETE FROM claims WHERE config_key = ? AND token = ?", (key, owner.token))
+
+        self._write(release)
+
+    def heartbeat(self, owner: Owner) -> None:
+        """Refresh the heartbeat of every claim ``owner`` holds."""
+        def beat(c: sqlite3.Connection) -> None:
+            c.execute(_CLAIMS_TABLE)
+            c.execute("UPDATE claims SET heartbeat = ? WHERE token = ?", (time.time(), owner.token))
+
+        self._write(beat)
+
+    def release_claims(self, owner: Owner) -> None:
+        """Drop every claim ``owner`` holds (a sweep ending, or interrupted)."""
+
+        def release(c: sqlite3.Connection) -> None:
+            c.execute(_CLAIMS_TABLE)
+            c.execute("DELETE FROM claims WHERE token = ?", (owner.token,))
+
+        self._write(release)
+
+    def claim_holder(self, key: str) -> Owner | None:
+        """The owner holding ``key`` now, or None."""
+        if not self._read("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'claims'"):
+            return None
+        rows = self._read("SELECT host, pid, token FROM claims WHERE config_key = ?", (key,))
+        return Owner(*rows[0]) if rows else None
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -381,6 +543,43 @@ class Store:
         from normlab.store.export import write_runs
 
         write_runs(self.runs(**filters), dest, format)
+
+
+# Claims live in a table of their own, created by the first claim (readers and older stores need none).
+_CLAIMS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS claims (config_key TEXT PRIMARY KEY, host TEXT NOT NULL, "
+    "pid INTEGER NOT NULL, token TEXT NOT NULL, heartbeat REAL NOT NULL)"
+)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process holding a claim: its host, pid and a random token (pids are reused)."""
+
+    host: str
+    pid: int
+    token: str
+
+    @classmethod
+    def this_process(cls) -> Owner:
+        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex)
+
+    def is_alive(self, heartbeat: float, stale_after: float = STALE_AFTER_S) -> bool:
+        """Alive: a fresh heartbeat and, on this host, a process with its pid."""
+        if time.time() - heartbeat > stale_after:
+            return False
+        if self.host != socket.gethostname():
+            return True
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by another user
+            return True
+        return True
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}"
 
 
 def _float_or_none(value: Any) -> float | None:

@@ -60,19 +60,27 @@ class Study:
 
     @property
     def module_name(self) -> str:
-        """``normlab.studies.<module>`` for a built-in study; a dotted ``module`` is imported as given."""
-        return self.module if "." in self.module else f"normlab.studies.{self.module}"
+        """``normlab.studies.<module>`` for a built-in study, ``plugin:<name>`` for a plugin."""
+        if self.module.startswith(PLUGIN_PREFIX):
+            return self.module
+        return f"normlab.studies.{self.module}"
 
     def load_module(self) -> Any:
-        """Import :attr:`module_name`; it must define ``run(ctx) -> StudyOutcome``."""
+        """Import the study's module; it must define ``run(ctx) -> StudyOutcome``.
+
+        A recipe is untrusted (it may come from a shared folder), so ``module`` names either a built-in
+        study, ``"<name>"`` for ``normlab/studies/<name>.py``, or ``"plugin:<name>"`` for an installed
+        plugin: an entry point ``<name>`` in the group ``normlab.studies`` of an installed package's
+        metadata (``[project.entry-points."normlab.studies"] my_study = "my_pkg.my_study"``). Nothing
+        else on ``sys.path`` (the recipe's own folder, the working directory) is ever imported.
+        """
         import importlib
 
-        try:
-            module = importlib.import_module(self.module_name)
-        except ModuleNotFoundError as exc:
-            raise NormlabError(
-                f"recipe {self.path or self.name}: module {self.module_name!r} cannot be imported ({exc})"
-            ) from None
+        if self.module.startswith(PLUGIN_PREFIX):
+            module = _load_plugin(self.module[len(PLUGIN_PREFIX) :], self.path or self.name)
+        else:
+            name = _builtin_study_module(self.module, self.path or self.name)
+            module = importlib.import_module(name)
         if not callable(getattr(module, "run", None)):
             raise NormlabError(f"study module {self.module_name} has no run(ctx) function")
         return module
@@ -196,6 +204,56 @@ class StudyContext:
     def metrics(self, run_id: Any, name: str) -> list[tuple[int, float]]:
         """The ``(step, value)`` series of metric ``name`` for run ``run_id`` (e.g. ``probe/ics/...``)."""
         return [(int(s), float(v)) for s, v in self.store.metrics(run_id, name)]
+
+
+PLUGIN_PREFIX = "plugin:"
+PLUGIN_GROUP = "normlab.studies"
+
+
+def _builtin_study_module(module: str, source: Any) -> str:
+    """``normlab.studies.<module>`` after checking it is a plain name whose file lies in this package."""
+    import importlib.util
+
+    if not module.isidentifier():
+        raise NormlabError(
+            f"recipe {source}: module {module!r} must be the name of a built-in study module "
+            f"(normlab/studies/<name>.py) or {PLUGIN_PREFIX}<entry point> of the {PLUGIN_GROUP!r} group"
+        )
+    name = f"normlab.studies.{module}"
+    spec = importlib.util.find_spec(name)
+    package_dir = Path(__file__).resolve().parent
+    origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    if origin is None or origin.parent != package_dir:
+        raise NormlabError(f"recipe {source}: {module!r} is not a built-in study module of normlab.studies")
+    return name
+
+
+def _load_plugin(name: str, source: Any) -> Any:
+    """Load entry point ``name`` of the ``normlab.studies`` group (installed packages only)."""
+    from importlib.metadata import entry_points
+
+    # A package "installed" by a .dist-info folder lying in the working directory or beside the recipe
+    # (``python -m`` puts the working directory on sys.path) would be a shared folder naming its own code.
+    untrusted = {Path.cwd().resolve()}
+    if isinstance(source, Path):
+        untrusted.add(source.resolve().parent)
+    found = [
+        ep for ep in entry_points(group=PLUGIN_GROUP)
+        if ep.name == name and _dist_folder(ep) not in untrusted
+    ]
+    if not found:
+        installed = sorted(ep.name for ep in entry_points(group=PLUGIN_GROUP))
+        raise NormlabError(
+            f"recipe {source}: no installed study plugin {name!r} in entry-point group {PLUGIN_GROUP!r}; "
+            f"installed: {', '.join(installed) or 'none'}"
+        )
+    return found[0].load()
+
+
+def _dist_folder(entry_point: Any) -> Path | None:
+    """The folder holding the entry point's ``.dist-info`` (None when it cannot be told)."""
+    located = getattr(getattr(entry_point, "dist", None), "_path", None)
+    return Path(located).resolve().parent if located is not None else None
 
 
 def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:

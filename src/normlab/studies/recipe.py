@@ -6,7 +6,8 @@ Recipe layout::
     title = "..."                      # str
     claim = "..."                      # str, the paper's claim in one sentence
     paper = "Luo et al. 2019, ..."     # str, citation
-    module = "regularization"          # str, normlab.studies.<module> defines run(ctx)
+    module = "regularization"          # str, normlab/studies/<module>.py defines run(ctx), or
+                                       # "plugin:<name>", entry point <name> of group "normlab.studies"
     [scale.tiny]                       # fast-tier tests (seconds)
     [scale.quick]                      # CPU minutes (default)
     [scale.paper]                      # the paper's settings, for a GPU user
@@ -42,6 +43,8 @@ def load_recipe(path: str | Path) -> Study:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise NormlabError(f"recipe {path}: invalid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise NormlabError(f"recipe {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     return parse_recipe(raw, source=str(path), path=path)
 
 

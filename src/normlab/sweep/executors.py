@@ -8,6 +8,7 @@ store is safe for concurrent writers), so the executor only carries configs and 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -110,8 +111,8 @@ class LocalPoolExecutor:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers,
                 mp_context=get_context("spawn"),
-                initializer=init_worker,
-                initargs=(self.threads_per_worker,),
+                initializer=_init_pool_worker,
+                initargs=(self.threads_per_worker, os.getpid()),
             )
         return self._pool
 
@@ -143,6 +144,14 @@ class LocalPoolExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _init_pool_worker(threads: int, parent_pid: int) -> None:
+    """Set the worker's threads and end it when the process that started the pool dies."""
+    from normlab.sweep.watchdog import exit_with_parent
+
+    init_worker(threads)
+    exit_with_parent(parent_pid)
 
 
 def _worker_died(config: TrainConfig, store_path: str | None, error: str) -> RunResult:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from normlab.errors import NormlabError
+from normlab.sweep.claims import run_claimed
 from normlab.sweep.executors import Executor, InlineExecutor
 from normlab.sweep.worker import CallbacksFactory
 from normlab.train import RunResult, TrainConfig
@@ -52,7 +53,7 @@ def run_sweep(
         raise NormlabError(f"executor must have submit() and results(), got {type(executor).__name__}")
     results: list[RunResult | None] = [None] * len(configs)
     positions: dict[str, list[int]] = {}
-    pending: list[TrainConfig] = []
+    todo: dict[str, TrainConfig] = {}
     for i, config in enumerate(configs):
         done = None
         if store is not None and skip_finished:
@@ -63,13 +64,17 @@ def run_sweep(
                 on_result(config, results[i])
             continue
         key = config.key()
-        if key not in positions:
-            pending.append(config)
+        todo.setdefault(key, config)
         positions.setdefault(key, []).append(i)
-    _submit(pending, executor, store, callbacks_factory, batch)
 
     with _RunProgress(len(positions), progress) as bar:
-        for config, result in executor.results():
+        # Claimed in the store: a config another live sweep trains is read back, not trained twice.
+        done = DONE_STATUSES if skip_finished else ()
+        claimed = run_claimed(
+            todo.values(), store, executor, callbacks_factory, done_statuses=done,
+            submit=lambda batch_of: _submit(batch_of, executor, store, callbacks_factory, batch),
+        )  # fmt: skip
+        for config, result in claimed:
             for i in positions.pop(config.key()):
                 results[i] = result
             if on_result is not None:

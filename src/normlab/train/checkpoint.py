@@ -1,7 +1,9 @@
 """Checkpoints: everything a run needs to continue bit-for-bit, written atomically.
 
-A checkpoint is written to ``<file>.tmp`` and moved over ``<file>`` with ``os.replace`` (atomic on POSIX
-and Windows), so a crash while saving leaves the previous checkpoint intact. It is read with
+A checkpoint is written to a temporary file of its own (``.<file>.<random>.tmp`` in the same folder, so two
+processes saving the same checkpoint never write into one temp file) and moved over ``<file>`` with
+``os.replace`` (atomic on POSIX and Windows): a crash while saving leaves the previous checkpoint intact, and
+a failed write (a full disk) removes its temp file before the error is raised. It is read with
 ``torch.load(weights_only=True)``: only tensors and plain containers, no arbitrary pickled code.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +27,30 @@ VERSION = 1
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write ``state`` (plus format tag and version) to ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
-    os.replace(tmp, path)
+    if path.is_dir():
+        raise NormlabError(f"checkpoint path {str(path)!r} is a folder; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise NormlabError(f"cannot write checkpoint {str(path)!r}: {exc.strerror or exc}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise NormlabError(f"cannot write checkpoint {str(path)!r}: {exc.strerror or exc}") from None
+        raise
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; anything else raises NormlabError naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise NormlabError(f"checkpoint {str(path)!r} is a folder, not a checkpoint file")
     if not path.is_file():
         raise NormlabError(f"checkpoint {str(path)!r} does not exist")
     try:

@@ -450,7 +450,8 @@ class Trainer:
             path = self.checkpoint_path
             if path is None:
                 raise NormlabError("resume=True needs config.checkpoint_dir (where the checkpoint is)")
-            return load_checkpoint(path) if path.is_file() else None
+            # A folder where the checkpoint should be is refused by load_checkpoint, not ignored.
+            return load_checkpoint(path) if path.exists() else None
         return load_checkpoint(resume)
 
     def _restore(self, state: dict) -> None:
@@ -465,11 +466,17 @@ class Trainer:
             self.batches.load_state_dict(state["iterator"])
             set_rng_state(state["rng"])
             self.step = int(state["step"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            self._elapsed_before = float(state.get("elapsed", 0.0))
+            self._train_time = float(state.get("train_time", 0.0))
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
             raise NormlabError(f"checkpoint does not match this run: {exc}") from None
-        self.run_id = state.get("run_id")
-        self._elapsed_before = float(state.get("elapsed", 0.0))
-        self._train_time = float(state.get("train_time", 0.0))
+        if not 0 <= self.step <= self.config.steps:
+            raise NormlabError(
+                f"checkpoint step {self.step} is outside this run's 0..{self.config.steps} steps; "
+                "the checkpoint is damaged or of another run"
+            )
+        run_id = state.get("run_id")
+        self.run_id = run_id if isinstance(run_id, int) and not isinstance(run_id, bool) else None
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> float:
