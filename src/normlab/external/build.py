@@ -83,6 +83,11 @@ def check_outputs(model: nn.Module, sample: torch.Tensor, outputs: int, what: st
     """Run ``model`` in eval mode on ``sample`` (no gradient, buffers untouched); check its output shape."""
     was_training = model.training
     model.eval()
+    # On the model's device: a model built under ``torch.device("meta")`` (normlab.train.estimate) checks
+    # its output shape there, without memory.
+    tensor = next(iter(model.parameters()), None)
+    if tensor is not None:
+        sample = sample.to(tensor.device)
     try:
         with torch.no_grad():
             out = model(sample)
