@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from normlab.batched.grouped import grouped_model
+
 
 class StackedModel:
     """K members of one architecture (``models``: same class and shapes) as stacked leaf tensors;
@@ -48,13 +50,21 @@ class StackedModel:
         self.skeleton = copy.deepcopy(models[0]).to("meta")
         self.size = len(models)
         self.mode = _choose_mode(self.skeleton, params, buffers, tuple(input_shape))
-        self.modes = ("vmap", "loop") if self.mode == "vmap" else ("loop",)
+        self.modes: tuple[str, ...] = ("vmap", "loop") if self.mode == "vmap" else ("loop",)
+        # The hand-grouped twin, offered only where it reproduces the member-by-member numbers.
+        self.grouped = grouped_model(self.skeleton, params, buffers, tuple(input_shape))
+        if self.grouped is not None:
+            self.mode, self.modes = "grouped", ("grouped", *self.modes)
 
     def train(self, mode: bool = True) -> None:
         self.skeleton.train(mode)
+        if self.grouped is not None:
+            self.grouped.train(mode)
 
     def __call__(self, x: Tensor, *, shared_input: bool = False) -> Tensor:
         """Outputs (K, B, ...) of inputs (K, B, ...), or of one (B, ...) for all when ``shared_input``."""
+        if self.mode == "grouped":
+            return self.grouped(self.params, self.buffers, x, shared_input=shared_input)
         if self.mode == "vmap":
             in_x = None if shared_input else 0
             return vmap(self._forward_one, in_dims=(0, 0, in_x), randomness="different")(
