@@ -238,7 +238,7 @@ def test_grouped_forward_backward_and_running_stats_equal_loop_mode(norm):
     torch.manual_seed(0)
     models = [create_model("cnn", norm=norm, norm_options=options) for _ in range(3)]
     for m in models:  # random running statistics, so eval mode and the updates are not trivial
-        for name, b in m.named_buffers():
+        for b in m.buffers():
             if b.is_floating_point():
                 b.copy_(torch.rand_like(b) + 0.5)
     stacks = {mode: StackedModel(models, (1, 40)) for mode in ("grouped", "loop")}
@@ -285,7 +285,9 @@ class _MixesChannels(torch.nn.Module):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: torch.nn.Sequential(torch.nn.Conv1d(1, 4, 3), _Shuffle(), torch.nn.Flatten(), torch.nn.Linear(152, 3)),
+    lambda: torch.nn.Sequential(
+        torch.nn.Conv1d(1, 4, 3), _Shuffle(), torch.nn.Flatten(), torch.nn.Linear(152, 3)
+    ),
     _MixesChannels,
 ], ids=["unknown-layer", "forward-mixes-channels"])
 def test_models_the_grouped_twin_cannot_run_fall_back(make):

@@ -86,7 +86,8 @@ class _Conv(_Leaf):
     def __init__(self, members: _Members, prefix: str, conv: nn.Conv1d | nn.Conv2d) -> None:
         super().__init__(members, prefix)
         self.dims = 1 if isinstance(conv, nn.Conv1d) else 2
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.groups = conv.groups
         self.ws = (conv.gamma, conv.eps) if isinstance(conv, (ScaledStdConv1d, ScaledStdConv2d)) else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -96,7 +97,8 @@ class _Conv(_Leaf):
             gain = self.p("gain")
             w = scaled_std_weight(w, gain.reshape(-1, *gain.shape[2:]), *self.ws)
         conv = F.conv1d if self.dims == 1 else F.conv2d
-        return conv(x, w, _flat(self.p("bias")), self.stride, self.padding, self.dilation, self.groups * self.k)
+        bias = _flat(self.p("bias"))
+        return conv(x, w, bias, self.stride, self.padding, self.dilation, self.groups * self.k)
 
 
 class _Linear(_Leaf):
@@ -112,7 +114,8 @@ class _Linear(_Leaf):
             w = w.view(k, out, features)
         xs = x.reshape(x.shape[0], k, features).transpose(0, 1)  # (K, B, F)
         bias = self.p("bias")
-        y = torch.bmm(xs, w.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, w.transpose(1, 2))
+        wt = w.transpose(1, 2)  # (K, F, out)
+        y = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, wt)
         return y.transpose(0, 1).reshape(x.shape[0], k * out)
 
 
@@ -132,8 +135,7 @@ class _BatchNorm(_Leaf):
                     momentum = 1.0 / float(count[0])
         use_batch = self.training or mean is None
         return F.batch_norm(
-            x, mean if not self.training or self.track else None, var if not self.training or self.track else None,
-            _flat(self.p("weight")), _flat(self.p("bias")), use_batch, momentum, self.eps,
+            x, mean, var, _flat(self.p("weight")), _flat(self.p("bias")), use_batch, momentum, self.eps
         )
 
 
@@ -173,7 +175,8 @@ class _GroupNorm(_Leaf):
         self.groups, self.eps = gn.num_groups, gn.eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.group_norm(x, self.groups * self.k, _flat(self.p("weight")), _flat(self.p("bias")), self.eps)
+        weight, bias = _flat(self.p("weight")), _flat(self.p("bias"))
+        return F.group_norm(x, self.groups * self.k, weight, bias, self.eps)
 
 
 class _LayerNorm(_Leaf):
@@ -185,7 +188,7 @@ class _LayerNorm(_Leaf):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() - 1 != len(self.shape):
-            raise _Ungroupable(f"LayerNorm over {self.shape} on input {tuple(x.shape)}")
+            raise _UngroupableError(f"LayerNorm over {self.shape} on input {tuple(x.shape)}")
         y = F.layer_norm(x.view(x.shape[0], self.k, *self.shape), self.shape, eps=self.eps)
         weight, bias = self.p("weight"), self.p("bias")
         if weight is not None:
@@ -206,11 +209,11 @@ class _FlattenTo(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(1)
         if x.shape[1] != self.members.size * self.features:
-            raise _Ungroupable(f"flattened {x.shape[1]} features for {self.members.size} members")
+            raise _UngroupableError(f"flattened {x.shape[1]} features for {self.members.size} members")
         return x
 
 
-class _Ungroupable(Exception):
+class _UngroupableError(Exception):
     """A module (or input) the grouped twin cannot run."""
 
 
@@ -240,7 +243,13 @@ def _grouped_leaf(module: nn.Module, members: _Members, prefix: str) -> nn.Modul
         return _GroupNorm(members, prefix, module)
     elif type(module) is nn.LayerNorm:
         return _LayerNorm(members, prefix, module)
-    raise _Ungroupable(f"no grouped form of {type(module).__name__}")
+    raise _UngroupableError(f"no grouped form of {type(module).__name__}")
+
+
+def _holds_tensors(module: nn.Module) -> bool:
+    """Whether ``module`` itself (not its children) has parameters or buffers."""
+    own = (*module.parameters(recurse=False), *module.buffers(recurse=False))
+    return len(own) > 0
 
 
 def _replace_leaves(module: nn.Module, members: _Members, prefix: str = "") -> None:
@@ -249,8 +258,8 @@ def _replace_leaves(module: nn.Module, members: _Members, prefix: str = "") -> N
         if next(child.children(), None) is None:
             setattr(module, name, _grouped_leaf(child, members, full))
         else:
-            if any(True for _ in child.parameters(recurse=False)) or any(True for _ in child.buffers(recurse=False)):
-                raise _Ungroupable(f"{type(child).__name__} holds parameters of its own")
+            if _holds_tensors(child):
+                raise _UngroupableError(f"{type(child).__name__} holds parameters of its own")
             _replace_leaves(child, members, full)
 
 
@@ -258,10 +267,10 @@ class GroupedModel:
     """The grouped twin of ``skeleton`` (an architecture whose tensors are supplied at call time)."""
 
     def __init__(self, skeleton: nn.Module) -> None:
-        if any(True for _ in skeleton.parameters(recurse=False)) or any(True for _ in skeleton.buffers(recurse=False)):
-            raise _Ungroupable(f"{type(skeleton).__name__} holds parameters of its own")
+        if _holds_tensors(skeleton):
+            raise _UngroupableError(f"{type(skeleton).__name__} holds parameters of its own")
         if next(skeleton.children(), None) is None:
-            raise _Ungroupable("a model without submodules")
+            raise _UngroupableError("a model without submodules")
         self.members = _Members()
         self.net = copy.deepcopy(skeleton)
         _replace_leaves(self.net, self.members)
@@ -272,7 +281,7 @@ class GroupedModel:
     def __call__(
         self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, *, shared_input: bool = False
     ) -> Tensor:
-        """Outputs (K, B, ...) of inputs (K, B, C, ...), or of one (B, C, ...) for all when ``shared_input``."""
+        """Outputs (K, B, ...) of inputs (K, B, C, ...), or of one (B, C, ...) for all (``shared_input``)."""
         k = next(iter(params.values())).shape[0]
         self.members.params, self.members.buffers, self.members.size = params, buffers, k
         if shared_input:
@@ -293,7 +302,7 @@ def grouped_model(
     order); else None."""
     try:
         grouped = GroupedModel(skeleton)
-    except _Ungroupable:
+    except _UngroupableError:
         return None
     device = next(iter(params.values())).device
     x = torch.randn(2, 4, *shape, device=device)
@@ -312,7 +321,8 @@ def grouped_model(
                 grouped.train(training)
                 want = torch.stack([
                     functional_call(
-                        skeleton, ({n: p[i] for n, p in probe.items()}, {n: b[i] for n, b in loop_buffers.items()}),
+                        skeleton,
+                        ({n: p[i] for n, p in probe.items()}, {n: b[i] for n, b in loop_buffers.items()}),
                         (x[i],),
                     )
                     for i in range(2)
