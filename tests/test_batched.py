@@ -190,22 +190,6 @@ def test_sweep_batched_equals_sweep_one_by_one_and_resumes(tmp_path):
 # -- the grouped mode (members as channel groups of ordinary kernels) ------------------------------------
 
 
-class _Only:
-    """A ModeChooser that keeps the stack in one mode (which must be offered) for the whole run."""
-
-    mode = "grouped"
-
-    def __init__(self, stack) -> None:
-        assert self.mode in stack.modes, stack.modes
-        stack.mode = self.mode
-
-    def start(self) -> None:
-        pass
-
-    def record(self, seconds: float) -> None:
-        pass
-
-
 @pytest.mark.parametrize(
     "setup",
     [
@@ -218,15 +202,20 @@ class _Only:
     ],
     ids=["bn-sgd", "gn-adamw", "ln-sgd", "none-adamw", "nf-agc-sgd", "nf-agc-adamw"],
 )
-def test_grouped_mode_members_equal_their_runs_alone(store, monkeypatch, setup):
-    import normlab.batched.engine as engine
-
-    monkeypatch.setattr(engine, "ModeChooser", _Only)
+def test_grouped_mode_members_equal_their_runs_alone(store, setup):
     base = TrainConfig(**{**SMALL, "steps": 16, "eval_every": 8}, **setup)
     configs = [base.replace(seed=0, lr=0.05), base.replace(seed=1, lr=0.2)]
-    results, histories = run_group(configs, store)
+    results = train_batched(configs, store=store, modes=["grouped"])  # every step in grouped mode
+    histories = [_history(store, r.run_id) for r in results]
     for config, result, history in zip(configs, results, histories, strict=True):
         assert_same_run(result, alone(config), history)
+
+
+def test_a_mode_the_group_cannot_use_is_refused(store):
+    base = TrainConfig(**SMALL, norm="batch_renorm")  # no vmap rule, no grouped form: loop only
+    with pytest.raises(ValueError, match="mode\\(s\\) grouped not available for this group; available: loop"):
+        train_batched([base, base.replace(seed=1)], store=store, modes=["grouped"])
+    assert store.runs() == []
 
 
 @pytest.mark.parametrize("norm", ["bn", "gn", "ln", "none", "nf", "ghost_bn", "frozen_bn"])

@@ -129,15 +129,26 @@ def _choose_mode(
 
 
 class ModeChooser:
-    """Times each of ``stack.modes`` over ``steps`` training steps (after ``warmup`` untimed ones) and then
-    keeps the one with the lower median step time. Both modes compute the same numbers."""
+    """Times each of ``modes`` (default ``stack.modes``) over ``steps`` training steps (after ``warmup``
+    untimed ones) and then keeps the one with the lowest median step time. All modes compute the same
+    numbers; a single mode is simply kept."""
 
-    def __init__(self, stack: StackedModel, steps: int = 8, warmup: int = 2) -> None:
+    def __init__(
+        self, stack: StackedModel, steps: int = 8, warmup: int = 2, modes: tuple[str, ...] | None = None
+    ) -> None:
+        modes = stack.modes if modes is None else tuple(modes)
+        unavailable = [m for m in modes if m not in stack.modes]
+        if unavailable or not modes:
+            raise ValueError(
+                f"mode(s) {', '.join(unavailable) or 'none'} not available for this group; "
+                f"available: {', '.join(stack.modes)}"
+            )
         self.stack = stack
-        self.plan = [m for m in stack.modes for _ in range(warmup + steps)] if len(stack.modes) > 1 else []
+        stack.mode = modes[0]
+        self.plan = [m for m in modes for _ in range(warmup + steps)] if len(modes) > 1 else []
         self.warmup = warmup
-        self.times: dict[str, list[float]] = {m: [] for m in stack.modes}
-        self._seen: dict[str, int] = {m: 0 for m in stack.modes}
+        self.times: dict[str, list[float]] = {m: [] for m in modes}
+        self._seen: dict[str, int] = {m: 0 for m in modes}
 
     def start(self) -> None:
         """Before a step: set the mode the plan asks for (nothing once it is done)."""
