@@ -218,8 +218,9 @@ def test_a_mode_the_group_cannot_use_is_refused(store):
     assert store.runs() == []
 
 
+@pytest.mark.parametrize("conv", [None, "grouped", "matmul"])  # None: each conv times both
 @pytest.mark.parametrize("norm", ["bn", "gn", "ln", "none", "nf", "ghost_bn", "frozen_bn"])
-def test_grouped_forward_backward_and_running_stats_equal_loop_mode(norm):
+def test_grouped_forward_backward_and_running_stats_equal_loop_mode(norm, conv):
     from normlab.batched import StackedModel
     from normlab.models import create_model
 
@@ -232,6 +233,7 @@ def test_grouped_forward_backward_and_running_stats_equal_loop_mode(norm):
                 b.copy_(torch.rand_like(b) + 0.5)
     stacks = {mode: StackedModel(models, (1, 40)) for mode in ("grouped", "loop")}
     assert stacks["grouped"].modes[0] == "grouped"
+    stacks["grouped"].grouped.members.conv = conv
     x = torch.randn(3, 8, 1, 40)
     out, grads = {}, {}
     for mode, stack in stacks.items():
@@ -287,3 +289,20 @@ def test_models_the_grouped_twin_cannot_run_fall_back(make):
     assert stack.grouped is None and stack.modes == ("vmap", "loop")
     x = torch.randn(3, 5, 1, 40)
     torch.testing.assert_close(stack(x), torch.stack([m(x[k]) for k, m in enumerate(models)]))
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_convolutions_equal_each_members_conv(dims, bias):
+    from normlab.batched.grouped import grouped_conv, matmul_conv
+
+    torch.manual_seed(0)
+    cls = torch.nn.Conv1d if dims == 1 else torch.nn.Conv2d
+    convs = [cls(3, 5, 3, stride=2, padding=2, dilation=2, bias=bias).double() for _ in range(4)]
+    x = torch.randn(4, 6, 3, *([11] * dims), dtype=torch.double)  # (K, B, C, *spatial)
+    want = torch.cat([c(x[k]) for k, c in enumerate(convs)], dim=1)  # (B, K*C_out, *spatial)
+    xg = x.transpose(0, 1).reshape(6, 12, *x.shape[3:])
+    w = torch.cat([c.weight for c in convs])
+    b = torch.cat([c.bias for c in convs]) if bias else None
+    torch.testing.assert_close(grouped_conv(xg, w, b, 4, 1, convs[0]), want)
+    torch.testing.assert_close(matmul_conv(xg, w, b, 4, convs[0]), want)

@@ -30,6 +30,8 @@ gradients, the running statistics and the eval-mode forward equal the member-by-
 from __future__ import annotations
 
 import copy
+import math
+import time
 import warnings
 
 import torch
@@ -56,6 +58,7 @@ class _Members:
     params: dict[str, Tensor]
     buffers: dict[str, Tensor]
     size: int
+    conv: str | None = None  # "grouped" / "matmul": every conv uses it (the probe checks both)
 
 
 class _Leaf(nn.Module):
@@ -82,13 +85,49 @@ def _flat(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.view(-1)
 
 
+def grouped_conv(x: Tensor, w: Tensor, bias: Tensor | None, k: int, groups: int, conv: nn.Module) -> Tensor:
+    """K members' convs as one ``groups = K * groups`` convolution. ``x`` (B, K*C_in, *spatial), ``w``
+    (K*C_out, C_in/groups, *kernel), ``bias`` (K*C_out,) or None; ``conv`` gives stride/padding/dilation."""
+    fn = F.conv1d if x.dim() == 3 else F.conv2d
+    return fn(x, w, bias, conv.stride, conv.padding, conv.dilation, groups * k)
+
+
+def matmul_conv(x: Tensor, w: Tensor, bias: Tensor | None, k: int, conv: nn.Module) -> Tensor:
+    """The same convolution (``groups == 1`` per member) as im2col (``F.unfold``) and one batched matmul
+    over the members: (K, C_out, C_in*|kernel|) @ (K, C_in*|kernel|, B*positions). oneDNN's grouped
+    convolution is slow per FLOP for few channels per group (the MNIST-1D CNN's first conv: 2.5x)."""
+    one_d = x.dim() == 3
+    x4 = x.unsqueeze(-1) if one_d else x
+    def pair(v: tuple[int, ...], unit: int) -> tuple[int, int]:  # a 1-D conv is 2-D with a width-1 kernel
+        return (v[0], unit) if one_d else (v[0], v[1])
+
+    size, stride = pair(conv.kernel_size, 1), pair(conv.stride, 1)
+    padding, dilation = pair(conv.padding, 0), pair(conv.dilation, 1)
+    cols = F.unfold(x4, size, dilation=dilation, padding=padding, stride=stride)  # (B, K*C_in*|kernel|, P)
+    b, positions = x.shape[0], cols.shape[-1]
+    fan_in = cols.shape[1] // k
+    cols = cols.view(b, k, fan_in, positions).permute(1, 2, 0, 3).reshape(k, fan_in, b * positions)
+    w3 = w.reshape(k, -1, fan_in)
+    y = torch.bmm(w3, cols) if bias is None else torch.baddbmm(bias.view(k, -1, 1), w3, cols)
+    out = [(x4.shape[2 + i] + 2 * padding[i] - dilation[i] * (size[i] - 1) - 1) // stride[i] + 1
+           for i in range(2)]
+    y = y.view(k, -1, b, positions).permute(2, 0, 1, 3)  # (B, K, C_out, P)
+    return y.reshape(b, -1, out[0]) if one_d else y.reshape(b, -1, *out)
+
+
 class _Conv(_Leaf):
+    """Grouped conv; where both apply, the faster of :func:`grouped_conv` and :func:`matmul_conv` for
+    each training input shape, timed (forward and backward, on detached copies) the first time it is seen,
+    as ``cudnn.benchmark`` does."""
+
     def __init__(self, members: _Members, prefix: str, conv: nn.Conv1d | nn.Conv2d) -> None:
         super().__init__(members, prefix)
-        self.dims = 1 if isinstance(conv, nn.Conv1d) else 2
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.conv = conv  # on the meta device: only its hyper-parameters are read
         self.groups = conv.groups
         self.ws = (conv.gamma, conv.eps) if isinstance(conv, (ScaledStdConv1d, ScaledStdConv2d)) else None
+        self.matmul_ok = conv.groups == 1 and not isinstance(conv.padding, str)
+        self.fastest: dict[tuple[int, ...], str] = {}
+        self.last = "grouped"
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.p("weight")
@@ -96,9 +135,40 @@ class _Conv(_Leaf):
         if self.ws is not None:
             gain = self.p("gain")
             w = scaled_std_weight(w, gain.reshape(-1, *gain.shape[2:]), *self.ws)
-        conv = F.conv1d if self.dims == 1 else F.conv2d
         bias = _flat(self.p("bias"))
-        return conv(x, w, bias, self.stride, self.padding, self.dilation, self.groups * self.k)
+        impl = self._impl(x, w, bias)
+        if impl == "matmul":
+            return matmul_conv(x, w, bias, self.k, self.conv)
+        return grouped_conv(x, w, bias, self.k, self.groups, self.conv)
+
+    def _impl(self, x: Tensor, w: Tensor, bias: Tensor | None) -> str:
+        if not self.matmul_ok:
+            return "grouped"
+        if self.members.conv is not None:
+            return self.members.conv
+        if not (self.training and torch.is_grad_enabled()):
+            return self.last
+        shape = tuple(x.shape)
+        if shape not in self.fastest:
+            self.fastest[shape] = self._time(x, w, bias)
+        self.last = self.fastest[shape]
+        return self.last
+
+    def _time(self, x: Tensor, w: Tensor, bias: Tensor | None, reps: int = 3) -> str:
+        x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+        bias = None if bias is None else bias.detach().requires_grad_()
+        runs = {
+            "grouped": lambda: grouped_conv(x, w, bias, self.k, self.groups, self.conv),
+            "matmul": lambda: matmul_conv(x, w, bias, self.k, self.conv),
+        }
+        times: dict[str, float] = {name: math.inf for name in runs}
+        for rep in range(reps + 1):
+            for name, run in runs.items():
+                tick = time.perf_counter()
+                run().sum().backward()
+                if rep:  # the first round warms up
+                    times[name] = min(times[name], time.perf_counter() - tick)
+        return min(times, key=times.__getitem__)
 
 
 class _Linear(_Leaf):
@@ -298,8 +368,8 @@ def grouped_model(
 ) -> GroupedModel | None:
     """The grouped twin of ``skeleton`` if it computes, for two throwaway members on a random batch of
     inputs of ``shape``, the member-by-member outputs, gradients and running statistics in training mode
-    and outputs in eval mode (to ``tol`` absolute, ``10 * tol`` relative: the grouped kernels sum in another
-    order); else None."""
+    and outputs in eval mode (to ``tol`` absolute plus ``10 * tol`` of each tensor's largest magnitude: the
+    grouped kernels sum in another order), with either conv implementation; else None."""
     try:
         grouped = GroupedModel(skeleton)
     except _UngroupableError:
@@ -307,46 +377,65 @@ def grouped_model(
     device = next(iter(params.values())).device
     x = torch.randn(2, 4, *shape, device=device)
     probe = {n: p[:2].detach().clone().requires_grad_(p.requires_grad) for n, p in params.items()}
-    twin = {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in probe.items()}
-    loop_buffers = {n: b[:2].clone() for n, b in buffers.items()}
-    grouped_buffers = {n: b.clone() for n, b in loop_buffers.items()}
+    probe_buffers = {n: b[:2].clone() for n, b in buffers.items()}
     was_training = skeleton.training
     state = torch.random.get_rng_state()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            outputs = []
-            for training in (True, False):
-                skeleton.train(training)
-                grouped.train(training)
-                want = torch.stack([
-                    functional_call(
-                        skeleton,
-                        ({n: p[i] for n, p in probe.items()}, {n: b[i] for n, b in loop_buffers.items()}),
-                        (x[i],),
-                    )
-                    for i in range(2)
-                ])
-                got = grouped(twin, grouped_buffers, x)
-                if training:
-                    want.float().square().sum().backward()
-                    got.float().square().sum().backward()
-                outputs.append((got.detach(), want.detach()))
-        pairs = [
-            *outputs,
-            *((twin[n].grad, p.grad) for n, p in probe.items() if p.requires_grad),
-            *((grouped_buffers[n], b) for n, b in loop_buffers.items()),
-        ]
-        ok = all(
-            (a is None and b is None)
-            or (a is not None and b is not None and a.shape == b.shape
-                and torch.allclose(a.double(), b.double(), rtol=10 * tol, atol=tol))
-            for a, b in pairs
-        )
+            ok = all(
+                _matches(skeleton, grouped, probe, probe_buffers, x, conv, tol)
+                for conv in ("grouped", "matmul")
+            )
     except Exception:  # noqa: BLE001 - any failure of the grouped twin means: not groupable
         ok = False
     finally:
         torch.random.set_rng_state(state)
         skeleton.train(was_training)
         grouped.train(was_training)
+        grouped.members.conv = None
     return grouped if ok else None
+
+
+def _matches(
+    skeleton: nn.Module, grouped: GroupedModel, params: dict[str, Tensor], buffers: dict[str, Tensor],
+    x: Tensor, conv: str, tol: float,
+) -> bool:
+    """One training step's outputs, gradients and buffers, then eval outputs: grouped == member by member."""
+    grouped.members.conv = conv
+    mine = {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in params.items()}
+    twin = {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in params.items()}
+    loop_buffers = {n: b.clone() for n, b in buffers.items()}
+    grouped_buffers = {n: b.clone() for n, b in buffers.items()}
+    pairs = []
+    for training in (True, False):
+        skeleton.train(training)
+        grouped.train(training)
+        want = torch.stack([
+            functional_call(
+                skeleton,
+                ({n: p[i] for n, p in mine.items()}, {n: b[i] for n, b in loop_buffers.items()}),
+                (x[i],),
+            )
+            for i in range(x.shape[0])
+        ])
+        got = grouped(twin, grouped_buffers, x)
+        if training:
+            want.float().square().sum().backward()
+            got.float().square().sum().backward()
+        pairs.append((got.detach(), want.detach()))
+    pairs += [(twin[n].grad, p.grad) for n, p in mine.items() if p.requires_grad]
+    pairs += [(grouped_buffers[n], b) for n, b in loop_buffers.items()]
+    return all(
+        (a is None and b is None)
+        or (a is not None and b is not None and a.shape == b.shape and _close(a.double(), b.double(), tol))
+        for a, b in pairs
+    )
+
+
+def _close(got: Tensor, want: Tensor, tol: float) -> bool:
+    """``max |got - want| <= tol + 10 tol max |want|``: relative to the tensor's scale, not elementwise (a
+    gradient entry near 0 can lose all its digits to cancellation in either summation order)."""
+    if want.numel() == 0:
+        return True
+    return bool((got - want).abs().max() <= tol + 10 * tol * want.abs().max())

@@ -15,8 +15,16 @@ mode for layers vmap cannot trace (old-style ``torch.autograd.Function`` s witho
 BN's fused kernel, batch renorm; found by trying vmap on a throwaway copy of two members), and it is the
 faster one where the arithmetic outweighs the per-step overhead: oneDNN's grouped convolution and vmap's
 batch norm are slower per FLOP than the plain kernels (the CNN at batch 128: vmap 1.26x, loop 0.88x the
-time of 9 separate runs; at batch 16: vmap 0.45x, loop 0.89x). ``modes`` lists the usable modes; the
-engine times them on the first steps and keeps the faster (:class:`ModeChooser`).
+time of 9 separate runs; at batch 16: vmap 0.45x, loop 0.89x).
+
+Grouped (``mode == "grouped"``, :mod:`normlab.batched.grouped`): a hand-grouped twin of the architecture
+runs the K members as channel groups of one network of ordinary kernels (grouped conv, one BN / GroupNorm
+over K*C channels, batched matmul for linear layers) on views of the same stacked tensors, without vmap's
+per-op overhead and its slower batch norm. It is offered only where every layer has a grouped form and a
+probe on two throwaway members reproduces the member-by-member outputs, gradients and running statistics.
+
+``modes`` lists the usable modes; the engine times them on the first steps and keeps the fastest
+(:class:`ModeChooser`).
 
 The sum of the members' losses has, for each member's parameters, exactly that member's gradient (no
 member's output depends on another's parameters), so one ``backward`` gives every member its own
