@@ -117,8 +117,8 @@ def matmul_conv(x: Tensor, w: Tensor, bias: Tensor | None, k: int, conv: nn.Modu
 
 class _Conv(_Leaf):
     """Grouped conv; where both apply, the faster of :func:`grouped_conv` and :func:`matmul_conv` for
-    each training input shape, timed (forward and backward, on detached copies) the first time it is seen,
-    as ``cudnn.benchmark`` does."""
+    each input shape, timed on detached copies (forward and backward in training, forward alone in
+    evaluation) the first time the shape is seen, as ``cudnn.benchmark`` does."""
 
     def __init__(self, members: _Members, prefix: str, conv: nn.Conv1d | nn.Conv2d) -> None:
         super().__init__(members, prefix)
@@ -126,8 +126,7 @@ class _Conv(_Leaf):
         self.groups = conv.groups
         self.ws = (conv.gamma, conv.eps) if isinstance(conv, (ScaledStdConv1d, ScaledStdConv2d)) else None
         self.matmul_ok = conv.groups == 1 and not isinstance(conv.padding, str)
-        self.fastest: dict[tuple[int, ...], str] = {}
-        self.last = "grouped"
+        self.fastest: dict[tuple[int, ...], str] = {}  # (backward, *input shape) -> implementation
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.p("weight")
@@ -146,17 +145,15 @@ class _Conv(_Leaf):
             return "grouped"
         if self.members.conv is not None:
             return self.members.conv
-        if not (self.training and torch.is_grad_enabled()):
-            return self.last
-        shape = tuple(x.shape)
-        if shape not in self.fastest:
-            self.fastest[shape] = self._time(x, w, bias)
-        self.last = self.fastest[shape]
-        return self.last
+        backward = self.training and torch.is_grad_enabled()
+        key = (backward, *x.shape)
+        if key not in self.fastest:
+            self.fastest[key] = self._time(x, w, bias, backward)
+        return self.fastest[key]
 
-    def _time(self, x: Tensor, w: Tensor, bias: Tensor | None, reps: int = 3) -> str:
-        x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
-        bias = None if bias is None else bias.detach().requires_grad_()
+    def _time(self, x: Tensor, w: Tensor, bias: Tensor | None, backward: bool, reps: int = 3) -> str:
+        x, w = x.detach().requires_grad_(backward), w.detach().requires_grad_(backward)
+        bias = None if bias is None else bias.detach().requires_grad_(backward)
         runs = {
             "grouped": lambda: grouped_conv(x, w, bias, self.k, self.groups, self.conv),
             "matmul": lambda: matmul_conv(x, w, bias, self.k, self.conv),
@@ -165,7 +162,10 @@ class _Conv(_Leaf):
         for rep in range(reps + 1):
             for name, run in runs.items():
                 tick = time.perf_counter()
-                run().sum().backward()
+                with torch.enable_grad() if backward else torch.no_grad():
+                    out = run()
+                    if backward:
+                        out.sum().backward()
                 if rep:  # the first round warms up
                     times[name] = min(times[name], time.perf_counter() - tick)
         return min(times, key=times.__getitem__)
