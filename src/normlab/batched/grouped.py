@@ -9,7 +9,8 @@ kernel:
 
 * Conv (and normlab's Scaled WS conv): weight (K, C_out, C_in/g, *k) viewed as (K*C_out, C_in/g, *k),
   one convolution with ``groups = K*g`` (Scaled WS standardizes each output unit's filter, so the K*C_out
-  rows standardize exactly as each member's C_out rows would);
+  rows standardize exactly as each member's C_out rows would); or, where that is faster for a layer and
+  input shape (timed once per shape), im2col and one batched matmul over the members (:func:`matmul_conv`);
 * BatchNorm (torch BN, frozen BN, ghost BN): one ``F.batch_norm`` over K*C channels; its running
   statistics are (K*C,) views of the stacked (K, C) buffers, so the in-place update lands in each member's
   slice (a batch statistic of one channel never mixes channels, hence never members);
