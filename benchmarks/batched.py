@@ -5,8 +5,11 @@
 
 1. Time per optimizer step of K (default 9) members trained as one stacked model, divided by the time of
    K separate runs' steps (each run's ``steps_per_s``, which excludes evaluation), for the MNIST-1D CNN
-   with BN and GN at batch 16 and 128 (issue 12's goal: <= 0.25 at batch 16). Members differ in seed and
-   lr as a compare grid's do. Rounds interleave batched and separate, so machine load hits both alike.
+   with BN and GN at batch 16 and 128 (issue 12's goal: <= 0.25 at batch 16), once with the engine's own
+   choice of forward mode (``auto``: it times the modes on the first steps) and once per mode forced
+   (``grouped``: members as channel groups of ordinary kernels; ``vmap``; ``loop``: member by member).
+   Members differ in seed and lr as a compare grid's do. Rounds interleave batched and separate, so
+   machine load hits both alike.
 2. ``--grid``: wall time of the default ``normlab compare`` grid (4 norms x 2 batch sizes x 3 lrs x 3 seeds
    = 72 runs, ``--epochs`` each) batched / unbatched on 1 worker, and unbatched on 2 workers / 1 worker
    (goal <= 0.6), each through ``run_sweep`` into a fresh store.
@@ -32,8 +35,11 @@ def member_configs(norm: str, batch_size: int, members: int, steps: int) -> list
     return [base.replace(seed=i // len(lrs), lr=lrs[i % len(lrs)] * batch_size / 128) for i in range(members)]
 
 
-def seconds_per_step_batched(configs: list[TrainConfig]) -> float:
-    results = train_batched(configs)
+MODES = ("auto", "grouped", "vmap", "loop")
+
+
+def seconds_per_step_batched(configs: list[TrainConfig], mode: str = "auto") -> float:
+    results = train_batched(configs, modes=None if mode == "auto" else [mode])
     return 1.0 / results[0].steps_per_s
 
 
@@ -44,20 +50,24 @@ def seconds_per_step_separate(configs: list[TrainConfig]) -> float:
 def step_ratios(steps: int, rounds: int, members: int) -> None:
     print(f"time per optimizer step, {members} members batched / {members} separate runs "
           f"(cnn on mnist1d, {steps} steps, {rounds} rounds, {torch.get_num_threads()} thread(s))")
-    print(f"{'norm':6} {'batch':>5} {'batched ms':>11} {'separate ms':>12} {'ratio (median)':>15} {'min':>6}")
+    print(f"{'norm':6} {'batch':>5} {'mode':>8} {'batched ms':>11} {'separate ms':>12} "
+          f"{'ratio (median)':>15} {'min':>6}")
     for norm in ("bn", "gn"):
         for batch_size in (16, 128):
             configs = member_configs(norm, batch_size, members, steps)
-            batched, separate, ratios = [], [], []
+            batched: dict[str, list[float]] = {m: [] for m in MODES}
+            separate, ratios = [], {m: [] for m in MODES}
             for _ in range(rounds):
-                b = seconds_per_step_batched(configs)
                 s = seconds_per_step_separate(configs)
-                batched.append(b)
                 separate.append(s)
-                ratios.append(b / s)
-            print(f"{norm:6} {batch_size:5d} {1e3 * statistics.median(batched):11.2f} "
-                  f"{1e3 * statistics.median(separate):12.2f} {statistics.median(ratios):15.3f} "
-                  f"{min(ratios):6.3f}")
+                for mode in MODES:
+                    b = seconds_per_step_batched(configs, mode)
+                    batched[mode].append(b)
+                    ratios[mode].append(b / s)
+            for mode in MODES:
+                print(f"{norm:6} {batch_size:5d} {mode:>8} {1e3 * statistics.median(batched[mode]):11.2f} "
+                      f"{1e3 * statistics.median(separate):12.2f} {statistics.median(ratios[mode]):15.3f} "
+                      f"{min(ratios[mode]):6.3f}")
 
 
 def grid_wall(epochs: int, subset: int | None) -> None:

@@ -185,3 +185,124 @@ def test_sweep_batched_equals_sweep_one_by_one_and_resumes(tmp_path):
         again = run_sweep(configs, a, InlineExecutor(), batch=True)
         assert [r.run_id for r in again] == [r.run_id for r in batched]
         assert len(a.runs()) == 5
+
+
+# -- the grouped mode (members as channel groups of ordinary kernels) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        dict(norm="bn", optimizer="sgd", nesterov=False),
+        dict(norm="gn", optimizer="adamw", weight_decay=0.05),
+        dict(norm="ln", optimizer="sgd"),
+        dict(norm="none", optimizer="adamw"),
+        dict(norm="nf", agc_clip=0.01, optimizer="sgd"),
+        dict(norm="nf", agc_clip=0.01, optimizer="adamw"),
+    ],
+    ids=["bn-sgd", "gn-adamw", "ln-sgd", "none-adamw", "nf-agc-sgd", "nf-agc-adamw"],
+)
+def test_grouped_mode_members_equal_their_runs_alone(store, setup):
+    base = TrainConfig(**{**SMALL, "steps": 16, "eval_every": 8}, **setup)
+    configs = [base.replace(seed=0, lr=0.05), base.replace(seed=1, lr=0.2)]
+    results = train_batched(configs, store=store, modes=["grouped"])  # every step in grouped mode
+    histories = [_history(store, r.run_id) for r in results]
+    for config, result, history in zip(configs, results, histories, strict=True):
+        assert_same_run(result, alone(config), history)
+
+
+def test_a_mode_the_group_cannot_use_is_refused(store):
+    base = TrainConfig(**SMALL, norm="batch_renorm")  # no vmap rule, no grouped form: loop only
+    with pytest.raises(ValueError, match="mode\\(s\\) grouped not available for this group; available: loop"):
+        train_batched([base, base.replace(seed=1)], store=store, modes=["grouped"])
+    assert store.runs() == []
+
+
+@pytest.mark.parametrize("conv", [None, "grouped", "matmul"])  # None: each conv times both
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln", "none", "nf", "ghost_bn", "frozen_bn"])
+def test_grouped_forward_backward_and_running_stats_equal_loop_mode(norm, conv):
+    from normlab.batched import StackedModel
+    from normlab.models import create_model
+
+    options = {"virtual_batch_size": 4} if norm == "ghost_bn" else {}
+    torch.manual_seed(0)
+    models = [create_model("cnn", norm=norm, norm_options=options) for _ in range(3)]
+    for m in models:  # random running statistics, so eval mode and the updates are not trivial
+        for b in m.buffers():
+            if b.is_floating_point():
+                b.copy_(torch.rand_like(b) + 0.5)
+    stacks = {mode: StackedModel(models, (1, 40)) for mode in ("grouped", "loop")}
+    assert stacks["grouped"].modes[0] == "grouped"
+    stacks["grouped"].grouped.members.conv = conv
+    x = torch.randn(3, 8, 1, 40)
+    out, grads = {}, {}
+    for mode, stack in stacks.items():
+        stack.mode = mode
+        stack.train()
+        y = stack(x)
+        y.square().sum().backward()
+        stack.train(False)
+        out[mode] = (y.detach(), stack(x), stack(x[0], shared_input=True))
+        grads[mode] = {n: p.grad for n, p in stack.params.items()}
+    for a, b in zip(out["grouped"], out["loop"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for name, g in grads["loop"].items():
+        torch.testing.assert_close(grads["grouped"][name], g, rtol=1e-4, atol=1e-5, msg=name)
+    # Each member's running statistics moved with its own batch, as the model alone would move them.
+    for k, model in enumerate(models):
+        model.train()
+        model(x[k])
+        for name, b in model.named_buffers():
+            torch.testing.assert_close(stacks["grouped"].buffers[name][k], b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _Shuffle(torch.nn.Module):
+    """A channel shuffle: no grouped form known."""
+
+    def forward(self, x):
+        return x.flip(1)
+
+
+class _MixesChannels(torch.nn.Module):
+    """Known leaves, but the model's own forward reverses the channels (crossing members when grouped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 4, 3)
+        self.head = torch.nn.Linear(4 * 38, 3)
+
+    def forward(self, x):
+        return self.head(self.conv(x).flip(1).flatten(1))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.nn.Sequential(
+        torch.nn.Conv1d(1, 4, 3), _Shuffle(), torch.nn.Flatten(), torch.nn.Linear(152, 3)
+    ),
+    _MixesChannels,
+], ids=["unknown-layer", "forward-mixes-channels"])
+def test_models_the_grouped_twin_cannot_run_fall_back(make):
+    from normlab.batched import StackedModel
+
+    models = [make() for _ in range(3)]
+    stack = StackedModel(models, (1, 40))
+    assert stack.grouped is None and stack.modes == ("vmap", "loop")
+    x = torch.randn(3, 5, 1, 40)
+    torch.testing.assert_close(stack(x), torch.stack([m(x[k]) for k, m in enumerate(models)]))
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_convolutions_equal_each_members_conv(dims, bias):
+    from normlab.batched.grouped import grouped_conv, matmul_conv
+
+    torch.manual_seed(0)
+    cls = torch.nn.Conv1d if dims == 1 else torch.nn.Conv2d
+    convs = [cls(3, 5, 3, stride=2, padding=2, dilation=2, bias=bias).double() for _ in range(4)]
+    x = torch.randn(4, 6, 3, *([11] * dims), dtype=torch.double)  # (K, B, C, *spatial)
+    want = torch.cat([c(x[k]) for k, c in enumerate(convs)], dim=1)  # (B, K*C_out, *spatial)
+    xg = x.transpose(0, 1).reshape(6, 12, *x.shape[3:])
+    w = torch.cat([c.weight for c in convs])
+    b = torch.cat([c.bias for c in convs]) if bias else None
+    torch.testing.assert_close(grouped_conv(xg, w, b, 4, 1, convs[0]), want)
+    torch.testing.assert_close(matmul_conv(xg, w, b, 4, convs[0]), want)

@@ -49,9 +49,12 @@ def train_batched(
     configs: Sequence[TrainConfig],
     store: Any = None,
     policies: Sequence[MemberPolicy] | None = None,
+    modes: Sequence[str] | None = None,
 ) -> list[RunResult]:
     """Train ``configs`` (compatible: :func:`normlab.batched.batch_key` equal) as one stacked model and
-    return their RunResults in order. ``policies`` overrides each member's :func:`member_policy`.
+    return their RunResults in order. ``policies`` overrides each member's :func:`member_policy`;
+    ``modes`` restricts the forward modes timed on the first steps (default: all the stack offers, see
+    :class:`normlab.batched.StackedModel`); a mode the group cannot use raises ValueError.
 
     Bad configs raise NormlabError before anything is stored; an exception while training records every
     unfinished member as ``failed`` and returns those results (as a sweep's worker would)."""
@@ -66,12 +69,12 @@ def train_batched(
             _share_data(members[0].trainer, trainer)
         policy = policies[i] if policies is not None else member_policy(config, trainer.total_steps)
         members.append(_Member(trainer, policy))
-    _Group(members).run()
+    _Group(members, modes).run()
     return [m.result for m in members]  # type: ignore[misc]
 
 
 class _Group:
-    def __init__(self, members: list[_Member]) -> None:
+    def __init__(self, members: list[_Member], modes: Sequence[str] | None = None) -> None:
         first = members[0].trainer
         self.members = members
         self.alive = list(members)
@@ -79,6 +82,7 @@ class _Group:
         self.loss_fn = first.loss_fn
         self.classification = first.classification
         self.stack = StackedModel([m.trainer.model for m in members], tuple(first.data.x_train.shape[1:]))
+        self.chooser = ModeChooser(self.stack, modes=None if modes is None else tuple(modes))
         names = dict(first.model.named_parameters())
         decayed_ids = {
             id(p)
@@ -107,7 +111,7 @@ class _Group:
             m.trainer.open_run()
         started = time.perf_counter()
         side = 0.0
-        chooser = ModeChooser(self.stack)
+        chooser = self.chooser
         try:
             self.stack.train()
             while self.alive:

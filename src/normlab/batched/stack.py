@@ -15,8 +15,16 @@ mode for layers vmap cannot trace (old-style ``torch.autograd.Function`` s witho
 BN's fused kernel, batch renorm; found by trying vmap on a throwaway copy of two members), and it is the
 faster one where the arithmetic outweighs the per-step overhead: oneDNN's grouped convolution and vmap's
 batch norm are slower per FLOP than the plain kernels (the CNN at batch 128: vmap 1.26x, loop 0.88x the
-time of 9 separate runs; at batch 16: vmap 0.45x, loop 0.89x). ``modes`` lists the usable modes; the
-engine times them on the first steps and keeps the faster (:class:`ModeChooser`).
+time of 9 separate runs; at batch 16: vmap 0.45x, loop 0.89x).
+
+Grouped (``mode == "grouped"``, :mod:`normlab.batched.grouped`): a hand-grouped twin of the architecture
+runs the K members as channel groups of one network of ordinary kernels (grouped conv, one BN / GroupNorm
+over K*C channels, batched matmul for linear layers) on views of the same stacked tensors, without vmap's
+per-op overhead and its slower batch norm. It is offered only where every layer has a grouped form and a
+probe on two throwaway members reproduces the member-by-member outputs, gradients and running statistics.
+
+``modes`` lists the usable modes; the engine times them on the first steps and keeps the fastest
+(:class:`ModeChooser`).
 
 The sum of the members' losses has, for each member's parameters, exactly that member's gradient (no
 member's output depends on another's parameters), so one ``backward`` gives every member its own
@@ -33,6 +41,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from normlab.batched.grouped import grouped_model
+
 
 class StackedModel:
     """K members of one architecture (``models``: same class and shapes) as stacked leaf tensors;
@@ -48,13 +58,21 @@ class StackedModel:
         self.skeleton = copy.deepcopy(models[0]).to("meta")
         self.size = len(models)
         self.mode = _choose_mode(self.skeleton, params, buffers, tuple(input_shape))
-        self.modes = ("vmap", "loop") if self.mode == "vmap" else ("loop",)
+        self.modes: tuple[str, ...] = ("vmap", "loop") if self.mode == "vmap" else ("loop",)
+        # The hand-grouped twin, offered only where it reproduces the member-by-member numbers.
+        self.grouped = grouped_model(self.skeleton, params, buffers, tuple(input_shape))
+        if self.grouped is not None:
+            self.mode, self.modes = "grouped", ("grouped", *self.modes)
 
     def train(self, mode: bool = True) -> None:
         self.skeleton.train(mode)
+        if self.grouped is not None:
+            self.grouped.train(mode)
 
     def __call__(self, x: Tensor, *, shared_input: bool = False) -> Tensor:
         """Outputs (K, B, ...) of inputs (K, B, ...), or of one (B, ...) for all when ``shared_input``."""
+        if self.mode == "grouped":
+            return self.grouped(self.params, self.buffers, x, shared_input=shared_input)
         if self.mode == "vmap":
             in_x = None if shared_input else 0
             return vmap(self._forward_one, in_dims=(0, 0, in_x), randomness="different")(
@@ -119,15 +137,26 @@ def _choose_mode(
 
 
 class ModeChooser:
-    """Times each of ``stack.modes`` over ``steps`` training steps (after ``warmup`` untimed ones) and then
-    keeps the one with the lower median step time. Both modes compute the same numbers."""
+    """Times each of ``modes`` (default ``stack.modes``) over ``steps`` training steps (after ``warmup``
+    untimed ones) and then keeps the one with the lowest median step time. All modes compute the same
+    numbers; a single mode is simply kept."""
 
-    def __init__(self, stack: StackedModel, steps: int = 8, warmup: int = 2) -> None:
+    def __init__(
+        self, stack: StackedModel, steps: int = 8, warmup: int = 2, modes: tuple[str, ...] | None = None
+    ) -> None:
+        modes = stack.modes if modes is None else tuple(modes)
+        unavailable = [m for m in modes if m not in stack.modes]
+        if unavailable or not modes:
+            raise ValueError(
+                f"mode(s) {', '.join(unavailable) or 'none'} not available for this group; "
+                f"available: {', '.join(stack.modes)}"
+            )
         self.stack = stack
-        self.plan = [m for m in stack.modes for _ in range(warmup + steps)] if len(stack.modes) > 1 else []
+        stack.mode = modes[0]
+        self.plan = [m for m in modes for _ in range(warmup + steps)] if len(modes) > 1 else []
         self.warmup = warmup
-        self.times: dict[str, list[float]] = {m: [] for m in stack.modes}
-        self._seen: dict[str, int] = {m: 0 for m in stack.modes}
+        self.times: dict[str, list[float]] = {m: [] for m in modes}
+        self._seen: dict[str, int] = {m: 0 for m in modes}
 
     def start(self) -> None:
         """Before a step: set the mode the plan asks for (nothing once it is done)."""
