@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from normlab.cli._common import print_json
 from normlab.errors import NormlabError
 
 
@@ -19,6 +20,12 @@ def register(app: typer.Typer) -> None:
 def study(
     name: Annotated[str | None, typer.Argument(help="Study name (see --list) or a recipe path.")] = None,
     list_: Annotated[bool, typer.Option("--list", help="List the studies and exit.")] = False,
+    all_: Annotated[
+        bool, typer.Option("--all", help="Run every study; print one table and write OUT/index.html.")
+    ] = False,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print the result as JSON instead of Markdown.")
+    ] = False,
     scale: Annotated[str, typer.Option(help="tiny (seconds), quick (CPU minutes), paper (GPU).")] = "quick",
     seeds: Annotated[int, typer.Option(help="Seeds per configuration; tables show mean ± 95% CI.")] = 3,
     device: Annotated[str, typer.Option(help="Torch device for training, e.g. cpu or cuda.")] = "cpu",
@@ -40,8 +47,10 @@ def study(
             recipe = get_study(study_name)
             console.print(f"[bold]{study_name}[/bold]  {recipe.title}", soft_wrap=True)
         return
-    if name is None:
-        raise NormlabError(f"give a study name or --list; valid studies: {', '.join(list_studies())}")
+    if all_ and name is not None:
+        raise NormlabError(f"give a study name or --all, not both (got {name!r} and --all)")
+    if name is None and not all_:
+        raise NormlabError(f"give a study name, --all or --list; valid studies: {', '.join(list_studies())}")
     if workers < 1:
         raise NormlabError(f"--workers must be >= 1, got {workers!r}")
     if threads < 0:
@@ -55,8 +64,15 @@ def study(
 
     err = Console(stderr=True)
     executor = _executor(workers)
+    if all_:
+        try:
+            _run_all(console, err, list_studies(), scale, seeds, device, out, store, executor, json_)
+        finally:
+            if executor is not None:
+                executor.shutdown()
+        return
     try:
-        _, files = run_study(
+        outcome, files = run_study(
             name,
             scale=scale,
             seeds=seeds,
@@ -69,8 +85,33 @@ def study(
     finally:
         if executor is not None:
             executor.shutdown()
+    if json_:
+        from normlab.studies._verdict import agreement_word
+
+        payload = {"study": name, "verdict": agreement_word(outcome.agrees_with_paper),
+                   "report": str(files.html), **outcome.to_dict()}
+        payload.pop("data")
+        print_json(payload)
+        return
     _print_markdown(console, files.markdown_text)
     console.print(f"report: {files.html}")
+
+
+def _run_all(console, err, names, scale, seeds, device, out, store, executor, as_json: bool) -> None:
+    """``--all``: every study in turn, one table, ``OUT/index.html``."""
+    from normlab.studies.suite import run_all, suite_table, write_index
+
+    rows = run_all(
+        names, out=out, scale=scale, seeds=seeds, device=device, store=store, executor=executor,
+        progress=lambda message: err.print(f"[dim]{message}[/dim]"),
+    )
+    files = write_index(out, rows, scale=scale, seeds=seeds)
+    if as_json:
+        rows_json = [r.to_dict() for r in rows]
+        print_json({"scale": scale, "seeds": seeds, "index": str(files.html), "rows": rows_json})
+        return
+    _print_markdown(console, suite_table(rows).to_markdown())
+    console.print(f"index: {files.html}")
 
 
 def report(
