@@ -73,13 +73,21 @@ def decide(
     b: str,
     results_b: Sequence[Any],
     *,
-    value: Callable[[Any], float] = final_test_acc,
+    value: Callable[[Any], float] | tuple[Sequence[float], Sequence[float]] = final_test_acc,
     higher_is_better: bool = True,
     paired: bool = True,
 ) -> Verdict:
-    """:func:`normlab.stats.compare_arms` on two arms of runs (same seeds in the same order: paired)."""
-    va, sa = arm(results_a, value)
-    vb, sb = arm(results_b, value)
+    """:func:`normlab.stats.compare_arms` on two arms of runs (same seeds in the same order: paired).
+
+    ``value`` reads the metric from a ``RunResult``, or is the pair ``(values_a, values_b)`` of per-seed
+    numbers measured elsewhere (from the store); the runs then only supply the convergence statuses.
+    """
+    if callable(value):
+        va, sa = arm(results_a, value)
+        vb, sb = arm(results_b, value)
+    else:
+        (_, sa), (_, sb) = arm(results_a, lambda r: 0.0), arm(results_b, lambda r: 0.0)
+        va, vb = [float(v) for v in value[0]], [float(v) for v in value[1]]
     paired = paired and len(va) == len(vb)
     return compare_arms(
         a, va, b, vb, statuses_a=sa, statuses_b=sb, higher_is_better=higher_is_better, paired=paired,
@@ -137,3 +145,36 @@ def ci_text(values: Sequence[float], scale: float = 100.0, unit: str = "%", digi
         return "n/a"
     text = f"{scale * mean:.{digits}f}"
     return text + (f" ± {scale * half:.{digits}f}{unit}" if math.isfinite(half) else unit)
+
+
+def record(result: Any, **values: float) -> dict[str, Any]:
+    """A study's per-seed record of one run: its ids and statuses, plus ``values`` (NaN when the run did
+    not finish)."""
+    done = result.status == "finished"
+    return {
+        "run_id": result.run_id,
+        "status": result.status,
+        "convergence": getattr(result, "convergence", "") or ("unconverged" if done else result.status),
+        "convergence_reason": getattr(result, "convergence_reason", ""),
+        **{k: (float(v) if done else math.nan) for k, v in values.items()},
+    }
+
+
+def compare_records(
+    a: str,
+    records_a: Sequence[dict[str, Any]],
+    b: str,
+    records_b: Sequence[dict[str, Any]],
+    key: str,
+    *,
+    higher_is_better: bool = True,
+) -> Verdict:
+    """:func:`normlab.stats.compare_arms` on ``record[key]`` of two arms of per-seed records (each with
+    ``convergence``; records without it count as results, e.g. measurements at initialization)."""
+    va, vb = [float(r[key]) for r in records_a], [float(r[key]) for r in records_b]
+    sa = [r["convergence"] for r in records_a] if all("convergence" in r for r in records_a) else None
+    sb = [r["convergence"] for r in records_b] if all("convergence" in r for r in records_b) else None
+    return compare_arms(
+        a, va, b, vb, statuses_a=sa, statuses_b=sb, higher_is_better=higher_is_better,
+        paired=len(va) == len(vb), settle=SETTLE,
+    )
