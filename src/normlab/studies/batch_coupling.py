@@ -152,7 +152,12 @@ def run(ctx: StudyContext) -> StudyOutcome:
     figure = ctx.save_figure(_plot(coupling), "coupling", "Cross-example dependence per norm at "
                              "initialization, train vs eval mode (log scale; exact zeros drawn at 1e-12).")
     data = {"coupling": coupling, "expected": expected, "errors": errors}
-    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data)
+    key_figures = "train-mode coupling: " + ", ".join(
+        f"{n} {v['train']:.2g}" for n, v in coupling.items() if math.isfinite(v["train"])
+    ) + "; eval-mode max " + (
+        f"{max((v['eval'] for v in coupling.values() if math.isfinite(v['eval'])), default=math.nan):.2g}"
+    )
+    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data, key_figures)
 
 
 def judge(

@@ -227,7 +227,15 @@ def run(ctx: StudyContext) -> StudyOutcome:
     figure = ctx.save_figure(_plot(ratios), "cost_ratios", caption)
     data = {"ratios": {n: {k: list(v) for k, v in r.items()} for n, r in ratios.items()},
             "per_seed": per_seed}
-    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data)
+    key_figures = "vs BN per training step: " + ", ".join(
+        f"{n} {_ratio_text(r['train'])}" for n, r in ratios.items() if n != "bn"
+    ) + f"; BN folded at inference {_ratio_text(ratios['bn']['infer_folded'])}"
+    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data, key_figures)
+
+
+def _ratio_text(cell: tuple[float, float]) -> str:
+    mean, half = cell
+    return f"{mean:.2f}x" + (f" ± {half:.2f}" if math.isfinite(half) else "")
 
 
 def judge(
