@@ -133,3 +133,39 @@ def test_cost_activation_bytes_is_exact_for_a_linear_relu_net():
     got = cost.activation_bytes(model, x, y)
     assert got == 4 * (5 * 8 + 5 * 16 + 5 * 4) + 8 * 5 + 4
     assert cost.param_bytes(model) == 4 * (8 * 16 + 16 + 16 * 4 + 4)
+
+
+# -- quick-scale budgets, as the recipes document them (issue 11, item 5) ------------------------------
+
+
+def test_quick_budgets_give_every_arm_its_training():
+    from normlab.studies import get_study
+
+    # Santurkar's VGG studies: 1500 steps (600-800 left the standard net untrained).
+    for name in ("noisy-bn", "landscape"):
+        assert get_study(name).params("quick")["steps"] >= 1500
+    assert get_study("ics").params("quick")["nets"]["vgg"]["steps"] >= 1500
+    # Grid studies train the same steps at every batch size (equal epochs starved the large batches).
+    for name in ("normalizer-free", "large-batch", "small-batch", "regularization"):
+        assert get_study(name).params("quick")["steps"] >= 500, name
+    assert min(get_study("small-batch").params("quick")["batch_sizes"]) >= 4
+
+
+def test_budget_fields_steps_override_epochs():
+    from normlab.studies._grid import budget_fields, budget_text
+
+    assert budget_fields({"epochs": 8, "steps": 600}) == {"steps": 600, "epochs": None}
+    assert budget_fields({"epochs": 8}) == {"epochs": 8}
+    assert budget_text({"epochs": 8, "steps": 600}) == "600 steps at every batch size"
+
+
+def test_run_length_reaches_only_a_norm_that_takes_it(monkeypatch):
+    from normlab.layers import factory
+    from normlab.studies._grid import with_run_length
+
+    fields = {"norm": "batch_renorm", "norm_options": {"r_max": 2.0}}
+    monkeypatch.setattr(factory, "norm_options", lambda name: ["r_max", "total_steps"])
+    assert with_run_length(fields, 900)["norm_options"] == {"r_max": 2.0, "total_steps": 900}
+    monkeypatch.setattr(factory, "norm_options", lambda name: ["r_max"])
+    assert with_run_length(fields, 900) is fields
+    assert with_run_length({"norm": "nf", "agc_clip": 0.01}, 900) == {"norm": "nf", "agc_clip": 0.01}

@@ -66,7 +66,7 @@ def study(
     executor = _executor(workers)
     if all_:
         try:
-            _run_all(console, err, list_studies(), scale, seeds, device, out, store, executor, json_)
+            _run_all(console, err, scale, seeds, device, out, store, executor, json_)
         finally:
             if executor is not None:
                 executor.shutdown()
@@ -97,13 +97,14 @@ def study(
     console.print(f"report: {files.html}")
 
 
-def _run_all(console, err, names, scale, seeds, device, out, store, executor, as_json: bool) -> None:
+def _run_all(console, err, scale, seeds, device, out, store, executor, as_json: bool) -> None:
     """``--all``: every study in turn, one table, ``OUT/index.html``."""
+    from normlab.studies import registry
     from normlab.studies.suite import run_all, suite_table, write_index
 
     rows = run_all(
-        names, out=out, scale=scale, seeds=seeds, device=device, store=store, executor=executor,
-        progress=lambda message: err.print(f"[dim]{message}[/dim]"),
+        registry.list_studies(), out=out, scale=scale, seeds=seeds, device=device, store=store,
+        executor=executor, progress=lambda message: err.print(f"[dim]{message}[/dim]"),
     )
     files = write_index(out, rows, scale=scale, seeds=seeds)
     if as_json:

@@ -18,7 +18,8 @@ from typing import Any
 from normlab.studies.base import mean_ci
 
 # Recipe fields copied into every TrainConfig when present.
-_BASE_FIELDS = ("model", "width", "depth", "dataset", "subset", "weight_decay", "epochs")
+# The budget (steps or epochs) comes from budget_fields.
+_BASE_FIELDS = ("model", "width", "depth", "dataset", "subset", "weight_decay")
 
 
 def base_fields(params: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +52,21 @@ def variant_fields(name: str, params: dict[str, Any]) -> dict[str, Any]:
         name = "bn"
     options = dict(params.get("norm_options", {}).get(name, {}))
     return {"norm": name, "norm_options": options} if options else {"norm": name}
+
+
+def with_run_length(fields: dict[str, Any], total_steps: int) -> dict[str, Any]:
+    """``fields`` with the run's length passed to a norm whose schedule needs it (Batch Renorm's r_max /
+    d_max ramps, Ioffe 2017 Sec. 4), only when the layer lists a ``total_steps`` option and the recipe does
+    not set it. # after i11a: the renorm layer gains that option; today's layers take none, so this is a
+    no-op until then."""
+    from normlab.layers.factory import norm_options
+
+    norm = fields.get("norm")
+    if norm is None or norm in ("nf", "none") or "total_steps" not in norm_options(norm):
+        return fields
+    options = dict(fields.get("norm_options", {}))
+    options.setdefault("total_steps", int(total_steps))
+    return {**fields, "norm_options": options}
 
 
 def group_results(keys: Sequence[Hashable], results: Sequence[Any]) -> dict[Hashable, list[Any]]:

@@ -18,6 +18,8 @@ from typing import Any
 from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._grid import (
     base_fields,
+    budget_fields,
+    budget_text,
     group_results,
     lr_summary,
     lr_text,
@@ -55,7 +57,8 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 for seed in ctx.seeds:
                     configs.append(
                         ctx.config(
-                            **base_fields(p), **variant_fields(variant, p), batch_size=batch, lr=lr, seed=seed
+                            **base_fields(p), **budget_fields(p), **variant_fields(variant, p),
+                            batch_size=batch, lr=lr, seed=seed,
                         )
                     )
                     keys.append((variant, batch, lr))
@@ -66,7 +69,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
         "Best stable lr, its test accuracy (%, mean ± 95% CI) and the largest stable lr",
         ["variant", "batch", "best lr", "test acc at best lr", "largest stable lr", "diverged runs"],
         notes=[
-            f"{len(ctx.seeds)} seeds; {p['epochs']} epochs; lr grid {', '.join(map(lr_text, p['lrs']))}.",
+            f"{len(ctx.seeds)} seeds; {budget_text(p)}; lr grid {', '.join(map(lr_text, p['lrs']))}.",
             f"Stable lr: every seed finished and mean test accuracy >= {pct(p['min_acc'], 0)}.",
             f"NF+AGC: normalizer-free {p['model']} (Scaled WS) with AGC clip {p['agc_clip']:g}.",
         ],

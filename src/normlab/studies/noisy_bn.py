@@ -200,9 +200,9 @@ def verdict(lr: float, runs: dict[str, list[dict[str, Any]]]) -> tuple[str, bool
     harms = _compare(runs, "none", "noise", "fit_acc")
     stable = _compare(runs, "noisy_bn", "bn", "mean_change", better=False)
     key = (
-        f"train-mode training acc: noisy BN {fig('noisy_bn', 'fit_acc')}, BN {fig('bn', 'fit_acc')}, "
-        f"standard {fig('none', 'fit_acc')}, noise w/o BN {fig('noise', 'fit_acc')}; eval-mode test acc: "
-        f"noisy BN {fig('noisy_bn', 'test_acc')}, BN {fig('bn', 'test_acc')}"
+        "train-mode training acc: "
+        + ", ".join(f"{LABELS[n]} {fig(n, 'fit_acc')}" for n in ("noisy_bn", "bn", "none", "noise"))
+        + f"; eval-mode test acc: noisy BN {fig('noisy_bn', 'test_acc')}, BN {fig('bn', 'test_acc')}"
     )
     sentence = (
         f"At LR {lr:g}, in train mode (noise on): {trains.sentence('training accuracy', 1.0)} "

@@ -20,6 +20,7 @@ from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._grid import (
     base_fields,
     budget_fields,
+    budget_text,
     group_results,
     lr_summary,
     lr_text,
@@ -68,7 +69,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
         ["variant", "best lr", "test acc (%)", "steps/s", "steps/s ÷ BN", "largest stable lr", "diverged"],
         notes=[
             f"{p['model']} depth {p['depth']} width {p['width']}, batch {p['batch_size']}, "
-            f"{p['epochs']} epochs, {len(ctx.seeds)} seeds, lr grid {', '.join(map(lr_text, p['lrs']))}.",
+            f"{budget_text(p)}, {len(ctx.seeds)} seeds, lr grid {', '.join(map(lr_text, p['lrs']))}.",
             f"Stable lr: every seed finished and mean test accuracy >= {pct(p['min_acc'], 0)}. "
             f"NF-ResNet+AGC: nf_resnet (Scaled WS, alpha/beta scaling) with AGC clip {p['agc_clip']:g}.",
             "steps/s: each run's own training-loop timing; runs execute one after another, so machine load "

@@ -24,7 +24,14 @@ import math
 from typing import Any
 
 from normlab.stats import INCONCLUSIVE, WIN
-from normlab.studies._grid import base_fields, budget_fields, group_results, pct_cell, variant_fields
+from normlab.studies._grid import (
+    base_fields,
+    budget_fields,
+    group_results,
+    pct_cell,
+    variant_fields,
+    with_run_length,
+)
 from normlab.studies._verdict import ci_text, compare_records, record
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
@@ -106,10 +113,11 @@ def run(ctx: StudyContext) -> StudyOutcome:
     for variant in p["variants"]:
         for batch in p["batch_sizes"]:
             for seed in ctx.seeds:
+                steps = p["steps"] if p.get("steps") else p["epochs"] * (p["subset"] // batch)
                 config = ctx.config(
                     **base_fields(p),
                     **budget_fields(p),
-                    **variant_fields(variant, p),
+                    **with_run_length(variant_fields(variant, p), steps),
                     batch_size=batch,
                     lr=p["lr"] * batch / p["base_batch"],
                     seed=seed,
