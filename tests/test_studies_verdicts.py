@@ -267,3 +267,36 @@ def test_residual_judge_exponent_interval_and_branch_ratio():
     sentence, agrees, _, _ = residual.judge(depths, measured, {"skipinit": runs(0.2, 0.2, 0.2,
                                                                                 convergence="stalled")})
     assert agrees is None and "SkipInit: 3 stalled of 3 run(s)" in sentence
+
+
+# -- noisy-bn's eval: the expected training-time layer ---------------------------------------------
+
+
+def test_expected_layers_scale_noisy_bn_and_noise_by_e_s():
+    import torch
+
+    from normlab.layers import create_norm
+
+    torch.manual_seed(0)
+    for norm in ("noisy_bn", "noise"):
+        layer = create_norm(norm, 6, dims=1)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 6), layer, torch.nn.Linear(6, 3))
+        x = torch.randn(64, 5)
+        model.train()(x)  # running statistics move off their initial values
+        model.eval()
+        hidden = model[0](x)
+        if norm == "noisy_bn":
+            bn = model[1]
+            plain = torch.nn.functional.batch_norm(hidden, bn.running_mean, bn.running_var, bn.weight,
+                                                   bn.bias, False, 0.0, bn.eps)
+        else:
+            plain = hidden
+        dropped = model[1](hidden)
+        added = noisy_bn.expected_layers(model)
+        expected = model[1](hidden)
+        if torch.allclose(dropped, plain, atol=1e-5):  # today's layer drops the noise: the hook adds E[s]
+            assert added == 1
+            torch.testing.assert_close(expected, 1.125 * plain)
+        else:  # the layer evaluates as its expectation itself: no second scaling
+            assert added == 0
+            torch.testing.assert_close(expected, dropped)

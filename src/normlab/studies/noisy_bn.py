@@ -133,9 +133,88 @@ class StabilityProbe:
                 ctx.log(f"probe/activation_stats/{field}/{layer}", series[-1])
 
 
+EXPECTED_EVAL = "noisy_bn/expected_eval_test_acc"
+
+
+def expected_layers(model: nn.Module) -> int:
+    """Make every noise-injecting module of ``model`` (noisy BN, noise without BN) evaluate as the
+    expectation of its training-time layer: ``E[s] * a + E[m]`` with ``E[s] = (1 + n_sigma) / 2`` and
+    ``E[m] = 0`` (Alg. 1's draws; science.md section 2). A layer whose eval output already carries E[s] is
+    left alone (after i11a the layers do this themselves); one that drops the noise (output = plain BN, or
+    the identity) gets a forward hook applying E[s] where its noise acts. Returns the number of hooks added.
+    The model must be in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
+    hooks = 0
+    for module in model.modules():
+        noise = getattr(module, "noise", None)
+        if not isinstance(noise, dict) or "n_sigma" not in noise:
+            continue
+        scale = (1.0 + noise["n_sigma"]) / 2.0
+        channels = getattr(module, "num_features", None) or 4
+        out = plain = None
+        for shape in ((4, channels, 3), (4, channels), (4, channels, 3, 3)):
+            probe = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+            try:
+                if getattr(module, "running_mean", None) is not None:
+                    probe = probe.to(module.running_mean)
+                    plain = F.batch_norm(probe, module.running_mean, module.running_var, module.weight,
+                                         module.bias, False, 0.0, module.eps)
+                else:
+                    plain = probe
+                out = module(probe)
+                break
+            except Exception:  # noqa: BLE001,S112 - the layer rejects this input rank: try the next one
+                continue
+        if out is None:
+            raise NormlabError(f"cannot probe the eval output of {type(module).__name__}")
+        if not torch.allclose(out, plain, atol=1e-5):
+            continue  # the layer's eval already differs from dropping the noise: trust it
+        bias = getattr(module, "bias", None)
+        before_affine = not getattr(module, "noise_after_affine", True) and bias is not None
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any, scale=scale, bias=bias,
+                 before_affine=before_affine) -> Any:
+            if before_affine:  # gamma * (E[s] * x_hat) + beta
+                shift = bias.view(1, -1, *([1] * (output.dim() - 2)))
+                return scale * (output - shift) + shift
+            return scale * output
+
+        module.register_forward_hook(hook)
+        hooks += 1
+    return hooks
+
+
+class ExpectedEval:
+    """Trainer callback at the last step: the test accuracy of a copy of the model whose noise layers
+    evaluate as their expected training-time layer (:func:`expected_layers`), logged as
+    :data:`EXPECTED_EVAL`."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __call__(self, ctx: Any) -> None:
+        import copy
+
+        from normlab.train.evaluate import evaluate
+
+        model = copy.deepcopy(ctx.model).eval()
+        expected_layers(model)
+        device = next(model.parameters()).device
+        _, acc = evaluate(model, self.data.x_test.to(device), self.data.y_test.to(device), ctx.loss_fn,
+                          batch_size=ctx.config.eval_batch_size, classification=True)
+        ctx.log(EXPECTED_EVAL, acc)
+
+
 def callbacks(config: Any, *, every: int, slots: list[int], units: int) -> list:
     """The callbacks of one run; module level so the process pool can pickle it (via ``partial``)."""
-    return [StabilityProbe(every, slots, units, seed=config.seed)]
+    out: list = [StabilityProbe(every, slots, units, seed=config.seed)]
+    if config.norm in ("noisy_bn", "noise"):
+        from normlab.train.build import load_data
+
+        out.append((ExpectedEval(load_data(config)), config.steps))
+    return out
 
 
 def stability(metrics: dict[str, list[tuple[int, float]]], field: str) -> float:
@@ -257,6 +336,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
             "convergence": result.convergence or ("unconverged" if done else result.status),
             "convergence_reason": result.convergence_reason,
             "test_acc": 100.0 * result.final_test_acc if done else math.nan,
+            "layer_eval_acc": 100.0 * result.final_test_acc if done else math.nan,
             "train_acc": 100.0 * result.final_train_acc if done else math.nan,
         }
         metrics = {}
@@ -271,6 +351,10 @@ def run(ctx: StudyContext) -> StudyOutcome:
         for key, name, scale in (("fit_acc", "train/acc", 100.0), ("fit_loss", "train/loss", 1.0)):
             series = ctx.metrics(result.run_id, name) if result.run_id is not None and done else []
             record[key] = scale * final_fit(series) if series else math.nan
+        if done and norm in ("noisy_bn", "noise") and result.run_id is not None:
+            # Eval mode of the noise layers: their expected training-time layer (output x E[s]).
+            last = ctx.store.latest_metric(result.run_id, EXPECTED_EVAL)
+            record["test_acc"] = 100.0 * last[1] if last is not None else math.nan
         runs.setdefault((lr, norm), []).append(record)
 
     table = Table(
@@ -280,7 +364,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
             "network",
             "train-mode batch acc %",
             "train-mode batch loss",
-            "test acc % (eval)",
+            "test acc % (eval, expected layer)",
             "train acc % (eval)",
             "|mu_t+1 - mu_t|",
             "|var_t+1 - var_t|",
