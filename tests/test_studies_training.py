@@ -100,25 +100,33 @@ def _ratios(train, infer, folded=(0.8, 0.05), half=0.05):
     return {"train": (train, half), "infer": (infer, half), "infer_folded": folded, "memory": (1.0, 0.0)}
 
 
-def test_cost_verdict_flips():
+def _seeds(times: dict[str, tuple[float, float, float]]) -> list[dict[str, dict[str, float]]]:
+    """Three seeds of median times (s): ``times[norm] = (train, infer, infer_folded)`` x (1, 1.01, 0.99)."""
+    return [{n: {"train": t * f, "infer": i * f, "infer_folded": fo * f} for n, (t, i, fo) in times.items()}
+            for f in (1.0, 1.01, 0.99)]
+
+
+def test_cost_verdict_by_the_rule():
     ratios = {"bn": _ratios(1.0, 1.0, (0.7, 0.05)), "gn": _ratios(1.3, 1.4), "ln": _ratios(1.1, 1.2)}
-    sentence, agrees, discrepancy = cost.judge(ratios, "fold_bn folded 6 of 13 BN layers")
+    seeds = _seeds({"bn": (1.0, 1.0, 0.7), "gn": (1.3, 1.4, 1.4), "ln": (1.1, 1.2, 1.2)})
+    sentence, agrees, discrepancy = cost.judge(ratios, seeds, "fold_bn folded 6 of 13 BN layers")
     assert agrees is True and discrepancy is None
     assert sentence == (
         "Per training step GN 1.30x ± 0.05, LN 1.10x ± 0.05 BN's time; at inference BN folded into its "
         "convolutions (fold_bn folded 6 of 13 BN layers) takes 0.70x ± 0.05 unfolded BN's time against "
         "GN 1.40x ± 0.05, LN 1.20x ± 0.05."
     )
-    flipped = {"bn": _ratios(1.0, 1.0, (1.0, 0.05)), "gn": _ratios(0.8, 0.7)}
-    sentence, agrees, discrepancy = cost.judge(flipped)
+    flipped = _seeds({"bn": (1.0, 1.0, 1.0), "gn": (0.8, 0.7, 0.7)})
+    flipped_ratios = {"bn": _ratios(1.0, 1.0, (1.0, 0.05)), "gn": _ratios(0.8, 0.7)}
+    _, agrees, discrepancy = cost.judge(flipped_ratios, flipped)
     assert agrees is False
     assert discrepancy == (
-        "GN trains faster than BN beyond the 95% CI; folded BN inference is slower than GN beyond the 95% CI."
+        "BN's training step is not faster than GN's beyond the seeds' spread; folded BN inference is not "
+        "faster than GN's beyond the seeds' spread."
     )
-    noisy = {"bn": _ratios(1.0, 1.0, (0.7, 0.05)), "gn": _ratios(1.03, 1.4)}
-    sentence, agrees, discrepancy = cost.judge(noisy)
-    assert agrees is None and discrepancy is None
-    assert sentence.endswith("(GN training: within the 95% CI, no difference resolved).")
+    two = _seeds({"bn": (1.0, 1.0, 0.7), "gn": (1.3, 1.4, 1.4)})[:2]
+    sentence, agrees, _ = cost.judge({"bn": _ratios(1.0, 1.0, (0.7, 0.05)), "gn": _ratios(1.3, 1.4)}, two)
+    assert agrees is None and sentence.startswith("Inconclusive (BN has 2 result(s)")
 
 
 def test_cost_activation_bytes_is_exact_for_a_linear_relu_net():
