@@ -5,20 +5,28 @@ standard (no norm), with BN, with "noisy" BN -- after every BN layer, at every s
 ``mu_j ~ U(-n_mu, n_mu)``, ``sigma_j ~ U(1, n_sigma)`` and per sample and channel
 ``m_ij ~ U(mu_j - r_mu, mu_j + r_mu)``, ``s_ij ~ N(sigma_j, r_sigma)``, ``a_ij <- s_ij a_ij + m_ij``
 (n_mu = 0.5, n_sigma = 1.25, r_mu = r_sigma = 0.1; training mode only) -- and with the same noise but no
-BN. Their finding: noisy BN trains about as well as BN although its layers' input distributions are far
-less stable (Fig. 2's percentile bands), while the noise alone prevents training.
+BN. Their finding (Fig. 2 is about *training*): noisy BN trains about as well as BN although its layers'
+input distributions are far less stable, while the noise alone harms training.
 
 Protocol: norms ``none`` / ``bn`` / ``noisy_bn`` / ``noise`` (``normlab.layers``), plain SGD (no momentum,
-no weight decay), constant LR, for every LR of ``lrs`` and every seed. Every ``track_every`` steps an
-:class:`normlab.probes.ActivationTracker` measures, on the step's batch in training mode (so the noise is
-included: it is what the next layer sees), ``units`` sampled channels of the norm slots ``track_layers``
-(1-based: the module right after the i-th conv / hidden linear layer, i.e. the BN, noisy BN, noise or
-identity output before the ReLU). Logged per step: the {1, 15, 50, 85, 99}th percentiles of each unit
-(``probe/activation_stats/p<q>/<layer>/<unit>``) and the tracker's step-to-step mean change ``|mu_{t+1} -
-mu_t|``, variance change and drift from the first step (``probe/activation_stats/<field>/<layer>``).
+no weight decay), constant LR, for every LR of ``lrs`` and every seed.
 
-Table: final test accuracy per norm and LR, and the stability numbers averaged over training and the
-tracked layers. The verdict uses the first LR.
+- Training performance (the claim): the logged training-batch accuracy and loss in train mode (noise on),
+  over the last 10% of the logs, and their curves (the accuracy figure).
+- Eval mode: the noise layers evaluate as the expectation of their training-time layer (output x E[s],
+  E[s] = (1 + n_sigma) / 2, E[m] = 0; :func:`expected_layers`); dropping the noise without rescaling leaves
+  every later layer's running statistics off by E[s]. Reported beside the training numbers, not decided on.
+- Stability: every ``track_every`` steps an :class:`normlab.probes.ActivationTracker` measures, on the
+  step's batch in training mode, ``units`` sampled channels at the *inputs* of the norm slots
+  ``track_layers`` (1-based: the conv / hidden linear output before the i-th norm slot). Noisy BN injects
+  its noise after the norm, so at these points only the earlier layers' noise arrives: their instability
+  is a measurement, not true by construction (it would be at the slot's output). Logged per step: the {1,
+  15, 50, 85, 99}th percentiles of each unit (``probe/activation_stats/p<q>/<layer>/<unit>``) and the
+  tracker's step-to-step mean change ``|mu_{t+1} - mu_t|``, variance change and drift from the first
+  step (``probe/activation_stats/<field>/<layer>``).
+
+The verdict (:func:`verdict`, first LR) uses the shared rule on converged arms: noisy BN vs BN and the
+standard net vs the noise without BN on training accuracy, noisy BN vs BN on the mean change.
 """
 
 from __future__ import annotations
