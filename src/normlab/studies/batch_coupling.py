@@ -166,7 +166,7 @@ def judge(
     """Which norms couple examples in train mode (all measured couplings, init and trained) and whether any
     couples them in eval mode, against the expectation from the layer types."""
     if not coupling:
-        return "Undecided: no norm could be measured.", None, None
+        return "Inconclusive: no norm could be measured.", None, None
 
     def worst(values: dict[str, float], prefix: str) -> float:
         found = [v for k, v in values.items() if k.startswith(prefix) and math.isfinite(v)]
