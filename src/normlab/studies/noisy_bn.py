@@ -300,8 +300,11 @@ def verdict(lr: float, runs: dict[str, list[dict[str, Any]]]) -> tuple[str, bool
     )
     parts = (trains, harms, stable)
     if any(v.word == INCONCLUSIVE for v in parts):
-        reasons = "; ".join(v.reason for v in parts if v.word == INCONCLUSIVE)
-        return f"Inconclusive at this scale ({reasons}). " + sentence, None, None, key
+        reasons = "; ".join(dict.fromkeys(v.reason for v in parts if v.word == INCONCLUSIVE))
+        settle = "; ".join(dict.fromkeys(v.settle for v in parts if v.word == INCONCLUSIVE and v.settle))
+        text = (f"Inconclusive at this scale ({reasons}); to settle it: {settle}. As measured at LR {lr:g} "
+                f"(not a verdict): {key}.")
+        return text, None, None, key
     failed = []
     if trains.word == WIN and trains.winner == LABELS["bn"]:
         failed.append("BN trains better than noisy BN beyond the seeds' spread")
