@@ -178,3 +178,12 @@ def compare_records(
         a, va, b, vb, statuses_a=sa, statuses_b=sb, higher_is_better=higher_is_better,
         paired=len(va) == len(vb), settle=SETTLE,
     )
+
+
+def inconclusive_text(reasons: Sequence[str], key_figures: str, settle: str | None = None) -> str:
+    """The verdict sentence of a study that cannot decide: why (each reason once), what settles it, and the
+    numbers as measured, marked as not a verdict."""
+    why = "; ".join(dict.fromkeys(r for r in reasons if r))
+    settle = settle or SETTLE["unconverged"]
+    text = f"Inconclusive at this scale ({why}); to settle it: {settle}."
+    return text + (f" As measured (not a verdict): {key_figures}." if key_figures else "")

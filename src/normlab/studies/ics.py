@@ -30,7 +30,7 @@ from typing import Any
 
 from normlab.stats import INCONCLUSIVE, WIN, compare_arms
 from normlab.studies._series import ci, mean_curve
-from normlab.studies._verdict import SETTLE
+from normlab.studies._verdict import SETTLE, inconclusive_text
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {"nets": dict, "norms": {"list": str}, "probe_every": int}
@@ -129,7 +129,7 @@ def verdict(
     sentence = " ".join(parts)
     key = "; ".join(keys)
     if undecided:
-        return f"Inconclusive at this scale ({'; '.join(undecided)}). " + sentence, None, None, key
+        return inconclusive_text(undecided, key), None, None, key
     if failed:
         discrepancy = "Santurkar et al. find BN's ICS similar or higher, but " + "; ".join(failed) + "."
         return sentence + " BN reduces internal covariate shift here.", False, discrepancy, key

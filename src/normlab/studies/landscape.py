@@ -29,7 +29,7 @@ from typing import Any
 from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._santurkar import santurkar_base
 from normlab.studies._series import ci, mean_curve
-from normlab.studies._verdict import compare_records, record
+from normlab.studies._verdict import compare_records, inconclusive_text, record
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {
@@ -184,7 +184,7 @@ def verdict(lr: float, runs: dict[str, list[dict[str, Any]]]) -> tuple[str, bool
     )
     undecided = [f"{NAMES[k]}: {v.reason}" for k, v in found.items() if v.word == INCONCLUSIVE]
     if undecided:
-        return f"Inconclusive at this scale ({undecided[0]}). " + sentence, None, None, key_figures
+        return inconclusive_text(undecided, key_figures), None, None, key_figures
     failed = [
         f"BN's {NAMES[k]} is not lower beyond the seeds' spread ({v.word})"
         for k, v in found.items()

@@ -28,7 +28,7 @@ from normlab.studies._grid import (
     pct_cell,
     variant_fields,
 )
-from normlab.studies._verdict import ci_text, decide
+from normlab.studies._verdict import ci_text, decide, inconclusive_text
 from normlab.studies.base import StudyContext, StudyOutcome, Table
 
 PARAMS = {
@@ -138,7 +138,7 @@ def judge(
             found = decide("NF+AGC", nf["best_runs"], "BN", bn["best_runs"])
             sentence += " " + found.sentence()
             if found.word == INCONCLUSIVE:
-                return f"Inconclusive at this scale ({found.reason}). " + sentence, None, None, key
+                return inconclusive_text([found.reason], key, found.settle), None, None, key
             if found.word == WIN and found.winner == "BN":
                 problems.append("NF+AGC's best accuracy falls short of BN's beyond the seeds' spread")
     discrepancy = "; ".join(problems) + " (see acc_vs_lr)." if problems else None

@@ -29,7 +29,7 @@ from normlab.studies._grid import (
     pct_cell,
     variant_fields,
 )
-from normlab.studies._verdict import ci_text, decide
+from normlab.studies._verdict import ci_text, decide, inconclusive_text
 from normlab.studies.base import StudyContext, StudyOutcome, Table
 
 PARAMS = {
@@ -127,7 +127,7 @@ def judge(summaries: dict[str, dict[str, Any]]) -> tuple[str, bool | None, str |
         sentence += f" NF+AGC is less stable than the unnormalized net (lr {nf_lr} vs " \
                     f"{lr_text(none['largest_stable_lr'])})."
     if found.word == INCONCLUSIVE:
-        return f"Inconclusive at this scale ({found.reason}). " + sentence, None, None, key
+        return inconclusive_text([found.reason], key, found.settle), None, None, key
     problems = []
     if found.word == WIN and found.winner == "BN":
         problems.append("NF+AGC's accuracy falls short of BN's beyond the seeds' spread (see acc_vs_lr)")

@@ -26,7 +26,7 @@ from normlab.studies._grid import (
     stat,
     variant_fields,
 )
-from normlab.studies._verdict import ci_text, compare_records, record
+from normlab.studies._verdict import ci_text, compare_records, inconclusive_text, record
 from normlab.studies.base import StudyContext, StudyOutcome, Table
 
 PARAMS = {
@@ -156,7 +156,7 @@ def judge(
     )
     undecided = [v.reason for v in found.values() if v.word == INCONCLUSIVE]
     if undecided:
-        return f"Inconclusive at this scale ({undecided[0]}). " + sentence, None, None, key
+        return inconclusive_text(undecided, key), None, None, key
     lost = [n for n, v in found.items() if not (v.word == WIN and v.winner == "BN")]
     if not lost:
         return sentence + " BN's regularization weakens more than the other norms' as the batch grows.", \

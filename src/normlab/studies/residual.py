@@ -27,7 +27,7 @@ import torch
 
 from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._series import ci, mean_curve
-from normlab.studies._verdict import decide_values, training_gate
+from normlab.studies._verdict import decide_values, inconclusive_text, training_gate
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {
@@ -167,7 +167,7 @@ def judge(
             undecided.append(gate)
     sentence = " ".join(sentences)
     if undecided:
-        return f"Inconclusive at this scale ({undecided[0]}). " + sentence, None, None, key
+        return inconclusive_text(undecided, key), None, None, key
     discrepancy = (
         ("De & Smith predict an order-sqrt(depth) downscaling by BN, but " + "; ".join(failed) + ".")
         if failed

@@ -32,7 +32,7 @@ from normlab.studies._grid import (
     variant_fields,
     with_run_length,
 )
-from normlab.studies._verdict import ci_text, compare_records, record
+from normlab.studies._verdict import ci_text, compare_records, inconclusive_text, record
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS = {
@@ -252,7 +252,7 @@ def judge(
             sentence += " " + compare_records(LABELS[v], accs(v), "BN", accs("bn"), "acc").sentence(
                 f"test accuracy at batch {small}")
     if found.word == INCONCLUSIVE:
-        return f"Inconclusive at this scale ({found.reason}). " + sentence, None, None, key
+        return inconclusive_text([found.reason], key, found.settle), None, None, key
     agrees = found.word == WIN and found.winner == "BN"
     discrepancy = None if agrees else (
         f"Wu & He report BN's error rising 11.1 pts from batch 32 to 2 and GN's flat; here BN's rise from "
