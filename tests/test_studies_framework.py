@@ -383,3 +383,16 @@ def test_cli_all_json_runs_every_listed_study(demo_recipe, tmp_path, capsys, mon
     assert printed["scale"] == "tiny" and printed["seeds"] == 3
     assert [r["verdict"] for r in printed["rows"]] == ["disagrees"]
     assert (out / "index.html").is_file() and (out / "demo" / "report.html").is_file()
+
+
+def test_report_of_a_results_folder_writes_the_index(demo_recipe, tmp_path, capsys):
+    out = tmp_path / "res"
+    assert _cli(["study", str(demo_recipe), "--scale", "tiny", "--seeds", "3", "--out", str(out)]) == 0
+    (out / "junk").mkdir()
+    (out / "junk" / "outcome.json").write_text("{not json")  # untrusted: skipped, never fatal
+    capsys.readouterr()
+    assert _cli(["report", str(out), "--quiet"]) == 0
+    page = (out / "index.html").read_text()
+    assert '<a href="demo/report.html">' in page and "disagrees" in page
+    assert "normlab study --all --scale tiny --seeds 3" in page
+    assert json.loads((out / "index.json").read_text())["rows"][0]["name"] == "demo"

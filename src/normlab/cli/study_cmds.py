@@ -116,7 +116,9 @@ def _run_all(console, err, scale, seeds, device, out, store, executor, as_json: 
 
 
 def report(
-    path: Annotated[Path, typer.Argument(help="A study output folder (with outcome.json) or a store file.")],
+    path: Annotated[Path, typer.Argument(
+        help="A study output folder (with outcome.json), a folder of them (index.html), or a store file."
+    )],
     out: Annotated[Path | None, typer.Option(help="Where a store report goes (default: beside).")] = None,
     quiet: Annotated[bool, typer.Option(help="Do not print the Markdown summary.")] = False,
 ) -> None:
@@ -128,7 +130,11 @@ def report(
 
     if not path.exists():
         raise NormlabError(f"report path {path} does not exist; give a study output folder or a store file")
-    if path.is_dir():
+    if path.is_dir() and not (path / "outcome.json").is_file() and any(path.glob("*/outcome.json")):
+        from normlab.studies.suite import index_from_folder
+
+        files = index_from_folder(path)
+    elif path.is_dir():
         files = render_study_folder(path)
     else:
         from normlab.store import Store

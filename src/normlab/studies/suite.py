@@ -76,6 +76,44 @@ def run_all(
     return rows
 
 
+def rows_from_folder(out: str | Path) -> list[SuiteRow]:
+    """The rows of the study reports already under ``out`` (each ``<out>/<name>/outcome.json``), in name
+    order: the ``--all`` table of studies run one by one or an interrupted ``--all``. Files that are not
+    study outcomes are skipped (they are untrusted input: read as JSON, never executed)."""
+    rows = []
+    for file in sorted(Path(out).glob("*/outcome.json")):
+        try:
+            saved = json.loads(file.read_text(encoding="utf-8"))
+            meta, outcome = saved["meta"], saved["outcome"]
+            rows.append(SuiteRow(
+                name=str(meta["name"]),
+                claim=str(meta.get("claim", "")),
+                verdict=agreement_word(outcome.get("agrees_with_paper")),
+                key_figures=str(outcome.get("key_figures", "")),
+                wall_time_s=float(meta.get("wall_time_s", float("nan"))),
+                report=f"{file.parent.name}/report.html",
+                sentence=str(outcome.get("verdict", "")),
+            ))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return rows
+
+
+def index_from_folder(out: str | Path) -> ReportFiles:
+    """Write ``<out>/index.html`` from the study reports already under ``out`` (:func:`rows_from_folder`);
+    the subtitle's scale and seeds are those the reports record."""
+    rows = rows_from_folder(out)
+    if not rows:
+        raise NormlabError(f"{out} holds no study output folders (no */outcome.json)")
+    scales, seeds = set(), set()
+    for row in rows:
+        file = (Path(out) / row.report).with_name("outcome.json")
+        meta = json.loads(file.read_text(encoding="utf-8"))["meta"]
+        scales.add(str(meta.get("scale")))
+        seeds.add(len(meta.get("seeds", [])))
+    return write_index(out, rows, scale="/".join(sorted(scales)), seeds=max(seeds))
+
+
 def _claim(name: str) -> str:
     from normlab.studies.registry import get_study
 
