@@ -300,3 +300,16 @@ def test_expected_layers_scale_noisy_bn_and_noise_by_e_s():
         else:  # the layer evaluates as its expectation itself: no second scaling
             assert added == 0
             torch.testing.assert_close(expected, dropped)
+
+
+def test_mean_shift_growth_is_compared_on_a_log_scale():
+    # One seed's mean shift explodes (as at depth 110): on the raw scale the spread hides the growth.
+    def seeds(values):
+        return [{"avg_sq_mean": [v], "avg_var": [1.0], "final_cosine": c, "collapse": 0.5}
+                for v, c in zip(values, (0.9, 0.92, 0.91), strict=True)]
+
+    results = {"none": {8: seeds([0.1, 0.2, 0.15]), 110: seeds([1e14, 1e12, 1e13])},
+               "bn": {8: [dict(r, final_cosine=0.3) for r in seeds([0.2, 0.2, 0.2])],
+                      110: [dict(r, final_cosine=0.3) for r in seeds([0.3, 0.3, 0.3])]}}
+    _, agrees, discrepancy, _ = mean_shift.verdict(mean_shift.summarize(results), results)
+    assert agrees is True, discrepancy

@@ -132,8 +132,9 @@ def verdict(
 
     Three comparisons by the shared rule (:func:`normlab.stats.compare_arms` over the seeds' models; no
     training, so every value is a result): the unnormalized net's last-block ``avg_sq_mean`` is larger at
-    the deepest than at the shallowest depth (Welch), and at the deepest depth its mean-shift share and
-    its last-block cross-example cosine are above BN's (paired by seed). Agrees when all three are wins;
+    the deepest than at the shallowest depth (Welch on its logarithm: it grows multiplicatively), and at
+    the deepest depth its mean-shift share and its last-block cross-example cosine are above BN's (paired
+    by seed). Agrees when all three are wins;
     a tie or a reverse win disagrees; fewer than 3 seeds is inconclusive.
     """
     if "none" not in summary or "bn" not in summary:
@@ -178,9 +179,10 @@ def verdict(
 
     none_runs, bn_runs = results["none"], results["bn"]
     found = {
+        # The squared mean grows multiplicatively with depth (one seed can be 1e14): compare its logarithm.
         f"the unnormalized net's mean shift grows from depth {lo} to {hi}": decide_values(
-            f"none depth {hi}", [r["avg_sq_mean"][-1] for r in none_runs[hi]],
-            f"none depth {lo}", [r["avg_sq_mean"][-1] for r in none_runs[lo]], paired=False,
+            f"none depth {hi}", [_log(r["avg_sq_mean"][-1]) for r in none_runs[hi]],
+            f"none depth {lo}", [_log(r["avg_sq_mean"][-1]) for r in none_runs[lo]], paired=False,
         ),
         "the unnormalized net's mean-shift share is above BN's": decide_values(
             "none", [share(r) for r in none_runs[hi]], "BN", [share(r) for r in bn_runs[hi]]
@@ -203,6 +205,10 @@ def verdict(
               if not (v.word == WIN and v.winner == v.a)]
     discrepancy = ("Brock et al. 2021a predict it, but " + "; ".join(failed) + ".") if failed else None
     return sentence, not failed, discrepancy, key
+
+
+def _log(value: float) -> float:
+    return math.log(value) if value > 0 and math.isfinite(value) else math.nan
 
 
 def run(ctx: StudyContext) -> StudyOutcome:
