@@ -311,7 +311,9 @@ def test_cli_study_bad_counts(capsys):
     assert _cli(["study", "regularization", "--threads", "-1"]) == 2
     assert "--threads must be >= 0 (0 = usable cores / workers), got -1" in capsys.readouterr().err
     assert _cli(["study"]) == 2
-    assert "give a study name or --list; valid studies:" in capsys.readouterr().err
+    assert "give a study name, --all or --list; valid studies:" in capsys.readouterr().err
+    assert _cli(["study", "regularization", "--all"]) == 2
+    assert "give a study name or --all, not both (got 'regularization' and --all)" in capsys.readouterr().err
 
 
 def test_cli_study_out_is_a_file(tmp_path, capsys):
@@ -350,3 +352,54 @@ def test_cli_report_of_a_store(tmp_path, capsys):
     assert "| 1 | finished | 0.1 | 0.9 |" in md
     assert _cli(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# -- normlab study --all: one table, an index report ------------------------------------------------
+
+
+def test_run_all_rows_and_index_report(demo_recipe, tmp_path):
+    from normlab.studies.suite import run_all, suite_table, write_index
+
+    out = tmp_path / "all"
+    rows = run_all([str(demo_recipe), "no-such-study"], out=out, scale="tiny", seeds=3)
+    demo, broken = rows
+    assert (demo.name, demo.claim, demo.verdict, demo.report) == (
+        str(demo_recipe), "Scores are 3.", "disagrees", "demo/report.html"
+    )
+    assert demo.sentence == "The mean score is 2.00." and demo.wall_time_s >= 0
+    assert broken.verdict == "error" and broken.key_figures.startswith("NormlabError: unknown study")
+    table = suite_table(rows)
+    assert table.columns[:3] == ["study", "paper's claim", "our verdict"]
+    assert table.column("our verdict") == ["disagrees", "error"]
+    files = write_index(out, rows, scale="tiny", seeds=3)
+    page = files.html.read_text()
+    assert files.html == out / "index.html" and '<a href="demo/report.html">' in page
+    assert "normlab study --all --scale tiny --seeds 3" in page
+    saved = json.loads((out / "index.json").read_text())
+    assert [r["verdict"] for r in saved["rows"]] == ["disagrees", "error"]
+    assert "- [" in files.markdown_text and "](demo/report.html)" in files.markdown_text
+
+
+def test_cli_all_json_runs_every_listed_study(demo_recipe, tmp_path, capsys, monkeypatch):
+    import normlab.studies.registry as registry
+
+    monkeypatch.setattr(registry, "list_studies", lambda: [str(demo_recipe)])
+    out = tmp_path / "o"
+    assert _cli(["study", "--all", "--scale", "tiny", "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["scale"] == "tiny" and printed["seeds"] == 3
+    assert [r["verdict"] for r in printed["rows"]] == ["disagrees"]
+    assert (out / "index.html").is_file() and (out / "demo" / "report.html").is_file()
+
+
+def test_report_of_a_results_folder_writes_the_index(demo_recipe, tmp_path, capsys):
+    out = tmp_path / "res"
+    assert _cli(["study", str(demo_recipe), "--scale", "tiny", "--seeds", "3", "--out", str(out)]) == 0
+    (out / "junk").mkdir()
+    (out / "junk" / "outcome.json").write_text("{not json")  # untrusted: skipped, never fatal
+    capsys.readouterr()
+    assert _cli(["report", str(out), "--quiet"]) == 0
+    page = (out / "index.html").read_text()
+    assert '<a href="demo/report.html">' in page and "disagrees" in page
+    assert "normlab study --all --scale tiny --seeds 3" in page
+    assert json.loads((out / "index.json").read_text())["rows"][0]["name"] == "demo"

@@ -59,9 +59,11 @@ def test_tiny_noisy_bn_verdict_quotes_its_table(tiny_outcomes):
     outcome, _ = tiny_outcomes["noisy-bn"]
     table = outcome.tables[0]
     labels = table.column("network")
-    acc = {label: table.column("test acc %")[i][0] for i, label in enumerate(labels)}
+    fit = {label: table.column("train-mode batch acc %")[i][0] for i, label in enumerate(labels)}
     for label in ("noisy BN", "BN", "standard", "noise, no BN"):
-        assert f"{acc[label]:.3g}" in outcome.verdict
+        assert f"{label} {fit[label]:.1f}" in outcome.key_figures
+    # Two seeds at tiny scale: never a verdict (the rule needs 3 converged seeds).
+    assert outcome.agrees_with_paper is None and outcome.verdict.startswith("Inconclusive at this scale")
     # The tracker ran in every run: a finite step-to-step change for every network.
     assert all(math.isfinite(c[0]) for c in table.column("|mu_t+1 - mu_t|"))
 
@@ -72,7 +74,7 @@ def test_tiny_ics_verdict_quotes_its_table(tiny_outcomes):
     for i, net in enumerate(table.column("network")):
         l2 = table.column("ICS l2 ||G - G'||")[i][0]
         assert math.isfinite(l2) and l2 >= 0
-        assert f"{l2:.3g}" in outcome.verdict.split(f"{net}:")[1]
+        assert f"{l2:.3g}" in outcome.key_figures.split(f"{net}:")[1]
     assert set(table.column("network")) == {"vgg", "dln"}
 
 
@@ -80,7 +82,8 @@ def test_tiny_landscape_table_has_hessian_in_both_modes(tiny_outcomes):
     outcome, _ = tiny_outcomes["landscape"]
     table = outcome.tables[0]
     beta = {label: table.column("beta-smoothness")[i][0] for i, label in enumerate(table.column("network"))}
-    assert f"{beta['standard']:.3g} ± " in outcome.verdict and f"-> {beta['BN']:.3g}" in outcome.verdict
+    assert f"beta-smoothness std {beta['standard']:.3g} ± " in outcome.key_figures
+    assert f"-> BN {beta['BN']:.3g}" in outcome.key_figures
     for column in ("lambda_max train", "lambda_max eval"):
         assert all(math.isfinite(c[0]) for c in table.column(column))
     # Without BN train and eval mode are the same function: the same top eigenvalue.
@@ -105,129 +108,6 @@ def test_tiny_mean_shift_collapse_is_defined_for_every_net(tiny_outcomes):
     table = outcome.tables[0]
     assert [r for r in table.rows if r[0] == "NF-ResNet"]
     assert all(0 < r[-1][0] <= 1 for r in table.rows)
-
-
-# -- verdicts flip with the data ----------------------------------------------------------------------
-
-
-def _ci(x: float) -> tuple[float, float]:
-    return (x, 0.1)
-
-
-def test_noisy_bn_verdict_flips():
-    acc = {"none": _ci(80.0), "bn": _ci(85.0), "noisy_bn": _ci(84.0), "noise": _ci(20.0)}
-    change = {"none": _ci(0.01), "bn": _ci(0.02), "noisy_bn": _ci(0.4), "noise": _ci(0.5)}
-    fit = {"none": _ci(60.0), "bn": _ci(99.0), "noisy_bn": _ci(97.0), "noise": _ci(30.0)}
-    sentence, agrees, discrepancy = noisy_bn_study.verdict(0.1, acc, change, fit)
-    assert agrees is True and discrepancy is None
-    assert sentence.endswith("noisy BN fit its batches to 97 ± 0.1% vs 99 ± 0.1% with BN.")
-    assert "noisy BN reached 84 ± 0.1% test accuracy vs 85 ± 0.1% with BN" in sentence
-    flipped_acc = {"none": _ci(80.0), "bn": _ci(85.0), "noisy_bn": _ci(30.0), "noise": _ci(79.0)}
-    flipped_change = {"none": _ci(0.01), "bn": _ci(0.4), "noisy_bn": _ci(0.02), "noise": _ci(0.5)}
-    sentence2, agrees2, discrepancy2 = noisy_bn_study.verdict(0.1, flipped_acc, flipped_change)
-    assert agrees2 is False
-    assert "noisy BN reached 30 ± 0.1%" in sentence2
-    assert "noisy BN trails BN by 55 points" in discrepancy2
-    assert "not less stable" in discrepancy2 and "does not prevent training" in discrepancy2
-
-
-def test_ics_verdict_flips():
-    agree = {"vgg": {"none": {"l2": _ci(0.1), "cos": _ci(0.99)}, "bn": {"l2": _ci(0.3), "cos": _ci(0.5)}}}
-    sentence, agrees, _ = ics_study.verdict(agree)
-    assert agrees is True
-    assert sentence.endswith("BN does not reduce internal covariate shift.")
-    assert "ICS l2 0.3 ± 0.1 with BN vs 0.1 ± 0.1 standard (3x)" in sentence
-    flipped = {"vgg": {"none": {"l2": _ci(0.3), "cos": _ci(0.5)}, "bn": {"l2": _ci(0.1), "cos": _ci(0.99)}}}
-    sentence2, agrees2, discrepancy2 = ics_study.verdict(flipped)
-    assert agrees2 is False
-    assert sentence2.endswith("BN reduces internal covariate shift here.")
-    assert "0.333x" in discrepancy2 and "raised cos(G, G') from 0.5 to 0.99" in discrepancy2
-
-
-def test_landscape_verdict_flips():
-    def row(beta, change, rng):
-        return {
-            "beta": _ci(beta),
-            "grad_change": _ci(change),
-            "loss_range": _ci(rng),
-            "eig_train": _ci(1.0),
-            "eig_eval": _ci(2.0),
-        }
-
-    sentence, agrees, _ = landscape_study.verdict(
-        0.1, {"none": row(40.0, 8.0, 1.0), "bn": row(4.0, 0.08, 0.1)}
-    )
-    assert agrees is True
-    assert "effective beta-smoothness 40 ± 0.1 -> 4 ± 0.1 (0.1x)" in sentence
-    assert "gradient change along the step 8 ± 0.1 -> 0.08 ± 0.1 (0.01x)" in sentence
-    sentence2, agrees2, discrepancy2 = landscape_study.verdict(
-        0.1, {"none": row(4.0, 0.08, 0.1), "bn": row(40.0, 8.0, 1.0)}
-    )
-    assert agrees2 is False and "(10x)" in sentence2
-    assert "BN's effective beta-smoothness is not lower (40 vs 4)" in discrepancy2
-
-
-def test_residual_verdict_flips():
-    depths = [8, 32]
-    last = {"bn": {8: _ci(0.5), 32: _ci(0.25)}, "none": {8: _ci(1.0), 32: _ci(1.0)}}
-    acc = {"bn": _ci(90.0), "none": _ci(80.0)}
-    diverged = {"bn": "0/3", "none": "2/3"}
-    sentence, agrees, _ = residual_study.verdict(
-        depths, last, {"bn": _ci(-0.5), "none": _ci(0.0)}, acc, diverged
-    )
-    assert agrees is True
-    assert "no norm 80 ± 0.1% (2/3 runs diverged)" in sentence
-    assert "falls from 0.5 ± 0.1 at depth 8 to 0.25 ± 0.1 at depth 32 (fitted exponent -0.5 ± 0.1" in sentence
-    assert "BN 90 ± 0.1%" in sentence
-    flipped = {"bn": {8: _ci(1.0), 32: _ci(1.0)}, "none": {8: _ci(0.5), 32: _ci(0.25)}}
-    sentence2, agrees2, discrepancy2 = residual_study.verdict(
-        depths, flipped, {"bn": _ci(0.0), "none": _ci(-0.5)}, acc
-    )
-    assert agrees2 is False and "fitted exponent 0 ± 0.1" in sentence2
-    assert "BN's fitted exponent 0 is outside [-0.75, -0.25]" in discrepancy2
-    assert "ratio 0.25 is not above BN's 1" in discrepancy2
-
-
-def test_mean_shift_verdict_flips():
-    def cell(sq, share, cos, collapse=0.5):
-        return {
-            "sq_mean": _ci(sq),
-            "share": _ci(share),
-            "var": _ci(1.0),
-            "cosine": _ci(cos),
-            "collapse": _ci(collapse),
-        }
-
-    agree = {
-        "none": {8: cell(0.5, 0.3, 0.5), 56: cell(100.0, 0.8, 0.95, 0.9)},
-        "bn": {8: cell(0.2, 0.2, 0.3), 56: cell(0.3, 0.2, 0.3)},
-    }
-    sentence, agrees, _ = mean_shift_study.verdict(agree)
-    assert agrees is True
-    assert (
-        "At depth 56 the unnormalized ReLU ResNet's last-block squared channel mean is 100 ± 0.1" in sentence
-    )
-    assert "(depth 8: 0.5 ± 0.1; 80% ± 10% of its second moment)" in sentence
-    flipped = {
-        "none": {8: cell(100.0, 0.2, 0.3), 56: cell(0.5, 0.2, 0.3)},
-        "bn": {8: cell(0.2, 0.3, 0.5), 56: cell(0.3, 0.8, 0.95)},
-    }
-    nf = {8: cell(0.1, 0.2, 0.4), 56: cell(0.1, 0.2, 0.4, collapse=math.nan)}
-    assert (
-        "NF gives 0.1 ± 0.1 (20% ± 10%), cosine 0.4 ± 0.1 and no top-class share"
-        in mean_shift_study.verdict({**agree, "nf": nf})[0]
-    )
-    sentence2, agrees2, discrepancy2 = mean_shift_study.verdict(flipped)
-    assert agrees2 is False and "mean is 0.5 ± 0.1" in sentence2
-    assert "does not grow from depth 8 to 56" in discrepancy2 and "not more alike" in discrepancy2
-
-
-def test_verdicts_undecided_without_the_needed_variants():
-    assert ics_study.verdict({"vgg": {"bn": {"l2": _ci(1.0), "cos": _ci(1.0)}}})[1] is None
-    assert mean_shift_study.verdict({"bn": {8: {}}})[1] is None
-    nan = (math.nan, math.nan)
-    acc = {n: nan for n in ("none", "bn", "noisy_bn", "noise")}
-    assert noisy_bn_study.verdict(0.1, acc, acc)[1] is None
 
 
 # -- helpers against hand computations ----------------------------------------------------------------
@@ -389,8 +269,10 @@ def _to_toml(raw: dict) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", STUDIES)
 def test_quick_study_runs_and_decides(tmp_path, name):
-    outcome, files = run_study(name, scale="quick", seeds=2, out=tmp_path)
+    outcome, files = run_study(name, scale="quick", seeds=3, out=tmp_path)
     assert (tmp_path / name / "report.html").is_file()
-    assert outcome.agrees_with_paper is not None, outcome.verdict
-    if not outcome.agrees_with_paper:
+    assert outcome.key_figures
+    if outcome.agrees_with_paper is None:  # inconclusive: the verdict says why (an arm, the seeds)
+        assert outcome.verdict.startswith("Inconclusive"), outcome.verdict
+    elif not outcome.agrees_with_paper:
         assert outcome.discrepancy

@@ -21,6 +21,12 @@ def register(app: typer.Typer) -> None:
 def study(
     name: Annotated[str | None, typer.Argument(help="Study name (see --list) or a recipe path.")] = None,
     list_: Annotated[bool, typer.Option("--list", help="List the studies and exit.")] = False,
+    all_: Annotated[
+        bool, typer.Option("--all", help="Run every study; print one table and write OUT/index.html.")
+    ] = False,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print the result as JSON instead of Markdown.")
+    ] = False,
     scale: Annotated[str, typer.Option(help="tiny (seconds), quick (CPU minutes), paper (GPU).")] = "quick",
     seeds: Annotated[int, typer.Option(help="Seeds per configuration; tables show mean ± 95% CI.")] = 3,
     device: Annotated[str, typer.Option(help="Torch device for training, e.g. cpu or cuda.")] = "cpu",
@@ -36,7 +42,6 @@ def study(
     address: Annotated[str | None, typer.Option("--address", help=ADDRESS_HELP)] = None,
     cpus_per_run: Annotated[float, typer.Option("--cpus-per-run", help=CPUS_HELP)] = 1,
     gpus_per_run: Annotated[float, typer.Option("--gpus-per-run", help=GPUS_HELP)] = 0,
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Run a study: train its variants, measure, and write OUT/NAME/report.html + report.md."""
     from rich.console import Console
@@ -47,14 +52,16 @@ def study(
     console = Console()
     if list_:
         rows = [{"name": n, "title": get_study(n).title} for n in list_studies()]
-        if json_output:
+        if json_:
             print_json(rows)
             return
         for row in rows:
             console.print(f"[bold]{row['name']}[/bold]  {escape(row['title'])}", soft_wrap=True)
         return
-    if name is None:
-        raise NormlabError(f"give a study name or --list; valid studies: {', '.join(list_studies())}")
+    if all_ and name is not None:
+        raise NormlabError(f"give a study name or --all, not both (got {name!r} and --all)")
+    if name is None and not all_:
+        raise NormlabError(f"give a study name, --all or --list; valid studies: {', '.join(list_studies())}")
     if workers < 1:
         raise NormlabError(f"--workers must be >= 1, got {workers!r}")
     if threads < 0:
@@ -72,6 +79,13 @@ def study(
     err = Console(stderr=True)
     executor = make_executor(executor_kind, workers, address=address, cpus_per_run=cpus_per_run,
                              gpus_per_run=gpus_per_run, threads=threads or None)
+    if all_:
+        try:
+            _run_all(console, err, scale, seeds, device, out, store, executor, json_)
+        finally:
+            if executor is not None:
+                executor.shutdown()
+        return
     try:
         outcome, files = run_study(
             name,
@@ -86,16 +100,40 @@ def study(
     finally:
         if executor is not None:
             executor.shutdown()
-    if json_output:
-        paths = {"report": str(files.html), "markdown": str(files.markdown)}
-        print_json({"study": name, **outcome.to_dict(), **paths})
+    if json_:
+        from normlab.studies._verdict import agreement_word
+
+        payload = {"study": name, "verdict": agreement_word(outcome.agrees_with_paper),
+                   "report": str(files.html), "markdown": str(files.markdown), **outcome.to_dict()}
+        payload.pop("data")
+        print_json(payload)
         return
     _print_markdown(console, files.markdown_text)
     console.print(f"report: {files.html}")
 
 
+def _run_all(console, err, scale, seeds, device, out, store, executor, as_json: bool) -> None:
+    """``--all``: every study in turn, one table, ``OUT/index.html``."""
+    from normlab.studies import registry
+    from normlab.studies.suite import run_all, suite_table, write_index
+
+    rows = run_all(
+        registry.list_studies(), out=out, scale=scale, seeds=seeds, device=device, store=store,
+        executor=executor, progress=lambda message: err.print(f"[dim]{message}[/dim]"),
+    )
+    files = write_index(out, rows, scale=scale, seeds=seeds)
+    if as_json:
+        rows_json = [r.to_dict() for r in rows]
+        print_json({"scale": scale, "seeds": seeds, "index": str(files.html), "rows": rows_json})
+        return
+    _print_markdown(console, suite_table(rows).to_markdown())
+    console.print(f"index: {files.html}")
+
+
 def report(
-    path: Annotated[Path, typer.Argument(help="A study output folder (with outcome.json) or a store file.")],
+    path: Annotated[Path, typer.Argument(
+        help="A study output folder (with outcome.json), a folder of them (index.html), or a store file."
+    )],
     out: Annotated[Path | None, typer.Option(help="Where a store report goes (default: beside).")] = None,
     quiet: Annotated[bool, typer.Option(help="Do not print the Markdown summary.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON only (report paths).")] = False,
@@ -110,7 +148,11 @@ def report(
         raise NormlabError(f"report path {path} does not exist; give a study output folder or a store file")
     if out is not None:
         check_folder_target(out, "--out")
-    if path.is_dir():
+    if path.is_dir() and not (path / "outcome.json").is_file() and any(path.glob("*/outcome.json")):
+        from normlab.studies.suite import index_from_folder
+
+        files = index_from_folder(path)
+    elif path.is_dir():
         files = render_study_folder(path)
     else:
         from normlab.store import Store

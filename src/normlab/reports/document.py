@@ -27,7 +27,8 @@ class Section:
 
     ``callout`` is a highlighted sentence (a verdict) and ``callout_kind`` its style: ``"info"``,
     ``"ok"`` (agrees with the paper) or ``"warn"`` (disagrees / needs attention). ``data`` is shown as a
-    JSON block (a config, the environment).
+    JSON block (a config, the environment). ``links`` are ``(label, relative href)`` pairs listed after the
+    text (the index report links each study's report).
     """
 
     heading: str
@@ -37,6 +38,7 @@ class Section:
     callout: str | None = None
     callout_kind: str = "info"
     data: dict[str, Any] | None = None
+    links: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.text, str):
@@ -94,8 +96,10 @@ def write_report(
     sections: list[Section],
     *,
     subtitle: str | None = None,
+    stem: str = "report",
 ) -> ReportFiles:
-    """Write ``<out_dir>/report.html`` and ``report.md``; figure paths are relative to ``out_dir``.
+    """Write ``<out_dir>/<stem>.html`` and ``<stem>.md`` (``report`` by default); figure paths are relative
+    to ``out_dir``.
 
     Raises:
         NormlabError: ``out_dir`` exists and is not a folder.
@@ -106,7 +110,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     html_text = render_html(out, title, sections, subtitle=subtitle)
     md_text = render_markdown(title, sections, subtitle=subtitle)
-    html_path, md_path = out / "report.html", out / "report.md"
+    html_path, md_path = out / f"{stem}.html", out / f"{stem}.md"
     html_path.write_text(html_text, encoding="utf-8")
     md_path.write_text(md_text, encoding="utf-8")
     return ReportFiles(html=html_path, markdown=md_path, markdown_text=md_text)
@@ -123,6 +127,9 @@ def render_html(root: Path, title: str, sections: list[Section], *, subtitle: st
         if section.callout:
             parts.append(f'<div class="callout {section.callout_kind}">{esc(section.callout)}</div>')
         parts += [f"<p>{esc(p)}</p>" for p in section.text]
+        if section.links:
+            items = "".join(f'<li><a href="{esc(h)}">{esc(label)}</a></li>' for label, h in section.links)
+            parts.append(f"<ul>{items}</ul>")
         parts += [t.to_html() for t in section.tables]
         parts += [f.to_html(root) for f in section.figures]
         if section.data is not None:
@@ -149,6 +156,8 @@ def render_markdown(title: str, sections: list[Section], *, subtitle: str | None
             lines += ["", f"> {md(section.callout)}"]
         for p in section.text:
             lines += ["", md(p)]
+        if section.links:
+            lines += [""] + [f"- [{md(label)}]({href})" for label, href in section.links]
         for t in section.tables:
             lines += ["", t.to_markdown()]
         for f in section.figures:

@@ -18,12 +18,28 @@ from typing import Any
 from normlab.studies.base import mean_ci
 
 # Recipe fields copied into every TrainConfig when present.
-_BASE_FIELDS = ("model", "width", "depth", "dataset", "subset", "weight_decay", "epochs")
+# The budget (steps or epochs) comes from budget_fields.
+_BASE_FIELDS = ("model", "width", "depth", "dataset", "subset", "weight_decay")
 
 
 def base_fields(params: dict[str, Any]) -> dict[str, Any]:
     """The TrainConfig fields a recipe's scale table sets for every run."""
     return {k: params[k] for k in _BASE_FIELDS if k in params}
+
+
+def budget_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """The training budget of a grid recipe: ``steps`` (the same number of optimizer steps at every batch
+    size) when the scale table sets it, else ``epochs`` (equal epochs give large batches fewer steps)."""
+    if params.get("steps"):
+        return {"steps": int(params["steps"]), "epochs": None}
+    return {"epochs": params["epochs"]}
+
+
+def budget_text(params: dict[str, Any]) -> str:
+    """``"600 steps at every batch size"`` or ``"8 epochs at every batch size"``."""
+    if params.get("steps"):
+        return f"{params['steps']} steps at every batch size"
+    return f"{params['epochs']} epochs at every batch size"
 
 
 def variant_fields(name: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -36,6 +52,21 @@ def variant_fields(name: str, params: dict[str, Any]) -> dict[str, Any]:
         name = "bn"
     options = dict(params.get("norm_options", {}).get(name, {}))
     return {"norm": name, "norm_options": options} if options else {"norm": name}
+
+
+def with_run_length(fields: dict[str, Any], total_steps: int) -> dict[str, Any]:
+    """``fields`` with the run's length passed to a norm whose schedule needs it (Batch Renorm's r_max /
+    d_max ramps, Ioffe 2017 Sec. 4), only when the layer lists a ``total_steps`` option and the recipe does
+    not set it. # after i11a: the renorm layer gains that option; today's layers take none, so this is a
+    no-op until then."""
+    from normlab.layers.factory import norm_options
+
+    norm = fields.get("norm")
+    if norm is None or norm in ("nf", "none") or "total_steps" not in norm_options(norm):
+        return fields
+    options = dict(fields.get("norm_options", {}))
+    options.setdefault("total_steps", int(total_steps))
+    return {**fields, "norm_options": options}
 
 
 def group_results(keys: Sequence[Hashable], results: Sequence[Any]) -> dict[Hashable, list[Any]]:
@@ -69,8 +100,9 @@ def count_status(results: Sequence[Any], status: str) -> int:
 
 
 def is_stable(results: Sequence[Any], min_acc: float) -> bool:
-    """Every seed finished (none diverged or failed) and the mean test accuracy reaches ``min_acc``."""
-    if not results or any(r.status != "finished" for r in results):
+    """Every seed finished (none diverged or failed), none stalled at chance level (a stalled run did not
+    train: it is not "stable"), and the mean test accuracy reaches ``min_acc``."""
+    if not results or any(r.status != "finished" or r.convergence == "stalled" for r in results):
         return False
     acc = mean_of(results, "final_test_acc")
     return math.isfinite(acc) and acc >= min_acc
@@ -107,27 +139,9 @@ def lr_summary(by_lr: dict[float, Sequence[Any]], min_acc: float) -> dict[str, A
         "diverged": count_status(runs_all, "diverged"),
         "failed": count_status(runs_all, "failed"),
         "runs": len(runs_all),
+        "best_runs": list(by_lr[best]) if best is not None else [],
     }
 
 
 def lr_text(lr: float | None) -> str:
     return "none" if lr is None else f"{lr:g}"
-
-
-def matches(
-    candidate: tuple[float, float], reference: tuple[float, float], tolerance: float = 0.02
-) -> bool | None:
-    """Does ``candidate`` (mean, hw) reach ``reference`` within ``tolerance`` (absolute, e.g. 2 pts)?
-
-    True when ``candidate_mean >= reference_mean - tolerance``; False when even the top of its 95% CI stays
-    below the bottom of the reference's minus the tolerance; None (undecided) in between or when NaN.
-    """
-    (c, ch), (r, rh) = candidate, reference
-    if not (math.isfinite(c) and math.isfinite(r)):
-        return None
-    if c >= r - tolerance:
-        return True
-    ch = ch if math.isfinite(ch) else math.inf
-    rh = rh if math.isfinite(rh) else math.inf
-    return False if c + ch < r - rh - tolerance else None
-

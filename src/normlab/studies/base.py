@@ -91,8 +91,10 @@ class StudyOutcome:
     """What a study returns: tables, figures, the verdict sentence and the raw data behind them.
 
     ``verdict`` is one sentence whose numbers come from ``tables``; ``agrees_with_paper`` is None when the
-    study cannot decide (e.g. every run diverged); ``discrepancy`` explains a disagreement and is shown in
-    the report. ``data`` holds JSON-ready raw values (per-seed numbers, curves) for later analysis.
+    study cannot decide (inconclusive: an arm did not converge, too few seeds, or the seeds' spread does
+    not separate the arms the claim ranks); ``discrepancy`` explains a disagreement and is shown in the
+    report. ``key_figures`` is one line of the deciding numbers with their 95% CIs (the ``--all`` table
+    and the index report show it). ``data`` holds JSON-ready raw values (per-seed numbers, curves).
     """
 
     tables: list[Table]
@@ -101,6 +103,7 @@ class StudyOutcome:
     agrees_with_paper: bool | None = None
     discrepancy: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    key_figures: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,6 +113,7 @@ class StudyOutcome:
             "agrees_with_paper": self.agrees_with_paper,
             "discrepancy": self.discrepancy,
             "data": self.data,
+            "key_figures": self.key_figures,
         }
 
     @classmethod
@@ -121,6 +125,7 @@ class StudyOutcome:
             agrees_with_paper=data.get("agrees_with_paper"),
             discrepancy=data.get("discrepancy"),
             data=data.get("data", {}),
+            key_figures=data.get("key_figures", ""),
         )
 
 

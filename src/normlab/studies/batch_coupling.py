@@ -152,7 +152,12 @@ def run(ctx: StudyContext) -> StudyOutcome:
     figure = ctx.save_figure(_plot(coupling), "coupling", "Cross-example dependence per norm at "
                              "initialization, train vs eval mode (log scale; exact zeros drawn at 1e-12).")
     data = {"coupling": coupling, "expected": expected, "errors": errors}
-    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data)
+    key_figures = "train-mode coupling: " + ", ".join(
+        f"{n} {v['train']:.2g}" for n, v in coupling.items() if math.isfinite(v["train"])
+    ) + "; eval-mode max " + (
+        f"{max((v['eval'] for v in coupling.values() if math.isfinite(v['eval'])), default=math.nan):.2g}"
+    )
+    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data, key_figures)
 
 
 def judge(
@@ -161,7 +166,7 @@ def judge(
     """Which norms couple examples in train mode (all measured couplings, init and trained) and whether any
     couples them in eval mode, against the expectation from the layer types."""
     if not coupling:
-        return "Undecided: no norm could be measured.", None, None
+        return "Inconclusive: no norm could be measured.", None, None
 
     def worst(values: dict[str, float], prefix: str) -> float:
         found = [v for k, v in values.items() if k.startswith(prefix) and math.isfinite(v)]

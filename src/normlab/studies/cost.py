@@ -27,6 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from normlab.errors import NormlabError
+from normlab.stats import INCONCLUSIVE, WIN
+from normlab.studies._verdict import decide_values
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS = {
@@ -222,43 +224,49 @@ def run(ctx: StudyContext) -> StudyOutcome:
     folded = "" if bn_fold["fold_error"] else (
         f"fold_bn folded {bn_fold['bn_folded']} of {bn_fold['bn_layers']} BN layers"
     )
-    verdict, agrees, discrepancy = judge(ratios, folded)
+    verdict, agrees, discrepancy = judge(ratios, per_seed, folded)
     caption = "Training step, inference (unfolded and BN-folded) time and memory, ratio vs BN."
     figure = ctx.save_figure(_plot(ratios), "cost_ratios", caption)
     data = {"ratios": {n: {k: list(v) for k, v in r.items()} for n, r in ratios.items()},
             "per_seed": per_seed}
-    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data)
+    key_figures = "vs BN per training step: " + ", ".join(
+        f"{n} {_ratio_text(r['train'])}" for n, r in ratios.items() if n != "bn"
+    ) + f"; BN folded at inference {_ratio_text(ratios['bn']['infer_folded'])}"
+    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data, key_figures)
+
+
+def _ratio_text(cell: tuple[float, float]) -> str:
+    mean, half = cell
+    return f"{mean:.2f}x" + (f" ± {half:.2f}" if math.isfinite(half) else "")
 
 
 def judge(
-    ratios: dict[str, dict[str, tuple[float, float]]], folded: str = ""
+    ratios: dict[str, dict[str, tuple[float, float]]],
+    per_seed: list[dict[str, dict[str, float]]],
+    folded: str = "",
 ) -> tuple[str, bool | None, str | None]:
     """Per-example norms (GN, LN) vs BN per training step, and BN folded vs GN/LN at inference.
 
-    ``ratios[norm][kind] = (mean, half_width)`` over seeds. A comparison counts only when the 95% CIs
-    separate: "slower" when ``mean - hw > 1`` (for BN-folded vs GN: when the two intervals do not overlap);
-    agreement is None when a comparison stays inside the noise and none contradicts the claim.
+    ``ratios[norm][kind] = (mean, half_width)`` over seeds (quoted); ``per_seed[i][norm][kind]`` the seed's
+    median times, compared by the shared rule (:func:`normlab.stats.compare_arms`, paired by seed, lower
+    is better): the claim holds when BN wins every training-step comparison and folded BN wins every
+    inference comparison; a tie or a reverse win disagrees; fewer than 3 seeds is inconclusive.
     """
     per_example = [n for n in ("gn", "ln") if n in ratios]
     if not per_example:
-        return "Undecided: the study needs gn or ln beside bn.", None, None
+        return "Inconclusive: the study needs gn or ln beside bn.", None, None
 
     def fmt(cell: tuple[float, float]) -> str:
         mean, half = cell
         return f"{mean:.2f}x" + (f" ± {half:.2f}" if math.isfinite(half) else "")
 
-    def versus(low: tuple[float, float], high: tuple[float, float]) -> bool | None:
-        """True when ``low`` < ``high`` beyond both CIs, False when ``low`` > ``high`` beyond them."""
-        lh, hh = (0.0 if not math.isfinite(c[1]) else c[1] for c in (low, high))
-        if low[0] + lh < high[0] - hh:
-            return True
-        if low[0] - lh > high[0] + hh:
-            return False
-        return None
+    def times(norm: str, kind: str) -> list[float]:
+        return [s[norm][kind] for s in per_seed]
 
-    one = (1.0, 0.0)
-    train = {n: versus(one, ratios[n]["train"]) for n in per_example}
-    fold = {n: versus(ratios["bn"]["infer_folded"], ratios[n]["infer"]) for n in per_example}
+    train = {n: decide_values("BN", times("bn", "train"), n.upper(), times(n, "train"),
+                              higher_is_better=False) for n in per_example}
+    fold = {n: decide_values("folded BN", times("bn", "infer_folded"), n.upper(), times(n, "infer"),
+                             higher_is_better=False) for n in per_example}
     train_text = ", ".join(f"{n.upper()} {fmt(ratios[n]['train'])}" for n in per_example)
     infer_text = ", ".join(f"{n.upper()} {fmt(ratios[n]['infer'])}" for n in per_example)
     sentence = (
@@ -269,26 +277,21 @@ def judge(
     if "nf" in ratios:
         nf = ratios["nf"]
         sentence += f"; NF trains at {fmt(nf['train'])} and infers at {fmt(nf['infer'])} BN's time"
-    verdicts = [*train.values(), *fold.values()]
-    problems = []
-    slower = [n.upper() for n, v in train.items() if v is False]
-    if slower:
-        problems.append(f"{', '.join(slower)} {'trains' if len(slower) == 1 else 'train'} faster than BN "
-                        "beyond the 95% CI")
-    lost = [n.upper() for n, v in fold.items() if v is False]
-    if lost:
-        problems.append(f"folded BN inference is slower than {', '.join(lost)} beyond the 95% CI")
-    if problems:
-        agrees: bool | None = False
-    elif all(v is True for v in verdicts):
-        agrees = True
-    else:
-        agrees = None
-        noisy = [f"{n.upper()} training" for n, v in train.items() if v is None]
-        noisy += [f"folded BN vs {n.upper()} inference" for n, v in fold.items() if v is None]
-        sentence += f" ({', '.join(noisy)}: within the 95% CI, no difference resolved)"
     sentence += "."
-    return sentence, agrees, ("; ".join(problems) + ".") if problems else None
+    verdicts = [*train.values(), *fold.values()]
+    undecided = [v.reason for v in verdicts if v.word == INCONCLUSIVE]
+    if undecided:
+        return f"Inconclusive ({undecided[0]}). " + sentence, None, None
+    problems = []
+    slower = [n.upper() for n, v in train.items() if not (v.word == WIN and v.winner == "BN")]
+    if slower:
+        problems.append(f"BN's training step is not faster than {', '.join(slower)}'s beyond the seeds' "
+                        "spread")
+    lost = [n.upper() for n, v in fold.items() if not (v.word == WIN and v.winner == "folded BN")]
+    if lost:
+        problems.append(f"folded BN inference is not faster than {', '.join(lost)}'s beyond the seeds' "
+                        "spread")
+    return sentence, not problems, ("; ".join(problems) + ".") if problems else None
 
 
 def _r(cell: tuple[float, float]) -> tuple[float, float]:

@@ -28,16 +28,14 @@ import functools
 import math
 from typing import Any
 
+from normlab.stats import INCONCLUSIVE, WIN, compare_arms
 from normlab.studies._series import ci, mean_curve
+from normlab.studies._verdict import SETTLE, inconclusive_text
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {"nets": dict, "norms": {"list": str}, "probe_every": int}
 
 NORM_LABELS = {"none": "standard", "bn": "BN"}
-#: "similar or higher": BN's ICS l2 counts as not reduced down to half the standard net's.
-L2_RATIO_FLOOR = 0.5
-#: cos(G, G') counts as not improved by BN up to this much above the standard net's.
-COS_TOLERANCE = 0.05
 
 
 class ICSProbe:
@@ -88,48 +86,58 @@ def run_ics(series: dict[str, list[tuple[int, float]]]) -> float:
 
 
 def verdict(
-    summary: dict[str, dict[str, dict[str, tuple[float, float]]]],
-) -> tuple[str, bool | None, str | None]:
-    """The verdict from ``summary[net][norm] = {"l2": (mean, hw), "cos": (mean, hw)}``.
+    per_run: dict[tuple[str, str], list[dict[str, Any]]],
+) -> tuple[str, bool | None, str | None, str]:
+    """The verdict from ``per_run[(net, norm)]``: one record per seed with ``l2`` and ``cos`` (ICS averaged
+    over training and layers 2..k) and ``convergence`` (the run's status). Returns ``(sentence, agrees,
+    discrepancy, key figures)``.
 
-    Agrees with the paper when, in every network, BN does not reduce ICS: its l2 is at least
-    ``L2_RATIO_FLOOR`` times the standard net's and its cosine at most ``COS_TOLERANCE`` above it.
+    Per network, BN vs the standard net by the shared rule (:func:`normlab.stats.compare_arms`, paired over
+    seeds): the claim ("BN does not reduce ICS") fails when BN has the lower ``||G - G'||`` or the higher
+    ``cos(G, G')`` beyond the seeds' spread; it is inconclusive when an arm did not converge or has fewer
+    than 3 seeds.
     """
-    parts, failed = [], []
-    for net, by_norm in summary.items():
-        if "none" not in by_norm or "bn" not in by_norm:
+    nets = sorted({net for net, _ in per_run}, key=list(dict.fromkeys(n for n, _ in per_run)).index)
+    parts, failed, undecided, keys = [], [], [], []
+    for net in nets:
+        if (net, "none") not in per_run or (net, "bn") not in per_run:
             continue
-        std, bn = by_norm["none"], by_norm["bn"]
-        if not all(math.isfinite(v) for v in (std["l2"][0], bn["l2"][0], std["cos"][0], bn["cos"][0])):
-            parts.append(f"{net}: no finite ICS (a run diverged)")
-            continue
-        ratio = bn["l2"][0] / std["l2"][0] if std["l2"][0] > 0 else math.inf
-        parts.append(
-            f"{net}: ICS l2 {ci(bn['l2'])} with BN vs {ci(std['l2'])} standard ({ratio:.3g}x), "
-            f"cos(G, G') {ci(bn['cos'])} vs {ci(std['cos'])}"
+        std, bn = per_run[(net, "none")], per_run[(net, "bn")]
+        found = {}
+        for metric, lower_is_less_shift in (("l2", True), ("cos", False)):
+            found[metric] = compare_arms(
+                "BN", [r[metric] for r in bn], "standard", [r[metric] for r in std],
+                statuses_a=[r["convergence"] for r in bn], statuses_b=[r["convergence"] for r in std],
+                higher_is_better=not lower_is_less_shift, paired=len(bn) == len(std), settle=SETTLE,
+            )
+        l2, cos = found["l2"], found["cos"]
+        keys.append(
+            f"{net}: ||G-G'|| BN {_fig(bn, 'l2')} vs std {_fig(std, 'l2')}, "
+            f"cos BN {_fig(bn, 'cos')} vs std {_fig(std, 'cos')}"
         )
-        if ratio < L2_RATIO_FLOOR:
-            failed.append(f"in the {net} BN reduced the ICS l2 to {ratio:.3g}x the standard net's")
-        if bn["cos"][0] > std["cos"][0] + COS_TOLERANCE:
-            failed.append(f"in the {net} BN raised cos(G, G') from {std['cos'][0]:.3g} to {bn['cos'][0]:.3g}")
+        parts.append(
+            f"{net}: {l2.sentence('less ICS (lower ||G - G_prime||)', 1.0, '')} "
+            f"{cos.sentence('less ICS (higher cos(G, G_prime))', 1.0, '')}"
+        )
+        for v, what in ((l2, "||G - G'||"), (cos, "cos(G, G')")):
+            if v.word == INCONCLUSIVE:
+                undecided.append(f"{net} {what}: {v.reason}")
+            elif v.word == WIN and v.winner == "BN":
+                failed.append(f"in the {net} BN has less ICS by {what} beyond the seeds' spread")
     if not parts:
-        return "The recipe must train both 'none' and 'bn' to compare ICS.", None, None
-    decided = not any("no finite" in p for p in parts)
-    sentence = "; ".join(parts) + (
-        ": BN does not reduce internal covariate shift."
-        if decided and not failed
-        else ": BN reduces internal covariate shift here."
-        if failed
-        else "."
-    )
-    if not decided:
-        return sentence, None, None
-    discrepancy = (
-        ("Santurkar et al. find BN's ICS similar or higher, but " + "; ".join(failed) + ".")
-        if failed
-        else None
-    )
-    return sentence, not failed, discrepancy
+        return "The recipe must train both 'none' and 'bn' to compare ICS.", None, None, ""
+    sentence = " ".join(parts)
+    key = "; ".join(keys)
+    if undecided:
+        return inconclusive_text(undecided, key), None, None, key
+    if failed:
+        discrepancy = "Santurkar et al. find BN's ICS similar or higher, but " + "; ".join(failed) + "."
+        return sentence + " BN reduces internal covariate shift here.", False, discrepancy, key
+    return sentence + " BN does not reduce internal covariate shift.", True, None, key
+
+
+def _fig(records: list[dict[str, Any]], key: str) -> str:
+    return ci(mean_ci(r[key] for r in records))
 
 
 def run(ctx: StudyContext) -> StudyOutcome:
@@ -145,8 +153,11 @@ def run(ctx: StudyContext) -> StudyOutcome:
 
     per_run: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for (net, norm, _seed), result in zip(grid, results, strict=True):
+        done = result.status == "finished"
         record: dict[str, Any] = {
             "status": result.status,
+            "convergence": result.convergence or ("unconverged" if done else result.status),
+            "convergence_reason": result.convergence_reason,
             "l2": math.nan,
             "cos": math.nan,
             "final": _final(result),
@@ -169,10 +180,10 @@ def run(ctx: StudyContext) -> StudyOutcome:
         }
         for net in nets
     }
-    sentence, agrees, discrepancy = verdict(summary)
+    sentence, agrees, discrepancy, key_figures = verdict(per_run)
     table = Table(
         "Internal covariate shift (Santurkar et al. 2018, Def. 2.1), mean over training and layers 2..k",
-        ["network", "norm", "ICS l2 ||G - G'||", "cos(G, G')", "final metric", "runs finished"],
+        ["network", "norm", "ICS l2 ||G - G'||", "cos(G, G')", "final metric", "converged"],
         notes=[
             f"mean ± 95% CI over {len(ctx.seeds)} seeds; probe every {every} steps, train mode.",
             "final metric: test accuracy (classification) or test MSE (DLN regression).",
@@ -187,7 +198,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 summary[net][norm]["l2"],
                 summary[net][norm]["cos"],
                 mean_ci(r["final"] for r in runs),
-                f"{sum(r['status'] == 'finished' for r in runs)}/{len(runs)}",
+                f"{sum(r['convergence'] == 'converged' for r in runs)}/{len(runs)}",
             )
     figures = [_figure(ctx, net, norms, per_run) for net in nets]
     data = {
@@ -202,6 +213,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
         agrees_with_paper=agrees,
         discrepancy=discrepancy,
         data=data,
+        key_figures=key_figures,
     )
 
 

@@ -26,8 +26,10 @@ import functools
 import math
 from typing import Any
 
+from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._santurkar import santurkar_base
 from normlab.studies._series import ci, mean_curve
+from normlab.studies._verdict import compare_records, inconclusive_text, record
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {
@@ -148,45 +150,52 @@ def summarize_run(metrics: dict[str, list[tuple[int, float]]]) -> dict[str, floa
     return out
 
 
-def verdict(
-    lr: float, summary: dict[str, dict[str, tuple[float, float]]]
-) -> tuple[str, bool | None, str | None]:
-    """The verdict from ``summary[norm][quantity] = (mean, hw)`` at LR ``lr``.
+NAMES = {
+    "beta": "effective beta-smoothness",
+    "grad_change": "gradient change along the step",
+    "loss_range": "loss variation",
+}
 
-    Agrees with Santurkar et al. when BN's loss range, gradient change and effective beta-smoothness are
-    all below the standard network's.
+
+def verdict(lr: float, runs: dict[str, list[dict[str, Any]]]) -> tuple[str, bool | None, str | None, str]:
+    """The verdict at LR ``lr`` from ``runs[norm]``, one record per seed (``convergence`` and the
+    :func:`summarize_run` numbers): ``(sentence, agrees, discrepancy, key figures)``.
+
+    Agrees with Santurkar et al. when BN has the lower loss range, gradient change and effective
+    beta-smoothness than the standard network, each a win by the shared rule (:func:`normlab.stats.
+    compare_arms`, paired over seeds); a tie or a standard-net win on any of them disagrees; an arm that
+    did not converge (or fewer than 3 seeds) makes it inconclusive.
     """
-    if "none" not in summary or "bn" not in summary:
-        return "The recipe must train 'none' and 'bn' to compare their landscapes.", None, None
-    std, bn = summary["none"], summary["bn"]
-    names = {
-        "beta": "effective beta-smoothness",
-        "grad_change": "gradient change along the step",
-        "loss_range": "loss variation",
-    }
-    parts = []
-    for key, text in names.items():
-        ratio = bn[key][0] / std[key][0] if std[key][0] > 0 else math.nan
-        parts.append(f"{text} {ci(std[key])} -> {ci(bn[key])} ({ratio:.3g}x)")
+    if "none" not in runs or "bn" not in runs:
+        return "The recipe must train 'none' and 'bn' to compare their landscapes.", None, None, ""
+    std, bn = runs["none"], runs["bn"]
+    found = {key: compare_records("BN", bn, "standard", std, key, higher_is_better=False) for key in NAMES}
+
+    def fig(records: list[dict[str, Any]], key: str) -> str:
+        return ci(mean_ci(r[key] for r in records))
+
+    key_figures = ", ".join(f"{NAMES[k].split()[-1]} std {fig(std, k)} -> BN {fig(bn, k)}" for k in NAMES)
+    parts = [f"{text}: {fig(std, key)} -> {fig(bn, key)}" for key, text in NAMES.items()]
     sentence = (
-        f"At LR {lr:g}, going from the standard network to BN changes the "
-        + ", ".join(parts)
-        + f"; the top Hessian eigenvalue is {ci(std['eig_train'])} vs {ci(bn['eig_train'])} in train "
-        f"mode and {ci(std['eig_eval'])} vs {ci(bn['eig_eval'])} in eval mode."
+        f"At LR {lr:g}, from the standard network to BN: " + "; ".join(parts)
+        + f"; the top Hessian eigenvalue is {fig(std, 'eig_train')} vs {fig(bn, 'eig_train')} in train "
+        f"mode and {fig(std, 'eig_eval')} vs {fig(bn, 'eig_eval')} in eval mode. "
+        + " ".join(v.sentence(f"lower {NAMES[k]}", 1.0, "") for k, v in found.items())
     )
-    if not all(math.isfinite(s[k][0]) for s in (std, bn) for k in names):
-        return sentence, None, None
+    undecided = [f"{NAMES[k]}: {v.reason}" for k, v in found.items() if v.word == INCONCLUSIVE]
+    if undecided:
+        return inconclusive_text(undecided, key_figures), None, None, key_figures
     failed = [
-        f"BN's {text} is not lower ({bn[key][0]:.3g} vs {std[key][0]:.3g})"
-        for key, text in names.items()
-        if not bn[key][0] < std[key][0]
+        f"BN's {NAMES[k]} is not lower beyond the seeds' spread ({v.word})"
+        for k, v in found.items()
+        if not (v.word == WIN and v.winner == "BN")
     ]
     discrepancy = (
         ("Santurkar et al. find all three smaller with BN, but " + "; ".join(failed) + ".")
         if failed
         else None
     )
-    return sentence, not failed, discrepancy
+    return sentence, not failed, discrepancy, key_figures
 
 
 def run(ctx: StudyContext) -> StudyOutcome:
@@ -221,13 +230,8 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 for n in ctx.store.metric_names(result.run_id)
                 if n.startswith(("probe/landscape/", "probe/hessian/"))
             }
-        record = {
-            "run_id": result.run_id,
-            "status": result.status,
-            "test_acc": 100.0 * result.final_test_acc,
-            **summarize_run(metrics),
-        }
-        runs.setdefault((lr, norm), []).append(record)
+        numbers = {"test_acc": 100.0 * result.final_test_acc, **summarize_run(metrics)}
+        runs.setdefault((lr, norm), []).append(record(result, **numbers))
 
     keys = (
         "test_acc",
@@ -255,6 +259,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
             "early beta",
             "lambda_max train",
             "lambda_max eval",
+            "converged",
         ],
         notes=[
             f"mean ± 95% CI over {len(ctx.seeds)} seeds; landscape every {ctx.param('probe_every', int)} "
@@ -265,8 +270,10 @@ def run(ctx: StudyContext) -> StudyOutcome:
     for lr in lrs:
         for norm in norms:
             s = summary[lr][norm]
-            table.add_row(lr, LABELS.get(norm, norm), *(s[k] for k in keys))
-    sentence, agrees, discrepancy = verdict(lrs[0], summary[lrs[0]])
+            cell = runs[(lr, norm)]
+            done = sum(r["convergence"] == "converged" for r in cell)
+            table.add_row(lr, LABELS.get(norm, norm), *(s[k] for k in keys), f"{done}/{len(cell)}")
+    sentence, agrees, discrepancy, key_figures = verdict(lrs[0], {n: runs[(lrs[0], n)] for n in norms})
     figures = [_figure(ctx, lr, norms, runs) for lr in lrs]
     data = {f"{lr}/{norm}": runs[(lr, norm)] for lr in lrs for norm in norms}
     return StudyOutcome(
@@ -276,6 +283,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
         agrees_with_paper=agrees,
         discrepancy=discrepancy,
         data=data,
+        key_figures=key_figures,
     )
 
 

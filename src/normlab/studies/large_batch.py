@@ -7,8 +7,7 @@ batch; Brock et al. (2021b) add AGC to normalizer-free nets to recover that stab
 the same epochs and reports the best stable lr with its test accuracy and the largest stable lr (stable:
 every seed finished and the mean test accuracy reaches ``min_acc``; see :func:`~normlab.studies._grid.
 lr_summary`). The claim holds when, at the largest batch, BN's largest stable lr is at least that of the
-unnormalized net and NF+AGC's best accuracy comes within 2 pts of BN's (undecided when the 95% CIs
-straddle that margin: :func:`~normlab.studies._grid.matches`).
+unnormalized net and NF+AGC's best accuracy is not beaten by BN's by the shared rule (:func:`judge`).
 """
 
 from __future__ import annotations
@@ -16,17 +15,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._grid import (
     base_fields,
+    budget_fields,
+    budget_text,
     group_results,
     lr_summary,
     lr_text,
-    matches,
     mean_of,
     pct,
     pct_cell,
     variant_fields,
 )
+from normlab.studies._verdict import ci_text, decide, inconclusive_text
 from normlab.studies.base import StudyContext, StudyOutcome, Table
 
 PARAMS = {
@@ -55,7 +57,8 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 for seed in ctx.seeds:
                     configs.append(
                         ctx.config(
-                            **base_fields(p), **variant_fields(variant, p), batch_size=batch, lr=lr, seed=seed
+                            **base_fields(p), **budget_fields(p), **variant_fields(variant, p),
+                            batch_size=batch, lr=lr, seed=seed,
                         )
                     )
                     keys.append((variant, batch, lr))
@@ -66,7 +69,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
         "Best stable lr, its test accuracy (%, mean ± 95% CI) and the largest stable lr",
         ["variant", "batch", "best lr", "test acc at best lr", "largest stable lr", "diverged runs"],
         notes=[
-            f"{len(ctx.seeds)} seeds; {p['epochs']} epochs; lr grid {', '.join(map(lr_text, p['lrs']))}.",
+            f"{len(ctx.seeds)} seeds; {budget_text(p)}; lr grid {', '.join(map(lr_text, p['lrs']))}.",
             f"Stable lr: every seed finished and mean test accuracy >= {pct(p['min_acc'], 0)}.",
             f"NF+AGC: normalizer-free {p['model']} (Scaled WS) with AGC clip {p['agc_clip']:g}.",
         ],
@@ -83,7 +86,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 lr_text(s["largest_stable_lr"]),
                 f"{s['diverged']}/{s['runs']}",
             )
-    verdict, agrees, discrepancy = judge(summaries, max(p["batch_sizes"]))
+    verdict, agrees, discrepancy, key_figures = judge(summaries, max(p["batch_sizes"]))
     figure = ctx.save_figure(
         _plot(cells, p), "acc_vs_lr", "Final test accuracy vs learning rate per batch size (mean over seeds; "
         "x = at least one seed diverged)."
@@ -93,56 +96,53 @@ def run(ctx: StudyContext) -> StudyOutcome:
         "summaries": {f"{v}/{b}": {k: s[k] for k in ("best_lr", "largest_stable_lr", "diverged")}
                       for (v, b), s in summaries.items()},
     }
-    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data)
+    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data, key_figures)
 
 
 def judge(
     summaries: dict[tuple[str, int], dict[str, Any]], batch: int
-) -> tuple[str, bool | None, str | None]:
-    """Verdict at the largest batch: BN's largest stable lr vs no-norm's, NF+AGC's accuracy vs BN's."""
+) -> tuple[str, bool | None, str | None, str]:
+    """Verdict at the largest batch: BN's largest stable lr vs no-norm's (grid outcome: every seed stable),
+    and NF+AGC's accuracy vs BN's at their best stable lrs by the shared rule (:func:`normlab.stats.
+    compare_arms`): a tie or an NF win recovers BN's accuracy. Returns ``(sentence, agrees, discrepancy,
+    key figures)``."""
     bn, none, nf = (summaries.get((v, batch)) for v in ("bn", "none", "nf"))
     if bn is None or bn["best_lr"] is None:
-        return f"Undecided: BN has no stable learning rate at batch {batch}.", None, None
+        return f"Inconclusive: BN has no stable learning rate at batch {batch}.", None, None, ""
 
     def stable_lr(s: dict[str, Any] | None) -> float:
         return -math.inf if s is None or s["largest_stable_lr"] is None else s["largest_stable_lr"]
 
-    parts = [f"At batch {batch}, the largest stable lr is {lr_text(bn['largest_stable_lr'])} with BN"]
-    checks, problems = [], []
-    if none is not None:
-        parts.append(f"{lr_text(none['largest_stable_lr'])} without normalization")
-        ok = bn["largest_stable_lr"] >= stable_lr(none)
-        checks.append(ok)
-        if not ok:
-            problems.append(
-                f"the unnormalized net is stable up to lr {lr_text(none['largest_stable_lr'])}, above BN's "
-                f"{lr_text(bn['largest_stable_lr'])}"
-            )
+    def acc(s: dict[str, Any]) -> str:
+        return ci_text([r.final_test_acc for r in s["best_runs"]])
+
+    present = {name: s for name, s in (("BN", bn), ("no norm", none), ("NF+AGC", nf)) if s is not None}
+    key = f"batch {batch}: " + "; ".join(
+        f"{name} {acc(s) if s['best_runs'] else 'n/a'}, largest stable lr {lr_text(s['largest_stable_lr'])}"
+        for name, s in present.items()
+    )
+    sentence = f"At batch {batch}: " + "; ".join(
+        f"{name} largest stable lr {lr_text(s['largest_stable_lr'])}, best test accuracy "
+        f"{acc(s) if s['best_runs'] else 'n/a'}" for name, s in present.items()
+    ) + "."
+    problems = []
+    if none is not None and bn["largest_stable_lr"] < stable_lr(none):
+        problems.append(
+            f"the unnormalized net is stable up to lr {lr_text(none['largest_stable_lr'])}, above BN's "
+            f"{lr_text(bn['largest_stable_lr'])}"
+        )
     if nf is not None:
-        parts.append(f"{lr_text(nf['largest_stable_lr'])} for NF+AGC")
-    sentence = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
-    sentence += f"; best test accuracy BN {pct(bn['acc'][0])}"
-    if none is not None:
-        sentence += f", no norm {pct(none['acc'][0])}"
-    if nf is not None:
-        sentence += f", NF+AGC {pct(nf['acc'][0])}"
-        ok = matches(nf["acc"], bn["acc"])
-        checks.append(ok)
-        if ok is False:
-            problems.append(
-                f"NF+AGC's best accuracy {pct(nf['acc'][0])} is more than 2 pts below BN's "
-                f"{pct(bn['acc'][0])} beyond the 95% CIs"
-            )
-    if not checks:
-        agrees = None
-    elif any(c is False for c in checks):
-        agrees = False
-    else:
-        agrees = True if all(checks) else None
-    sentence += {None: ": not resolved within the 95% CIs.", True: ": consistent with the claim.",
-                 False: ": not consistent with the claim."}[agrees]
-    discrepancy = "; ".join(problems) + "." if problems else None
-    return sentence, agrees, discrepancy
+        if not nf["best_runs"]:
+            problems.append("NF+AGC has no stable lr")
+        else:
+            found = decide("NF+AGC", nf["best_runs"], "BN", bn["best_runs"])
+            sentence += " " + found.sentence()
+            if found.word == INCONCLUSIVE:
+                return inconclusive_text([found.reason], key, found.settle), None, None, key
+            if found.word == WIN and found.winner == "BN":
+                problems.append("NF+AGC's best accuracy falls short of BN's beyond the seeds' spread")
+    discrepancy = "; ".join(problems) + " (see acc_vs_lr)." if problems else None
+    return sentence, not problems, discrepancy, key
 
 
 def _plot(cells: dict, p: dict[str, Any]) -> Any:

@@ -36,7 +36,9 @@ from typing import Any
 
 import torch
 
+from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._series import ci
+from normlab.studies._verdict import decide_values
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {
@@ -122,18 +124,25 @@ def summarize(results: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, 
     return out
 
 
-def verdict(summary: dict[str, dict[int, dict[str, Any]]]) -> tuple[str, bool | None, str | None]:
-    """The verdict sentence from the summary table, and whether it agrees with Brock et al. 2021a.
+def verdict(
+    summary: dict[str, dict[int, dict[str, Any]]], results: dict[str, dict[int, list[dict[str, Any]]]]
+) -> tuple[str, bool | None, str | None, str]:
+    """The verdict sentence from the summary table and the per-seed ``results``: ``(sentence, agrees,
+    discrepancy, key figures)``, agreement with Brock et al. 2021a.
 
-    Agreement needs, at the deepest depth: the unnormalized net's mean shift grew with depth (its
-    last-block ``avg_sq_mean`` is larger at the deepest than at the shallowest depth), its mean-shift share
-    is above BN's, and its last-block activations are more alike across examples than BN's (higher cosine).
+    Three comparisons by the shared rule (:func:`normlab.stats.compare_arms` over the seeds' models; no
+    training, so every value is a result): the unnormalized net's last-block ``avg_sq_mean`` is larger at
+    the deepest than at the shallowest depth (Welch on its logarithm: it grows multiplicatively), and at
+    the deepest depth its mean-shift share and its last-block cross-example cosine are above BN's (paired
+    by seed). Agrees when all three are wins;
+    a tie or a reverse win disagrees; fewer than 3 seeds is inconclusive.
     """
     if "none" not in summary or "bn" not in summary:
         return (
             "The recipe must include the variants 'none' and 'bn' to test the mean-shift claim.",
             None,
             None,
+            "",
         )
     depths = sorted(summary["none"])
     lo, hi = depths[0], depths[-1]
@@ -146,7 +155,7 @@ def verdict(summary: dict[str, dict[int, dict[str, Any]]]) -> tuple[str, bool | 
         bn_hi["cosine"][0],
     ]
     if not all(math.isfinite(v) for v in values):
-        return "The measurements are not finite (an activation overflowed), so no verdict.", None, None
+        return "The measurements are not finite (an activation overflowed), so no verdict.", None, None, ""
     parts = [
         f"At depth {hi} the unnormalized ReLU ResNet's last-block squared channel mean is "
         f"{ci(none_hi['sq_mean'])} (depth {lo}: {ci(none_lo['sq_mean'])}; {ci(none_hi['share'], pct=True)} "
@@ -165,19 +174,41 @@ def verdict(summary: dict[str, dict[int, dict[str, Any]]]) -> tuple[str, bool | 
                 else "and no top-class share (zero-initialized classifier: every logit ties)"
             )
         )
-    sentence = "; ".join(parts) + "."
-    grows = none_hi["sq_mean"][0] > none_lo["sq_mean"][0] or len(depths) == 1
-    checks = {
-        f"the unnormalized net's mean shift does not grow from depth {lo} to {hi}": grows,
-        "the unnormalized net's mean-shift share is not above BN's": none_hi["share"][0] > bn_hi["share"][0],
-        "the unnormalized net's activations are not more alike across examples than BN's": none_hi["cosine"][
-            0
-        ]
-        > bn_hi["cosine"][0],
+    def share(r: dict[str, Any]) -> float:
+        return r["avg_sq_mean"][-1] / (r["avg_sq_mean"][-1] + r["avg_var"][-1])
+
+    none_runs, bn_runs = results["none"], results["bn"]
+    found = {
+        # The squared mean grows multiplicatively with depth (one seed can be 1e14): compare its logarithm.
+        f"the unnormalized net's mean shift grows from depth {lo} to {hi}": decide_values(
+            f"none depth {hi}", [_log(r["avg_sq_mean"][-1]) for r in none_runs[hi]],
+            f"none depth {lo}", [_log(r["avg_sq_mean"][-1]) for r in none_runs[lo]], paired=False,
+        ),
+        "the unnormalized net's mean-shift share is above BN's": decide_values(
+            "none", [share(r) for r in none_runs[hi]], "BN", [share(r) for r in bn_runs[hi]]
+        ),
+        "the unnormalized net's activations are more alike across examples than BN's": decide_values(
+            "none", [r["final_cosine"] for r in none_runs[hi]], "BN", [r["final_cosine"] for r in bn_runs[hi]]
+        ),
     }
-    failed = [text for text, ok in checks.items() if not ok]
-    discrepancy = ("Brock et al. 2021a predict the opposite: " + "; ".join(failed) + ".") if failed else None
-    return sentence, not failed, discrepancy
+    if len(depths) == 1:
+        found.pop(next(iter(found)))
+    sentence = "; ".join(parts) + "."
+    key = (
+        f"depth {hi}: avg_sq_mean none {ci(none_hi['sq_mean'])} vs BN {ci(bn_hi['sq_mean'])}; cosine none "
+        f"{ci(none_hi['cosine'])} vs BN {ci(bn_hi['cosine'])}"
+    )
+    undecided = [f"{text}: {v.reason}" for text, v in found.items() if v.word == INCONCLUSIVE]
+    if undecided:
+        return f"Inconclusive ({undecided[0]}). " + sentence, None, None, key
+    failed = [f"not shown that {text} ({v.word})" for text, v in found.items()
+              if not (v.word == WIN and v.winner == v.a)]
+    discrepancy = ("Brock et al. 2021a predict it, but " + "; ".join(failed) + ".") if failed else None
+    return sentence, not failed, discrepancy, key
+
+
+def _log(value: float) -> float:
+    return math.log(value) if value > 0 and math.isfinite(value) else math.nan
 
 
 def run(ctx: StudyContext) -> StudyOutcome:
@@ -206,7 +237,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
                     )
                 )
     summary = summarize(results)
-    sentence, agrees, discrepancy = verdict(summary)
+    sentence, agrees, discrepancy, key_figures = verdict(summary, results)
     table = Table(
         "Signal propagation and cross-example similarity at initialization (train mode)",
         [
@@ -249,6 +280,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
         agrees_with_paper=agrees,
         discrepancy=discrepancy,
         data={"per_seed": _jsonable_keys(results)},
+        key_figures=key_figures,
     )
 
 

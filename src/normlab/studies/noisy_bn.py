@@ -5,20 +5,28 @@ standard (no norm), with BN, with "noisy" BN -- after every BN layer, at every s
 ``mu_j ~ U(-n_mu, n_mu)``, ``sigma_j ~ U(1, n_sigma)`` and per sample and channel
 ``m_ij ~ U(mu_j - r_mu, mu_j + r_mu)``, ``s_ij ~ N(sigma_j, r_sigma)``, ``a_ij <- s_ij a_ij + m_ij``
 (n_mu = 0.5, n_sigma = 1.25, r_mu = r_sigma = 0.1; training mode only) -- and with the same noise but no
-BN. Their finding: noisy BN trains about as well as BN although its layers' input distributions are far
-less stable (Fig. 2's percentile bands), while the noise alone prevents training.
+BN. Their finding (Fig. 2 is about *training*): noisy BN trains about as well as BN although its layers'
+input distributions are far less stable, while the noise alone harms training.
 
 Protocol: norms ``none`` / ``bn`` / ``noisy_bn`` / ``noise`` (``normlab.layers``), plain SGD (no momentum,
-no weight decay), constant LR, for every LR of ``lrs`` and every seed. Every ``track_every`` steps an
-:class:`normlab.probes.ActivationTracker` measures, on the step's batch in training mode (so the noise is
-included: it is what the next layer sees), ``units`` sampled channels of the norm slots ``track_layers``
-(1-based: the module right after the i-th conv / hidden linear layer, i.e. the BN, noisy BN, noise or
-identity output before the ReLU). Logged per step: the {1, 15, 50, 85, 99}th percentiles of each unit
-(``probe/activation_stats/p<q>/<layer>/<unit>``) and the tracker's step-to-step mean change ``|mu_{t+1} -
-mu_t|``, variance change and drift from the first step (``probe/activation_stats/<field>/<layer>``).
+no weight decay), constant LR, for every LR of ``lrs`` and every seed.
 
-Table: final test accuracy per norm and LR, and the stability numbers averaged over training and the
-tracked layers. The verdict uses the first LR.
+- Training performance (the claim): the logged training-batch accuracy and loss in train mode (noise on),
+  over the last 10% of the logs, and their curves (the accuracy figure).
+- Eval mode: the noise layers evaluate as the expectation of their training-time layer (output x E[s],
+  E[s] = (1 + n_sigma) / 2, E[m] = 0; :func:`expected_layers`); dropping the noise without rescaling leaves
+  every later layer's running statistics off by E[s]. Reported beside the training numbers, not decided on.
+- Stability: every ``track_every`` steps an :class:`normlab.probes.ActivationTracker` measures, on the
+  step's batch in training mode, ``units`` sampled channels at the *inputs* of the norm slots
+  ``track_layers`` (1-based: the conv / hidden linear output before the i-th norm slot). Noisy BN injects
+  its noise after the norm, so at these points only the earlier layers' noise arrives: their instability
+  is a measurement, not true by construction (it would be at the slot's output). Logged per step: the {1,
+  15, 50, 85, 99}th percentiles of each unit (``probe/activation_stats/p<q>/<layer>/<unit>``) and the
+  tracker's step-to-step mean change ``|mu_{t+1} - mu_t|``, variance change and drift from the first
+  step (``probe/activation_stats/<field>/<layer>``).
+
+The verdict (:func:`verdict`, first LR) uses the shared rule on converged arms: noisy BN vs BN and the
+standard net vs the noise without BN on training accuracy, noisy BN vs BN on the mean change.
 """
 
 from __future__ import annotations
@@ -30,8 +38,10 @@ from typing import Any
 from torch import nn
 
 from normlab.errors import NormlabError
+from normlab.stats import INCONCLUSIVE, WIN, Verdict, compare_arms
 from normlab.studies._santurkar import santurkar_base
-from normlab.studies._series import ci, mean_curve
+from normlab.studies._series import mean_curve
+from normlab.studies._verdict import SETTLE
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {
@@ -51,8 +61,6 @@ PARAMS: dict[str, Any] = {
 
 LABELS = {"none": "standard", "bn": "BN", "noisy_bn": "noisy BN", "noise": "noise, no BN"}
 PERCENTILES = (1.0, 15.0, 50.0, 85.0, 99.0)
-#: "about as well as BN" / "prevents training": accuracy margins in percentage points.
-ACC_TOLERANCE = 2.0
 STABILITY_FIELDS = ("mean_change", "var_change", "mean_drift")
 
 
@@ -71,6 +79,22 @@ def norm_slots(model: nn.Module) -> list[str]:
     return slots
 
 
+def weight_layers(model: nn.Module) -> list[str]:
+    """Names of the conv / hidden linear layers whose outputs feed the norm slots (:func:`norm_slots`), in
+    the same order: the norm layers' inputs. Noisy BN injects its noise in the slot, not here, so the
+    stability of these inputs is a measurement, not true by construction."""
+    slots = set(norm_slots(model))
+    names = []
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for (name, _), (next_name, _) in zip(children, children[1:], strict=False):
+            if (f"{parent_name}.{next_name}" if parent_name else next_name) in slots:
+                names.append(f"{parent_name}.{name}" if parent_name else name)
+    return names
+
+
 def check_track_layers(slots: list[int], count: int, where: str) -> None:
     """NormlabError unless every 1-based slot index is in ``1..count``."""
     bad = [i for i in slots if not 1 <= i <= count]
@@ -82,8 +106,9 @@ def check_track_layers(slots: list[int], count: int, where: str) -> None:
 
 
 class StabilityProbe:
-    """Trainer callback: an :class:`~normlab.probes.ActivationTracker` on the chosen norm slots, logging
-    every unit's percentiles and the tracker's moment changes at every ``every_n_steps``-th step."""
+    """Trainer callback: an :class:`~normlab.probes.ActivationTracker` on the inputs of the chosen norm slots
+    (the outputs of the conv / linear layers before them, :func:`weight_layers`), logging every unit's
+    percentiles and the tracker's moment changes at every ``every_n_steps``-th step."""
 
     def __init__(self, every_n_steps: int, slots: list[int], units: int, seed: int) -> None:
         self.every_n_steps = every_n_steps
@@ -96,7 +121,7 @@ class StabilityProbe:
         from normlab.probes import ActivationTracker
 
         if self.tracker is None:
-            names = norm_slots(ctx.model)
+            names = weight_layers(ctx.model)
             check_track_layers(self.slots, len(names), "track_layers")
             self.tracker = ActivationTracker(
                 layers=[names[i - 1] for i in self.slots],
@@ -116,9 +141,88 @@ class StabilityProbe:
                 ctx.log(f"probe/activation_stats/{field}/{layer}", series[-1])
 
 
+EXPECTED_EVAL = "noisy_bn/expected_eval_test_acc"
+
+
+def expected_layers(model: nn.Module) -> int:
+    """Make every noise-injecting module of ``model`` (noisy BN, noise without BN) evaluate as the
+    expectation of its training-time layer: ``E[s] * a + E[m]`` with ``E[s] = (1 + n_sigma) / 2`` and
+    ``E[m] = 0`` (Alg. 1's draws; science.md section 2). A layer whose eval output already carries E[s] is
+    left alone (after i11a the layers do this themselves); one that drops the noise (output = plain BN, or
+    the identity) gets a forward hook applying E[s] where its noise acts. Returns the number of hooks added.
+    The model must be in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
+    hooks = 0
+    for module in model.modules():
+        noise = getattr(module, "noise", None)
+        if not isinstance(noise, dict) or "n_sigma" not in noise:
+            continue
+        scale = (1.0 + noise["n_sigma"]) / 2.0
+        channels = getattr(module, "num_features", None) or 4
+        out = plain = None
+        for shape in ((4, channels, 3), (4, channels), (4, channels, 3, 3)):
+            probe = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+            try:
+                if getattr(module, "running_mean", None) is not None:
+                    probe = probe.to(module.running_mean)
+                    plain = F.batch_norm(probe, module.running_mean, module.running_var, module.weight,
+                                         module.bias, False, 0.0, module.eps)
+                else:
+                    plain = probe
+                out = module(probe)
+                break
+            except Exception:  # noqa: BLE001,S112 - the layer rejects this input rank: try the next one
+                continue
+        if out is None:
+            raise NormlabError(f"cannot probe the eval output of {type(module).__name__}")
+        if not torch.allclose(out, plain, atol=1e-5):
+            continue  # the layer's eval already differs from dropping the noise: trust it
+        bias = getattr(module, "bias", None)
+        before_affine = not getattr(module, "noise_after_affine", True) and bias is not None
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any, scale=scale, bias=bias,
+                 before_affine=before_affine) -> Any:
+            if before_affine:  # gamma * (E[s] * x_hat) + beta
+                shift = bias.view(1, -1, *([1] * (output.dim() - 2)))
+                return scale * (output - shift) + shift
+            return scale * output
+
+        module.register_forward_hook(hook)
+        hooks += 1
+    return hooks
+
+
+class ExpectedEval:
+    """Trainer callback at the last step: the test accuracy of a copy of the model whose noise layers
+    evaluate as their expected training-time layer (:func:`expected_layers`), logged as
+    :data:`EXPECTED_EVAL`."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __call__(self, ctx: Any) -> None:
+        import copy
+
+        from normlab.train.evaluate import evaluate
+
+        model = copy.deepcopy(ctx.model).eval()
+        expected_layers(model)
+        device = next(model.parameters()).device
+        _, acc = evaluate(model, self.data.x_test.to(device), self.data.y_test.to(device), ctx.loss_fn,
+                          batch_size=ctx.config.eval_batch_size, classification=True)
+        ctx.log(EXPECTED_EVAL, acc)
+
+
 def callbacks(config: Any, *, every: int, slots: list[int], units: int) -> list:
     """The callbacks of one run; module level so the process pool can pickle it (via ``partial``)."""
-    return [StabilityProbe(every, slots, units, seed=config.seed)]
+    out: list = [StabilityProbe(every, slots, units, seed=config.seed)]
+    if config.norm in ("noisy_bn", "noise"):
+        from normlab.train.build import load_data
+
+        out.append((ExpectedEval(load_data(config)), config.steps))
+    return out
 
 
 def stability(metrics: dict[str, list[tuple[int, float]]], field: str) -> float:
@@ -136,63 +240,83 @@ def stability(metrics: dict[str, list[tuple[int, float]]], field: str) -> float:
 
 
 def final_fit(series: list[tuple[int, float]]) -> float:
-    """Mean of the logged training-batch accuracy (train mode: noise on) over the last 10% of the logs."""
+    """Mean of a logged training-batch series (train mode: noise on) over the last 10% of the logs."""
     values = [v for _, v in sorted(series)]
     tail = values[-max(1, len(values) // 10) :]
     return math.fsum(tail) / len(tail) if tail else math.nan
 
 
-def verdict(
-    lr: float,
-    acc: dict[str, tuple[float, float]],
-    change: dict[str, tuple[float, float]],
-    fit: dict[str, tuple[float, float]] | None = None,
-) -> tuple[str, bool | None, str | None]:
-    """The verdict from test accuracies (%, eval mode: noise off) and step-to-step mean changes per norm
-    at LR ``lr``; ``fit`` (training-batch accuracy in train mode, noise on) is quoted when given.
+def _arm(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[str]]:
+    return [r[key] for r in records], [r["convergence"] for r in records]
 
-    Agrees with Santurkar et al. when noisy BN is within ``ACC_TOLERANCE`` points of BN (or above), its
-    tracked units move more per step than BN's, and the noise without BN ends more than ``ACC_TOLERANCE``
-    points below the standard net.
+
+def _compare(runs: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, better: bool = True) -> Verdict:
+    (va, sa), (vb, sb) = _arm(runs[a], key), _arm(runs[b], key)
+    return compare_arms(
+        LABELS[a], va, LABELS[b], vb, statuses_a=sa, statuses_b=sb, higher_is_better=better,
+        paired=len(va) == len(vb), settle=SETTLE,
+    )
+
+
+def verdict(lr: float, runs: dict[str, list[dict[str, Any]]]) -> tuple[str, bool | None, str | None, str]:
+    """The verdict on Santurkar et al.'s Fig. 2 claim at LR ``lr``: ``(sentence, agrees, discrepancy,
+    key figures)``.
+
+    ``runs[norm]`` holds one record per seed: ``convergence`` (the run's status), ``fit_acc`` / ``fit_loss``
+    (training-batch accuracy % and loss in train mode, noise on, over the last 10% of the logs: the
+    training performance Fig. 2 plots), ``test_acc`` (eval mode: the expected layer) and ``mean_change``
+    (step-to-step change of the tracked units' mean at the pre-norm conv outputs, where no noise is
+    injected). The claim holds when, by the shared rule (:func:`normlab.stats.compare_arms`), noisy BN's
+    training accuracy is not beaten by BN's (a tie or better: "about as well"), the standard net beats the
+    same noise without BN (the noise alone harms training), and BN's pre-norm inputs move less per step
+    than noisy BN's. Any comparison that is inconclusive (an arm did not converge, fewer than 3 seeds)
+    makes the study inconclusive.
     """
     needed = ("none", "bn", "noisy_bn", "noise")
-    if any(n not in acc for n in needed):
-        return "The recipe must train none, bn, noisy_bn and noise to test the claim.", None, None
+    if any(n not in runs for n in needed):
+        return "The recipe must train none, bn, noisy_bn and noise to test the claim.", None, None, ""
+
+    def fig(norm: str, key: str, unit: str = "%") -> str:
+        mean, half = mean_ci(r[key] for r in runs[norm])
+        if not math.isfinite(mean):
+            return "n/a"
+        digits = 3 if unit == "" else 1
+        return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if math.isfinite(half) else "") + unit
+
+    trains = _compare(runs, "noisy_bn", "bn", "fit_acc")
+    harms = _compare(runs, "none", "noise", "fit_acc")
+    stable = _compare(runs, "noisy_bn", "bn", "mean_change", better=False)
+    key = (
+        "train-mode training acc: "
+        + ", ".join(f"{LABELS[n]} {fig(n, 'fit_acc')}" for n in ("noisy_bn", "bn", "none", "noise"))
+        + f"; eval-mode test acc: noisy BN {fig('noisy_bn', 'test_acc')}, BN {fig('bn', 'test_acc')}"
+    )
     sentence = (
-        f"At LR {lr:g}, noisy BN reached {ci(acc['noisy_bn'])}% test accuracy vs {ci(acc['bn'])}% with BN "
-        f"and {ci(acc['none'])}% for the standard net, the same noise without BN {ci(acc['noise'])}%; the "
-        f"tracked units' mean moved {ci(change['noisy_bn'])} per measurement with noisy BN vs "
-        f"{ci(change['bn'])} with BN and {ci(change['none'])} in the standard net."
+        f"At LR {lr:g}, in train mode (noise on): {trains.sentence('training accuracy', 1.0)} "
+        f"{harms.sentence('training accuracy', 1.0)} At the norm layers' inputs (no noise injected there): "
+        f"{stable.sentence('step-to-step mean change (x 1e-3)', 1000.0, '')} Eval mode (the expected layer): "
+        f"noisy BN "
+        f"{fig('noisy_bn', 'test_acc')} test accuracy vs BN {fig('bn', 'test_acc')}."
     )
-    if fit and "noisy_bn" in fit and "bn" in fit:
-        sentence = sentence[:-1] + (
-            f"; in training mode (noise on) noisy BN fit its batches to {ci(fit['noisy_bn'])}% vs "
-            f"{ci(fit['bn'])}% with BN."
-        )
-    values = [acc[n][0] for n in needed] + [change["noisy_bn"][0], change["bn"][0]]
-    if not all(math.isfinite(v) for v in values):
-        return sentence, None, None
+    parts = (trains, harms, stable)
+    if any(v.word == INCONCLUSIVE for v in parts):
+        reasons = "; ".join(dict.fromkeys(v.reason for v in parts if v.word == INCONCLUSIVE))
+        settle = "; ".join(dict.fromkeys(v.settle for v in parts if v.word == INCONCLUSIVE and v.settle))
+        text = (f"Inconclusive at this scale ({reasons}); to settle it: {settle}. As measured at LR {lr:g} "
+                f"(not a verdict): {key}.")
+        return text, None, None, key
     failed = []
-    if acc["noisy_bn"][0] < acc["bn"][0] - ACC_TOLERANCE:
-        failed.append(
-            f"noisy BN trails BN by {acc['bn'][0] - acc['noisy_bn'][0]:.3g} points (> {ACC_TOLERANCE:g})"
-        )
-    if not change["noisy_bn"][0] > change["bn"][0]:
-        failed.append("noisy BN's layer inputs are not less stable than BN's")
-    if not acc["noise"][0] < acc["none"][0] - ACC_TOLERANCE:
-        failed.append(
-            f"the noise without BN does not prevent training ({acc['noise'][0]:.3g}% vs the standard "
-            f"net's {acc['none'][0]:.3g}%)"
-        )
+    if trains.word == WIN and trains.winner == LABELS["bn"]:
+        failed.append("BN trains better than noisy BN beyond the seeds' spread")
+    if not (harms.word == WIN and harms.winner == LABELS["none"]):
+        failed.append("the noise without BN does not train worse than the standard net")
+    if not (stable.word == WIN and stable.winner == LABELS["bn"]):
+        failed.append("noisy BN's pre-norm inputs are not measurably less stable than BN's")
     discrepancy = (
-        (
-            "Santurkar et al. find noisy BN as good as BN despite unstable inputs and the noise alone "
-            "harmful, but " + "; ".join(failed) + "."
-        )
-        if failed
-        else None
-    )
-    return sentence, not failed, discrepancy
+        "Santurkar et al. find noisy BN trains about as well as BN despite less stable layer inputs and "
+        "the noise alone harmful, but " + "; ".join(failed) + " (see the accuracy figure)."
+    ) if failed else None
+    return sentence, not failed, discrepancy, key
 
 
 def run(ctx: StudyContext) -> StudyOutcome:
@@ -216,11 +340,15 @@ def run(ctx: StudyContext) -> StudyOutcome:
 
     runs: dict[tuple[float, str], list[dict[str, Any]]] = {}
     for (lr, norm, _), result in zip(grid, results, strict=True):
+        done = result.status == "finished"
         record: dict[str, Any] = {
             "run_id": result.run_id,
             "status": result.status,
-            "test_acc": 100.0 * result.final_test_acc,
-            "train_acc": 100.0 * result.final_train_acc,
+            "convergence": result.convergence or ("unconverged" if done else result.status),
+            "convergence_reason": result.convergence_reason,
+            "test_acc": 100.0 * result.final_test_acc if done else math.nan,
+            "layer_eval_acc": 100.0 * result.final_test_acc if done else math.nan,
+            "train_acc": 100.0 * result.final_train_acc if done else math.nan,
         }
         metrics = {}
         if result.run_id is not None:
@@ -230,9 +358,14 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 if n.startswith("probe/activation_stats/")
             }
         for field in STABILITY_FIELDS:
-            record[field] = stability(metrics, field) if result.status == "finished" else math.nan
-        fit = ctx.metrics(result.run_id, "train/acc") if result.run_id is not None else []
-        record["fit_acc"] = 100.0 * final_fit(fit) if result.status == "finished" else math.nan
+            record[field] = stability(metrics, field) if done else math.nan
+        for key, name, scale in (("fit_acc", "train/acc", 100.0), ("fit_loss", "train/loss", 1.0)):
+            series = ctx.metrics(result.run_id, name) if result.run_id is not None and done else []
+            record[key] = scale * final_fit(series) if series else math.nan
+        if done and norm in ("noisy_bn", "noise") and result.run_id is not None:
+            # Eval mode of the noise layers: their expected training-time layer (output x E[s]).
+            last = ctx.store.latest_metric(result.run_id, EXPECTED_EVAL)
+            record["test_acc"] = 100.0 * last[1] if last is not None else math.nan
         runs.setdefault((lr, norm), []).append(record)
 
     table = Table(
@@ -240,21 +373,25 @@ def run(ctx: StudyContext) -> StudyOutcome:
         [
             "lr",
             "network",
-            "test acc %",
-            "train acc %",
             "train-mode batch acc %",
+            "train-mode batch loss",
+            "test acc % (eval, expected layer)",
+            "train acc % (eval)",
             "|mu_t+1 - mu_t|",
             "|var_t+1 - var_t|",
             "|mu_T - mu_0|",
-            "finished",
+            "converged",
         ],
         notes=[
-            f"mean ± 95% CI over {len(ctx.seeds)} seeds; units tracked in norm slots "
-            f"{ctx.param('track_layers', list)} every {ctx.param('track_every', int)} steps, train mode "
-            "(noise included), averaged over sampled units, layers and measurements.",
-            "test acc and train acc: the final model in eval mode (running statistics, no noise); "
-            "train-mode batch acc: the logged training-batch accuracy (batch statistics, noise on), "
-            "mean over the last 10% of the logs.",
+            f"mean ± 95% CI over {len(ctx.seeds)} seeds; units tracked at the inputs of norm slots "
+            f"{ctx.param('track_layers', list)} (the conv outputs before them: noisy BN's noise is injected "
+            f"after the norm, so only the earlier layers' noise reaches these) every "
+            f"{ctx.param('track_every', int)} steps, train mode, averaged over sampled units, layers and "
+            "measurements.",
+            "train-mode batch acc / loss: the logged training-batch accuracy and loss (batch statistics, "
+            "noise on: the training performance of Santurkar et al. Fig. 2), mean over the last 10% of "
+            "the logs. test / train acc (eval): the final model in eval mode, where noisy BN is the "
+            "expectation of its training-time layer (output x E[s]).",
         ],
     )
     summary: dict[float, dict[str, dict[str, tuple[float, float]]]] = {}
@@ -264,27 +401,23 @@ def run(ctx: StudyContext) -> StudyOutcome:
             rs = runs[(lr, norm)]
             s = {
                 key: mean_ci(r[key] for r in rs)
-                for key in ("test_acc", "train_acc", "fit_acc", *STABILITY_FIELDS)
+                for key in ("test_acc", "train_acc", "fit_acc", "fit_loss", *STABILITY_FIELDS)
             }
             summary[lr][norm] = s
             table.add_row(
                 lr,
                 LABELS.get(norm, norm),
+                s["fit_acc"],
+                s["fit_loss"],
                 s["test_acc"],
                 s["train_acc"],
-                s["fit_acc"],
                 s["mean_change"],
                 s["var_change"],
                 s["mean_drift"],
-                f"{sum(r['status'] == 'finished' for r in rs)}/{len(rs)}",
+                f"{sum(r['convergence'] == 'converged' for r in rs)}/{len(rs)}",
             )
     lr0 = lrs[0]
-    sentence, agrees, discrepancy = verdict(
-        lr0,
-        {n: s["test_acc"] for n, s in summary[lr0].items()},
-        {n: s["mean_change"] for n, s in summary[lr0].items()},
-        {n: s["fit_acc"] for n, s in summary[lr0].items()},
-    )
+    sentence, agrees, discrepancy, key_figures = verdict(lr0, {n: runs[(lr0, n)] for n in norms})
     figures = [_accuracy_figure(ctx, lrs, norms, runs)] + [_band_figure(ctx, lr, norms, runs) for lr in lrs]
     data = {
         f"{lr}/{norm}": [{k: v for k, v in r.items()} for r in runs[(lr, norm)]]
@@ -298,6 +431,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
         agrees_with_paper=agrees,
         discrepancy=discrepancy,
         data=data,
+        key_figures=key_figures,
     )
 
 
@@ -308,26 +442,31 @@ def _accuracy_figure(ctx: StudyContext, lrs: list[float], norms: list[str], runs
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(lrs), 2, figsize=(11, 3.6 * len(lrs)), squeeze=False)
+    panels = (
+        ("train/acc", "training-batch accuracy (train mode)", 100.0, "accuracy %"),
+        ("train/loss", "training-batch loss (train mode)", 1.0, "loss"),
+        ("test/acc", "test accuracy (eval mode)", 100.0, "accuracy %"),
+    )
+    fig, axes = plt.subplots(len(lrs), len(panels), figsize=(15, 3.6 * len(lrs)), squeeze=False)
     for row, lr in enumerate(lrs):
         for norm in norms:
             ids = [r["run_id"] for r in runs[(lr, norm)] if r["run_id"] is not None]
-            for col, name in enumerate(("train/acc", "test/acc")):
+            for col, (name, title, scale, _) in enumerate(panels):
                 steps, mean = mean_curve([ctx.metrics(i, name) for i in ids])
-                axes[row][col].plot(steps, [100 * m for m in mean], label=LABELS.get(norm, norm))
-                axes[row][col].set_title(
-                    f"{'training' if col == 0 else 'test'} accuracy, lr {lr:g}", fontsize=10
-                )
-        for ax in axes[row]:
+                axes[row][col].plot(steps, [scale * m for m in mean], label=LABELS.get(norm, norm))
+                axes[row][col].set_title(f"{title}, lr {lr:g}", fontsize=10)
+        for ax, (name, _, _, ylabel) in zip(axes[row], panels, strict=True):
             ax.set_xlabel("step")
-            ax.set_ylabel("accuracy %")
+            ax.set_ylabel(ylabel)
+            if name == "train/loss":
+                ax.set_yscale("log")
             ax.legend(fontsize=8)
     fig.tight_layout()
     return ctx.save_figure(
         fig,
         "accuracy",
-        "Training and test accuracy of standard, BN, noisy BN and noise-only "
-        "networks (Santurkar et al. 2018, Fig. 2 left); mean over seeds.",
+        "Training performance (train mode, noise on: Santurkar et al. 2018, Fig. 2 left) and eval-mode "
+        "test accuracy of standard, BN, noisy BN and noise-only networks; mean over seeds.",
     )
 
 

@@ -7,9 +7,8 @@ zero-initialized scalar on each residual branch (SkipInit) trains deep unnormali
 sections 3 and 4). Every variant trains every lr of the grid for the same epochs at one batch size.
 Per variant: the best stable lr and its test accuracy, the largest stable lr, training speed (steps/s at
 the best lr) and the number of diverged runs (stability as in :func:`normlab.studies._grid.lr_summary`).
-The claim holds when NF+AGC comes within 2 pts of BN's accuracy (:func:`~normlab.studies._grid.matches`:
-undecided when the 95% CIs straddle that margin) and is stable up to an lr at least as large as the plain
-unnormalized net's.
+The claim holds when NF+AGC's accuracy is not beaten by BN's by the shared rule (:func:`judge`) and it is
+stable up to an lr at least as large as the plain unnormalized net's.
 """
 
 from __future__ import annotations
@@ -17,17 +16,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._grid import (
     base_fields,
+    budget_fields,
+    budget_text,
     group_results,
     lr_summary,
     lr_text,
-    matches,
     mean_of,
     pct,
     pct_cell,
     variant_fields,
 )
+from normlab.studies._verdict import ci_text, decide, inconclusive_text
 from normlab.studies.base import StudyContext, StudyOutcome, Table
 
 PARAMS = {
@@ -54,7 +56,8 @@ def run(ctx: StudyContext) -> StudyOutcome:
     for variant in p["variants"]:
         for lr in p["lrs"]:
             for seed in ctx.seeds:
-                fields = {**base_fields(p), **variant_fields(variant, p), "batch_size": p["batch_size"]}
+                fields = {**base_fields(p), **budget_fields(p), **variant_fields(variant, p),
+                          "batch_size": p["batch_size"]}
                 configs.append(ctx.config(**fields, lr=lr, seed=seed))
                 keys.append((variant, lr))
     cells = group_results(keys, ctx.train_grid(configs))
@@ -66,7 +69,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
         ["variant", "best lr", "test acc (%)", "steps/s", "steps/s ÷ BN", "largest stable lr", "diverged"],
         notes=[
             f"{p['model']} depth {p['depth']} width {p['width']}, batch {p['batch_size']}, "
-            f"{p['epochs']} epochs, {len(ctx.seeds)} seeds, lr grid {', '.join(map(lr_text, p['lrs']))}.",
+            f"{budget_text(p)}, {len(ctx.seeds)} seeds, lr grid {', '.join(map(lr_text, p['lrs']))}.",
             f"Stable lr: every seed finished and mean test accuracy >= {pct(p['min_acc'], 0)}. "
             f"NF-ResNet+AGC: nf_resnet (Scaled WS, alpha/beta scaling) with AGC clip {p['agc_clip']:g}.",
             "steps/s: each run's own training-loop timing; runs execute one after another, so machine load "
@@ -85,7 +88,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
             lr_text(s["largest_stable_lr"]),
             f"{s['diverged']}/{s['runs']}",
         )
-    verdict, agrees, discrepancy = judge(summaries)
+    verdict, agrees, discrepancy, key_figures = judge(summaries)
     figure = ctx.save_figure(_plot(cells, p), "acc_vs_lr",
                              "Final test accuracy vs learning rate (mean over seeds; x = a seed diverged).")
     data = {
@@ -93,18 +96,24 @@ def run(ctx: StudyContext) -> StudyOutcome:
         "best_lr": {v: s["best_lr"] for v, s in summaries.items()},
         "largest_stable_lr": {v: s["largest_stable_lr"] for v, s in summaries.items()},
     }
-    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data)
+    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data, key_figures)
 
 
-def judge(summaries: dict[str, dict[str, Any]]) -> tuple[str, bool | None, str | None]:
-    """NF+AGC's accuracy vs BN's, and its largest stable lr vs the unnormalized net's."""
+def judge(summaries: dict[str, dict[str, Any]]) -> tuple[str, bool | None, str | None, str]:
+    """NF+AGC's accuracy vs BN's, each at its best stable lr, by the shared rule (:func:`normlab.stats.
+    compare_arms`, paired over seeds): a tie or an NF win "matches", a BN win "falls short"; and NF+AGC's
+    largest stable lr vs the unnormalized net's. Returns ``(sentence, agrees, discrepancy, key figures)``.
+    """
     bn, nf = summaries.get("bn"), summaries.get("nf")
-    if bn is None or nf is None or bn["best_lr"] is None:
-        return "Undecided: BN or NF+AGC missing, or BN has no stable lr.", None, None
-    parts = [f"{LABELS.get(v, v)} {pct(s['acc'][0])} (largest stable lr {lr_text(s['largest_stable_lr'])}, "
-             f"{s['diverged']}/{s['runs']} diverged)" for v, s in summaries.items()]
-    sentence = "Best test accuracy: " + "; ".join(parts)
-    close = matches(nf["acc"], bn["acc"])
+    if bn is None or nf is None or bn["best_lr"] is None or nf["best_lr"] is None:
+        return "Inconclusive: BN or NF+AGC missing, or one of them has no stable lr.", None, None, ""
+    parts = [f"{LABELS.get(v, v)} {ci_text([r.final_test_acc for r in s['best_runs']])} (largest stable lr "
+             f"{lr_text(s['largest_stable_lr'])}, {s['diverged']}/{s['runs']} diverged)"
+             for v, s in summaries.items()]
+    key = "; ".join(f"{LABELS.get(v, v)} {ci_text([r.final_test_acc for r in s['best_runs']])} at lr "
+                    f"{lr_text(s['best_lr'])}" for v, s in summaries.items())
+    found = decide("NF+AGC", nf["best_runs"], "BN", bn["best_runs"])
+    sentence = "Test accuracy at each variant's best stable lr: " + "; ".join(parts) + ". " + found.sentence()
     none = summaries.get("none")
 
     def largest(s: dict[str, Any] | None) -> float:
@@ -112,25 +121,19 @@ def judge(summaries: dict[str, dict[str, Any]]) -> tuple[str, bool | None, str |
 
     stable = none is None or largest(nf) >= largest(none)
     nf_lr = lr_text(nf["largest_stable_lr"])
-    sentence += ": NF+AGC " + {True: "matches", False: "falls short of",
-                               None: "is not resolved against"}[close] + " BN's accuracy"
-    if close is None:
-        sentence += " (the 95% CIs overlap the 2-pt margin)"
     if stable:
-        sentence += f" and is stable up to lr {nf_lr}."
+        sentence += f" NF+AGC is stable up to lr {nf_lr}."
     else:
-        none_lr = lr_text(none["largest_stable_lr"])
-        sentence += f" and is less stable than the unnormalized net (lr {nf_lr} vs {none_lr})."
+        sentence += f" NF+AGC is less stable than the unnormalized net (lr {nf_lr} vs " \
+                    f"{lr_text(none['largest_stable_lr'])})."
+    if found.word == INCONCLUSIVE:
+        return inconclusive_text([found.reason], key, found.settle), None, None, key
     problems = []
-    if close is False:
-        problems.append(
-            f"NF+AGC's {pct(nf['acc'][0])} is more than 2 pts below BN's {pct(bn['acc'][0])} "
-            "beyond the 95% CIs"
-        )
+    if found.word == WIN and found.winner == "BN":
+        problems.append("NF+AGC's accuracy falls short of BN's beyond the seeds' spread (see acc_vs_lr)")
     if not stable:
         problems.append("NF+AGC's largest stable lr is below the unnormalized net's")
-    agrees = False if problems else (True if close else None)
-    return sentence, agrees, ("; ".join(problems) + ".") if problems else None
+    return sentence, not problems, ("; ".join(problems) + ".") if problems else None, key
 
 
 def _plot(cells: dict, p: dict[str, Any]) -> Any:

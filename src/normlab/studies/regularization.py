@@ -14,17 +14,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._grid import (
     base_fields,
-    count_status,
+    budget_fields,
+    budget_text,
     diff_stat,
     group_results,
     mean_of,
     pct_cell,
-    pts,
     stat,
     variant_fields,
 )
+from normlab.studies._verdict import ci_text, compare_records, inconclusive_text, record
 from normlab.studies.base import StudyContext, StudyOutcome, Table
 
 PARAMS = {
@@ -57,6 +59,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 configs.append(
                     ctx.config(
                         **base_fields(p),
+                        **budget_fields(p),
                         **variant_fields(norm, p),
                         batch_size=batch,
                         lr=scaled_lr(p, batch),
@@ -68,9 +71,9 @@ def run(ctx: StudyContext) -> StudyOutcome:
 
     table = Table(
         "Generalization gap vs batch size (accuracies in %, mean ± 95% CI over seeds)",
-        ["norm", "batch", "lr", "train acc", "test acc", "gap (train - test)", "failed/diverged"],
+        ["norm", "batch", "lr", "steps", "train acc", "test acc", "gap (train - test)", "converged"],
         notes=[
-            f"{len(ctx.seeds)} seeds; {p['epochs']} epochs at every batch size; "
+            f"{len(ctx.seeds)} seeds; {budget_text(p)}; "
             f"lr = {p['lr']:g} * (batch / {p['base_batch']}) ** {p['lr_power']:g}.",
             "Accuracies of the final model in eval mode; gap = train acc - test acc.",
         ],
@@ -86,22 +89,23 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 norm,
                 batch,
                 round(scaled_lr(p, batch), 6),
+                runs[0].steps if runs else None,
                 pct_cell(stat(runs, "final_train_acc")),
                 pct_cell(stat(runs, "final_test_acc")),
                 pct_cell(gap),
-                len(runs) - count_status(runs, "finished"),
+                f"{sum(r.convergence == 'converged' for r in runs)}/{len(runs)}",
             )
     underfit = underfit_note(cells, p["norms"], max(p["batch_sizes"]))
     if underfit:
         table.notes.append(underfit)
-    verdict, agrees, discrepancy = judge(gaps, p["batch_sizes"])
+    verdict, agrees, discrepancy, key_figures = judge(cells, p["norms"], p["batch_sizes"])
     caption = "Train/test accuracy gap (percentage points) vs batch size, mean ± 95% CI over seeds."
     figure = ctx.save_figure(_plot(cells, p), "gap_vs_batch", caption)
     data = {
         "gaps": {n: {str(b): g for b, g in v.items()} for n, v in gaps.items()},
         "test_acc": {f"{n}/{b}": mean_of(r, "final_test_acc") for (n, b), r in cells.items()},
     }
-    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data)
+    return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data, key_figures)
 
 
 def underfit_note(cells: dict, norms: list[str], batch: int, fit: float = 0.9) -> str | None:
@@ -116,34 +120,52 @@ def underfit_note(cells: dict, norms: list[str], batch: int, fit: float = 0.9) -
             "regularization with underfitting (equal epochs give large batches fewer steps).")
 
 
-def judge(gaps: dict[str, dict[int, float]], batch_sizes: list[int]) -> tuple[str, bool | None, str | None]:
-    """The verdict from the per-norm mean gaps: how much each norm's gap grows from the smallest to the
-    largest batch; agrees when BN's growth exceeds every other norm's."""
+def growth_records(cells: dict, norm: str, small: int, large: int) -> list[dict[str, Any]]:
+    """Per seed: the growth of the train/test gap from batch ``small`` to ``large`` (fractions), with the
+    worse convergence status of the seed's two runs (a growth is a result only if both runs are)."""
+    out = []
+    for a, b in zip(cells[(norm, small)], cells[(norm, large)], strict=True):
+        ra, rb = record(a), record(b)
+        gap = [r.final_train_acc - r.final_test_acc if r.status == "finished" else math.nan for r in (a, b)]
+        statuses = [ra["convergence"], rb["convergence"]]
+        worst = next((s for s in statuses if s != "converged"), "converged")
+        reason = next((r["convergence_reason"] for r in (ra, rb) if r["convergence"] != "converged"), "")
+        out.append({"growth": gap[1] - gap[0], "convergence": worst, "convergence_reason": reason})
+    return out
+
+
+def judge(
+    cells: dict, norms: list[str], batch_sizes: list[int]
+) -> tuple[str, bool | None, str | None, str]:
+    """The verdict: per seed, how much each norm's train/test gap grows from the smallest to the largest
+    batch; BN against every other norm by the shared rule (:func:`normlab.stats.compare_arms`, paired over
+    seeds). Agrees when BN's growth beats every other norm's; a tie or a loss disagrees; an unconverged run
+    at either batch size (or fewer than 3 seeds) makes it inconclusive. Returns ``(sentence, agrees,
+    discrepancy, key figures)``."""
     small, large = min(batch_sizes), max(batch_sizes)
-    growth = {n: g[large] - g[small] for n, g in gaps.items()}
-    if "bn" not in growth or len(growth) < 2 or not all(math.isfinite(v) for v in growth.values()):
-        return (
-            f"Undecided: a gap is missing (runs failed) between batch {small} and {large}.",
-            None,
-            None,
-        )
-    others = {n: v for n, v in growth.items() if n != "bn"}
-    agrees = growth["bn"] > max(others.values())
-    others_text = ", ".join(f"{pts(v)} for {n}" for n, v in others.items())
-    verdict = (
-        f"From batch {small} to {large}, BN's train/test gap changes from {pts(gaps['bn'][small])} to "
-        f"{pts(gaps['bn'][large])} ({pts(growth['bn'])}) versus {others_text}: BN's regularization "
-        + ("weakens more than the other norms' as the batch grows." if agrees else
-           "does not weaken more than the other norms' as the batch grows.")
+    if "bn" not in norms or len(norms) < 2:
+        return "The recipe must train bn and at least one other norm.", None, None, ""
+    growth = {n: growth_records(cells, n, small, large) for n in norms}
+    others = [n for n in norms if n != "bn"]
+    found = {n: compare_records("BN", growth["bn"], n, growth[n], "growth") for n in others}
+    key = ", ".join(f"{n} {ci_text([r['growth'] for r in growth[n]], unit=' pts')}" for n in norms)
+    key = f"gap growth from batch {small} to {large}: {key}"
+    sentence = (
+        f"From batch {small} to {large}, the train/test gap grows by {key.split(': ', 1)[1]}. "
+        + " ".join(v.sentence(f"gap growth (batch {small} -> {large})") for v in found.values())
     )
-    discrepancy = None
-    if not agrees:
-        top = max(others, key=others.get)
-        discrepancy = (
-            f"Luo et al. predict BN's gap to grow the most with batch size; here {top}'s grows "
-            f"{pts(others[top])} against BN's {pts(growth['bn'])}."
-        )
-    return verdict, agrees, discrepancy
+    undecided = [v.reason for v in found.values() if v.word == INCONCLUSIVE]
+    if undecided:
+        return inconclusive_text(undecided, key), None, None, key
+    lost = [n for n, v in found.items() if not (v.word == WIN and v.winner == "BN")]
+    if not lost:
+        return sentence + " BN's regularization weakens more than the other norms' as the batch grows.", \
+            True, None, key
+    discrepancy = (
+        f"Luo et al. predict BN's gap to grow the most with batch size; here BN's growth does not exceed "
+        f"{', '.join(lost)}'s beyond the seeds' spread (see the gap figure)."
+    )
+    return sentence, False, discrepancy, key
 
 
 def _plot(cells: dict, p: dict[str, Any]) -> Any:

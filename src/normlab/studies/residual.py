@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
+from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._series import ci, mean_curve
+from normlab.studies._verdict import decide_values, inconclusive_text, training_gate
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {
@@ -92,13 +94,11 @@ def verdict(
     """The verdict from the last-block ratios, the fitted exponents and the trained accuracies (with
     ``diverged[variant]`` = e.g. ``"2/3"`` runs diverged, quoted where nonzero).
 
-    Agrees with De & Smith when BN's exponent lies in ``SLOPE_WINDOW`` (about -1/2) and, at the deepest
-    depth, the unnormalized net's branch is larger relative to its skip path than BN's.
+    The sentence only (agreement: :func:`judge`); returns ``(sentence, None, None)``.
     """
     if "bn" not in last:
         return "The recipe must include the variant 'bn' to test the downscaling claim.", None, None
     lo, hi = depths[0], depths[-1]
-    bn_slope = slope["bn"][0]
     parts = [
         f"With BN the last block's branch/skip std ratio falls from {ci(last['bn'][lo])} at depth {lo} "
         f"to {ci(last['bn'][hi])} at depth {hi} (fitted exponent {ci(slope['bn'])}; De & Smith predict "
@@ -116,25 +116,64 @@ def verdict(
             + ", ".join(f"{LABELS.get(v, v)} {ci(a)}%{_diverged(diverged, v)}" for v, a in acc.items())
             + " test accuracy"
         )
-    sentence = "; ".join(parts) + "."
-    if not math.isfinite(bn_slope):
-        return sentence, None, None
-    failed = []
-    if not SLOPE_WINDOW[0] <= bn_slope <= SLOPE_WINDOW[1]:
-        failed.append(
-            f"BN's fitted exponent {bn_slope:.3g} is outside [{SLOPE_WINDOW[0]}, {SLOPE_WINDOW[1]}]"
-        )
-    if "none" in last and not last["none"][hi][0] > last["bn"][hi][0]:
-        failed.append(
-            f"at depth {hi} the unnormalized net's branch ratio {last['none'][hi][0]:.3g} is not "
-            f"above BN's {last['bn'][hi][0]:.3g}"
-        )
+    return "; ".join(parts) + ".", None, None
+
+
+def judge(
+    depths: list[int],
+    ratios: dict[str, dict[int, list[list[float]]]],
+    runs: dict[str, list[Any]],
+) -> tuple[str, bool | None, str | None, str]:
+    """Agreement with De & Smith from the per-seed measurements: ``(sentence, agrees, discrepancy, key
+    figures)``.
+
+    - BN's fitted exponent (one per seed): its 95% interval must reach the window ``SLOPE_WINDOW`` around
+      -1/2 (an interval wholly outside it disagrees);
+    - at the deepest depth the unnormalized net's last-block branch/skip ratio beats BN's by the shared rule
+      (:func:`normlab.stats.compare_arms`, paired by seed);
+    - SkipInit trains: every SkipInit run converged (else inconclusive at this scale).
+    """
+    from normlab.stats import mean_ci as interval
+
+    if "bn" not in ratios:
+        return "", None, None, ""
+    hi = depths[-1]
+    seeds = range(len(ratios["bn"][hi]))
+    slopes = [log_slope(depths, [ratios["bn"][d][i][-1] for d in depths]) for i in seeds]
+    mean, half = interval(slopes)
+    key = f"BN exponent {ci((mean, half))} (paper -0.5)"
+    sentences, failed = [], []
+    if not math.isfinite(mean):
+        return "", None, None, key
+    half = half if math.isfinite(half) else 0.0
+    if mean + half < SLOPE_WINDOW[0] or mean - half > SLOPE_WINDOW[1]:
+        failed.append(f"BN's fitted exponent {ci((mean, half))} lies outside [{SLOPE_WINDOW[0]}, "
+                      f"{SLOPE_WINDOW[1]}]")
+    undecided = []
+    if "none" in ratios:
+        none_hi, bn_hi = [r[-1] for r in ratios["none"][hi]], [r[-1] for r in ratios["bn"][hi]]
+        found = decide_values("no norm", none_hi, "BN", bn_hi)
+        sentences.append(found.sentence(f"branch/skip ratio at depth {hi}", 1.0, ""))
+        key += f"; depth {hi} ratio none {ci(mean_ci(r[-1] for r in ratios['none'][hi]))} vs BN " \
+               f"{ci(mean_ci(r[-1] for r in ratios['bn'][hi]))}"
+        if found.word == INCONCLUSIVE:
+            undecided.append(found.reason)
+        elif not (found.word == WIN and found.winner == "no norm"):
+            failed.append(f"at depth {hi} the unnormalized net's branch ratio is not above BN's beyond the "
+                          "seeds' spread")
+    if "skipinit" in runs:
+        gate = training_gate({"SkipInit": runs["skipinit"]})
+        if gate:
+            undecided.append(gate)
+    sentence = " ".join(sentences)
+    if undecided:
+        return inconclusive_text(undecided, key), None, None, key
     discrepancy = (
         ("De & Smith predict an order-sqrt(depth) downscaling by BN, but " + "; ".join(failed) + ".")
         if failed
         else None
     )
-    return sentence, not failed, discrepancy
+    return sentence, not failed, discrepancy, key
 
 
 def run(ctx: StudyContext) -> StudyOutcome:
@@ -176,7 +215,9 @@ def run(ctx: StudyContext) -> StudyOutcome:
     acc = {v: mean_ci(100.0 * r.final_test_acc for r in rs) for v, rs in by_variant.items()}
 
     diverged = {v: f"{sum(r.status == 'diverged' for r in rs)}/{len(rs)}" for v, rs in by_variant.items()}
-    sentence, agrees, discrepancy = verdict(depths, last, slope, acc, diverged)
+    sentence, _, _ = verdict(depths, last, slope, acc, diverged)
+    extra, agrees, discrepancy, key_figures = judge(depths, ratios, by_variant)
+    sentence = (extra + " " + sentence).strip() if extra.startswith("Inconclusive") else f"{sentence} {extra}"
     init_table = Table(
         "Residual branch scale at initialization: std(branch contribution) / std(skip path)",
         ["variant", "depth", "last block", "mean over blocks", "fitted exponent (log ratio vs log depth)"],
@@ -196,7 +237,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
             )
     train_table = Table(
         f"Training: {train.get('model')} depth {train.get('depth')} on {train.get('dataset')}",
-        ["variant", "test acc %", "train loss", "finished", "diverged", "failed"],
+        ["variant", "test acc %", "train loss", "converged", "diverged", "failed"],
         notes=[
             f"mean ± 95% CI over {len(ctx.seeds)} seeds; "
             f"lr {train.get('lr')}, batch {train.get('batch_size')}."
@@ -207,7 +248,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
             LABELS.get(variant, variant),
             acc[variant],
             mean_ci(r.final_train_loss for r in rs),
-            sum(r.status == "finished" for r in rs),
+            sum(r.convergence == "converged" for r in rs),
             sum(r.status == "diverged" for r in rs),
             sum(r.status == "failed" for r in rs),
         )
@@ -223,6 +264,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
         agrees_with_paper=agrees,
         discrepancy=discrepancy,
         data=data,
+        key_figures=key_figures,
     )
 
 

@@ -117,7 +117,7 @@ def study_meta(study: Study, ctx: StudyContext, wall_time: float) -> dict[str, A
 def write_study_report(out_dir: Path, meta: dict[str, Any], outcome: StudyOutcome) -> ReportFiles:
     """Render ``outcome`` into ``<out_dir>/report.html`` + ``report.md``."""
     if outcome.agrees_with_paper is None:
-        kind, agreement = "info", "Undecided against the paper"
+        kind, agreement = "info", "Inconclusive against the paper at this scale"
     elif outcome.agrees_with_paper:
         kind, agreement = "ok", "Agrees with the paper"
     else:
@@ -128,6 +128,8 @@ def write_study_report(out_dir: Path, meta: dict[str, Any], outcome: StudyOutcom
         callout=outcome.verdict,
         callout_kind=kind,
     )
+    if outcome.key_figures:
+        verdict.text.append(f"Key figures: {outcome.key_figures}")
     if outcome.discrepancy:
         verdict.text.append(f"Discrepancy: {outcome.discrepancy}")
     sections = [verdict, Section("Results", tables=outcome.tables)]

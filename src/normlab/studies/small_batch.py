@@ -23,7 +23,16 @@ import copy
 import math
 from typing import Any
 
-from normlab.studies._grid import base_fields, count_status, group_results, pct_cell, variant_fields
+from normlab.stats import INCONCLUSIVE, WIN
+from normlab.studies._grid import (
+    base_fields,
+    budget_fields,
+    group_results,
+    pct_cell,
+    variant_fields,
+    with_run_length,
+)
+from normlab.studies._verdict import ci_text, compare_records, inconclusive_text, record
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS = {
@@ -104,9 +113,11 @@ def run(ctx: StudyContext) -> StudyOutcome:
     for variant in p["variants"]:
         for batch in p["batch_sizes"]:
             for seed in ctx.seeds:
+                steps = p["steps"] if p.get("steps") else p["epochs"] * (p["subset"] // batch)
                 config = ctx.config(
                     **base_fields(p),
-                    **variant_fields(variant, p),
+                    **budget_fields(p),
+                    **with_run_length(variant_fields(variant, p), steps),
                     batch_size=batch,
                     lr=p["lr"] * batch / p["base_batch"],
                     seed=seed,
@@ -122,9 +133,10 @@ def run(ctx: StudyContext) -> StudyOutcome:
         "Test error (%) by batch size, mean ± 95% CI over seeds (Group Norm Table 2 layout)",
         ["variant", *[f"batch {b}" for b in batches]],
         notes=[
-            f"{len(ctx.seeds)} seeds, {p['epochs']} epochs, lr = {p['lr']:g} * batch / {p['base_batch']}; "
-            "equal epochs give large batches fewer steps ("
-            + ", ".join(f"batch {b}: {p['epochs'] * (p['subset'] // b)}" for b in batches) + " steps).",
+            f"{len(ctx.seeds)} seeds, lr = {p['lr']:g} * batch / {p['base_batch']}; steps per run: "
+            + ", ".join(f"batch {b}: {runs_steps(cells, b)}" for b in batches)
+            + (" (equal steps: large batches see more epochs)." if p.get("steps") else
+               " (equal epochs: small batches take more steps)."),
             "Reference rows: Wu & He 2018 Table 2, ResNet-50 on ImageNet (val error %); — where their table "
             "has no such batch size.",
         ],
@@ -141,7 +153,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
 
     gap_table = Table(
         "Train/eval gap: test accuracy with batch statistics minus evaluated accuracy (pts)",
-        ["variant", "batch", "test acc eval (%)", "test acc batch stats (%)", "gap (pts)", "failed/diverged"],
+        ["variant", "batch", "test acc eval (%)", "test acc batch stats (%)", "gap (pts)", "converged"],
     )
     for variant in p["variants"]:
         for b in batches:
@@ -156,13 +168,19 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 pct_cell(evaluated),
                 pct_cell(train_mode),
                 pct_cell(gap),
-                len(runs) - count_status(runs, "finished"),
+                f"{sum(r.convergence == 'converged' for r in runs)}/{len(runs)}",
             )
-    verdict, agrees, discrepancy = judge({v: {b: e[0] for b, e in es.items()} for v, es in errors.items()})
+    verdict, agrees, discrepancy, key_figures = judge(cells, metrics, p["variants"], p["batch_sizes"])
     caption = "Test error (%) vs batch size per variant, mean ± 95% CI over seeds."
     figure = ctx.save_figure(_plot(errors, batches), "error_vs_batch", caption)
     data = {"error_pct": {v: {str(b): e[0] for b, e in errs.items()} for v, errs in errors.items()}}
-    return StudyOutcome([main, gap_table], [figure], verdict, agrees, discrepancy, data)
+    return StudyOutcome([main, gap_table], [figure], verdict, agrees, discrepancy, data, key_figures)
+
+
+def runs_steps(cells: dict, batch: int) -> int | None:
+    """The step count of the runs at ``batch`` (the first finished one's)."""
+    steps = [r.steps for (_, b), runs in cells.items() if b == batch for r in runs if r.steps]
+    return steps[0] if steps else None
 
 
 def _evaluated(ctx: StudyContext, variant: str, result: Any) -> tuple[float, float]:
@@ -176,36 +194,71 @@ def _evaluated(ctx: StudyContext, variant: str, result: Any) -> tuple[float, flo
     return acc, result.test_acc_train_mode
 
 
-def judge(errors: dict[str, dict[int, float]]) -> tuple[str, bool | None, str | None]:
-    """Verdict from mean test errors (%): BN's and GN's error rise from the largest to the smallest batch,
-    and which recalibration lowers BN's error at the smallest batch."""
-    if "bn" not in errors or "gn" not in errors:
-        return "Undecided: the study needs both bn and gn variants.", None, None
-    batches = sorted(errors["bn"])
-    # Group Norm's Table 2 spans per-GPU batch 32 down to 2: compare over the same range when we have it.
-    small = batches[0]
-    large = max((b for b in batches if b <= REFERENCE_BATCH), default=batches[-1])
-    rise = {v: e[small] - e[large] for v, e in errors.items()}
-    if not (math.isfinite(rise["bn"]) and math.isfinite(rise["gn"])):
-        return f"Undecided: BN or GN has no finished run at batch {small} or {large}.", None, None
-    agrees = rise["bn"] > rise["gn"]
+def rise_records(
+    cells: dict, metrics: dict, variant: str, small: int, large: int
+) -> list[dict[str, Any]]:
+    """Per seed: the rise of ``variant``'s test error (fraction) from batch ``large`` to ``small``, with the
+    worse convergence status of the seed's two runs (a rise is a result only if both runs are)."""
+    out = []
+    pairs = zip(cells[(variant, small)], cells[(variant, large)], metrics[(variant, small)],
+                metrics[(variant, large)], strict=True)
+    for run_small, run_large, (acc_small, _), (acc_large, _) in pairs:
+        recs = (record(run_small), record(run_large))
+        bad = [r for r in recs if r["convergence"] != "converged"]
+        out.append({
+            "rise": acc_large - acc_small,
+            "convergence": bad[0]["convergence"] if bad else "converged",
+            "convergence_reason": bad[0]["convergence_reason"] if bad else "",
+        })
+    return out
+
+
+def judge(
+    cells: dict, metrics: dict, variants: list[str], batches: list[int]
+) -> tuple[str, bool | None, str | None, str]:
+    """Verdict: per seed, the rise of the test error from batch 32 (Group Norm's Table 2's largest; else
+    our largest) to the smallest batch; BN's rise against GN's by the shared rule (:func:`normlab.stats.
+    compare_arms`, paired over seeds). Agrees when BN's rise beats GN's; a tie or the reverse disagrees;
+    an unconverged run at either batch (or fewer than 3 seeds) makes it inconclusive. The recalibrations
+    (batch renorm, EvalNorm, PreciseBN) are compared with BN at the smallest batch and reported. Returns
+    ``(sentence, agrees, discrepancy, key figures)``."""
+    if "bn" not in variants or "gn" not in variants:
+        return "Inconclusive: the study needs both bn and gn variants.", None, None, ""
+    ordered = sorted(batches)
+    small = ordered[0]
+    large = max((b for b in ordered if b <= REFERENCE_BATCH), default=ordered[-1])
+    rises = {v: rise_records(cells, metrics, v, small, large) for v in variants}
+    found = compare_records("BN", rises["bn"], "GN", rises["gn"], "rise")
+
+    def err(variant: str, batch: int) -> str:
+        return ci_text([1 - a for a, _ in metrics[(variant, batch)]])
+
+    key = (
+        f"test error batch {large} -> {small}: BN {err('bn', large)} -> {err('bn', small)}, "
+        f"GN {err('gn', large)} -> {err('gn', small)}"
+    )
     sentence = (
-        f"From batch {large} to {small}, BN's test error goes from {errors['bn'][large]:.1f}% to "
-        f"{errors['bn'][small]:.1f}% ({rise['bn']:+.1f} pts) and GN's from {errors['gn'][large]:.1f}% to "
-        f"{errors['gn'][small]:.1f}% ({rise['gn']:+.1f} pts): BN "
-        + ("degrades more at small batch, as in Group Norm's Table 2 (BN +11.1, GN +0.0 pts from 32 to 2)"
-           if agrees else "does not degrade more than GN at small batch, unlike Group Norm's Table 2")
+        f"From batch {large} to {small}, BN's test error goes from {err('bn', large)} to {err('bn', small)} "
+        f"and GN's from {err('gn', large)} to {err('gn', small)} (Group Norm's Table 2: BN +11.1, GN +0.0 "
+        f"pts from 32 to 2). {found.sentence(f'error rise (batch {large} -> {small})')}"
     )
-    fixes = [v for v in ("batch_renorm", "evalnorm", "precise_bn") if v in errors]
+    fixes = [v for v in ("batch_renorm", "evalnorm", "precise_bn") if v in variants]
     if fixes:
-        better = [f"{LABELS[v]} {errors[v][small] - errors['bn'][small]:+.1f} pts" for v in fixes]
-        sentence += f"; at batch {small}, vs BN: " + ", ".join(better)
-    sentence += "."
+        def accs(variant: str) -> list[dict[str, Any]]:
+            pairs = zip(cells[(variant, small)], metrics[(variant, small)], strict=True)
+            return [record(r, acc=a) for r, (a, _) in pairs]
+
+        for v in fixes:
+            sentence += " " + compare_records(LABELS[v], accs(v), "BN", accs("bn"), "acc").sentence(
+                f"test accuracy at batch {small}")
+    if found.word == INCONCLUSIVE:
+        return inconclusive_text([found.reason], key, found.settle), None, None, key
+    agrees = found.word == WIN and found.winner == "BN"
     discrepancy = None if agrees else (
-        f"Wu & He report BN's error rising 11.1 pts from batch 32 to 2 and GN's flat; here BN's error "
-        f"changes by {rise['bn']:+.1f} pts and GN's by {rise['gn']:+.1f} pts from batch {large} to {small}."
+        f"Wu & He report BN's error rising 11.1 pts from batch 32 to 2 and GN's flat; here BN's rise from "
+        f"batch {large} to {small} does not exceed GN's beyond the seeds' spread (see error_vs_batch)."
     )
-    return sentence, agrees, discrepancy
+    return sentence, agrees, discrepancy, key
 
 
 def _plot(errors: dict[str, dict[int, tuple[float, float]]], batches: list[int]) -> Any:

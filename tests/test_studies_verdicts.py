@@ -1,0 +1,315 @@
+"""Every study's verdict from constructed per-seed results: the shared win / tie / inconclusive rule
+(``normlab.stats.compare_arms``) decides, an arm that did not converge makes the study inconclusive, and
+the sentence quotes the numbers. No training here: the results are built by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from normlab.stats import t_quantile_975
+from normlab.studies import (
+    _verdict,
+    ics,
+    landscape,
+    large_batch,
+    mean_shift,
+    noisy_bn,
+    normalizer_free,
+    regularization,
+    residual,
+    small_batch,
+)
+from normlab.train.result import RunResult
+
+
+def run(acc: float = 0.9, convergence: str = "converged", **fields) -> RunResult:
+    status = "finished" if convergence in ("converged", "unconverged", "stalled") else convergence
+    reason = {"converged": "plateau"}.get(convergence, f"{convergence}: training loss still falling")
+    return RunResult(status=status, final_test_acc=acc, convergence=convergence, convergence_reason=reason,
+                     **fields)
+
+
+def runs(*accs: float, convergence: str = "converged", **fields) -> list[RunResult]:
+    return [run(a, convergence, **fields) for a in accs]
+
+
+# -- the shared rule on runs ------------------------------------------------------------------------
+
+
+def test_decide_paired_interval_and_winner():
+    a, b = runs(0.90, 0.92, 0.94), runs(0.80, 0.81, 0.85)
+    verdict = _verdict.decide("bn", a, "gn", b)
+    diffs = [0.10, 0.11, 0.09]
+    half = t_quantile_975(2) * 0.01 / math.sqrt(3)
+    assert verdict.word == "win" and verdict.winner == "bn"
+    assert verdict.diff == pytest.approx(sum(diffs) / 3)
+    assert verdict.high - verdict.low == pytest.approx(2 * half)
+    tie = _verdict.decide("bn", runs(0.90, 0.80, 0.95), "gn", runs(0.85, 0.90, 0.88))
+    assert tie.word == "tie"
+
+
+def test_decide_refuses_an_arm_that_did_not_train():
+    untrained = runs(0.3, 0.3, 0.3, convergence="unconverged")
+    verdict = _verdict.decide("bn", runs(0.9, 0.9, 0.9), "none", untrained)
+    assert verdict.word == "inconclusive"
+    assert verdict.reason == "3 run(s) of none had not converged when the budget ended"
+    assert "longer budget" in verdict.settle
+    stalled = _verdict.decide("bn", runs(0.9, 0.9, 0.9), "none", runs(0.1, 0.1, 0.1, convergence="stalled"))
+    assert stalled.reason == "3 run(s) of none stalled at chance level"
+    two = _verdict.decide("bn", runs(0.9, 0.9), "none", runs(0.3, 0.3))
+    assert two.word == "inconclusive" and "at least 3 seeds" in two.reason
+
+
+def test_training_gate_names_each_arm_and_its_reason():
+    assert _verdict.training_gate({"bn": runs(0.9, 0.9)}) is None
+    text = _verdict.training_gate({"bn": runs(0.9), "none": [run(0.3, "unconverged"), run(0.1, "diverged")]})
+    assert text == ("not every arm trained to a result: none: 1 unconverged, 1 diverged of 2 run(s) "
+                    "(unconverged: training loss still falling)")
+
+
+def test_agreement_word_and_ci_text():
+    words = [_verdict.agreement_word(v) for v in (True, False, None)]
+    assert words == ["agrees", "disagrees", "inconclusive"]
+    assert _verdict.ci_text([0.9, 0.9, 0.9]) == "90.0 ± 0.0%"
+    assert _verdict.ci_text([math.nan]) == "n/a"
+
+
+# -- noisy-bn: Santurkar Fig. 2 is about training --------------------------------------------------
+
+
+def noisy_records(fit: float, change: float, convergence: str = "converged", spread=(0.0, 0.5, -0.5)):
+    return [{"fit_acc": fit + d, "fit_loss": 0.1, "test_acc": fit - 2 + d,
+             "mean_change": change * (1 + d / 10), "convergence": convergence,
+             "convergence_reason": "plateau"} for d in spread]
+
+
+def test_noisy_bn_agrees_when_it_trains_like_bn_and_noise_alone_hurts():
+    arms = {"none": noisy_records(90.0, 0.01), "bn": noisy_records(99.0, 0.02),
+            "noisy_bn": noisy_records(98.9, 0.4, spread=(0.4, -0.3, 0.1)), "noise": noisy_records(40.0, 0.5)}
+    sentence, agrees, discrepancy, key = noisy_bn.verdict(0.1, arms)
+    assert agrees is True and discrepancy is None
+    assert "noisy BN and BN tie on training accuracy" in sentence
+    assert "standard beats noise, no BN on training accuracy by +50.0 pts" in sentence
+    assert "BN beats noisy BN on step-to-step mean change (x 1e-3)" in sentence
+    assert key.startswith("train-mode training acc: noisy BN 99.0 ± 0.9%, BN 99.0 ± 1.2%, standard 90.0")
+
+
+def test_noisy_bn_disagrees_when_bn_trains_better_and_noise_is_harmless():
+    arms = {"none": noisy_records(90.0, 0.01), "bn": noisy_records(99.0, 0.4),
+            "noisy_bn": noisy_records(80.0, 0.02), "noise": noisy_records(90.0, 0.5, spread=(0.3, -0.2, 0.1))}
+    _, agrees, discrepancy, _ = noisy_bn.verdict(0.1, arms)
+    assert agrees is False
+    assert "BN trains better than noisy BN beyond the seeds' spread" in discrepancy
+    assert "the noise without BN does not train worse than the standard net" in discrepancy
+    assert "pre-norm inputs are not measurably less stable" in discrepancy
+
+
+def test_noisy_bn_needs_a_standard_net_that_trained():
+    # The issue's case: at 800 steps the standard net itself had not trained, so "noise prevents
+    # training" cannot be read off the noise arm.
+    arms = {"none": noisy_records(39.8, 0.01, "unconverged"), "bn": noisy_records(99.0, 0.02),
+            "noisy_bn": noisy_records(98.9, 0.4), "noise": noisy_records(32.5, 0.5)}
+    sentence, agrees, discrepancy, _ = noisy_bn.verdict(0.1, arms)
+    assert agrees is None and discrepancy is None
+    assert sentence.startswith("Inconclusive at this scale (3 run(s) of standard had not converged")
+
+
+# -- ics, landscape --------------------------------------------------------------------------------
+
+
+def ics_records(l2: float, cos: float, convergence: str = "converged"):
+    return [{"l2": l2 * f, "cos": cos * f, "convergence": convergence} for f in (1.0, 1.02, 0.97)]
+
+
+def test_ics_verdict_follows_the_rule():
+    agree = {("vgg", "none"): ics_records(0.1, 0.9), ("vgg", "bn"): ics_records(0.3, 0.5)}
+    sentence, agrees, _, key = ics.verdict(agree)
+    assert agrees is True and sentence.endswith("BN does not reduce internal covariate shift.")
+    assert key == ("vgg: ||G-G'|| BN 0.299 ± 0.019 vs std 0.0997 ± 0.0063, "
+                   "cos BN 0.498 ± 0.031 vs std 0.897 ± 0.056")
+    flipped = {("vgg", "none"): ics_records(0.3, 0.5), ("vgg", "bn"): ics_records(0.1, 0.9)}
+    _, agrees, discrepancy, _ = ics.verdict(flipped)
+    assert agrees is False and "in the vgg BN has less ICS by ||G - G'||" in discrepancy
+    untrained = {("vgg", "none"): ics_records(0.1, 0.9, "unconverged"), ("vgg", "bn"): ics_records(0.3, 0.5)}
+    sentence, agrees, _, _ = ics.verdict(untrained)
+    assert agrees is None and sentence.startswith("Inconclusive at this scale (vgg ||G - G'||: 3 run(s)")
+
+
+def landscape_records(beta: float, convergence: str = "converged"):
+    return [{"beta": beta * f, "grad_change": beta * f / 5, "loss_range": beta * f / 40, "eig_train": 1.0,
+             "eig_eval": 2.0, "convergence": convergence} for f in (1.0, 1.05, 0.93)]
+
+
+def test_landscape_verdict_follows_the_rule():
+    sentence, agrees, _, _ = landscape.verdict(0.1, {"none": landscape_records(40.0),
+                                                     "bn": landscape_records(4.0)})
+    assert agrees is True and "effective beta-smoothness: 39.7 ± 6 -> 3.97 ± 0.6" in sentence
+    assert "BN beats standard on lower effective beta-smoothness" in sentence
+    _, agrees, discrepancy, _ = landscape.verdict(0.1, {"none": landscape_records(4.0),
+                                                        "bn": landscape_records(40.0)})
+    assert agrees is False and "BN's effective beta-smoothness is not lower beyond the seeds' spread (win)" \
+        in discrepancy
+    sentence, agrees, _, _ = landscape.verdict(
+        0.1, {"none": landscape_records(40.0, "unconverged"), "bn": landscape_records(4.0)})
+    assert agrees is None and sentence.startswith("Inconclusive at this scale")
+
+
+# -- grid studies ----------------------------------------------------------------------------------
+
+
+def test_regularization_compares_gap_growth_per_seed():
+    def cell(gap: float, convergence: str = "converged"):
+        return [run(0.8, convergence, final_train_acc=0.8 + gap + d) for d in (0.0, 0.01, -0.01)]
+
+    cells = {("bn", 16): cell(0.02), ("bn", 256): cell(0.10), ("gn", 16): cell(0.03), ("gn", 256): cell(0.04)}
+    sentence, agrees, discrepancy, key = regularization.judge(cells, ["bn", "gn"], [16, 256])
+    assert agrees is True and discrepancy is None
+    assert key.startswith("gap growth from batch 16 to 256: bn 8.0 ± 0.0 pts, gn 1.0 ± 0.0 pts")
+    flipped = {**cells, ("bn", 16): cell(0.10), ("bn", 256): cell(0.02)}
+    _, agrees, discrepancy, _ = regularization.judge(flipped, ["bn", "gn"], [16, 256])
+    assert agrees is False and "does not exceed gn's" in discrepancy
+    # Underfitting at the large batch (the issue's none 46% / GN 62% at batch 256) is not a result.
+    under = {**cells, ("gn", 256): cell(0.04, "unconverged")}
+    sentence, agrees, _, _ = regularization.judge(under, ["bn", "gn"], [16, 256])
+    assert agrees is None and "3 run(s) of gn had not converged" in sentence
+
+
+def test_small_batch_compares_error_rise_over_table_2_range():
+    def cell(acc: float, convergence: str = "converged"):
+        rs = [run(acc + d, convergence) for d in (0.0, 0.01, -0.01)]
+        return rs, [(r.final_test_acc, r.final_test_acc) for r in rs]
+
+    spec = {("bn", 2): cell(0.70), ("bn", 32): cell(0.80), ("bn", 128): cell(0.60),
+            ("gn", 2): cell(0.795), ("gn", 32): cell(0.80), ("gn", 128): cell(0.50)}
+    cells = {k: v[0] for k, v in spec.items()}
+    metrics = {k: v[1] for k, v in spec.items()}
+    sentence, agrees, _, key = small_batch.judge(cells, metrics, ["bn", "gn"], [2, 32, 128])
+    # Batch 128 lies outside Group Norm's Table 2: the verdict uses 32 -> 2.
+    assert agrees is True and key.startswith("test error batch 32 -> 2: BN 20.0 ± ")
+    assert "BN beats GN on error rise (batch 32 -> 2) by +9.5 pts" in sentence
+    spec[("gn", 2)] = cell(0.60)
+    cells, metrics = {k: v[0] for k, v in spec.items()}, {k: v[1] for k, v in spec.items()}
+    _, agrees, discrepancy, _ = small_batch.judge(cells, metrics, ["bn", "gn"], [2, 32, 128])
+    assert agrees is False and "does not exceed GN's" in discrepancy
+
+
+def lr_summary(best, largest, accs, convergence="converged", diverged=0):
+    best_runs = runs(*accs, convergence=convergence) if best is not None else []
+    return {"best_lr": best, "largest_stable_lr": largest, "best_runs": best_runs, "diverged": diverged,
+            "runs": 6, "acc": (math.nan, math.nan), "steps_per_s": (100.0, 1.0), "failed": 0}
+
+
+def test_normalizer_free_matches_bn_by_the_rule():
+    good = {"bn": lr_summary(0.2, 0.8, (0.90, 0.91, 0.89)), "nf": lr_summary(0.8, 3.2, (0.905, 0.90, 0.895)),
+            "none": lr_summary(0.05, 0.2, (0.85, 0.84, 0.86), diverged=6)}
+    sentence, agrees, discrepancy, key = normalizer_free.judge(good)
+    assert agrees is True and discrepancy is None
+    assert "NF+AGC and BN tie on test accuracy" in sentence and sentence.endswith("stable up to lr 3.2.")
+    assert key.startswith("BN-ResNet 90.0 ± 2.5% at lr 0.2; NF-ResNet+AGC 90.0 ± 1.2% at lr 0.8")
+    short = {**good, "nf": lr_summary(0.8, 3.2, (0.60, 0.61, 0.59))}
+    _, agrees, discrepancy, _ = normalizer_free.judge(short)
+    assert agrees is False and "falls short of BN's beyond the seeds' spread" in discrepancy
+    # The issue's 120-step NF arm: not converged, so no "falls short" verdict.
+    budget = {**good, "nf": lr_summary(0.8, 3.2, (0.589, 0.59, 0.58), convergence="unconverged")}
+    sentence, agrees, _, _ = normalizer_free.judge(budget)
+    assert agrees is None and sentence.startswith("Inconclusive at this scale (3 run(s) of NF+AGC")
+
+
+def test_large_batch_by_the_rule():
+    ok = {("bn", 512): lr_summary(1.0, 3.0, (0.90, 0.91, 0.89)),
+          ("none", 512): lr_summary(0.1, 0.3, (0.80, 0.81, 0.79)),
+          ("nf", 512): lr_summary(0.3, 1.0, (0.90, 0.905, 0.89))}
+    sentence, agrees, discrepancy, _ = large_batch.judge(ok, 512)
+    assert agrees is True and discrepancy is None and "NF+AGC and BN tie on test accuracy" in sentence
+    bad = {**ok, ("none", 512): lr_summary(1.0, 10.0, (0.80, 0.81, 0.79)),
+           ("nf", 512): lr_summary(0.3, 1.0, (0.70, 0.71, 0.69))}
+    _, agrees, discrepancy, _ = large_batch.judge(bad, 512)
+    assert agrees is False and "stable up to lr 10, above BN's 3" in discrepancy
+    assert "NF+AGC's best accuracy falls short of BN's" in discrepancy
+
+
+# -- measurement studies (no training: every value is a result) --------------------------------------
+
+
+def test_mean_shift_verdict_by_seed():
+    def model(sq, var, cos):
+        return {"avg_sq_mean": [sq], "avg_var": [var], "final_cosine": cos, "collapse": 0.5}
+
+    def seeds(sq, var, cos):
+        return [model(sq * f, var, cos * f) for f in (1.0, 0.98, 1.01)]
+
+    results = {"none": {8: seeds(0.5, 1.0, 0.5), 56: seeds(100.0, 1.0, 0.95)},
+               "bn": {8: seeds(0.2, 1.0, 0.3), 56: seeds(0.3, 1.0, 0.3)}}
+    summary = mean_shift.summarize(results)
+    sentence, agrees, discrepancy, key = mean_shift.verdict(summary, results)
+    assert agrees is True and discrepancy is None and key.startswith("depth 56: avg_sq_mean none 99.7 ±")
+    flipped = {"none": results["bn"], "bn": results["none"]}
+    _, agrees, discrepancy, _ = mean_shift.verdict(mean_shift.summarize(flipped), flipped)
+    assert agrees is False
+    assert "not shown that the unnormalized net's mean-shift share is above BN's" in discrepancy
+
+
+def test_residual_judge_exponent_interval_and_branch_ratio():
+    depths = [8, 32, 128]
+
+    def ratios(exponent, scale=1.0):
+        return {d: [[scale * f * d**exponent] for f in (1.0, 1.01, 0.99)] for d in depths}
+
+    measured = {"bn": ratios(-0.5), "none": ratios(0.0, 2.0)}
+    _, agrees, discrepancy, key = residual.judge(depths, measured, {"skipinit": runs(0.9, 0.9, 0.9)})
+    assert agrees is True and discrepancy is None and key.startswith("BN exponent -0.5")
+    flat = {"bn": ratios(0.0, 3.0), "none": ratios(0.0, 2.0)}
+    _, agrees, discrepancy, _ = residual.judge(depths, flat, {})
+    assert agrees is False and "lies outside [-0.75, -0.25]" in discrepancy
+    assert "branch ratio is not above BN's" in discrepancy
+    sentence, agrees, _, _ = residual.judge(depths, measured, {"skipinit": runs(0.2, 0.2, 0.2,
+                                                                                convergence="stalled")})
+    assert agrees is None and "SkipInit: 3 stalled of 3 run(s)" in sentence
+
+
+# -- noisy-bn's eval: the expected training-time layer ---------------------------------------------
+
+
+def test_expected_layers_scale_noisy_bn_and_noise_by_e_s():
+    import torch
+
+    from normlab.layers import create_norm
+
+    torch.manual_seed(0)
+    for norm in ("noisy_bn", "noise"):
+        layer = create_norm(norm, 6, dims=1)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 6), layer, torch.nn.Linear(6, 3))
+        x = torch.randn(64, 5)
+        model.train()(x)  # running statistics move off their initial values
+        model.eval()
+        hidden = model[0](x)
+        if norm == "noisy_bn":
+            bn = model[1]
+            plain = torch.nn.functional.batch_norm(hidden, bn.running_mean, bn.running_var, bn.weight,
+                                                   bn.bias, False, 0.0, bn.eps)
+        else:
+            plain = hidden
+        dropped = model[1](hidden)
+        added = noisy_bn.expected_layers(model)
+        expected = model[1](hidden)
+        if torch.allclose(dropped, plain, atol=1e-5):  # today's layer drops the noise: the hook adds E[s]
+            assert added == 1
+            torch.testing.assert_close(expected, 1.125 * plain)
+        else:  # the layer evaluates as its expectation itself: no second scaling
+            assert added == 0
+            torch.testing.assert_close(expected, dropped)
+
+
+def test_mean_shift_growth_is_compared_on_a_log_scale():
+    # One seed's mean shift explodes (as at depth 110): on the raw scale the spread hides the growth.
+    def seeds(values):
+        return [{"avg_sq_mean": [v], "avg_var": [1.0], "final_cosine": c, "collapse": 0.5}
+                for v, c in zip(values, (0.9, 0.92, 0.91), strict=True)]
+
+    results = {"none": {8: seeds([0.1, 0.2, 0.15]), 110: seeds([1e14, 1e12, 1e13])},
+               "bn": {8: [dict(r, final_cosine=0.3) for r in seeds([0.2, 0.2, 0.2])],
+                      110: [dict(r, final_cosine=0.3) for r in seeds([0.3, 0.3, 0.3])]}}
+    _, agrees, discrepancy, _ = mean_shift.verdict(mean_shift.summarize(results), results)
+    assert agrees is True, discrepancy
