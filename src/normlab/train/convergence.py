@@ -116,9 +116,14 @@ def assess(
     final_train_acc: float,
     num_classes: int,
     rule: PlateauRule = PlateauRule(),
+    plateau: Convergence | None = None,
 ) -> Convergence:
     """The convergence status of a run the trainer ended with ``status`` (``finished``, ``diverged`` or
-    ``failed``): failed / diverged / stalled / converged / unconverged (module docstring)."""
+    ``failed``): failed / diverged / stalled / converged / unconverged (module docstring).
+
+    ``plateau``: the plateau rule's answer already taken by the run's budget (an auto budget judges it
+    before its cooldown, :mod:`normlab.train.budget`); None judges the whole history here.
+    """
     if status in (FAILED, DIVERGED):
         return Convergence(status, f"the run {status}")
     if stalled(final_train_loss, final_train_acc, num_classes):
@@ -128,4 +133,4 @@ def assess(
             f"(ln C = {math.log(num_classes):.3f}), "
             f"accuracy {100 * final_train_acc:.1f}%",
         )
-    return plateaued(train_loss, heldout, rule)
+    return plateau if plateau is not None else plateaued(train_loss, heldout, rule)

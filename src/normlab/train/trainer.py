@@ -1,8 +1,12 @@
 """The training engine: :class:`Trainer` and :func:`train`.
 
-``Trainer.fit`` is one loop that reads top to bottom, as nanoGPT's ``train.py``: get batch, set lr,
-forward, loss (stop if diverged), backward, grad norm, AGC, optimizer step, log, callbacks, evaluate,
-checkpoint. Everything else (probes, studies) plugs in through :meth:`Trainer.add_callback`.
+``Trainer.fit`` is one loop that reads top to bottom, as nanoGPT's ``train.py``: ask the budget whether the
+run is done, get batch, set the budget's lr, forward, loss (stop if diverged), backward, grad norm, AGC,
+optimizer step, log, callbacks, evaluate, checkpoint. How long a run trains and its lr schedule are the
+budget's (:mod:`normlab.train.budget`: a fixed number of steps, or until the plateau rule holds). With
+``val_fraction > 0`` a validation split is held out of the training data (:mod:`normlab.train.validation`)
+and the plateau rule reads its accuracy; the test set is only reported. Everything else (probes, studies)
+plugs in through :meth:`Trainer.add_callback`.
 
 Determinism: torch, numpy and Python are seeded with ``config.seed`` before the data and the model are
 built, and the data order comes from the batch iterator's own generator, so a run is reproducible and a
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 
 from normlab.errors import NormlabError
+from normlab.train.budget import RunBudget, eval_every
 from normlab.train.build import build_model, load_data, loss_function, resolve_device
 from normlab.train.checkpoint import (
     load_checkpoint,
@@ -36,7 +41,7 @@ from normlab.train.evaluate import evaluate
 from normlab.train.optimizer import build_optimizer
 from normlab.train.progress import StepProgress
 from normlab.train.result import RunResult
-from normlab.train.schedule import learning_rate
+from normlab.train.validation import split_validation
 
 _FLUSH_ROWS = 2000
 EVALUATIONS = 20  # held-out evaluations over a run when config.eval_every is 0 (auto)
@@ -78,16 +83,24 @@ class Trainer:
 
         seed_everything(config.seed)
         self.data = load_data(config)
+        self.x_train, self.y_train, x_val, y_val = split_validation(
+            self.data.x_train, self.data.y_train, config.val_fraction
+        )
         self.classification = self.data.task == "classification"
         self.loss_fn = loss_function(self.data.task)
         self.model = build_model(config, self.data).to(self.device)
         self.optimizer = build_optimizer(self.model, config)
         self.agc_params, self._clip = self._agc()
         self.batches = self._batch_iterator()
-        self.total_steps = config.steps or config.epochs * len(self.batches)
-        # The convergence rule needs the held-out curve: eval_every=0 spreads EVALUATIONS over the run.
-        self.eval_every = config.eval_every or max(1, self.total_steps // EVALUATIONS)
+        # The plateau rule reads the validation split when there is one, else the test set.
+        self.heldout = "val" if len(x_val) else "test"
+        metric = f"{self.heldout}/acc" if self.classification else f"{self.heldout}/loss"
+        self.budget = RunBudget.from_config(config, len(self.batches), heldout=metric)
+        self.total_steps = self.budget.cap  # the most steps the budget may take (the progress bar's length)
+        # The convergence rule needs the held-out curve: eval_every=0 spreads evaluations over the run.
+        self.eval_every = eval_every(config, self.budget, EVALUATIONS)
         self.x_test, self.y_test = self.data.x_test.to(self.device), self.data.y_test.to(self.device)
+        self.x_val, self.y_val = x_val.to(self.device), y_val.to(self.device)
 
         self.step = 0
         self.run_id: int | None = None
@@ -114,7 +127,7 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------
 
     def fit(self) -> RunResult:
-        """Train to ``total_steps`` (or divergence) and return the :class:`RunResult`.
+        """Train until the budget is done (or divergence) and return the :class:`RunResult`.
 
         Divergence ends the run with status ``diverged``; any exception is recorded as ``failed`` in the
         store and re-raised.
@@ -149,17 +162,9 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         with StepProgress(self.total_steps, self.progress, cfg.name or f"{cfg.model}/{cfg.norm}") as bar:
             bar.update(self.step, math.nan, 0.0)
-            while self.step < self.total_steps:
+            while not self.budget.done(self.step, self.history):
                 x, y = self.batches.next_batch()
-                lr = learning_rate(
-                    self.step,
-                    lr=cfg.lr,
-                    total_steps=self.total_steps,
-                    schedule=cfg.schedule,
-                    warmup_steps=cfg.warmup_steps,
-                    milestones=cfg.milestones,
-                    gamma=cfg.gamma,
-                )
+                lr = self.budget.lr(self.step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
@@ -193,7 +198,7 @@ class Trainer:
                     if self.step % every == 0:
                         fn(self._context(x, y))
                 if self.step % self.eval_every == 0:
-                    self._evaluate_test()
+                    self._evaluate_heldout()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                 self._side_time += time.perf_counter() - side
@@ -230,19 +235,22 @@ class Trainer:
             run_id=self.run_id,
         )
 
-    def _evaluate_test(self) -> tuple[float, float]:
-        loss, acc = evaluate(
-            self.model,
-            self.x_test,
-            self.y_test,
-            self.loss_fn,
-            batch_size=self.config.eval_batch_size,
-            classification=self.classification,
-        )
-        self.log("test/loss", loss)
-        if self.classification:
-            self.log("test/acc", acc)
+    def _evaluate_heldout(self) -> tuple[float, float]:
+        """Evaluate on the validation split (if any) and the test set, log both; returns test (loss, acc)."""
+        if len(self.x_val):
+            self._evaluate("val", self.x_val, self.y_val)
+        loss, acc = self._evaluate("test", self.x_test, self.y_test)
         self._flush()
+        return loss, acc
+
+    def _evaluate(self, split: str, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        loss, acc = evaluate(
+            self.model, x, y, self.loss_fn, batch_size=self.config.eval_batch_size,
+            classification=self.classification,
+        )  # fmt: skip
+        self.log(f"{split}/loss", loss)
+        if self.classification:
+            self.log(f"{split}/acc", acc)
         return loss, acc
 
     def _batch_iterator(self):
@@ -250,8 +258,8 @@ class Trainer:
 
         # next_batch() rolls over epochs and its state resumes mid-epoch (normlab.data.BatchIterator).
         return BatchIterator(
-            self.data.x_train,
-            self.data.y_train,
+            self.x_train,
+            self.y_train,
             self.config.batch_size,
             shuffle=True,
             drop_last=True,
@@ -285,13 +293,16 @@ class Trainer:
         if status != "finished":
             result.convergence, result.convergence_reason = status, f"the run {status}: {reason}"
             return result
-        test_loss, test_acc = self._evaluate_test()
-        n_train = min(self.config.eval_train_samples, self.data.x_train.shape[0])
+        test_loss, test_acc = self._evaluate_heldout()
+        if len(self.x_val):
+            result.final_val_loss = self.history["val/loss"][-1][1]
+            result.final_val_acc = self.history["val/acc"][-1][1] if self.classification else math.nan
+        n_train = min(self.config.eval_train_samples, self.x_train.shape[0])
         if n_train:
             result.final_train_loss, result.final_train_acc = evaluate(
                 self.model,
-                self.data.x_train[:n_train].to(self.device),
-                self.data.y_train[:n_train].to(self.device),
+                self.x_train[:n_train].to(self.device),
+                self.y_train[:n_train].to(self.device),
                 self.loss_fn,
                 batch_size=self.config.eval_batch_size,
                 classification=self.classification,
@@ -310,10 +321,11 @@ class Trainer:
 
     def _convergence(self, result: RunResult):
         """Plateau and stall rules on this run's history (:mod:`normlab.train.convergence`): the training
-        loss against the held-out metric (test accuracy; test loss for regression)."""
+        loss against the held-out metric (validation accuracy, else test accuracy; the loss for regression).
+        An auto budget judged the plateau before its cooldown and says so (``budget.convergence()``)."""
         from normlab.train.convergence import PlateauRule, assess
 
-        heldout = self.history["test/acc" if self.classification else "test/loss"]
+        heldout = self.history[f"{self.heldout}/acc" if self.classification else f"{self.heldout}/loss"]
         return assess(
             result.status,
             train_loss=self.history["train/loss"],
@@ -322,6 +334,7 @@ class Trainer:
             final_train_acc=result.final_train_acc,
             num_classes=self.data.num_classes if self.classification else 0,
             rule=PlateauRule(higher_is_better=self.classification),
+            plateau=self.budget.convergence(),
         )
 
     def _train_eval_gap(self):
@@ -386,6 +399,7 @@ class Trainer:
                 "run_id": self.run_id,
                 "elapsed": self._elapsed_before + time.perf_counter() - self._started,
                 "train_time": self._loop_time(),
+                "budget": self.budget.state_dict(),
             },
         )
         return path
@@ -412,6 +426,7 @@ class Trainer:
             self.batches.load_state_dict(state["iterator"])
             set_rng_state(state["rng"])
             self.step = int(state["step"])
+            self.budget.load_state_dict(state.get("budget", {}))
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise NormlabError(f"checkpoint does not match this run: {exc}") from None
         self.run_id = state.get("run_id")
