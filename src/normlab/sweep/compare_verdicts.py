@@ -93,7 +93,14 @@ class BatchRanking:
         else:
             lines = [f"At batch {self.batch_size}, {self.leader} has the highest mean test accuracy "
                      f"among the conclusive cells; against each other norm:"]
-        return lines + [v.sentence() for v in self.verdicts.values()]
+        return lines + [_sentence(v) for v in self.verdicts.values()]
+
+
+def _sentence(verdict: Verdict) -> str:
+    if verdict.a == verdict.b:  # a cell judged on its own (nothing conclusive to compare it with)
+        settle = f" To settle it: {verdict.settle}." if verdict.settle else ""
+        return f"{verdict.a} is inconclusive: {verdict.reason}.{settle}"
+    return verdict.sentence()
 
 
 def rank_batch(grid: dict[tuple[str, int], CompareCell], norms: Sequence[str], batch_size: int,
@@ -108,7 +115,8 @@ def rank_batch(grid: dict[tuple[str, int], CompareCell], norms: Sequence[str], b
             continue
         if leader is None:
             cell = grid[(norm, batch_size)]
-            verdict = compare_cells(cell, norm, cell, norm, settle)
+            label = f"{norm} at batch {batch_size}"
+            verdict = compare_cells(cell, label, cell, label, settle)
             if verdict.word != INCONCLUSIVE:  # itself a result; nothing conclusive to compare with
                 continue
             verdicts[norm] = verdict

@@ -198,7 +198,7 @@ class Trainer:
                     if self.step % every == 0:
                         fn(self._context(x, y))
                 if self.step % self.eval_every == 0:
-                    self._evaluate_heldout()
+                    self._evaluate_heldout(final=False)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                 self._side_time += time.perf_counter() - side
@@ -235,11 +235,15 @@ class Trainer:
             run_id=self.run_id,
         )
 
-    def _evaluate_heldout(self) -> tuple[float, float]:
-        """Evaluate on the validation split (if any) and the test set, log both; returns test (loss, acc)."""
+    def _evaluate_heldout(self, final: bool = True) -> tuple[float, float]:
+        """Evaluate on the validation split (if any) and log it; evaluate on the test set too when there is
+        no validation split or at the end (``final``): during training only the split the plateau rule reads
+        is needed, which keeps evaluations cheap. Returns the test (loss, acc), NaN when not evaluated."""
         if len(self.x_val):
             self._evaluate("val", self.x_val, self.y_val)
-        loss, acc = self._evaluate("test", self.x_test, self.y_test)
+        loss = acc = math.nan
+        if final or not len(self.x_val):
+            loss, acc = self._evaluate("test", self.x_test, self.y_test)
         self._flush()
         return loss, acc
 
