@@ -82,7 +82,7 @@ def compare_report(
             if cell is None:
                 continue
             best = cell.best
-            bad = sum(not o.stable for o in cell.lrs for _ in o.statuses)
+            bad = sum(_unstable_runs(o) for o in cell.lrs)
             total = sum(len(o.statuses) for o in cell.lrs)
             accuracy.add_row(
                 norm, b, _pct_ci(best.accuracies) if best else None,
@@ -150,8 +150,8 @@ def stability_sentence(grid: dict, norms: list[str], batches: list[int]) -> str:
     largest batch (">= top of grid" when the search never reached instability)."""
     parts = []
     for n in norms:
-        runs = [o.stable for b in batches if (n, b) in grid for o in grid[(n, b)].lrs for _ in o.statuses]
-        parts.append(f"{n} {sum(not stable for stable in runs)}/{len(runs)}")
+        outcomes = [o for b in batches if (n, b) in grid for o in grid[(n, b)].lrs]
+        parts.append(f"{n} {sum(map(_unstable_runs, outcomes))}/{sum(len(o.statuses) for o in outcomes)}")
     b = batches[-1]
     largest = [f"{n} {grid[(n, b)].largest_stable_text()}" for n in norms if (n, b) in grid]
     return (f"Unstable runs (diverged, failed or stalled at chance level): {', '.join(parts)}. Largest "
@@ -306,6 +306,12 @@ def _learning_curve_figures(out: Path, grid: dict, norms: list[str], batches: li
                 "(dashed: did not converge).",
             ))
     return figures
+
+
+def _unstable_runs(outcome: Any) -> int:
+    """Runs of an lr that diverged, failed or stalled at chance level."""
+    return sum(status != "finished" or conv in ("stalled", "diverged", "failed")
+               for status, conv in zip(outcome.statuses, outcome.convergences, strict=True))
 
 
 def _stem(name: str) -> str:
