@@ -43,8 +43,9 @@ def test_auto_budget_cools_down_after_the_plateau():
     lrs = run_budget(
         budget, lambda s: 2.3 * math.exp(-s / 100) + 0.1, lambda s: 0.95 - 0.85 * math.exp(-s / 100)
     )
-    start = budget.decay_start
-    assert start is not None and start % 50 == 0 and 250 <= start <= 1500
+    start, held = budget.decay_start, budget.held_since
+    assert start is not None and start % 50 == 0 and 250 <= held <= start <= 1500
+    assert start >= 1.25 * held and start - 50 < 1.25 * held  # the patience: the rule kept holding
     assert len(lrs) == start + round(0.2 * start) == budget.decay_end  # cooldown = 20% of the steps so far
     assert set(lrs[:start]) == {0.01}
     cooldown = lrs[start:]
@@ -52,7 +53,7 @@ def test_auto_budget_cools_down_after_the_plateau():
     assert all(a > b for a, b in zip(cooldown, cooldown[1:], strict=False))  # linear to 0
     verdict = budget.convergence()
     assert verdict.status == "converged"
-    assert f"at step {start}, then a {len(cooldown)}-step cooldown" in verdict.reason
+    assert f"holding from step {held} to {start}, then a {len(cooldown)}-step cooldown" in verdict.reason
 
 
 def test_auto_budget_at_the_cap_is_unconverged():
@@ -64,6 +65,23 @@ def test_auto_budget_at_the_cap_is_unconverged():
     verdict = budget.convergence()
     assert verdict.status == "unconverged"
     assert verdict.reason.startswith("reached the cap of 1200 steps before the plateau rule held (last")
+
+
+def test_auto_budget_patience_outlasts_a_short_temporary_plateau():
+    # A no-norm run stuck at loss 2.0 / 40% accuracy until step 420, then learning. Judged at step 400 (the
+    # first evaluation allowed), the rule holds; without patience the run would stop there.
+    def loss(s):
+        return 2.0 if s < 420 else 1.95 * math.exp(-(s - 420) / 200) + 0.05
+
+    def acc(s):
+        return 0.4 if s < 420 else 0.95 - 0.55 * math.exp(-(s - 420) / 200)
+
+    hasty = AutoBudget(lr=0.01, cap=10_000, min_steps=400, patience=0.0)
+    run_budget(hasty, loss, acc)
+    assert hasty.decay_start == 400
+    patient = AutoBudget(lr=0.01, cap=10_000, min_steps=400)
+    run_budget(patient, loss, acc)
+    assert patient.decay_start > 1500 and patient.convergence().status == "converged"
 
 
 def test_auto_budget_state_round_trips():
