@@ -60,6 +60,12 @@ def test_best_at_bottom_extends_down_and_nothing_stable_too():
     assert none.best is None and extensions(none, [0.04, 0.16], 4.0) == [pytest.approx(0.01)]
 
 
+def test_failed_runs_do_not_move_the_grid():
+    results = [result(lr, s, math.nan, "failed", "failed") for lr in (0.01, 0.04) for s in range(3)]
+    (failed,) = summarize_compare(results)
+    assert failed.best is None and extensions(failed, [0.01, 0.04], 4.0) == []
+
+
 def test_the_cap_stops_the_search():
     c = cell({0.01: (0.90, "converged"), 0.04: (0.95, "converged"), 0.16: (0.96, "converged"),
               0.64: (0.97, "converged")})  # fmt: skip

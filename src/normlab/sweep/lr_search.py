@@ -8,7 +8,9 @@ The search, per (norm, batch size) cell, in rounds (:func:`extensions` decides o
   measured boundary, not the grid's end;
 - **down**: while the best lr is the grid's smallest (or no lr is stable), add ``bottom / factor``;
 - each direction adds at most ``max_extra`` lrs beyond the base grid (the cap); a cell still unbracketed
-  at the cap is reported as "best at edge" / ">= top of grid".
+  at the cap is reported as "best at edge" / ">= top of grid";
+- a cell with a failed run (an exception, a killed worker) is not extended: a failure says nothing about
+  the lr, and the rerun of the command retries it.
 
 ``factor`` is the base grid's own ratio (a log grid continued with its spacing; 2 for a one-value grid),
 the seeds are the base grid's seeds, and finished runs are reused from the store
@@ -41,7 +43,7 @@ def extensions(cell: CompareCell, base_lrs: Sequence[float], factor: float, max_
 
     ``base_lrs``: the cell's lrs before any extension (to count extensions against ``max_extra``).
     """
-    if not cell.lrs:
+    if not cell.lrs or any(status == "failed" for o in cell.lrs for status in o.statuses):
         return []
     low, high = min(base_lrs), max(base_lrs)
     lrs = [o.lr for o in cell.lrs]
