@@ -134,7 +134,8 @@ def compare_command(
     settings = dict(model=model, norms=norms, batch_sizes=batch_sizes, lrs=lrs, seeds=seeds, budget=length,
                     max_steps=max_steps if not fixed else None, val_fraction=val_fraction,
                     lr_extensions=lr_extensions, dataset=dataset, subset=subset, width=width, depth=depth,
-                    agc_clip=agc_clip, optimizer=optimizer, device=device)
+                    agc_clip=agc_clip, optimizer=optimizer, device=device,
+                    gn_groups=_gn_groups(configs[0]) if "gn" in norm_list else None)
     settle = _settle(fixed, max_steps, lr_extensions)
     summary = compare_summary(results, wall, configs[0], settle=settle)
     files = _write_compare_report(out, results, configs[0], settings, histories, settle) if report else None

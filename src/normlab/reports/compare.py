@@ -100,6 +100,10 @@ def compare_report(
         "No validation split was held out: the lr was chosen on test accuracy, so the reported accuracies "
         "are optimistic (selected on test)."
     )
+    groups = (config or {}).get("gn_groups")
+    if groups and "gn" in norms:
+        selection_note += (f" gn is Group Norm with {', '.join(map(str, groups))} groups in its norm layers "
+                           "(the largest divisor of C up to 32 that leaves at least 2 channels per group).")
     sections = [
         Section("Verdicts", text=verdict_sentences(grid, norms, batches, settle),
                 callout=f"Rule: {RULE.format(min_seeds=3)}.", callout_kind="info"),
