@@ -1,10 +1,11 @@
 """The grid behind ``normlab compare`` and how its results are read: one model under several norms, at
 several batch sizes, over a small learning-rate grid and several seeds.
 
-Learning rates follow the linear scaling rule (Goyal et al. 2017): a base grid given at
-``reference_batch`` is multiplied by ``batch_size / reference_batch``, so every batch size is searched
-around its own scale. ``nf`` means the model's normalizer-free variant trained with Adaptive Gradient
-Clipping (Brock et al. 2021b), the way NF networks are meant to be trained.
+Learning rates follow a scaling rule: a base grid given at ``reference_batch`` is multiplied by
+``batch_size / reference_batch`` (linear, for SGD: Goyal et al. 2017) or its square root (for Adam: Malladi
+et al. 2022), so every batch size is searched around its own scale (the lr search then brackets it).
+``nf`` means the model's normalizer-free variant trained with Adaptive Gradient Clipping (Brock et al.
+2021b), the way NF networks are meant to be trained.
 
 Reading (per norm and batch size): an LR is *stable* when no seed diverged, failed or stalled at chance
 level (a stalled run did not train: science.md section 8); the *best stable LR* is the stable one with the
@@ -36,6 +37,7 @@ def compare_configs(
     seeds: Sequence[int],
     base_lrs: Sequence[float],
     reference_batch: int = 128,
+    lr_scaling: str = "linear",
     agc_clip: float = 0.01,
     group: str | None = None,
     **common: Any,
@@ -51,7 +53,7 @@ def compare_configs(
     for norm in norms:
         for batch_size in batch_sizes:
             for base_lr in base_lrs:
-                lr = scaled_lr(base_lr, batch_size, reference_batch)
+                lr = scaled_lr(base_lr, batch_size, reference_batch, lr_scaling)
                 for seed in seeds:
                     configs.append(
                         TrainConfig(
@@ -74,9 +76,17 @@ def run_name(model: str, norm: str, batch_size: int, lr: float, seed: int) -> st
     return f"{model}/{norm}/bs{batch_size}/lr{lr:.4g}/s{seed}"
 
 
-def scaled_lr(base_lr: float, batch_size: int, reference_batch: int) -> float:
-    """Linear scaling rule: ``base_lr * batch_size / reference_batch``."""
-    return base_lr * batch_size / reference_batch
+LR_SCALINGS = ("linear", "sqrt")
+
+
+def scaled_lr(base_lr: float, batch_size: int, reference_batch: int, scaling: str = "linear") -> float:
+    """``base_lr * (batch_size / reference_batch) ** p``: p = 1 for the linear scaling rule (SGD, Goyal et al.
+    2017), p = 1/2 for the square-root rule (Adam, Malladi et al. 2022 "On the SDEs and Scaling Rules for
+    Adaptive Gradient Algorithms")."""
+    if scaling not in LR_SCALINGS:
+        raise NormlabError(f"lr scaling must be one of {', '.join(LR_SCALINGS)}, got {scaling!r}")
+    ratio = batch_size / reference_batch
+    return base_lr * (ratio if scaling == "linear" else math.sqrt(ratio))
 
 
 @dataclass
