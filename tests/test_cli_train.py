@@ -139,7 +139,7 @@ def test_compare_json_statistics_and_resume(capsys, db, tmp_path):
     assert rows["bn"]["verdict"] == "inconclusive" and rows["bn"]["best_lr_at_edge"] == "high"
     assert rows["bn"]["largest_stable_lr_text"] == ">= 0.005 (top of grid)"
     assert all(c in ("converged", "unconverged") for c in rows["bn"]["convergences"])
-    assert "bn at batch 32's best lr 0.005 is at the top of its grid" in report["verdicts"][1]
+    assert "the best lr of bn at batch 32, 0.005, is at the top of its grid" in report["verdicts"][1]
     # none stalls at chance level in 42 steps: no stable lr, which is not a result either.
     assert rows["none"]["best_lr"] is None and rows["none"]["verdict"] == "inconclusive"
 

@@ -71,8 +71,8 @@ def test_best_lr_at_the_grid_edge_is_inconclusive():
     grid, norms = grid_of(runs("bn", 16, [0.95, 0.955, 0.96]) + runs("gn", 16, [0.90, 0.91, 0.92], edge=True))
     verdict = rank_batch(grid, norms, 16, Settle(edge="--lr-extensions 4")).verdicts["gn"]
     assert verdict.word == "inconclusive"
-    assert verdict.sentence() == ("bn vs gn on test accuracy is inconclusive: gn's best lr 0.04 is at the "
-                                  "top of its grid. To settle it: --lr-extensions 4.")
+    assert verdict.sentence() == ("bn vs gn on test accuracy is inconclusive: the best lr of gn, 0.04, is at "
+                                  "the top of its grid. To settle it: --lr-extensions 4.")
 
 
 def test_no_conclusive_cell():

@@ -50,7 +50,7 @@ def cell_problem(cell: CompareCell | None, label: str, settle: Settle) -> tuple[
         return f"{label} has no stable learning rate", settle.unstable
     if cell.best_edge is not None:
         where = "top" if cell.best_edge == "high" else "bottom"
-        return f"{label}'s best lr {cell.best.lr:.3g} is at the {where} of its grid", settle.edge
+        return f"the best lr of {label}, {cell.best.lr:.3g}, is at the {where} of its grid", settle.edge
     return None
 
 
