@@ -5,6 +5,10 @@ the reported test accuracy is then biased upward (the maximum of noisy estimates
 training examples are held out instead (:func:`split_validation`); the plateau rule and compare's lr choice
 read their accuracy, and the test accuracy stays an unbiased report.
 
+Cost, measured on MNIST-1D (4000 training examples; ``cnn`` with gn, batch 128, Adam 1e-2, auto budget,
+seeds 0-2): 10% held out gives 94.3% test accuracy against 94.6% without, a paired difference of -0.4 pts
+(95% CI -1.2 to +0.4), within the seeds' noise; ``normlab compare`` holds out 10% by default.
+
 The split is seeded by ``VALIDATION_SEED``, not by the run's seed: every seed, norm and batch size of a
 comparison holds out the same examples, so their validation accuracies are paired over the same data.
 """
