@@ -264,6 +264,7 @@ def _lr_figure(out: Path, grid: dict, norms: list[str], batches: list[int]) -> F
         ax.set_xlabel("learning rate")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].set_ylim(-3, 103)  # an accuracy's interval is clipped to what an accuracy can be
     axes[0][0].legend()
     return save_matplotlib(fig, out, "accuracy_vs_lr",
                            "Test accuracy over the lr grid per batch size, mean ± 95% CI over seeds "
