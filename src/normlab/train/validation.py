@@ -15,8 +15,6 @@ comparison holds out the same examples, so their validation accuracies are paire
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from normlab.errors import NormlabError
@@ -40,6 +38,3 @@ def split_validation(
     held[torch.randperm(n, generator=generator)[:n_val]] = True
     return x[~held], y[~held], x[held], y[held]
 
-
-def has_validation(fraction: float) -> bool:
-    return fraction > 0 and math.isfinite(fraction)
