@@ -118,7 +118,8 @@ def test_bad_input_is_one_line_exit_2_and_store_untouched(capsys, tmp_path, args
 
 def test_compare_json_statistics_and_resume(capsys, db, tmp_path):
     args = ["compare", "--norms", "bn,none", "--batch-sizes", "32", "--lrs", "0.02", "--seeds", "2",
-            "--epochs", "6", "--lr-extensions", "0", "--subset", "256", "--width", "8", "--workers", "2",
+            "--epochs", "6", "--lr-extensions", "0", "--lr-scaling", "linear", "--subset", "256",
+            "--width", "8", "--workers", "2",
             "--store", db, "--out", str(tmp_path / "compare"), "--json"]  # fmt: skip
     code, out, err = cli(capsys, *args)
     assert code == 0, err
