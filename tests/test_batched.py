@@ -11,11 +11,12 @@ import math
 import pytest
 import torch
 
-from normlab.batched import FixedBudget, batch_key, group_configs, train_batched
+from normlab.batched import batch_key, group_configs, train_batched
 from normlab.errors import NormlabError
 from normlab.store import Store
 from normlab.sweep import InlineExecutor, run_sweep
 from normlab.train import RunResult, TrainConfig, Trainer
+from normlab.train.budget import from_config as budget_from_config
 
 # Small but not trivial: 24 steps of batch 16 (several log and eval points, momentum state built up).
 SMALL = dict(subset=512, batch_size=16, steps=24, width=6, log_every=4, eval_every=12, eval_train_samples=128)
@@ -113,7 +114,7 @@ class _StopAt:
     """A policy stopping at ``stop`` steps on the config's schedule (as an auto budget would decide)."""
 
     def __init__(self, config: TrainConfig, stop: int) -> None:
-        self.inner, self.stop = FixedBudget(config, config.steps), stop
+        self.inner, self.stop = budget_from_config(config, config.steps), stop
 
     def lr(self, step: int) -> float:
         return self.inner.lr(step)

@@ -117,23 +117,32 @@ def test_bad_input_is_one_line_exit_2_and_store_untouched(capsys, tmp_path, args
 
 
 def test_compare_json_statistics_and_resume(capsys, db, tmp_path):
-    args = ["compare", "--norms", "bn,none", "--batch-sizes", "32", "--lrs", "0.1", "--seeds", "2",
-            "--epochs", "1", "--subset", "256", "--width", "4", "--workers", "2",
+    args = ["compare", "--norms", "bn,none", "--batch-sizes", "32", "--lrs", "0.02", "--seeds", "2",
+            "--epochs", "6", "--lr-extensions", "0", "--lr-scaling", "linear", "--subset", "256",
+            "--width", "8", "--workers", "2",
             "--store", db, "--out", str(tmp_path / "compare"), "--json"]  # fmt: skip
     code, out, err = cli(capsys, *args)
     assert code == 0, err
     report = json.loads(out)
     html = (tmp_path / "compare" / "report.html").read_text()
     assert report["report"] == str(tmp_path / "compare" / "report.html")
-    assert "Which normalization wins" in html
+    assert "Verdicts" in html and "Learning curves" in html
     assert report["runs"] == 4 and report["statuses"] == {"finished": 4, "diverged": 0, "failed": 0}
+    assert report["budget"] == "fixed" and report["epochs"] == 6
     rows = {row["norm"]: row for row in report["rows"]}
-    assert set(rows) == {"bn", "none"} and rows["bn"]["best_lr"] == 0.1 * 32 / 128
+    assert set(rows) == {"bn", "none"} and rows["bn"]["best_lr"] == 0.02 * 32 / 128
     a, b = rows["bn"]["accuracies"]
     assert rows["bn"]["test_acc_mean"] == pytest.approx((a + b) / 2)
     # t_{0.975, 1} * s / sqrt(2) with s the sample std of two values: 12.7062 * |a - b| / 2
     assert rows["bn"]["test_acc_ci95"] == pytest.approx(12.706205 * abs(a - b) / 2, rel=1e-6)
-    assert rows["none"]["train_eval_gap"] == 0.0 and rows["none"]["steps_per_s"] > 0
+    assert rows["bn"]["steps_per_s"] > 0 and rows["bn"]["steps"] == [42, 42]  # 6 epochs of 7 batches
+    # Two seeds and a one-lr grid (best lr at its edge): every verdict is inconclusive, with the reason.
+    assert rows["bn"]["verdict"] == "inconclusive" and rows["bn"]["best_lr_at_edge"] == "high"
+    assert rows["bn"]["largest_stable_lr_text"] == ">= 0.005 (top of grid)"
+    assert all(c in ("converged", "unconverged") for c in rows["bn"]["convergences"])
+    assert "the best lr of bn at batch 32, 0.005, is at the top of its grid" in report["verdicts"][1]
+    # none stalls at chance level in 42 steps: no stable lr, which is not a result either.
+    assert rows["none"]["best_lr"] is None and rows["none"]["verdict"] == "inconclusive"
 
     code, out, _ = cli(capsys, *args)  # everything is in the store now: nothing is retrained
     assert code == 0 and json.loads(out)["rows"] == report["rows"]
@@ -141,6 +150,20 @@ def test_compare_json_statistics_and_resume(capsys, db, tmp_path):
         assert len(store.runs()) == 4
     code, out, _ = cli(capsys, *args[:-1])
     assert code == 0 and "bn" in out and "max stable LR" in out and not math.isnan(report["wall_time"])
+
+
+def test_compare_gn_json_shows_its_groups_and_bad_budget_flags(capsys, db, tmp_path):
+    args = ["compare", "--norms", "gn", "--batch-sizes", "32", "--lrs", "0.01", "--seeds", "1", "--steps",
+            "8", "--lr-extensions", "0", "--subset", "256", "--workers", "1", "--store", db, "--no-report",
+            "--json"]  # fmt: skip
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    (row,) = json.loads(out)["rows"]
+    assert row["gn_groups"] == [5, 5, 5]  # the MNIST-1D cnn's 25 channels: Group Norm, not Instance Norm
+    code, _, err = cli(capsys, "compare", "--budget", "fixed", "--store", db)
+    assert code == 2 and "error: --budget fixed needs --epochs N or --steps N" in err
+    code, _, err = cli(capsys, "compare", "--epochs", "2", "--steps", "5", "--store", db)
+    assert code == 2 and "error: give --epochs or --steps, not both" in err
 
 
 def test_subprocess_bad_input_has_no_traceback(tmp_path):

@@ -61,3 +61,15 @@ def test_assess_orders_failure_stall_and_plateau():
     assert assess("diverged", final_train_loss=nan, final_train_acc=nan, **common).status == "diverged"
     assert assess("finished", final_train_loss=2.30, final_train_acc=0.1, **common).status == "stalled"
     assert assess("finished", final_train_loss=0.1, final_train_acc=0.97, **common).status == "converged"
+
+
+def test_memorizing_loss_near_zero_with_flat_heldout_is_a_plateau():
+    # Calibrated on the MNIST-1D cnn (train.convergence docstring): the training loss keeps halving on its way
+    # to 0 (-50% over the window, but < 0.02 nats), the held-out accuracy is flat: converged.
+    loss = [(s, 0.04 * math.exp(-s / 400)) for s in range(10, 1001, 10)]
+    acc = [(s, 0.94) for s in range(50, 1001, 50)]
+    result = plateaued(loss, acc)
+    assert result.status == "converged" and result.loss_change > 0.3
+    # The same relative fall at a loss of 0.4 nats is still learning.
+    loss = [(s, 10 * v) for s, v in loss]
+    assert plateaued(loss, acc).status == "unconverged"

@@ -403,19 +403,19 @@ def test_imagefolder_image_size_and_held_out_split(capsys, tmp_path):
         for i in range(5):
             pixels = np.full((10, 12, 3), 30 * i + (100 if label == "dog" else 0), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "imgs" / label / f"{i}.png")
-    data = load_dataset("imagefolder", root=tmp_path / "imgs", image_size=6, val_fraction=0.4)
+    data = load_dataset("imagefolder", root=tmp_path / "imgs", image_size=6, test_fraction=0.4)
     assert data.x_train.shape == (6, 3, 6, 6) and data.x_test.shape == (4, 3, 6, 6)
     assert data.y_test.tolist() == [0, 0, 1, 1] and len(set(data.meta["test_files"])) == 4
-    again = load_dataset("imagefolder", root=tmp_path / "imgs", image_size=6, val_fraction=0.4, seed=5)
+    again = load_dataset("imagefolder", root=tmp_path / "imgs", image_size=6, test_fraction=0.4, seed=5)
     assert again.meta["test_files"] == data.meta["test_files"]  # one test set for every run seed
     code, out, err = cli(capsys, "train", "--dataset", "imagefolder", "--data-root", str(tmp_path / "imgs"),
-                         "--image-size", "6", "--val-fraction", "0.4", "--model", f"{EXAMPLE}:resnet",
+                         "--image-size", "6", "--test-fraction", "0.4", "--model", f"{EXAMPLE}:resnet",
                          "--model-options", '{"width": 4, "depth": 10}', "--batch-size", "3", "--steps", "2",
                          "--no-progress", "--store", str(tmp_path / "s.sqlite"), "--json")  # fmt: skip
     assert code == 0, err
     assert json.loads(out)["config"]["image_size"] == 6
-    with pytest.raises(NormlabError, match="val_fraction must be a number in"):
-        load_dataset("imagefolder", root=tmp_path / "imgs", val_fraction=1.5)
+    with pytest.raises(NormlabError, match="test_fraction must be a number in"):
+        load_dataset("imagefolder", root=tmp_path / "imgs", test_fraction=1.5)
 
 
 class _TimmBottleneck(nn.Module):

@@ -163,15 +163,19 @@ def test_report_renders_in_headless_chromium(tmp_path):
 # -- compare_report ---------------------------------------------------------------------------------
 
 
-def _result(norm, batch, lr, seed, acc, status="finished", gap=0.0, speed=100.0):
+def _result(norm, batch, lr, seed, acc, status="finished", gap=0.0, speed=100.0, convergence="converged"):
     from normlab.train import RunResult
 
     nan = float("nan")
     return RunResult(
         status=status,
         final_test_acc=acc if status == "finished" else nan,
+        final_val_acc=acc if status == "finished" else nan,
         train_eval_gap=gap if status == "finished" else nan,
         steps_per_s=speed,
+        steps=800 + 10 * seed,
+        convergence=convergence if status == "finished" else status,
+        run_id=1000 + len(norm) * 100 + batch + seed if lr == 0.1 else None,
         config={"norm": norm, "batch_size": batch, "lr": lr, "seed": seed},
     )
 
@@ -179,40 +183,56 @@ def _result(norm, batch, lr, seed, acc, status="finished", gap=0.0, speed=100.0)
 def _compare_results():
     runs = []
     for seed, jitter in enumerate((-0.01, 0.0, 0.01)):
-        # bn: best at lr 0.1 at both batches; diverges at lr 1.0 for seed 2 at batch 128.
-        runs += [_result("bn", 16, 0.1, seed, 0.80 + jitter, gap=0.03, speed=100.0),
-                 _result("bn", 16, 1.0, seed, 0.70 + jitter, speed=100.0),
-                 _result("bn", 128, 0.1, seed, 0.90 + jitter, gap=0.01, speed=50.0),
-                 _result("bn", 128, 1.0, seed, 0.85, status="diverged" if seed == 2 else "finished")]
-        # gn: flat over batch size; 2x slower steps.
-        runs += [_result("gn", 16, 0.1, seed, 0.85 + jitter, speed=50.0),
-                 _result("gn", 16, 1.0, seed, 0.60 + jitter, speed=50.0),
+        # bn: best at lr 0.1 at both batches (bracketed by 0.025 below and 0.4 above); at batch 128 lr 0.4
+        # diverges for seed 2; at batch 16 lr 0.4 stalls at chance level.
+        runs += [_result("bn", 16, 0.025, seed, 0.70 + jitter, speed=100.0),
+                 _result("bn", 16, 0.1, seed, 0.80 + jitter, gap=0.03, speed=100.0),
+                 _result("bn", 16, 0.4, seed, 0.10, convergence="stalled"),
+                 _result("bn", 128, 0.025, seed, 0.80 + jitter, speed=50.0),
+                 _result("bn", 128, 0.1, seed, 0.90 + jitter / 2, gap=0.01, speed=50.0),
+                 _result("bn", 128, 0.4, seed, 0.85, status="diverged" if seed == 2 else "finished")]
+        # gn: flat over batch size; 2x slower steps; its top lr is still stable at batch 128.
+        runs += [_result("gn", 16, 0.025, seed, 0.75 + jitter, speed=50.0),
+                 _result("gn", 16, 0.1, seed, 0.85 + jitter, speed=50.0),
+                 _result("gn", 16, 0.4, seed, 0.60 + jitter, speed=50.0, convergence="stalled"),
+                 _result("gn", 128, 0.025, seed, 0.80 + jitter, speed=25.0),
                  _result("gn", 128, 0.1, seed, 0.86 + jitter, speed=25.0),
-                 _result("gn", 128, 1.0, seed, 0.50 + jitter, speed=25.0)]
+                 _result("gn", 128, 0.4, seed, 0.50 + jitter, speed=25.0)]
     return runs
+
+
+def _curves():
+    return {r.run_id: {"train/loss": [(10, 2.0), (20, 1.0)], "val/acc": [(10, 0.5), (20, 0.8)]}
+            for r in _compare_results() if r.run_id is not None}
 
 
 def test_compare_report_sentences_follow_the_numbers(tmp_path):
     from normlab.reports import compare_report
 
-    files = compare_report(tmp_path, _compare_results(), title="cnn <compare>", config={"epochs": 3},
-                           environment={"torch": "x"})
+    files = compare_report(tmp_path, _compare_results(), title="cnn <compare>", config={"budget": "auto"},
+                           environment={"torch": "x"}, histories=_curves())
     md = files.markdown_text
-    # batch 16: gn 85.0 vs bn 80.0, CIs (t_{.975,2} * 0.01 = 2.48 pts each) do not cover 5 pts.
-    assert "At batch 16, gn wins with 85.0%, 5.0 pts ahead of bn (80.0%)." in md
-    # batch 128: bn 90.0 vs gn 86.0, 4.0 pts <= 2 x 2.48 pts: a tie within the CIs.
-    assert "At batch 128, bn wins with 90.0%, 4.0 pts ahead of gn (86.0%), a tie within the 95% CIs." in md
-    assert "Diverged or failed runs: bn 1/12, gn 0/12. Largest stable lr at batch 128: bn 0.1, gn 1." in md
-    assert ("Accuracy at batch 16 minus batch 128: bn -10.0 pts, gn -1.0 pts. Most sensitive to the batch "
-            "size: bn; least: gn.") in md
+    # batch 16: gn 85.0 vs bn 80.0 on the same seeds with the same jitter: paired differences 5.0 exactly.
+    assert "At batch 16, gn has the highest mean test accuracy among the conclusive cells" in md
+    assert "gn beats bn on test accuracy by +5.0 pts (95% CI +5.0 to +5.0 pts, paired t over 3 seeds)." in md
+    # batch 128: bn 90.0 vs gn 86.0, per-seed differences 4.5, 4.0, 3.5: a win by the paired interval.
+    assert "bn beats gn on test accuracy by +4.0 pts (95% CI +2.8 to +5.2 pts, paired t over 3 seeds)." in md
+    assert ("Unstable runs (diverged, failed or stalled at chance level): bn 4/18, gn 3/18. Largest stable "
+            "lr at batch 128: bn 0.1, gn >= 0.4 (top of grid).") in md
+    assert ("Most sensitive to the batch size: bn (-10.0 pts from batch 128 to 16), the largest change whose "
+            "95% interval excludes 0.") in md
     assert ("Train/eval gap at batch 16 (pts): bn +3.00, gn +0.00. Largest gap: bn at batch 16, "
             "+3.00 pts.") in md
     assert ("Training steps/s at batch 128 relative to bn: bn 1.00x, gn 0.50x; fastest: bn "
             "(50.0 steps/s).") in md
     half = round(100 * stats_t975(2) * 0.01 / 3**0.5, 2)
-    assert f"| bn | 16 | 80 ± {format_cell(half, 2)} | 0.1 | 1 | 0/6 | 100 | 3 |" in md
+    ci = f"80 ± {format_cell(half, 2)}"
+    assert f"| bn | 16 | {ci} | {ci} | loss | 800-820 | 3/3 converged | 0.1 | 0.1 | 3/9 | 100 | 3 |" in md
+    assert "Rule: a difference is a win when the two-sided 95% t-interval" in md
     page = files.html.read_text()
-    assert "cnn &lt;compare&gt;" in page and page.count("data:image/png;base64,") == 2
+    # accuracy vs batch, accuracy vs lr, and one learning-curve figure per norm and batch size
+    assert "cnn &lt;compare&gt;" in page and page.count("data:image/png;base64,") == 2 + 4
+    assert (tmp_path / "curves_gn_bs128.png").is_file()
 
 
 def test_compare_report_flips_with_the_data(tmp_path):
@@ -223,8 +243,26 @@ def test_compare_report_flips_with_the_data(tmp_path):
         norm = {"bn": "gn", "gn": "bn"}[r.config["norm"]]
         flipped.append(type(r)(**{**r.to_dict(), "config": {**r.config, "norm": norm}}))
     md = compare_report(tmp_path, flipped).markdown_text
-    assert "At batch 16, bn wins with 85.0%, 5.0 pts ahead of gn (80.0%)." in md
-    assert "Most sensitive to the batch size: gn; least: bn." in md
+    assert "bn beats gn on test accuracy by +5.0 pts" in md
+    assert "Most sensitive to the batch size: gn (-10.0 pts from batch 128 to 16)" in md
+
+
+def test_log_ticks_label_each_value_once(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from normlab.reports.ticks import set_log_ticks
+
+    fig, ax = plt.subplots()
+    ax.plot([0.0025, 0.01, 0.04, 0.16, 0.64], [1, 2, 3, 4, 5])
+    set_log_ticks(ax, [0.0025, 0.01, 0.04, 0.16, 0.64])
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_visible()]
+    assert labels == ["0.0025", "0.01", "0.04", "0.16", "0.64"]
+    assert [t.get_text() for t in ax.xaxis.get_minorticklabels()] == []
+    plt.close(fig)
 
 
 def test_compare_report_needs_results(tmp_path):

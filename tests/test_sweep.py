@@ -92,6 +92,9 @@ def test_compare_configs_scale_lr_and_use_agc_for_nf():
     }  # fmt: skip
     assert all(c.epochs == 2 and c.steps is None for c in configs)
     assert scaled_lr(0.2, 512, 128) == 0.8
+    assert scaled_lr(0.2, 512, 128, "sqrt") == pytest.approx(0.4)
+    with pytest.raises(NormlabError, match="lr scaling must be one of linear, sqrt, got 'cube'"):
+        scaled_lr(0.2, 512, 128, "cube")
     with pytest.raises(NormlabError, match="compare needs at least one value in seeds, got none"):
         compare_configs(model="cnn", norms=["bn"], batch_sizes=[16], seeds=[], base_lrs=[0.1])
     with pytest.raises(NormlabError, match="norms repeat: bn, bn"):

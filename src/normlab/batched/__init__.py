@@ -4,18 +4,16 @@ learning rate, stopping and RunResult. :func:`group_configs` cuts a sweep into s
 
 from normlab.batched.engine import train_batched
 from normlab.batched.grouping import MAX_GROUP, batch_key, can_batch, check_group, group_configs
-from normlab.batched.policy import FixedBudget, MemberPolicy, member_policy
+from normlab.batched.policy import MemberPolicy
 from normlab.batched.stack import StackedModel
 
 __all__ = [
     "MAX_GROUP",
-    "FixedBudget",
     "MemberPolicy",
     "StackedModel",
     "batch_key",
     "can_batch",
     "check_group",
     "group_configs",
-    "member_policy",
     "train_batched",
 ]

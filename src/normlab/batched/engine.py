@@ -29,7 +29,7 @@ from torch.func import vmap
 from normlab.batched.clip import member_grad_norms, stacked_agc_
 from normlab.batched.grouping import check_group
 from normlab.batched.optim import StackedOptimizer
-from normlab.batched.policy import MemberPolicy, member_policy
+from normlab.batched.policy import MemberPolicy
 from normlab.batched.stack import ModeChooser, StackedModel
 from normlab.train import RunResult, TrainConfig, Trainer
 from normlab.train.optimizer import param_groups
@@ -52,7 +52,7 @@ def train_batched(
     modes: Sequence[str] | None = None,
 ) -> list[RunResult]:
     """Train ``configs`` (compatible: :func:`normlab.batched.batch_key` equal) as one stacked model and
-    return their RunResults in order. ``policies`` overrides each member's :func:`member_policy`;
+    return their RunResults in order. ``policies`` overrides each member's own budget (``Trainer.budget``);
     ``modes`` restricts the forward modes timed on the first steps (default: all the stack offers, see
     :class:`normlab.batched.StackedModel`); a mode the group cannot use raises ValueError.
 
@@ -67,7 +67,8 @@ def train_batched(
         trainer = Trainer(config, store=store, progress=False)
         if members:
             _share_data(members[0].trainer, trainer)
-        policy = policies[i] if policies is not None else member_policy(config, trainer.total_steps)
+        # The member's own budget (normlab.train.budget: fixed, or auto until its plateau), as alone.
+        policy = policies[i] if policies is not None else trainer.budget
         members.append(_Member(trainer, policy))
     _Group(members, modes).run()
     return [m.result for m in members]  # type: ignore[misc]
@@ -99,9 +100,6 @@ class _Group:
 
             clipped = {id(p) for p in agc_parameters(first.model)}
             self.agc_names = [n for n, p in names.items() if id(p) in clipped]
-        self.shared_test = all(
-            m.trainer.x_test is first.x_test or torch.equal(m.trainer.x_test, first.x_test) for m in members
-        )
         self.train_time = 0.0
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -193,27 +191,33 @@ class _Group:
         due = [m for m in self.alive if m.trainer.step % m.trainer.eval_every == 0]
         if not due:
             return
-        # Members step together, so either all alive members are due or none.
-        losses, accs = self._evaluate_test()
+        # Members step together, so either all alive members are due or none. As the Trainer does, the
+        # held-out split its plateau rule reads: the validation split when one is held out, else the test set.
+        split = self.alive[0].trainer.heldout
+        losses, accs = self._evaluate(split)
         for m, loss, acc in zip(self.alive, losses, accs, strict=True):
-            m.trainer.log("test/loss", loss)
+            m.trainer.log(f"{split}/loss", loss)
             if self.classification:
-                m.trainer.log("test/acc", acc)
+                m.trainer.log(f"{split}/acc", acc)
 
-    def _evaluate_test(self) -> tuple[list[float], list[float]]:
-        """Per-member ``(mean loss, accuracy)`` on the test split in eval mode, as
+    def _evaluate(self, split: str) -> tuple[list[float], list[float]]:
+        """Per-member ``(mean loss, accuracy)`` on ``split`` (``val`` or ``test``) in eval mode, as
         :func:`normlab.train.evaluate.evaluate` (chunks of ``eval_batch_size``, chunk means re-weighted)."""
-        first = self.alive[0].trainer
-        x_all = first.x_test if self.shared_test else torch.stack([m.trainer.x_test for m in self.alive])
-        y_all = first.y_test if self.shared_test else torch.stack([m.trainer.y_test for m in self.alive])
-        n, size = first.x_test.shape[0], self.config.eval_batch_size
+        xs = [getattr(m.trainer, f"x_{split}") for m in self.alive]
+        ys = [getattr(m.trainer, f"y_{split}") for m in self.alive]
+        shared = all(x is xs[0] or torch.equal(x, xs[0]) for x in xs) and all(
+            y is ys[0] or torch.equal(y, ys[0]) for y in ys
+        )
+        x_all = xs[0] if shared else torch.stack(xs)
+        y_all = ys[0] if shared else torch.stack(ys)
+        n, size = xs[0].shape[0], self.config.eval_batch_size
         k = len(self.alive)
         total = torch.zeros(k, dtype=torch.float64)
         correct = torch.zeros(k, dtype=torch.float64)
         self.stack.train(False)
         try:
             for start in range(0, n, size):
-                if self.shared_test:
+                if shared:
                     xb, yb = x_all[start : start + size], y_all[start : start + size]
                     out = self.stack(xb, shared_input=True)
                     loss = vmap(self.loss_fn, in_dims=(0, None))(out, yb)
@@ -263,6 +267,8 @@ def _share_data(first: Trainer, other: Trainer) -> None:
     if same:
         other.data = a
         other.x_test, other.y_test = first.x_test, first.y_test
+        if torch.equal(first.x_val, other.x_val) and torch.equal(first.y_val, other.y_val):
+            other.x_val, other.y_val = first.x_val, first.y_val
         other.batches.x, other.batches.y = first.batches.x, first.batches.y
 
 

@@ -34,15 +34,18 @@ def runs_list(
     from rich.table import Table
 
     table = Table(title=f"{len(runs)} runs")
-    columns = ("id", "name", "status", "model", "norm", "batch", "lr", "seed", "test acc", "steps/s", "wall")
+    columns = ("id", "name", "status", "convergence", "model", "norm", "batch", "lr", "seed", "steps",
+               "test acc", "steps/s", "wall")
+    left = ("name", "status", "convergence", "model", "norm")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("name", "status", "model", "norm") else "right")
+        table.add_column(column, justify="left" if column in left else "right")
     for run in runs:
         c, s = run.config, run.summary
         table.add_row(
-            str(run.id), fmt(run.name), fmt(run.status), fmt(str(c.get("model"))), fmt(str(c.get("norm"))),
-            fmt(str(c.get("batch_size"))), fmt(c.get("lr")), fmt(str(c.get("seed"))),
-            fmt(s.get("final_test_acc")), fmt(s.get("steps_per_s")), fmt(run.wall_time, 3),
+            str(run.id), fmt(run.name), fmt(run.status), fmt(s.get("convergence") or "-"),
+            fmt(str(c.get("model"))), fmt(str(c.get("norm"))), fmt(str(c.get("batch_size"))),
+            fmt(c.get("lr")), fmt(str(c.get("seed"))), fmt(s.get("steps")), fmt(s.get("final_test_acc")),
+            fmt(s.get("steps_per_s")), fmt(run.wall_time, 3),
         )  # fmt: skip
     console().print(table)
 

@@ -38,11 +38,14 @@ _FIELD_HELP = {
     "subset": "train on a seeded subset: a count, or a fraction in (0, 1]",
     "augment": "augmentation: shift (1-D), crop_flip (images)",
     "image_size": "imagefolder: side of the resized, centre-cropped images (loader default 64)",
-    "val_fraction": "imagefolder: hold out this fraction of each class's training images as the test split "
+    "test_fraction": "imagefolder: hold out this fraction of each class's training images as the test split "
                     "(instead of val/)",
     "batch_size": "training batch size",
     "epochs": "epochs (ignored when --steps is set)",
-    "steps": "optimizer steps (overrides --epochs)",
+    "steps": "optimizer steps (overrides --epochs); the cap of --budget auto",
+    "budget": "fixed: --steps/--epochs; auto: until the plateau rule holds (cap: --steps/--epochs)",
+    "cooldown": "auto budget: linear lr decay to 0 over this fraction of the steps taken",
+    "val_fraction": "training data held out as a validation split for the plateau rule (0: none)",
     "optimizer": "sgd or adamw",
     "lr": "peak learning rate",
     "momentum": "SGD momentum",

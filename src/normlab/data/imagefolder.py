@@ -1,7 +1,7 @@
 """ImageNet-style image folders: ``root/train/<class>/*.{png,jpg,jpeg}`` and ``root/val/<class>/...``,
 loaded with PIL into memory.
 
-Split: with ``val_fraction=None`` (default) the test split is ``val/``. With ``val_fraction=f`` in (0, 1)
+Split: with ``test_fraction=None`` (default) the test split is ``val/``. With ``test_fraction=f`` in (0, 1)
 the test split is held out of the training images instead: ``root/train/<class>/`` (or ``root/<class>/``
 when there is no ``train/`` folder), per class the first ``round(f * n)`` images of a permutation seeded
 by 0 (stratified and the same for every run seed, so seeds compare on one test set); ``val/`` is not read.
@@ -98,7 +98,7 @@ def hold_out(items: list[tuple[Path, int]], fraction: float) -> tuple[list, list
     for label in sorted({label for _, label in items}):
         paths = [path for path, y in items if y == label]
         if len(paths) < 2:
-            raise NormlabError(f"class {label} has {len(paths)} image(s); val_fraction needs >= 2 per class")
+            raise NormlabError(f"class {label} has {len(paths)} image(s); test_fraction needs >= 2 per class")
         count = min(max(1, round(fraction * len(paths))), len(paths) - 1)
         test.update(paths[i] for i in generator.permutation(len(paths))[:count])
     return [it for it in items if it[0] not in test], [it for it in items if it[0] in test]
@@ -117,9 +117,9 @@ def load_imagefolder(
     *,
     image_size: int = 64,
     normalize: bool = True,
-    val_fraction: float | None = None,
+    test_fraction: float | None = None,
 ) -> Dataset:
-    """Images under ``root/train/<class>/`` and ``root/val/<class>/`` (or a held-out ``val_fraction``, see
+    """Images under ``root/train/<class>/`` and ``root/val/<class>/`` (or a held-out ``test_fraction``, see
     the module docstring); x (N, 3, image_size, image_size)."""
     if root is None:
         raise NormlabError(
@@ -127,8 +127,8 @@ def load_imagefolder(
         )
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise NormlabError(f"image_size must be a positive int, got {image_size!r}")
-    if val_fraction is not None:
-        return _held_out(root, image_size, normalize, val_fraction)
+    if test_fraction is not None:
+        return _held_out(root, image_size, normalize, test_fraction)
     for split in SPLITS:
         if not (root / split).is_dir():
             raise NormlabError(
@@ -148,7 +148,7 @@ def load_imagefolder(
 def _held_out(root: Path, image_size: int, normalize: bool, fraction: float) -> Dataset:
     ok = isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction < 1
     if not ok:
-        raise NormlabError(f"val_fraction must be a number in (0, 1), got {fraction!r}")
+        raise NormlabError(f"test_fraction must be a number in (0, 1), got {fraction!r}")
     if not root.is_dir():
         raise NormlabError(f"{root} is not a folder; imagefolder expects {root}/<class>/ or train/<class>/")
     base = root / "train" if (root / "train").is_dir() else root
@@ -161,7 +161,7 @@ def _held_out(root: Path, image_size: int, normalize: bool, fraction: float) -> 
     train_items, test_items = hold_out(items, float(fraction))
     x_train, y_train = load_items(train_items, image_size)
     x_test, y_test = load_items(test_items, image_size)
-    meta = {"val_fraction": float(fraction), "test_files": [str(p.relative_to(base)) for p, _ in test_items]}
+    meta = {"test_fraction": float(fraction), "test_files": [str(p.relative_to(base)) for p, _ in test_items]}
     return _dataset(root, classes, image_size, normalize, x_train, y_train, x_test, y_test, meta)
 
 

@@ -21,13 +21,15 @@ from normlab.layers.noisy_bn import NoisyBatchNorm, noisy_batch_norm, sample_bn_
 from normlab.layers.normalizer_free import to_normalizer_free
 from normlab.layers.precise_bn import precise_bn
 from normlab.layers.skipinit import SkipInit
+from normlab.layers.standard import default_groups
 from normlab.layers.std_conv import ScaledStdConv1d, ScaledStdConv2d, ScaledStdLinear, scaled_std_weight
 
 __all__ = [
     "BatchRenorm", "BatchStatsNorm", "EvalNorm", "FrozenBatchNorm", "GhostBatchNorm", "NoiseInjection",
     "NoisyBatchNorm",
     "ScaledStdConv1d", "ScaledStdConv2d", "ScaledStdLinear", "SkipInit", "activation_gamma", "batch_renorm",
-    "convert_norm", "create_norm", "eval_norm", "fit_evalnorm", "fold_bn", "frozen_batch_norm",
+    "convert_norm", "create_norm", "default_groups",
+    "eval_norm", "fit_evalnorm", "fold_bn", "frozen_batch_norm",
     "ghost_batch_norm", "inject_bn_noise", "list_norms", "noisy_batch_norm", "norm_options", "precise_bn",
     "register_norm", "sample_bn_noise", "scaled_std_weight", "to_normalizer_free",
 ]

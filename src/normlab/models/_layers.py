@@ -57,13 +57,12 @@ def check_positive_float(what: str, value: object) -> float:
 def make_norm(norm: str, channels: int, dims: int, options: dict) -> nn.Module:
     """``create_norm(norm, channels, dims=dims, **options)``: the one place models build a norm layer.
 
-    GroupNorm without an explicit ``groups`` uses the largest divisor of ``channels`` that is <= 32 (Wu & He
-    2018 use G = 32), so widths such as the MLP's 100 or the MNIST-1D CNN's 25 work out of the box.
+    GroupNorm without an explicit ``groups`` uses :func:`normlab.layers.standard.default_groups` (the largest
+    divisor of C up to 32 that leaves >= 2 channels per group), so widths such as the MLP's 100 (25 groups)
+    or the MNIST-1D CNN's 25 (5 groups) are Group Norm, never Instance Norm.
     """
     from normlab.layers import create_norm
 
-    if norm == "gn" and "groups" not in options:
-        options = {**options, "groups": max(g for g in range(1, 33) if channels % g == 0)}
     return create_norm(norm, channels, dims=dims, **options)
 
 

@@ -1,10 +1,12 @@
 """The report of ``normlab compare``: one model under several norms, batch sizes, an lr grid and seeds.
 
-Sections: which normalization wins where (computed sentences), accuracy at each norm's best stable lr
-(mean ± 95% t-interval over seeds), stability (diverged runs, largest stable lr), batch-size sensitivity,
-train/eval gap, and cost (steps/s relative to the first norm), with figures. The lr reading is
-:func:`normlab.sweep.summarize_compare`'s, so the report and the terminal table agree: an lr is stable when
-no seed diverged or failed; the best stable lr has the highest mean final test accuracy.
+Sections: the verdicts (every sentence that ranks norms or batch sizes goes through the one rule,
+:mod:`normlab.sweep.compare_verdicts` over :func:`normlab.stats.compare_arms`, and the rule is stated),
+accuracy at each norm's best stable lr (mean ± 95% t-interval over seeds) with each cell's steps,
+convergence and verdict word, learning curves (one figure per norm and batch size: training loss and
+held-out accuracy against steps, each seed a thin line), stability (largest stable lr, or ">= top of grid"),
+batch-size sensitivity, train/eval gap, and cost. The lr reading is :func:`normlab.sweep.summarize_compare`'s,
+so the report and the terminal table agree.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from normlab.reports.document import ReportFiles, Section, write_report
 from normlab.reports.figure import Figure, save_matplotlib
 from normlab.reports.stats import mean_ci
 from normlab.reports.table import Table
+from normlab.reports.ticks import set_log_ticks
 
 
 def compare_report(
@@ -27,6 +30,8 @@ def compare_report(
     title: str = "normlab compare",
     config: dict[str, Any] | None = None,
     environment: dict[str, Any] | None = None,
+    histories: dict[int, dict[str, list]] | None = None,
+    settle: Any = None,
 ) -> ReportFiles:
     """Write ``<out_dir>/report.html`` + ``report.md`` for the ``RunResult`` s of a compare sweep.
 
@@ -35,26 +40,40 @@ def compare_report(
             size and lr).
         config: the command's settings, shown in the report.
         environment: e.g. :func:`normlab.store.environment_info`; shown in the report.
+        histories: run id -> ``{"train/loss": [(step, value)], "val/acc": [...], "test/acc": [...]}`` for
+            the learning curves (no curves without it).
+        settle: a :class:`normlab.sweep.compare_verdicts.Settle` naming the flags that settle inconclusive
+            verdicts for the way compare was run.
 
     Raises:
         NormlabError: no results, or ``out_dir`` is a file.
     """
     from normlab.errors import NormlabError
+    from normlab.stats import RULE
     from normlab.sweep import summarize_compare
+    from normlab.sweep.compare_verdicts import Settle, cell_words
 
     if not results:
         raise NormlabError("compare_report needs at least one run result, got none")
-    cells = summarize_compare(results)
+    settle = settle or Settle()
+    cells = summarize_compare(results, histories)
     norms = list(dict.fromkeys(c.norm for c in cells))
     batches = sorted({c.batch_size for c in cells})
     grid = {(c.norm, c.batch_size): c for c in cells}
+    words = cell_words(grid, norms, batches, settle)
     out = Path(out_dir)
+    on_validation = all(c.best.selects_on_validation for c in cells if c.best is not None)
 
     accuracy = Table(
         "Final test accuracy (%) at the best stable lr, mean ± 95% CI over seeds",
-        ["norm", "batch", "test acc (%)", "best lr", "largest stable lr", "diverged/failed runs", "steps/s",
-         "train/eval gap (pts)"],
-        notes=["Stable lr: no seed diverged or failed; best: the stable lr with the highest mean accuracy.",
+        ["norm", "batch", "test acc (%)", "val acc (%)", "verdict", "steps", "convergence", "best lr",
+         "largest stable lr", "diverged/failed/stalled runs", "steps/s", "train/eval gap (pts)"],
+        notes=["Stable lr: no seed diverged, failed or stalled at chance level; best: the stable lr with the "
+               "highest mean " + ("validation" if on_validation else "test") + " accuracy.",
+               "Verdict: against the best conclusive norm at the same batch size (win / tie / loss / "
+               "inconclusive), by the rule below.",
+               "Steps: optimizer steps each seed took (min-max); convergence: seeds that met the plateau "
+               "rule.",
                "Train/eval gap: test accuracy with batch statistics at the training batch size - eval mode."],
     )
     for norm in norms:
@@ -63,21 +82,45 @@ def compare_report(
             if cell is None:
                 continue
             best = cell.best
-            bad = sum(s != "finished" for o in cell.lrs for s in o.statuses)
+            bad = sum(_unstable_runs(o) for o in cell.lrs)
             total = sum(len(o.statuses) for o in cell.lrs)
             accuracy.add_row(
-                norm, b, _pct_ci(best.accuracies) if best else None, best.lr if best else None,
-                cell.largest_stable_lr, f"{bad}/{total}",
+                norm, b, _pct_ci(best.accuracies) if best else None,
+                _pct_ci(best.val_accuracies) if best and best.selects_on_validation else None,
+                words.get((norm, b), "-"), _steps_text(best.steps) if best else None,
+                _convergence_text(best) if best else None,
+                _lr_text(cell) if best else None, cell.largest_stable_text(), f"{bad}/{total}",
                 round(_mean(best.steps_per_s), 1) if best else None,
                 round(100 * _mean(best.gaps), 2) if best else None,
             )
 
+    selection_note = (
+        "The lr of each cell was chosen on the validation split held out of the training data; test "
+        "accuracy is reported, never selected on." if on_validation else
+        "No validation split was held out: the lr was chosen on test accuracy, so the reported accuracies "
+        "are optimistic (selected on test)."
+    )
+    groups = (config or {}).get("gn_groups")
+    if groups and "gn" in norms:
+        selection_note += (f" gn is Group Norm with {', '.join(map(str, groups))} groups in its norm layers "
+                           "(the largest divisor of C up to 32 that leaves at least 2 channels per group).")
     sections = [
-        Section("Which normalization wins where", text=wins_sentences(grid, norms, batches)),
-        Section("Accuracy", tables=[accuracy], figures=[_accuracy_figure(out, grid, norms, batches)]),
+        Section("Verdicts", text=verdict_sentences(grid, norms, batches, settle),
+                callout=f"Rule: {RULE.format(min_seeds=3)}.", callout_kind="info"),
+        Section("Accuracy", text=[selection_note], tables=[accuracy],
+                figures=[_accuracy_figure(out, grid, norms, batches)]),
+    ]
+    curves = _learning_curve_figures(out, grid, norms, batches)
+    if curves:
+        sections.append(Section("Learning curves", text=[
+            "Training loss and held-out accuracy against steps at each cell's best lr, one thin line per "
+            "seed: a converged run's curves are flat before its end (an auto budget then cools the lr "
+            "down)."],
+            figures=curves))
+    sections += [
         Section("Stability", text=[stability_sentence(grid, norms, batches)],
                 figures=[_lr_figure(out, grid, norms, batches)]),
-        Section("Batch-size sensitivity", text=[sensitivity_sentence(grid, norms, batches)]),
+        Section("Batch-size sensitivity", text=sensitivity_sentences(grid, norms, batches, settle)),
         Section("Train/eval gap", text=[gap_sentence(grid, norms, batches)]),
         Section("Cost", text=[cost_sentence(grid, norms, batches)]),
     ]
@@ -94,60 +137,37 @@ def best_mean(cell: Any) -> float:
     return _mean(best.accuracies) if best else math.nan
 
 
-def wins_sentences(grid: dict, norms: list[str], batches: list[int]) -> list[str]:
-    """Per batch size: the norm with the highest mean accuracy at its best stable lr, its margin over the
-    runner-up, and whether that margin is inside the two 95% CIs (then: "a tie within noise")."""
-    sentences = []
+def verdict_sentences(grid: dict, norms: list[str], batches: list[int], settle: Any = None) -> list[str]:
+    """Per batch size, the leading norm against each other norm (win / tie / inconclusive sentences), then
+    the batch-size sensitivity sentences."""
+    from normlab.sweep.compare_verdicts import Settle, rank_batch
+
+    settle = settle or Settle()
+    lines = []
     for b in batches:
-        ranked = sorted(
-            ((best_mean(grid.get((n, b))), n) for n in norms if math.isfinite(best_mean(grid.get((n, b))))),
-            reverse=True,
-        )
-        unstable = [n for n in norms if (n, b) in grid and grid[(n, b)].best is None]
-        if not ranked:
-            sentences.append(f"At batch {b} no norm has a stable learning rate.")
-            continue
-        top_acc, top = ranked[0]
-        text = f"At batch {b}, {top} wins with {100 * top_acc:.1f}%"
-        if len(ranked) > 1:
-            second_acc, second = ranked[1]
-            overlap = _half(grid[(top, b)]) + _half(grid[(second, b)])
-            margin = top_acc - second_acc
-            text += f", {100 * margin:.1f} pts ahead of {second} ({100 * second_acc:.1f}%)"
-            if math.isfinite(overlap) and margin <= overlap:
-                text += ", a tie within the 95% CIs"
-        if unstable:
-            text += f"; {', '.join(unstable)} had no stable lr"
-        sentences.append(text + ".")
-    return sentences
+        lines += rank_batch(grid, norms, b, settle).sentences()
+    return lines + sensitivity_sentences(grid, norms, batches, settle)
 
 
 def stability_sentence(grid: dict, norms: list[str], batches: list[int]) -> str:
-    """Diverged (or failed) runs per norm over the grid, and the largest stable lr at the largest batch."""
+    """Unstable (diverged, failed or stalled) runs per norm over the grid, and the largest stable lr at the
+    largest batch (">= top of grid" when the search never reached instability)."""
     parts = []
     for n in norms:
-        statuses = [s for b in batches if (n, b) in grid for o in grid[(n, b)].lrs for s in o.statuses]
-        parts.append(f"{n} {sum(s != 'finished' for s in statuses)}/{len(statuses)}")
+        outcomes = [o for b in batches if (n, b) in grid for o in grid[(n, b)].lrs]
+        parts.append(f"{n} {sum(map(_unstable_runs, outcomes))}/{sum(len(o.statuses) for o in outcomes)}")
     b = batches[-1]
-    largest = [f"{n} {_lr(grid[(n, b)].largest_stable_lr)}" for n in norms if (n, b) in grid]
-    return (f"Diverged or failed runs: {', '.join(parts)}. Largest stable lr at batch {b}: "
-            f"{', '.join(largest)}.")
+    largest = [f"{n} {grid[(n, b)].largest_stable_text()}" for n in norms if (n, b) in grid]
+    return (f"Unstable runs (diverged, failed or stalled at chance level): {', '.join(parts)}. Largest "
+            f"stable lr at batch {b}: {', '.join(largest)}.")
 
 
-def sensitivity_sentence(grid: dict, norms: list[str], batches: list[int]) -> str:
-    """Accuracy change from the largest to the smallest batch size per norm; most and least sensitive."""
-    if len(batches) < 2:
-        return "One batch size only: no sensitivity to report."
-    small, large = batches[0], batches[-1]
-    change = {n: best_mean(grid.get((n, small))) - best_mean(grid.get((n, large))) for n in norms}
-    known = {n: v for n, v in change.items() if math.isfinite(v)}
-    if not known:
-        return f"No norm has a stable lr at both batch {small} and {large}."
-    most = max(known, key=lambda n: abs(known[n]))
-    least = min(known, key=lambda n: abs(known[n]))
-    parts = ", ".join(f"{n} {100 * v:+.1f} pts" for n, v in known.items())
-    return (f"Accuracy at batch {small} minus batch {large}: {parts}. Most sensitive to the batch size: "
-            f"{most}; least: {least}.")
+def sensitivity_sentences(grid: dict, norms: list[str], batches: list[int], settle: Any = None) -> list[str]:
+    """Accuracy at the smallest minus the largest batch size per norm, through the verdict rule (paired over
+    seeds); the most sensitive norm only among changes whose interval excludes 0."""
+    from normlab.sweep.compare_verdicts import Settle, batch_sensitivity
+
+    return batch_sensitivity(grid, norms, batches, settle or Settle())[1]
 
 
 def gap_sentence(grid: dict, norms: list[str], batches: list[int]) -> str:
@@ -223,22 +243,100 @@ def _lr_figure(out: Path, grid: dict, norms: list[str], batches: list[int]) -> F
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.0 * len(batches), 3.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.6), squeeze=False, sharey=True)
     for ax, b in zip(axes[0], batches, strict=True):
+        lrs_shown = []
         for n in norms:
             cell = grid.get((n, b))
             if cell is None:
                 continue
             lrs = [o.lr for o in cell.lrs]
-            (line,) = ax.plot(lrs, [100 * o.mean_accuracy for o in cell.lrs], marker="o", label=n)
+            lrs_shown += lrs
+            cis = [_pct_ci(o.accuracies) for o in cell.lrs]
+            (line,) = ax.plot([], [])
+            ax.errorbar(lrs, [c[0] for c in cis], yerr=[0 if math.isnan(c[1]) else c[1] for c in cis],
+                        marker="o", capsize=3, label=n, color=line.get_color())
             bad = [o.lr for o in cell.lrs if not o.stable]
             if bad:
                 ax.plot(bad, [0.0] * len(bad), "x", color=line.get_color(), markersize=9)
-        ax.set_xscale("log")
+        set_log_ticks(ax, lrs_shown)
         ax.set_title(f"batch {b}")
         ax.set_xlabel("learning rate")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].set_ylim(-3, 103)  # an accuracy's interval is clipped to what an accuracy can be
     axes[0][0].legend()
     return save_matplotlib(fig, out, "accuracy_vs_lr",
-                           "Mean test accuracy over the lr grid per batch size (x at 0: diverged/failed).")
+                           "Test accuracy over the lr grid per batch size, mean ± 95% CI over seeds "
+                           "(x at 0: an lr where a seed diverged, failed or stalled).")
+
+
+def _learning_curve_figures(out: Path, grid: dict, norms: list[str], batches: list[int]) -> list[Figure]:
+    """One figure per (norm, batch size) with curves: training loss (log scale) and held-out accuracy
+    against steps at the best lr, one thin line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    for n in norms:
+        for b in batches:
+            cell = grid.get((n, b))
+            best = cell.best if cell is not None else None
+            if best is None or not best.histories:
+                continue
+            fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(8.0, 3.0))
+            for seed, history, status in zip(best.seeds, best.histories, best.convergences, strict=False):
+                loss = history.get("train/loss") or []
+                heldout = history.get("val/acc") or history.get("test/acc") or []
+                style = dict(linewidth=0.8, alpha=0.8, linestyle="-" if status == "converged" else "--")
+                if loss:
+                    loss_ax.plot(*zip(*loss, strict=True), label=f"seed {seed} ({status})", **style)
+                if heldout:
+                    acc_ax.plot(*zip(*[(s, 100 * v) for s, v in heldout], strict=True), **style)
+            loss_ax.set_yscale("log")
+            loss_ax.set_xlabel("step")
+            loss_ax.set_ylabel("training loss (batch)")
+            loss_ax.grid(alpha=0.3)
+            loss_ax.legend(fontsize=7)
+            which = "validation" if best.selects_on_validation else "test"
+            acc_ax.set_xlabel("step")
+            acc_ax.set_ylabel(f"{which} accuracy (%)")
+            acc_ax.grid(alpha=0.3)
+            fig.suptitle(f"{n}, batch {b}, lr {best.lr:.3g}", fontsize=10)
+            figures.append(save_matplotlib(
+                fig, out, f"curves_{_stem(n)}_bs{b}",
+                f"{n} at batch {b}, lr {best.lr:.3g}: training loss and {which} accuracy per seed "
+                "(dashed: did not converge).",
+            ))
+    return figures
+
+
+def _unstable_runs(outcome: Any) -> int:
+    """Runs of an lr that diverged, failed or stalled at chance level."""
+    return sum(status != "finished" or conv in ("stalled", "diverged", "failed")
+               for status, conv in zip(outcome.statuses, outcome.convergences, strict=True))
+
+
+def _stem(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    if not steps:
+        return "-"
+    low, high = min(steps), max(steps)
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def _convergence_text(outcome: Any) -> str:
+    converged = sum(c == "converged" for c in outcome.convergences)
+    text = f"{converged}/{len(outcome.convergences)} converged"
+    return text if converged == len(outcome.convergences) else f"{text} ({outcome.convergence})"
+
+
+def _lr_text(cell: Any) -> str:
+    edge = cell.best_edge
+    text = f"{cell.best.lr:.3g}"
+    return f"{text} (at the grid's {'top' if edge == 'high' else 'bottom'})" if edge else text

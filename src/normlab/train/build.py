@@ -39,7 +39,7 @@ def load_data(config: TrainConfig):
 
     # Loader options the config sets (imagefolder's image size and held-out split); an unset one is left
     # to the loader's default, and one the dataset does not take is named by load_dataset's error.
-    options = {name: getattr(config, name) for name in ("image_size", "val_fraction")}
+    options = {name: getattr(config, name) for name in ("image_size", "test_fraction")}
     return load_dataset(
         config.dataset,
         root=config.data_root,

@@ -18,10 +18,11 @@ from normlab.errors import NormlabError
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
+BUDGETS = ("fixed", "auto")
 DEVICE_PREFIXES = ("cpu", "cuda", "mps", "auto")
 # Fields that say where or under which label a run is kept, not what it computes: left out of the key.
 # Data options added later: in the key only when set, so stored runs keep their keys.
-_IN_KEY_WHEN_SET = ("image_size", "val_fraction")
+_IN_KEY_WHEN_SET = ("image_size", "test_fraction")
 # ``compile`` changes how a step is computed, not its numbers (equal to float tolerance, tested).
 _NOT_IN_KEY = ("name", "group", "checkpoint_dir", "checkpoint_every", "download", "data_root", "compile")
 
@@ -44,11 +45,17 @@ class TrainConfig:
     subset: int | float | None = None
     augment: str | None = None
     image_size: int | None = None
-    val_fraction: float | None = None
+    test_fraction: float | None = None
     batch_size: int = 128
-    # length
+    # length: "fixed" trains steps (or epochs); "auto" trains until the plateau rule holds, steps (or epochs)
+    # being the cap, under warmup-stable-decay with a cooldown of ``cooldown`` x the steps taken
+    # (normlab.train.budget)
     epochs: int | None = 10
     steps: int | None = None
+    budget: str = "fixed"
+    cooldown: float = 0.2
+    # held out from the training data for the plateau rule and lr choices (normlab.train.validation)
+    val_fraction: float = 0.0
     # optimizer
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -187,10 +194,13 @@ _RULES: dict[str, tuple[str, bool, float | None, float | None, tuple | None]] = 
     "subset": (_NUM, True, 1e-12, None, None),
     "augment": (_STR, True, None, None, None),
     "image_size": (_INT, True, 1, None, None),
-    "val_fraction": (_FLOAT, True, 1e-12, 0.999999, None),
+    "test_fraction": (_FLOAT, True, 1e-12, 0.999999, None),
     "batch_size": (_INT, False, 1, None, None),
     "epochs": (_INT, True, 1, None, None),
     "steps": (_INT, True, 1, None, None),
+    "budget": (_STR, False, None, None, BUDGETS),
+    "cooldown": (_FLOAT, False, 0.0, 1.0, None),
+    "val_fraction": (_FLOAT, False, 0.0, 0.9, None),
     "optimizer": (_STR, False, None, None, OPTIMIZERS),
     "lr": (_FLOAT, False, 0.0, None, None),
     "momentum": (_FLOAT, False, 0.0, 0.999999, None),

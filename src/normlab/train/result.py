@@ -21,7 +21,8 @@ class RunResult:
     over consecutive batches of the training batch size, ``train_eval_gap`` = ``test_acc_train_mode -
     test_acc_eval_mode`` (:func:`normlab.probes.train_eval_gap`, on the first ``floor(N / batch) * batch``
     test examples, so ``test_acc_eval_mode`` can differ slightly from ``final_test_acc`` over all N);
-    accuracies are NaN for regression tasks.
+    accuracies are NaN for regression tasks. ``val_*``: on the validation split held out of the training data
+    (``config.val_fraction``; NaN without one).
     ``convergence`` is the run's status under normlab's convergence rules (:mod:`normlab.train.convergence`):
     ``converged``, ``unconverged``, ``stalled``, ``diverged`` or ``failed``; ``convergence_reason`` says why.
     Only ``converged`` runs are results a comparison may rank.
@@ -34,6 +35,8 @@ class RunResult:
     final_train_acc: float = NAN
     final_test_loss: float = NAN
     final_test_acc: float = NAN
+    final_val_loss: float = NAN
+    final_val_acc: float = NAN
     test_acc_train_mode: float = NAN
     test_acc_eval_mode: float = NAN
     train_eval_gap: float = NAN

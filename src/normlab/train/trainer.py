@@ -1,8 +1,12 @@
 """The training engine: :class:`Trainer` and :func:`train`.
 
-``Trainer.fit`` is one loop that reads top to bottom, as nanoGPT's ``train.py``: get batch, set lr,
-forward, loss (stop if diverged), backward, grad norm, AGC, optimizer step, log, callbacks, evaluate,
-checkpoint. Everything else (probes, studies) plugs in through :meth:`Trainer.add_callback`.
+``Trainer.fit`` is one loop that reads top to bottom, as nanoGPT's ``train.py``: ask the budget whether the
+run is done, get batch, set the budget's lr, forward, loss (stop if diverged), backward, grad norm, AGC,
+optimizer step, log, callbacks, evaluate, checkpoint. How long a run trains and its lr schedule are the
+budget's (:mod:`normlab.train.budget`: a fixed number of steps, or until the plateau rule holds). With
+``val_fraction > 0`` a validation split is held out of the training data (:mod:`normlab.train.validation`)
+and the plateau rule reads its accuracy; the test set is only reported. Everything else (probes, studies)
+plugs in through :meth:`Trainer.add_callback`.
 
 Determinism: torch, numpy and Python are seeded with ``config.seed`` before the data and the model are
 built, and the data order comes from the batch iterator's own generator, so a run is reproducible and a
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 
 from normlab.errors import NormlabError
+from normlab.train.budget import RunBudget, eval_every
 from normlab.train.build import build_model, load_data, loss_function, resolve_device
 from normlab.train.checkpoint import (
     load_checkpoint,
@@ -38,7 +43,7 @@ from normlab.train.evaluate import evaluate
 from normlab.train.optimizer import build_optimizer
 from normlab.train.progress import StepProgress
 from normlab.train.result import RunResult
-from normlab.train.schedule import learning_rate
+from normlab.train.validation import split_validation
 
 _FLUSH_ROWS = 2000
 EVALUATIONS = 20  # held-out evaluations over a run when config.eval_every is 0 (auto)
@@ -81,15 +86,28 @@ class Trainer:
         seed_everything(config.seed)
         self.data = load_data(config)
         self.streaming = not hasattr(self.data, "x_test")  # normlab.data.StreamingDataset
+        if self.streaming:
+            if config.val_fraction:
+                raise NormlabError("val_fraction needs in-memory data; a streamed Dataset has its own splits")
+            self.x_train = self.y_train = None
+            x_val = y_val = torch.empty(0)
+        else:
+            self.x_train, self.y_train, x_val, y_val = split_validation(
+                self.data.x_train, self.data.y_train, config.val_fraction
+            )
         self.classification = self.data.task == "classification"
         self.loss_fn = loss_function(self.data.task)
         self.model = build_model(config, self.data).to(self.device)
         self.optimizer = build_optimizer(self.model, config)
         self.agc_params, self._clip = self._agc()
         self.batches = self._batch_iterator()
-        self.total_steps = config.steps or config.epochs * len(self.batches)
-        # The convergence rule needs the held-out curve: eval_every=0 spreads EVALUATIONS over the run.
-        self.eval_every = config.eval_every or max(1, self.total_steps // EVALUATIONS)
+        # The plateau rule reads the validation split when there is one, else the test set.
+        self.heldout = "val" if len(x_val) else "test"
+        metric = f"{self.heldout}/acc" if self.classification else f"{self.heldout}/loss"
+        self.budget = RunBudget.from_config(config, len(self.batches), heldout=metric)
+        self.total_steps = self.budget.cap  # the most steps the budget may take (the progress bar's length)
+        # The convergence rule needs the held-out curve: eval_every=0 spreads evaluations over the run.
+        self.eval_every = eval_every(config, self.budget, EVALUATIONS)
         # Streamed data (normlab.data.StreamingDataset) evaluates the test set through its loader; the
         # tensors here are then its first examples, for the train/eval gap.
         if self.streaming:
@@ -97,6 +115,7 @@ class Trainer:
         else:
             x_test, y_test = self.data.x_test, self.data.y_test
         self.x_test, self.y_test = x_test.to(self.device), y_test.to(self.device)
+        self.x_val, self.y_val = x_val.to(self.device), y_val.to(self.device)
         # The model, or its compiled forward (config.compile; None: where benchmarks/compile.py shows a gain).
         self.forward = compiled(self.model, wants_compile(config, self.total_steps, self.device))
 
@@ -125,7 +144,7 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------
 
     def fit(self) -> RunResult:
-        """Train to ``total_steps`` (or divergence) and return the :class:`RunResult`.
+        """Train until the budget is done (or divergence) and return the :class:`RunResult`.
 
         Divergence ends the run with status ``diverged``; any exception is recorded as ``failed`` in the
         store and re-raised.
@@ -160,17 +179,9 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         with StepProgress(self.total_steps, self.progress, cfg.name or f"{cfg.model}/{cfg.norm}") as bar:
             bar.update(self.step, math.nan, 0.0)
-            while self.step < self.total_steps:
+            while not self.budget.done(self.step, self.history):
                 x, y = self.batches.next_batch()
-                lr = learning_rate(
-                    self.step,
-                    lr=cfg.lr,
-                    total_steps=self.total_steps,
-                    schedule=cfg.schedule,
-                    warmup_steps=cfg.warmup_steps,
-                    milestones=cfg.milestones,
-                    gamma=cfg.gamma,
-                )
+                lr = self.budget.lr(self.step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
@@ -204,7 +215,7 @@ class Trainer:
                     if self.step % every == 0:
                         fn(self._context(x, y))
                 if self.step % self.eval_every == 0:
-                    self._evaluate_test()
+                    self._evaluate_heldout(final=False)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                 self._side_time += time.perf_counter() - side
@@ -241,8 +252,20 @@ class Trainer:
             run_id=self.run_id,
         )
 
-    def _evaluate_test(self) -> tuple[float, float]:
-        if self.streaming:
+    def _evaluate_heldout(self, final: bool = True) -> tuple[float, float]:
+        """Evaluate on the validation split (if any) and log it; evaluate on the test set too when there is
+        no validation split or at the end (``final``): during training only the split the plateau rule reads
+        is needed, which keeps evaluations cheap. Returns the test (loss, acc), NaN when not evaluated."""
+        if len(self.x_val):
+            self._evaluate("val", self.x_val, self.y_val)
+        loss = acc = math.nan
+        if final or not len(self.x_val):
+            loss, acc = self._evaluate("test", self.x_test, self.y_test)
+        self._flush()
+        return loss, acc
+
+    def _evaluate(self, split: str, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        if split == "test" and self.streaming:  # the whole test set, through the Dataset's loader
             from normlab.train.evaluate import evaluate_batches
 
             batches = self.data.test_batches(self.config.eval_batch_size)
@@ -251,17 +274,12 @@ class Trainer:
             )
         else:
             loss, acc = evaluate(
-                self.model,
-                self.x_test,
-                self.y_test,
-                self.loss_fn,
-                batch_size=self.config.eval_batch_size,
+                self.model, x, y, self.loss_fn, batch_size=self.config.eval_batch_size,
                 classification=self.classification,
-            )
-        self.log("test/loss", loss)
+            )  # fmt: skip
+        self.log(f"{split}/loss", loss)
         if self.classification:
-            self.log("test/acc", acc)
-        self._flush()
+            self.log(f"{split}/acc", acc)
         return loss, acc
 
     def _batch_iterator(self):
@@ -273,8 +291,8 @@ class Trainer:
             return self.data.batches(self.config.batch_size, seed=self.config.seed, device=self.device)
         # next_batch() rolls over epochs and its state resumes mid-epoch (normlab.data.BatchIterator).
         return BatchIterator(
-            self.data.x_train,
-            self.data.y_train,
+            self.x_train,
+            self.y_train,
             self.config.batch_size,
             shuffle=True,
             drop_last=True,
@@ -332,14 +350,17 @@ class Trainer:
         if status != "finished":
             result.convergence, result.convergence_reason = status, f"the run {status}: {reason}"
             return result
-        test_loss, test_acc = self._evaluate_test()
-        available = len(self.data.train) if self.streaming else self.data.x_train.shape[0]
+        test_loss, test_acc = self._evaluate_heldout()
+        if len(self.x_val):
+            result.final_val_loss = self.history["val/loss"][-1][1]
+            result.final_val_acc = self.history["val/acc"][-1][1] if self.classification else math.nan
+        available = len(self.data.train) if self.streaming else self.x_train.shape[0]
         n_train = min(self.config.eval_train_samples, available)
         if n_train:
             x_train, y_train = (
                 self.data.head("train", n_train)
                 if self.streaming
-                else (self.data.x_train[:n_train], self.data.y_train[:n_train])
+                else (self.x_train[:n_train], self.y_train[:n_train])
             )
             result.final_train_loss, result.final_train_acc = evaluate(
                 self.model,
@@ -363,10 +384,11 @@ class Trainer:
 
     def _convergence(self, result: RunResult):
         """Plateau and stall rules on this run's history (:mod:`normlab.train.convergence`): the training
-        loss against the held-out metric (test accuracy; test loss for regression)."""
+        loss against the held-out metric (validation accuracy, else test accuracy; the loss for regression).
+        An auto budget judged the plateau before its cooldown and says so (``budget.convergence()``)."""
         from normlab.train.convergence import PlateauRule, assess
 
-        heldout = self.history["test/acc" if self.classification else "test/loss"]
+        heldout = self.history[f"{self.heldout}/acc" if self.classification else f"{self.heldout}/loss"]
         return assess(
             result.status,
             train_loss=self.history["train/loss"],
@@ -375,6 +397,7 @@ class Trainer:
             final_train_acc=result.final_train_acc,
             num_classes=self.data.num_classes if self.classification else 0,
             rule=PlateauRule(higher_is_better=self.classification),
+            plateau=self.budget.convergence(),
         )
 
     def _train_eval_gap(self):
@@ -439,6 +462,7 @@ class Trainer:
                 "run_id": self.run_id,
                 "elapsed": self._elapsed_before + time.perf_counter() - self._started,
                 "train_time": self._loop_time(),
+                "budget": self.budget.state_dict(),
             },
         )
         return path
@@ -468,11 +492,12 @@ class Trainer:
             self.step = int(state["step"])
             self._elapsed_before = float(state.get("elapsed", 0.0))
             self._train_time = float(state.get("train_time", 0.0))
+            self.budget.load_state_dict(state.get("budget", {}))
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
             raise NormlabError(f"checkpoint does not match this run: {exc}") from None
-        if not 0 <= self.step <= self.config.steps:
+        if not 0 <= self.step <= self.total_steps:
             raise NormlabError(
-                f"checkpoint step {self.step} is outside this run's 0..{self.config.steps} steps; "
+                f"checkpoint step {self.step} is outside this run's 0..{self.total_steps} steps; "
                 "the checkpoint is damaged or of another run"
             )
         run_id = state.get("run_id")

@@ -1,0 +1,117 @@
+"""Learning rates that bracket: extend each cell's lr grid until its best lr is interior and its largest
+stable lr is followed by an unstable one (science.md section 8).
+
+The search, per (norm, batch size) cell, in rounds (:func:`extensions` decides one round from the outcomes):
+
+- **up**: while the grid's top lr is stable (no seed diverged, failed or stalled), add ``top * factor``:
+  this both brackets a best lr sitting at the top and looks for instability, so "largest stable lr" is a
+  measured boundary, not the grid's end;
+- **down**: while the best lr is the grid's smallest (or no lr is stable), add ``bottom / factor``;
+- each direction adds at most ``max_extra`` lrs beyond the base grid (the cap); a cell still unbracketed
+  at the cap is reported as "best at edge" / ">= top of grid";
+- a cell with a failed run (an exception, a killed worker) is not extended: a failure says nothing about
+  the lr, and the rerun of the command retries it.
+
+``factor`` is the base grid's own ratio (a log grid continued with its spacing; 2 for a one-value grid),
+the seeds are the base grid's seeds, and finished runs are reused from the store
+(:func:`normlab.sweep.run_sweep`), so a repeated compare costs nothing and a wider search only trains what
+is new.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from normlab.sweep.compare import CompareCell, run_name, summarize_compare
+from normlab.train import RunResult, TrainConfig
+
+MAX_EXTRA = 2  # lrs each direction may add beyond the base grid
+
+
+def grid_factor(lrs: Sequence[float]) -> float:
+    """The geometric step of a log grid: ``(max / min) ** (1 / (n - 1))``; 2 for one value."""
+    values = sorted(set(lrs))
+    if len(values) < 2:
+        return 2.0
+    return (values[-1] / values[0]) ** (1.0 / (len(values) - 1))
+
+
+def extensions(cell: CompareCell, base_lrs: Sequence[float], factor: float, max_extra: int = MAX_EXTRA
+               ) -> list[float]:
+    """The lrs to add to ``cell`` in the next round (module docstring); empty when bracketed or capped.
+
+    ``base_lrs``: the cell's lrs before any extension (to count extensions against ``max_extra``).
+    """
+    if not cell.lrs or any(status == "failed" for o in cell.lrs for status in o.statuses):
+        return []
+    low, high = min(base_lrs), max(base_lrs)
+    lrs = [o.lr for o in cell.lrs]
+    added_up = sum(lr > high * (1 + 1e-9) for lr in lrs)
+    added_down = sum(lr < low * (1 - 1e-9) for lr in lrs)
+    new = []
+    if cell.top_stable and added_up < max_extra:
+        new.append(lrs[-1] * factor)
+    best = cell.best
+    if (best is None or best.lr == lrs[0]) and added_down < max_extra:
+        new.append(lrs[0] / factor)
+    return new
+
+
+def bracket_lrs(
+    configs: Sequence[TrainConfig],
+    run: Callable[[list[TrainConfig]], list[RunResult]],
+    *,
+    max_extra: int = MAX_EXTRA,
+    on_round: Callable[[int, list[TrainConfig]], None] | None = None,
+) -> tuple[list[RunResult], list[TrainConfig]]:
+    """Run ``configs`` (a compare grid), then extend each cell's lr grid round by round (module docstring).
+
+    Args:
+        run: trains a list of configs and returns their results in order (e.g. ``run_sweep`` over a store).
+        on_round: called with ``(round, new configs)`` before each extension round runs.
+
+    Returns: all results and all configs (base grid first, then each round's additions).
+    """
+    configs = list(configs)
+    results = list(run(configs))
+    by_cell: dict[tuple[str, int], list[TrainConfig]] = {}
+    for config in configs:
+        by_cell.setdefault((config.norm, config.batch_size), []).append(config)
+    base = {key: sorted({c.lr for c in members}) for key, members in by_cell.items()}
+    factors = {key: grid_factor(lrs) for key, lrs in base.items()}
+    for round_number in range(1, 2 * max_extra + 1):
+        new_configs = []
+        for cell in summarize_compare(results):
+            key = (cell.norm, cell.batch_size)
+            if key not in by_cell:
+                continue
+            template_lr = by_cell[key][0].lr
+            templates = [c for c in by_cell[key] if c.lr == template_lr]
+            for lr in extensions(cell, base[key], factors[key], max_extra):
+                new_configs += [c.replace(lr=lr, name=run_name(c.model, c.norm, c.batch_size, lr, c.seed))
+                                for c in templates]
+        if not new_configs:
+            break
+        if on_round is not None:
+            on_round(round_number, new_configs)
+        results += run(new_configs)
+        configs += new_configs
+        for config in new_configs:
+            by_cell[(config.norm, config.batch_size)].append(config)
+    return results, configs
+
+
+def bracketing_note(cell: CompareCell) -> str | None:
+    """Why a cell's lr is not bracketed, in words (None when it is)."""
+    edge = cell.best_edge
+    if cell.best is None:
+        return "no stable lr"
+    if edge is not None:
+        return f"best lr at the grid's {'top' if edge == 'high' else 'bottom'} ({cell.best.lr:.3g})"
+    return None
+
+
+def lr_ratio_text(factor: float) -> str:
+    """``x4`` for a grid of ratio 4 (rounded when it is nearly an integer)."""
+    return f"x{round(factor)}" if math.isclose(factor, round(factor), rel_tol=1e-6) else f"x{factor:.3g}"
