@@ -17,12 +17,11 @@ How the replicas are run: simulated in one process, which is exact for training.
 Run real processes with ``normlab train --nproc R --bn-sync local|sync``.
 
 Verdicts (science.md section 8), per R > 1, on the final test accuracy, paired over seeds (every arm uses
-the same seeds): the difference ``local - sync`` (and ``local - GN``) is a win / loss only when its 95%
-t-interval over >= 3 seeds excludes 0, else a tie; "inconclusive" when an arm did not converge (a seed not
-finished, mean test accuracy below ``min_acc`` — a stalled arm — or a training loss whose mean still fell by
-more than ``plateau_tol`` x its starting value from the third to the last quarter of the run). The claim
-holds when sync BN wins over local BN at the smallest per-replica batch. The rule is written here
-(:func:`compare_arms`) until the shared verdict helper lands in ``normlab.stats``.
+the same seeds), by the studies' shared rule (:func:`normlab.studies._verdict.decide`): the difference
+``local - sync`` (and ``local - GN``) is a win / loss only when its 95% t-interval over >= 3 seeds excludes 0,
+else a tie; "inconclusive" when a run of an arm did not converge (``RunResult.convergence``: unconverged,
+stalled, diverged or failed). The claim holds when sync BN wins over local BN at the smallest per-replica
+batch.
 """
 
 from __future__ import annotations
@@ -31,7 +30,9 @@ import math
 from typing import Any
 
 from normlab.errors import NormlabError
+from normlab.stats import INCONCLUSIVE, TIE, Verdict
 from normlab.studies._grid import base_fields, finished, group_results, pct, pct_cell, pts
+from normlab.studies._verdict import decide, training_gate
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS = {
@@ -46,8 +47,6 @@ PARAMS = {
     "lr": float,
     "weight_decay": float,
     "gn_groups": int,
-    "min_acc": float,
-    "plateau_tol": float,
 }
 
 LABELS = {"local": "local BN", "sync": "sync BN", "gn": "GN"}
@@ -86,7 +85,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
                                           lr=p["lr"], seed=seed, log_every=_log_every(p, g)))
                 keys.append((variant, r))
     cells = group_results(keys, ctx.train_grid(configs))
-    converged = {k: converged_arm(ctx, runs, p["min_acc"], p["plateau_tol"]) for k, runs in cells.items()}
+    converged = {k: training_gate({"arm": runs}) is None for k, runs in cells.items()}
 
     table = Table(
         f"Test accuracy (%, mean ± 95% CI over {len(ctx.seeds)} seeds) with global batch {g} over R replicas",
@@ -98,9 +97,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
             "(identical training, tested against 2 gloo processes); sync BN = BN on G (cross-replica BN "
             "equals it to 1e-10), trained once for every R; GN does not depend on R.",
             "train/eval gap: test accuracy with batch statistics (per-replica batches) minus eval mode.",
-            f"Converged: every seed finished, mean test acc >= {pct(p['min_acc'], 0)}, and the mean training "
-            f"loss fell by at most {100 * p['plateau_tol']:.0f}% of its starting value from the third to the "
-            "last quarter of the run.",
+            "Converged: every seed's run converged by normlab's plateau rule (normlab.train.convergence).",
         ],
     )
     for (variant, r), runs in cells.items():
@@ -123,7 +120,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
             if other not in p["variants"]:
                 continue
             a, b = ("local", r), (other, r)
-            outcome, diff = compare_arms(cells[a], cells[b], converged[a] and converged[b])
+            outcome, diff = word(decide(LABELS["local"], cells[a], LABELS[other], cells[b]))
             verdicts[(r, other)] = outcome
             better = {"win": LABELS["local"], "loss": LABELS[other]}
             name = f"{better[outcome]} better" if outcome in better else outcome
@@ -150,44 +147,15 @@ def _acc(runs: list[Any]) -> tuple[float, float]:
     return mean_ci(x.final_test_acc for x in finished(runs))
 
 
-def converged_arm(ctx: StudyContext, runs: list[Any], min_acc: float, plateau_tol: float) -> bool:
-    """Every seed finished, the mean test accuracy reaches ``min_acc`` (not stalled), and each seed's
-    training loss has plateaued (:func:`plateaued` with ``plateau_tol``)."""
-    if not runs or any(x.status != "finished" for x in runs):
-        return False
-    if not _acc(runs)[0] >= min_acc:
-        return False
-    for x in runs:
-        curve = [v for _, v in ctx.metrics(x.run_id, LOSS)] if x.run_id is not None else []
-        if not plateaued(curve, plateau_tol):
-            return False
-    return True
-
-
-def plateaued(curve: list[float], tol: float) -> bool:
-    """The mean of the last quarter of ``curve`` is below that of the quarter before by at most ``tol`` x the
-    first value (needs 8 points). Absolute, in units of the starting loss: a loss near 0 that still halves
-    has stopped improving in any sense that matters, a relative rule would call it moving."""
-    q = len(curve) // 4
-    if q < 2:
-        return False
-    last, before = sum(curve[-q:]) / q, sum(curve[-2 * q:-q]) / q
-    return math.isfinite(last) and before - last <= tol * curve[0]
-
-
-def compare_arms(a: list[Any], b: list[Any], both_converged: bool) -> tuple[str, tuple[float, float]]:
-    """``win`` (a better), ``loss``, ``tie`` or ``inconclusive`` on final test accuracy, and the mean ± 95% CI
-    of the per-seed differences ``a - b`` (paired by seed)."""
-    by_seed = {x.config.get("seed"): x.final_test_acc for x in finished(b)}
-    diffs = [x.final_test_acc - by_seed[x.config.get("seed")] for x in finished(a)
-             if x.config.get("seed") in by_seed]
-    diff = mean_ci(diffs)
-    if not both_converged:
-        return "inconclusive", diff
-    mean, half = diff
-    if len(diffs) < 3 or not math.isfinite(half) or abs(mean) <= half:
-        return "tie", diff
-    return ("win" if mean > 0 else "loss"), diff
+def word(verdict: Verdict) -> tuple[str, tuple[float, float]]:
+    """``win`` (local BN better), ``loss``, ``tie`` or ``inconclusive``, and the difference local - other
+    with the half-width of its 95% interval."""
+    half = (verdict.high - verdict.low) / 2
+    if verdict.word == INCONCLUSIVE:
+        return "inconclusive", (verdict.diff, half)
+    if verdict.word == TIE:
+        return "tie", (verdict.diff, half)
+    return ("win" if verdict.winner == verdict.a else "loss"), (verdict.diff, half)
 
 
 def judge(cells: dict, verdicts: dict[tuple[int, str], str], replicas: list[int], g: int
