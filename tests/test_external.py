@@ -504,3 +504,32 @@ def test_a_streamed_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
     resumed.fit()
     for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+USER_1D = '''
+from torch import nn
+
+
+def net(num_classes=10, in_channels=1):
+    return nn.Sequential(
+        nn.Conv1d(in_channels, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool1d(4), nn.Flatten(), nn.Linear(32, num_classes),
+    )
+'''
+
+
+def test_run_study_trains_the_users_model_and_depth_sweeps_refuse_it(tmp_path):
+    from normlab.store import Store
+    from normlab.studies import run_study
+
+    file = tmp_path / "user_1d.py"
+    file.write_text(USER_1D)
+    spec = f"{file}:net"
+    run_study("large-batch", scale="tiny", seeds=1, out=tmp_path / "out", model=spec)
+    with Store(tmp_path / "out" / "large-batch" / "runs.sqlite", readonly=True) as store:
+        runs = store.runs()
+    assert runs and {r.config["model"] for r in runs} == {spec}
+    assert {r.config["norm"] for r in runs} == {"bn", "none", "nf"}  # none/nf: the user's net converted
+    refused = "study mean-shift sweeps the depth of its own ResNets; it does not take a user model"
+    with pytest.raises(NormlabError, match=refused):
+        run_study("mean-shift", scale="tiny", seeds=1, out=tmp_path / "out", model=spec)

@@ -38,6 +38,12 @@ def study(
     threads: Annotated[
         int, typer.Option(help="Torch threads per training process (0 = usable cores / workers).")
     ] = 0,
+    model: Annotated[str | None, typer.Option(
+        help="your model (package.module:factory or file.py:factory) in place of the recipe's, in every run"
+    )] = None,
+    model_options: Annotated[
+        str | None, typer.Option(help="JSON object of options for --model's factory")
+    ] = None,
     executor_kind: Annotated[str, typer.Option("--executor", help=EXECUTOR_HELP)] = "local",
     address: Annotated[str | None, typer.Option("--address", help=ADDRESS_HELP)] = None,
     cpus_per_run: Annotated[float, typer.Option("--cpus-per-run", help=CPUS_HELP)] = 1,
@@ -62,6 +68,17 @@ def study(
         raise NormlabError(f"give a study name or --all, not both (got {name!r} and --all)")
     if name is None and not all_:
         raise NormlabError(f"give a study name, --all or --list; valid studies: {', '.join(list_studies())}")
+    if model is None and model_options is not None:
+        raise NormlabError("--model-options needs --model")
+    if model is not None and all_:
+        raise NormlabError("--model goes with one study, not --all (some studies sweep their own models)")
+    factory_options = None
+    if model_options is not None:
+        from normlab.cli.train_cmd import parse_option
+
+        factory_options = parse_option("model_options", model_options)
+        if not isinstance(factory_options, dict):
+            raise NormlabError(f"--model-options must be a JSON object, got {model_options!r}")
     if workers < 1:
         raise NormlabError(f"--workers must be >= 1, got {workers!r}")
     if threads < 0:
@@ -96,6 +113,8 @@ def study(
             store=store,
             executor=executor,
             progress=lambda message: err.print(f"[dim]{message}[/dim]"),
+            model=model,
+            model_options=factory_options,
         )
     finally:
         if executor is not None:

@@ -143,6 +143,9 @@ class StudyContext:
         store: the :class:`normlab.store.Store` every run is recorded in (resumable).
         executor: a :class:`normlab.sweep.Executor` or None for the sweep's default (local).
         progress: ``progress(message)``, a one-line status reporter (the CLI prints it).
+        model: a user model (a factory, or a ``module:factory`` / ``file.py:factory`` spec) that replaces
+            the recipe's model in every training run (:class:`normlab.train.TrainConfig` ``model``); None:
+            the recipe's. ``model_options`` go to its factory.
     """
 
     study: Study
@@ -154,6 +157,8 @@ class StudyContext:
     store: Any
     executor: Any = None
     progress: Callable[[str], None] = field(default=lambda message: None)
+    model: Any = None
+    model_options: dict[str, Any] | None = None
 
     def param(self, name: str, kind: type | tuple[type, ...] | None = None) -> Any:
         """``params[name]``, or a NormlabError naming the recipe, scale and field when it is missing/wrong."""
@@ -177,7 +182,15 @@ class StudyContext:
 
         fields.setdefault("device", self.device)
         fields.setdefault("group", f"study/{self.study.name}")
+        if self.model is not None:  # the user's model in place of the recipe's, in every run
+            fields["model"] = self.model
+            fields["model_options"] = dict(self.model_options or {})
         return TrainConfig(**fields)
+
+    def builtin_models_only(self, why: str) -> None:
+        """Refuse a user model for a study that builds its own architectures (``why`` says what it sweeps)."""
+        if self.model is not None:
+            raise NormlabError(f"study {self.study.name} {why}; it does not take a user model (--model)")
 
     def train_grid(
         self, configs: Sequence[Any], callbacks_factory: Callable[..., list] | None = None

@@ -167,6 +167,7 @@ def measure_seed(p: dict[str, Any], norms: list[str], device: str, seed: int) ->
 
 
 def run(ctx: StudyContext) -> StudyOutcome:
+    ctx.builtin_models_only("times the norms on its own models")
     p = ctx.params
     norms = list(p["norms"])
     if "bn" not in norms:

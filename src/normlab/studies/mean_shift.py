@@ -212,6 +212,7 @@ def _log(value: float) -> float:
 
 
 def run(ctx: StudyContext) -> StudyOutcome:
+    ctx.builtin_models_only("sweeps the depth of its own ResNets")
     from normlab.data import load_dataset
 
     model_name = ctx.param("model", str)

@@ -177,6 +177,7 @@ def judge(
 
 
 def run(ctx: StudyContext) -> StudyOutcome:
+    ctx.builtin_models_only("sweeps the depth of its own ResNets")
     from normlab.data import load_dataset
 
     model_name = ctx.param("model", str)

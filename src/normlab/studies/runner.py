@@ -38,6 +38,8 @@ def run_study(
     store: Any = None,
     executor: Any = None,
     progress: Callable[[str], None] | None = None,
+    model: Any = None,
+    model_options: dict[str, Any] | None = None,
 ) -> tuple[StudyOutcome, ReportFiles]:
     """Run study ``name`` (a built-in name or a recipe path) and write its report under ``<out>/<name>``.
 
@@ -45,6 +47,9 @@ def run_study(
         scale: ``tiny`` (tests), ``quick`` (CPU minutes) or ``paper`` (the paper's settings).
         seeds: number of seeds (0 ... seeds-1) every configuration is repeated with.
         store: a :class:`normlab.store.Store`, a path to one, or None for ``<out>/<name>/runs.sqlite``.
+        model: your model (a factory returning an ``nn.Module``, or a ``module:factory`` / ``file.py:factory``
+            spec) in place of the recipe's in every training run; studies that sweep their own
+            architectures (mean-shift, residual, cost) refuse it. ``model_options`` go to the factory.
 
     Raises:
         NormlabError: unknown study or scale, ``seeds < 1``, an output folder that is a file, a bad recipe.
@@ -69,6 +74,8 @@ def run_study(
         store=store,
         executor=executor,
         progress=progress or (lambda message: None),
+        model=model,
+        model_options=model_options,
     )
     start = time.perf_counter()
     outcome = study.load_module().run(ctx)

@@ -18,8 +18,11 @@ Calibration (MNIST-1D ``cnn``, Adam 1e-2, constant lr, batch 128, 2000 steps): B
 their held-out plateau by about step 600-1000 and then memorize the 4000 training examples, their training
 loss falling towards 0 roughly exponentially (GN: -50%, none: -95% over the last 20% of steps at step 2000,
 at losses of a few hundredths of a nat). A relative rule alone never holds on a loss heading for 0, so a fall
-of at most ``loss_atol = 0.02`` nats also counts as stopped: below that the training set is fit and the
-held-out metric decides.
+of at most ``loss_atol = 0.05`` nats (the training labels' mean likelihood changing by at most 5%) also counts
+as stopped: below that the training set is fit and the held-out metric decides. At batch 16 the median of
+single-batch losses still fell by 0.02-0.04 nats per window at 3000 steps (losses 0.02-0.06, held-out
+accuracy flat), which 0.02 called unconverged; a run that is still learning falls by far more (an
+undertrained no-norm CNN: 0.2-0.5 nats per window).
 
 **Stall rule** (:func:`stalled`). A classifier stalled when it never left chance level: its final training
 loss is at least ``0.9 * ln(C)`` *and* its training accuracy at most ``1/C + 0.1 * (1 - 1/C)`` (C classes;
@@ -50,7 +53,7 @@ class PlateauRule:
 
     window: float = 0.2
     loss_rtol: float = 0.05
-    loss_atol: float = 0.02
+    loss_atol: float = 0.05
     metric_atol: float = 0.005
     min_points: int = 3
     higher_is_better: bool = True
