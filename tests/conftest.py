@@ -11,3 +11,5 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    # The CLI sets the process's thread count (normlab.train.threads); tests run in one process.
+    torch.set_num_threads(1)

@@ -10,22 +10,14 @@ import subprocess
 import sys
 
 import pytest
+from _cli import cli
 
-from normlab.cli import main
 from normlab.store import Store
 
 TINY = ["--subset", "256", "--batch-size", "32", "--steps", "8", "--width", "4", "--log-every", "4",
         "--eval-train-samples", "64", "--no-progress"]  # fmt: skip
 
 
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from _cli import cli
 from torch import nn
 
-from normlab.cli import main
 from normlab.distributed import (
     CrossReplicaBatchNorm,
     convert_sync_norm,
@@ -166,14 +166,6 @@ def test_convert_keeps_parameter_objects_and_covers_every_bn_like_layer():
     assert isinstance(convert_sync_norm(nn.SyncBatchNorm(C), "sync"), CrossReplicaBatchNorm)
 
 
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 TINY = ["--subset", "256", "--batch-size", "32", "--steps", "8", "--width", "4", "--log-every", "2",

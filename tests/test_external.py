@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli import cli
 from torch import nn
 
-from normlab.cli import main
 from normlab.errors import NormlabError
 from normlab.external import load_factory, spec_of
 from normlab.layers import ScaledStdConv2d, to_normalizer_free
@@ -37,14 +37,6 @@ def three_classes():
 '''
 
 
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def write_images(path: Path, n_train: int = 128, n_test: int = 64, size: int = 8, seed: int = 0) -> Path:
@@ -77,8 +69,9 @@ def test_compare_probe_and_nf_end_to_end_on_a_model_in_a_users_file(capsys, user
     store = str(user / "runs.sqlite")
     common = ["--model", "my_models.py:resnet", "--dataset", "npz:data.npz"]
     code, out, err = cli(capsys, "compare", *common, "--norms", "bn,nf", "--batch-sizes", "32", "--lrs",
-                         "0.4", "--seeds", "1", "--epochs", "2", "--width", "4", "--depth", "10",
-                         "--workers", "1", "--store", store, "--no-report", "--json")  # fmt: skip
+                         "0.4", "--seeds", "1", "--epochs", "2", "--lr-extensions", "0", "--width", "4",
+                         "--depth", "10", "--workers", "1", "--store", store, "--no-report",
+                         "--json")  # fmt: skip
     assert code == 0, err
     report = json.loads(out)
     assert report["schema"] == 1 and report["statuses"] == {"finished": 2, "diverged": 0, "failed": 0}

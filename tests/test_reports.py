@@ -218,7 +218,7 @@ def test_compare_report_sentences_follow_the_numbers(tmp_path):
     # batch 128: bn 90.0 vs gn 86.0, per-seed differences 4.5, 4.0, 3.5: a win by the paired interval.
     assert "bn beats gn on test accuracy by +4.0 pts (95% CI +2.8 to +5.2 pts, paired t over 3 seeds)." in md
     assert ("Unstable runs (diverged, failed or stalled at chance level): bn 4/18, gn 3/18. Largest stable "
-            "lr at batch 128: bn 0.1, gn >= 0.4 (top of grid).") in md
+            "lr at batch 128: bn 0.1, gn &gt;= 0.4 (top of grid).") in md
     assert ("Most sensitive to the batch size: bn (-10.0 pts from batch 128 to 16), the largest change whose "
             "95% interval excludes 0.") in md
     assert ("Train/eval gap at batch 16 (pts): bn +3.00, gn +0.00. Largest gap: bn at batch 16, "

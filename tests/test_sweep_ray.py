@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from _cli import cli
 
-from normlab.cli import main
 from normlab.store import Store
 from normlab.sweep import InlineExecutor, run_sweep
 from normlab.train import TrainConfig
@@ -113,18 +113,10 @@ def _pid_alive(folder: Path) -> bool:
     return True
 
 
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 COMPARE = ["compare", "--norms", "bn", "--batch-sizes", "32", "--lrs", "0.1", "--seeds", "1", "--epochs", "1",
-           "--subset", "64", "--width", "4", "--no-report"]  # fmt: skip
+           "--subset", "64", "--width", "4", "--lr-extensions", "0", "--no-report"]  # fmt: skip
 
 
 def test_executor_ray_without_ray_installed_is_one_line_exit_2(capsys, tmp_path, monkeypatch):
