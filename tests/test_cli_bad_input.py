@@ -4,18 +4,16 @@ and leave the results store byte for byte as it was (issue 15, items 9-11)."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import struct
 import zlib
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 import torch
+from _cli import run_cli
 
-from normlab.cli import main
 from normlab.store import Store
 from normlab.train import TrainConfig, Trainer
 
@@ -23,15 +21,7 @@ TINY = ["--subset", "64", "--batch-size", "16", "--steps", "1"]
 C = "--subset 64 --batch-sizes 16 --seeds 1 --epochs 1"  # a one-run compare
 
 
-def cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            main(argv)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
+cli = run_cli
 
 
 def _png(width: int, height: int, truncate: bool = False) -> bytes:

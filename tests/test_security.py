@@ -5,18 +5,16 @@ escaping of Markdown reports and of run names printed to a terminal."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import pickle
 import re
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli import run_cli
 
-from normlab.cli import main
 from normlab.data import cifar as cifar_module
 from normlab.errors import NormlabError
 from normlab.reports.document import Section, render_markdown
@@ -34,15 +32,7 @@ PNG_1PX = base64.b64decode(
 )
 
 
-def cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            main(argv)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code or 0
-    return code, out.getvalue(), err.getvalue()
+cli = run_cli
 
 
 # -- 1. report figures --------------------------------------------------------------------------------
