@@ -137,15 +137,10 @@ class _NoisyBNPerPositionFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, s, mean, invstd = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                weight is not None and ctx.needs_input_grad[2]]
+        x, _, s, _, _ = ctx.saved_tensors
         # out= keeps x's layout (s may be a channel-major view); vmapped gradients take the functional mul.
         dy_s = dy * s if under_vmap(dy) else torch.mul(dy, s, out=torch.empty_like(x))
-        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            dy_s, x, weight, None, None, mean, invstd, True, ctx.eps, mask
-        )
-        return dx, dw, db, None, None, None, None, None, None
+        return (*_bn_backward(ctx, dy_s), None, None, None, None, None, None)
 
 
 class _NoisyBatchNormFn(torch.autograd.Function):
@@ -172,13 +167,19 @@ class _NoisyBatchNormFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, s, mean, invstd = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                weight is not None and ctx.needs_input_grad[2]]
-        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            dy * s, x, weight, None, None, mean, invstd, True, ctx.eps, mask
-        )
-        return dx, dw, db, None, None, None, None, None
+        s = ctx.saved_tensors[2]
+        return (*_bn_backward(ctx, dy * s), None, None, None, None, None)
+
+
+def _bn_backward(ctx, dy_s: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """BN's fused backward for ``dy * s`` (the chain rule through the noise): (dx, dgamma, dbeta), given the
+    ``(x, weight, s, mean, invstd)`` a noisy-BN Function saved."""
+    x, weight, _, mean, invstd = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+            weight is not None and ctx.needs_input_grad[2]]
+    return torch.ops.aten.native_batch_norm_backward(
+        dy_s, x, weight, None, None, mean, invstd, True, ctx.eps, mask
+    )
 
 
 def noisy_batch_norm(
