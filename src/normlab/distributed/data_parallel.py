@@ -92,7 +92,9 @@ def _rank_main(config_dict: dict[str, Any], bn_sync: str, store_path: str | None
         vbs = virtual_batch_size or config.norm_options.get("virtual_batch_size")
         model = convert_sync_norm(trainer.model, bn_sync, virtual_batch_size=vbs)
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        trainer.model = ddp
+        # The loop calls trainer.forward (the model, or its compiled forward): it must be the DDP wrapper,
+        # whose backward all-reduces the gradients.
+        trainer.model = trainer.forward = ddp
         trainer.batches = ShardedBatches(trainer.batches, rank, world)
         trainer.loss_fn = GlobalMeanLoss(trainer.loss_fn)
         result = trainer.fit()
