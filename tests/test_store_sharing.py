@@ -109,8 +109,8 @@ def test_a_sweep_takes_over_a_config_whose_owner_died(tmp_path):
 def test_two_compare_commands_on_one_store_train_each_run_once(tmp_path):
     store = tmp_path / "shared.sqlite"
     argv = [sys.executable, "-m", "normlab", "compare", "--norms", "bn,none", "--batch-sizes", "16",
-            "--lrs", "0.1", "--seeds", "2", "--epochs", "1", "--subset", "64", "--workers", "1",
-            "--store", str(store), "--no-report", "--json"]  # fmt: skip
+            "--lrs", "0.1", "--lr-extensions", "0", "--seeds", "2", "--epochs", "1", "--subset", "64",
+            "--workers", "1", "--store", str(store), "--no-report", "--json"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for _ in range(2)]  # fmt: skip
