@@ -12,7 +12,8 @@
    machine load hits both alike.
 2. ``--grid``: wall time of the default ``normlab compare`` grid (4 norms x 2 batch sizes x 3 lrs x 3 seeds
    = 72 runs, ``--epochs`` each) batched / unbatched on 1 worker, and unbatched on 2 workers / 1 worker
-   (goal <= 0.6), each through ``run_sweep`` into a fresh store.
+   (goal <= 0.6), each through ``run_sweep`` into a fresh store; one worker uses every usable core, as
+   ``normlab compare --workers 1`` does.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ def grid_wall(epochs: int, subset: int | None) -> None:
         epochs=epochs,
         subset=subset,
     )
+    from normlab.train.threads import fit_threads
+
+    threads = torch.get_num_threads()
     walls = {}
     with tempfile.TemporaryDirectory() as folder:
         for label, make, batch in (
@@ -94,12 +98,16 @@ def grid_wall(epochs: int, subset: int | None) -> None:
             ("2 workers, one by one", lambda: LocalPoolExecutor(2), False),
         ):
             executor = make()
+            # One worker may use every core (as `normlab compare --workers 1` does); pool workers set their
+            # own (cores // workers).
+            torch.set_num_threads(fit_threads(1) if label.startswith("1 worker") else threads)
             started = time.perf_counter()
             with Store(Path(folder) / f"{len(walls)}.sqlite") as store:
                 run_sweep(configs, store, executor, batch=batch)
             walls[label] = time.perf_counter() - started
             getattr(executor, "shutdown", lambda: None)()
             print(f"{label:24} {walls[label]:8.1f} s")
+    torch.set_num_threads(threads)
     one, two = walls["1 worker, one by one"], walls["2 workers, one by one"]
     print(f"compare grid ({len(configs)} runs, {epochs} epochs): batched / one by one, 1 worker: "
           f"{walls['1 worker, batched'] / one:.3f}; 2 workers / 1 worker (one by one): {two / one:.3f}; "

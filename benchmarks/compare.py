@@ -8,7 +8,10 @@ worker spawn and data generation count as a user would see them. Runs alternate 
 trained, total optimizer steps, and how many runs converged under each budget (the old budget's runs are
 judged by the same plateau rule at their end, :mod:`normlab.train.convergence`).
 
-    python benchmarks/compare.py [--repeats 1] [--workers N] [--quick]
+    python benchmarks/compare.py [--repeats 1] [--workers N] [--quick] [--keep-store PATH]
+
+``--keep-store PATH`` keeps the new compare's store (last repeat) at PATH: ``normlab compare --store PATH``
+then prints its table and writes its report at once, every run reused from the store.
 
 ``--quick`` runs 2 norms (bn, none), 1 seed and a 2-lr grid: a smoke test of the script, not the figure.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,15 +29,17 @@ import tempfile
 import time
 
 
-def run_compare(extra: list[str], workers: int | None) -> dict:
+def run_compare(extra: list[str], workers: int | None, keep: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        args = [sys.executable, "-m", "normlab", "compare", "--store", os.path.join(tmp, "s.sqlite"),
-                "--no-report", "--json", *extra]
+        store = os.path.join(tmp, "s.sqlite")
+        args = [sys.executable, "-m", "normlab", "compare", "--store", store, "--no-report", "--json", *extra]
         if workers is not None:
             args += ["--workers", str(workers)]
         started = time.perf_counter()
         proc = subprocess.run(args, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - started
+        if keep is not None and proc.returncode == 0:
+            shutil.copyfile(store, keep)
     if proc.returncode != 0:
         raise SystemExit(f"compare failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     summary = json.loads(proc.stdout)
@@ -46,6 +52,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--keep-store", default=None, help="keep the new compare's store here")
     args = parser.parse_args()
     common = ["--norms", "bn,none", "--seeds", "1", "--lrs", "0.005,0.02"] if args.quick else []
     # The old budget: 8 epochs for every batch size, the grid as given (no lr search).
@@ -54,7 +61,7 @@ def main() -> None:
     old, new = [], []
     for _ in range(args.repeats):
         old.append(run_compare(old_flags, args.workers))
-        new.append(run_compare(new_flags, args.workers))
+        new.append(run_compare(new_flags, args.workers, args.keep_store))
     for name, runs in (("old (8 epochs, grid as given)", old), ("new (auto budget, bracketed lrs)", new)):
         last = runs[-1]
         walls = [r["wall"] for r in runs]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from normlab.errors import NormlabError
-from normlab.train import TrainConfig, learning_rate
+from normlab.train import TrainConfig, Trainer, learning_rate
 from normlab.train.budget import AutoBudget, FixedBudget, RunBudget
 from normlab.train.validation import split_validation
 
@@ -91,6 +91,41 @@ def test_auto_budget_state_round_trips():
     copy.load_state_dict(budget.state_dict())
     assert [copy.lr(s) for s in range(1200)] == [budget.lr(s) for s in range(1200)]
     assert copy.convergence() == budget.convergence()
+
+
+def test_auto_budget_stops_below_the_bar():
+    # A probe whose accuracy creeps up to 80% (the bar: 90%) ends at the first evaluation from min_steps on
+    # (step 400 = 10% of the cap, evaluations every 50), at its base lr, without a cooldown.
+    budget = AutoBudget(lr=0.1, cap=4000, stop_below=0.9)
+    lrs = run_budget(budget, lambda s: 1.0 / (1 + s / 100), lambda s: 0.8 * (1 - math.exp(-s / 100)))
+    assert len(lrs) == 400 and set(lrs) == {0.1}
+    verdict = budget.convergence()
+    assert verdict.status == "unconverged"
+    best = 0.8 * (1 - math.exp(-4))
+    assert verdict.reason == (f"stopped below the bar at step 400: best held-out accuracy {best:.4f} "
+                              "< 0.9000 (the cell's best lr minus the margin: it cannot be the best lr)")
+    # Above the bar at step 400 (its best so far counts, not its last value), it trains on to its plateau.
+    above = AutoBudget(lr=0.1, cap=4000, stop_below=0.7)
+    lrs = run_budget(above, lambda s: 2.3 * math.exp(-s / 100) + 0.1,
+                     lambda s: 0.8 * (1 - math.exp(-s / 100)))
+    assert len(lrs) > 500 and above.convergence().status == "converged"
+    copy = AutoBudget(lr=0.1, cap=4000, stop_below=0.9)
+    copy.load_state_dict(budget.state_dict())
+    assert copy.done(400, {}) and copy.convergence() == verdict
+
+
+def test_stop_below_needs_an_auto_budget_and_a_classifier():
+    with pytest.raises(NormlabError, match="stop_below=0.5 needs budget 'auto'"):
+        TrainConfig(steps=10, stop_below=0.5)
+    with pytest.raises(NormlabError, match=r"stop_below=1.5 is out of range; allowed: >= 0.0 and <= 1.0"):
+        TrainConfig(steps=10, budget="auto", stop_below=1.5)
+    config = TrainConfig(model="mlp", dataset="gaussian_linear", budget="auto", steps=10, stop_below=0.5)
+    with pytest.raises(NormlabError, match="it needs a classification data set, and gaussian_linear is a "
+                                           "regression task"):
+        Trainer(config, progress=False)
+    # Unset, it leaves every earlier run's key as it was; set, it is part of the key.
+    auto = TrainConfig(budget="auto", steps=10)
+    assert "stop_below" not in auto.key_dict() and auto.key() != auto.replace(stop_below=0.5).key()
 
 
 def test_from_config():

@@ -95,3 +95,43 @@ def test_bracket_lrs_runs_rounds_until_bracketed():
     assert final.largest_stable_lr == pytest.approx(0.16)
     assert {c.seed for c in all_configs if c.lr > 0.1} == {0, 1, 2}  # the base grid's seeds
     assert all(c.name == f"cnn/bn/bs128/lr{c.lr:.4g}/s{c.seed}" for c in all_configs)
+
+
+def test_probes_above_the_best_lr_stop_below_a_bar():
+    # Best lr 0.04 (validation 0.95 + 0.001 * seed, mean 0.951): the probe above it gets the bar
+    # 0.951 - 0.03; the probe below a grid whose best is at the bottom never gets one.
+    seen = []
+
+    def fake_run(configs):
+        seen.extend(configs)
+        return [result(c.lr, c.seed, (0.95 if c.lr == 0.04 else 0.9) + 0.001 * c.seed) for c in configs]
+
+    configs = compare_configs(model="cnn", norms=["bn"], batch_sizes=[128], seeds=[0, 1, 2],
+                              base_lrs=[0.01, 0.04], budget="auto", epochs=None, steps=1000, val_fraction=0.1)
+    bracket_lrs(configs, fake_run, max_extra=1)
+    probes = [c for c in seen if c.lr > 0.05]
+    assert len(probes) == 3 and [c.stop_below for c in probes] == [pytest.approx(0.951 - 0.03)] * 3
+    assert all(c.stop_below is None for c in seen if c.lr <= 0.04)
+    seen.clear()
+    bracket_lrs(configs, fake_run, max_extra=1, stop_margin=None)
+    assert all(c.stop_below is None for c in seen)
+    # The best at the bottom: the probe below trains to its plateau.
+    seen.clear()
+    low = compare_configs(model="cnn", norms=["bn"], batch_sizes=[128], seeds=[0, 1, 2],
+                          base_lrs=[0.04, 0.16], budget="auto", epochs=None, steps=1000, val_fraction=0.1)
+    bracket_lrs(low, fake_run, max_extra=1)
+    below = [c for c in seen if c.lr < 0.04]
+    assert len(below) == 3 and all(c.stop_below is None for c in below)
+
+
+def test_a_probe_stopped_below_its_bar_is_marked_and_never_best():
+    stopped = "stopped below the bar at step 1200: best held-out accuracy 0.8000 < 0.9210 (...)"
+    results = [result(0.04, s, 0.95) for s in range(3)] + [
+        RunResult(status="finished", final_test_acc=0.8, final_val_acc=0.8, convergence="unconverged",
+                  convergence_reason=stopped, config={"norm": "bn", "batch_size": 128, "lr": 0.16, "seed": s})
+        for s in range(3)
+    ] + [result(0.01, s, 0.9) for s in range(3)]
+    (summary,) = summarize_compare(results)
+    assert [o.stopped_below for o in summary.lrs] == [False, False, True]
+    assert summary.best.lr == 0.04 and summary.best_edge is None and summary.top_stable
+    assert summary.to_dict()["grid"][2]["stopped_below_bar"] is True

@@ -49,6 +49,7 @@ COMPARE_DEFAULTS = {
     "max_steps": 12000,
     "val_fraction": 0.1,
     "lr_extensions": 2,
+    "probe_margin": 0.03,
     "optimizer": "adamw",
     "agc_clip": 0.02,
 }
@@ -83,6 +84,12 @@ def compare_command(
         COMPARE_DEFAULTS["lr_extensions"],
         help="lrs each cell may add beyond the grid, each way, until its best lr is interior and its top lr "
         "unstable (0: the grid as given)",
+    ),
+    probe_margin: float = typer.Option(
+        COMPARE_DEFAULTS["probe_margin"],
+        help="auto budget: an lr probe above a cell's best lr stops once past a tenth of its cap while its "
+        "validation accuracy is this far below the best lr's (it cannot be the best); 0: every probe trains "
+        "to its plateau",
     ),
     dataset: str = typer.Option("mnist1d", help="dataset name"),
     data_root: str | None = typer.Option(None, help="folder holding the data"),
@@ -131,6 +138,8 @@ def compare_command(
             raise NormlabError(f"{name} must be >= 1, got {value}")
     if lr_extensions < 0:
         raise NormlabError(f"--lr-extensions must be >= 0, got {lr_extensions}")
+    if not 0 <= probe_margin <= 1:
+        raise NormlabError(f"--probe-margin must be between 0 and 1 (an accuracy), got {probe_margin}")
     if budget not in ("auto", "fixed"):
         raise NormlabError(f"--budget must be auto or fixed, got {budget!r}")
     if epochs is not None and steps is not None:
@@ -176,14 +185,15 @@ def compare_command(
     with open_store(store) as db, executor:
         results, configs = bracket_lrs(
             configs, lambda todo: run_sweep(todo, db, executor, batch=batch), max_extra=lr_extensions,
-            on_round=None if json_output else _announce_round,
+            stop_margin=probe_margin, on_round=None if json_output else _announce_round,
         )  # fmt: skip
         histories = _histories(db, results) if report else None
     wall = time.perf_counter() - started
     settings = dict(model=model, norms=norms, batch_sizes=batch_sizes, lrs=lrs,
                     lr_scaling=_lr_scaling(lr_scaling, optimizer), seeds=seeds, budget=length,
                     max_steps=max_steps if not fixed else None, val_fraction=val_fraction,
-                    lr_extensions=lr_extensions, dataset=dataset, subset=subset, width=width, depth=depth,
+                    lr_extensions=lr_extensions, probe_margin=probe_margin, dataset=dataset, subset=subset,
+                    width=width, depth=depth,
                     agc_clip=agc_clip, optimizer=optimizer, device=device,
                     gn_groups=_gn_groups(configs[0]) if "gn" in norm_list else None)
     settle = _settle(fixed, max_steps, lr_extensions)

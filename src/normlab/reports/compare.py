@@ -256,6 +256,10 @@ def _lr_figure(out: Path, grid: dict, norms: list[str], batches: list[int]) -> F
             (line,) = ax.plot([], [])
             ax.errorbar(lrs, [c[0] for c in cis], yerr=[0 if math.isnan(c[1]) else c[1] for c in cis],
                         marker="o", capsize=3, label=n, color=line.get_color())
+            stopped = [(o.lr, c[0]) for o, c in zip(cell.lrs, cis, strict=True) if o.stopped_below]
+            if stopped:
+                ax.plot([lr for lr, _ in stopped], [m for _, m in stopped], "o", color=line.get_color(),
+                        markerfacecolor="white", markersize=7, zorder=3)
             bad = [o.lr for o in cell.lrs if not o.stable]
             if bad:
                 ax.plot(bad, [0.0] * len(bad), "x", color=line.get_color(), markersize=9)
@@ -268,7 +272,8 @@ def _lr_figure(out: Path, grid: dict, norms: list[str], batches: list[int]) -> F
     axes[0][0].legend()
     return save_matplotlib(fig, out, "accuracy_vs_lr",
                            "Test accuracy over the lr grid per batch size, mean ± 95% CI over seeds "
-                           "(x at 0: an lr where a seed diverged, failed or stalled).")
+                           "(x at 0: an lr where a seed diverged, failed or stalled; hollow: a probe above "
+                           "the best lr stopped below its bar, its accuracy where it stopped).")
 
 
 def _learning_curve_figures(out: Path, grid: dict, norms: list[str], batches: list[int]) -> list[Figure]:

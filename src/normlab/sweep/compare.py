@@ -25,6 +25,7 @@ from typing import Any
 
 from normlab.errors import NormlabError
 from normlab.train import RunResult, TrainConfig
+from normlab.train.budget import STOPPED_BELOW
 
 NF = "nf"
 
@@ -102,6 +103,7 @@ class LrOutcome:
     gaps: list[float] = field(default_factory=list)
     val_accuracies: list[float] = field(default_factory=list)
     convergences: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     histories: list[dict[str, Any]] = field(default_factory=list)
@@ -112,6 +114,12 @@ class LrOutcome:
         return all(status == "finished" for status in self.statuses) and not any(
             c in ("stalled", "diverged", "failed") for c in self.convergences
         )
+
+    @property
+    def stopped_below(self) -> bool:
+        """A probe the lr search stopped early below its bar (:mod:`normlab.sweep.lr_search`): its accuracy
+        is where it stopped, not a plateau."""
+        return any(r.startswith(STOPPED_BELOW) for r in self.reasons)
 
     @property
     def converged(self) -> bool:
@@ -201,6 +209,7 @@ class CompareCell:
             "train_eval_gap": _mean(best.gaps) if best else math.nan,
             "grid": [
                 {"lr": o.lr, "statuses": o.statuses, "convergences": o.convergences, "steps": o.steps,
+                 "stopped_below_bar": o.stopped_below,
                  "accuracies": o.accuracies, "val_accuracies": o.val_accuracies, "mean": o.mean_accuracy}
                 for o in self.lrs
             ],
@@ -223,6 +232,7 @@ def summarize_compare(
         outcome.accuracies.append(result.final_test_acc if finished else math.nan)
         outcome.val_accuracies.append(result.final_val_acc if finished else math.nan)
         outcome.convergences.append(result.convergence or ("unknown" if finished else result.status))
+        outcome.reasons.append(result.convergence_reason or "")
         outcome.steps.append(result.steps)
         outcome.seeds.append(config.get("seed", 0))
         outcome.steps_per_s.append(result.steps_per_s)

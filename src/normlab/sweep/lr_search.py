@@ -12,6 +12,15 @@ The search, per (norm, batch size) cell, in rounds (:func:`extensions` decides o
 - a cell with a failed run (an exception, a killed worker) is not extended: a failure says nothing about
   the lr, and the rerun of the command retries it.
 
+**Probes above the best lr stop below a bar.** With an auto budget and ``stop_margin`` set, a probe added
+*above* a cell whose best lr is known trains with ``stop_below`` = that best lr's mean validation accuracy
+minus ``stop_margin`` (:mod:`normlab.train.budget`): at its first held-out evaluation after the tenth of
+its cap where it is still that far behind, it ends (unconverged, "stopped below the bar"). Such a probe
+only has to show that it is not the best lr and whether it trains; training it to its plateau (up to the
+cap, for the high-lr runs that converge slowly to a worse accuracy) cost more than the whole base grid's
+cells at batch 128 on the default compare. Probes below the grid (the best lr at the bottom) always train
+to their plateau: a small lr starts slowly and may yet become the best.
+
 ``factor`` is the base grid's own ratio (a log grid continued with its spacing; 2 for a one-value grid),
 the seeds are the base grid's seeds, and finished runs are reused from the store
 (:func:`normlab.sweep.run_sweep`), so a repeated compare costs nothing and a wider search only trains what
@@ -27,6 +36,7 @@ from normlab.sweep.compare import CompareCell, run_name, summarize_compare
 from normlab.train import RunResult, TrainConfig
 
 MAX_EXTRA = 2  # lrs each direction may add beyond the base grid
+STOP_MARGIN = 0.03  # a probe above the best lr stops when this far below it (validation accuracy)
 
 
 def grid_factor(lrs: Sequence[float]) -> float:
@@ -35,6 +45,15 @@ def grid_factor(lrs: Sequence[float]) -> float:
     if len(values) < 2:
         return 2.0
     return (values[-1] / values[0]) ** (1.0 / (len(values) - 1))
+
+
+def probe_bar(cell: CompareCell, margin: float | None) -> float | None:
+    """``stop_below`` for a probe above ``cell``'s grid: its best lr's mean validation accuracy minus
+    ``margin`` (None without a margin, a best lr or a validation split)."""
+    best = cell.best
+    if margin is None or margin <= 0 or best is None or not best.selects_on_validation:
+        return None
+    return max(0.0, best.selection_score - margin)
 
 
 def extensions(cell: CompareCell, base_lrs: Sequence[float], factor: float, max_extra: int = MAX_EXTRA
@@ -63,12 +82,14 @@ def bracket_lrs(
     run: Callable[[list[TrainConfig]], list[RunResult]],
     *,
     max_extra: int = MAX_EXTRA,
+    stop_margin: float | None = STOP_MARGIN,
     on_round: Callable[[int, list[TrainConfig]], None] | None = None,
 ) -> tuple[list[RunResult], list[TrainConfig]]:
     """Run ``configs`` (a compare grid), then extend each cell's lr grid round by round (module docstring).
 
     Args:
         run: trains a list of configs and returns their results in order (e.g. ``run_sweep`` over a store).
+        stop_margin: the bar of probes above a cell's best lr (module docstring); None or 0: none.
         on_round: called with ``(round, new configs)`` before each extension round runs.
 
     Returns: all results and all configs (base grid first, then each round's additions).
@@ -88,9 +109,16 @@ def bracket_lrs(
                 continue
             template_lr = by_cell[key][0].lr
             templates = [c for c in by_cell[key] if c.lr == template_lr]
+            top = max(o.lr for o in cell.lrs)
             for lr in extensions(cell, base[key], factors[key], max_extra):
-                new_configs += [c.replace(lr=lr, name=run_name(c.model, c.norm, c.batch_size, lr, c.seed))
-                                for c in templates]
+                changes = {}
+                bar = probe_bar(cell, stop_margin) if lr > top else None
+                if bar is not None and all(c.budget == "auto" for c in templates):
+                    changes["stop_below"] = round(bar, 6)  # rounded: the same bar (and key) on a rerun
+                new_configs += [
+                    c.replace(lr=lr, name=run_name(c.model, c.norm, c.batch_size, lr, c.seed), **changes)
+                    for c in templates
+                ]
         if not new_configs:
             break
         if on_round is not None:

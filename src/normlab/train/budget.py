@@ -27,6 +27,15 @@ Compute-Optimal Training Beyond Fixed Training Durations"):
    cap leaves no room for a cooldown after ``s`` -- the lr decays linearly to 0 over ``cooldown * s`` steps,
    and the run ends.
 
+**Stopping below a bar** (``stop_below``, optional). At each held-out evaluation from ``min_steps`` on,
+a run whose best held-out accuracy so far is below ``stop_below`` ends there, without a cooldown, as
+*unconverged* with the reason "stopped below". The lr search of ``normlab compare`` sets the bar for a
+probe above a cell's best lr at that lr's mean validation accuracy minus a margin: such a probe exists to
+bracket the best lr from above and to find the largest stable lr, and a probe that is that far behind
+after the first tenth of the cap has answered both (it is not the best; it trains, or it would have
+diverged or stalled). This is the rung rule of successive halving (Jamieson & Talwalkar 2016; Li et al.
+2018, Hyperband) with one rung and a fixed bar.
+
 Why the patience: runs without normalization at small learning rates sit on temporary plateaus (training
 loss flat near 2.0, held-out accuracy 30-50%) before they take off. Measured on the MNIST-1D ``cnn``, batch
 16, no norm, Adam 3e-4 to 5e-3: the plateau rule alone, judged at the first evaluation where it held, stopped
@@ -56,6 +65,7 @@ History = Mapping[str, Sequence[tuple[int, float]]]
 EVALUATIONS_AUTO = 100  # held-out evaluations over the cap of an auto budget when eval_every is 0 (auto)
 DEFAULT_RULE = PlateauRule()
 MIN_FRACTION = 0.1  # an auto budget does not judge a plateau before this share of its cap
+STOPPED_BELOW = "stopped below the bar"  # how the reason of a run ended by ``stop_below`` starts
 PATIENCE = 0.25  # the plateau must keep holding for this share of the steps taken (module docstring)
 
 
@@ -124,6 +134,8 @@ class AutoBudget:
         rule: the plateau rule's thresholds.
         min_steps: no plateau is judged before this step (default ``MIN_FRACTION * cap``, at least warmup).
         patience: the rule must hold at every evaluation from step ``h`` to ``(1 + patience) * h``.
+        stop_below: end the run at an evaluation from ``min_steps`` on where the best held-out accuracy so
+            far is below this (module docstring); None never does.
     """
 
     kind = "auto"
@@ -139,6 +151,7 @@ class AutoBudget:
         rule: PlateauRule = DEFAULT_RULE,
         min_steps: int | None = None,
         patience: float = PATIENCE,
+        stop_below: float | None = None,
     ) -> None:
         self.base_lr = lr
         self.cap = int(cap)
@@ -149,6 +162,7 @@ class AutoBudget:
         default_min = max(warmup_steps, math.ceil(MIN_FRACTION * self.cap))
         self.min_steps = default_min if min_steps is None else min_steps
         self.patience = patience
+        self.stop_below = stop_below
         self.held_since: int | None = None  # the first evaluation of the current run of plateau verdicts
         self.decay_start: int | None = None  # the step the cooldown started at
         self.decay_end: int | None = None  # the step the run ends at
@@ -161,7 +175,7 @@ class AutoBudget:
         if self.decay_start is None or step < self.decay_start:
             return self.base_lr
         # Linear from the base lr at decay_start to base_lr / length at the last update.
-        length = self.decay_end - self.decay_start
+        length = max(1, self.decay_end - self.decay_start)
         return self.base_lr * max(self.decay_end - step, 0) / length
 
     def done(self, step: int, history: History) -> bool:
@@ -175,6 +189,11 @@ class AutoBudget:
         if len(heldout) == self._evaluations_seen and room_left:
             return  # the plateau is judged at held-out evaluations only
         self._evaluations_seen = len(heldout)
+        if step >= self.min_steps and self.stop_below is not None and heldout:
+            best = max(v for _, v in heldout)
+            if best < self.stop_below:
+                self._stop(step, best)
+                return
         if step >= self.min_steps:
             verdict = plateaued(history.get("train/loss", ()), heldout, self.rule)
             if verdict.status == CONVERGED:
@@ -187,6 +206,14 @@ class AutoBudget:
             self.plateau = verdict
         if not room_left:  # the cap: cool down now, the run ends at the cap unconverged
             self._start_cooldown(step, None, length=self.cap - step)
+
+    def _stop(self, step: int, best: float) -> None:
+        self.decay_start = self.decay_end = step
+        self.plateau = Convergence(
+            UNCONVERGED,
+            f"{STOPPED_BELOW} at step {step}: best held-out accuracy {best:.4f} < "
+            f"{self.stop_below:.4f} (the cell's best lr minus the margin: it cannot be the best lr)",
+        )
 
     def _cooldown_length(self, step: int) -> int:
         return max(1, round(self.cooldown * step))
@@ -240,7 +267,7 @@ def from_config(config: Any, steps_per_epoch: int, *, heldout: str = "val/acc",
     total = config.steps or config.epochs * steps_per_epoch
     if config.budget == "auto":
         return AutoBudget(lr=config.lr, cap=total, warmup_steps=config.warmup_steps, cooldown=config.cooldown,
-                          heldout=heldout, rule=rule)
+                          heldout=heldout, rule=rule, stop_below=getattr(config, "stop_below", None))
     return FixedBudget(total, lr=config.lr, schedule=config.schedule, warmup_steps=config.warmup_steps,
                        milestones=config.milestones, gamma=config.gamma)
 

@@ -22,7 +22,7 @@ BUDGETS = ("fixed", "auto")
 DEVICE_PREFIXES = ("cpu", "cuda", "mps", "auto")
 # Fields that say where or under which label a run is kept, not what it computes: left out of the key.
 # Data options added later: in the key only when set, so stored runs keep their keys.
-_IN_KEY_WHEN_SET = ("image_size", "test_fraction")
+_IN_KEY_WHEN_SET = ("image_size", "test_fraction", "stop_below")
 # ``compile`` changes how a step is computed, not its numbers (equal to float tolerance, tested).
 _NOT_IN_KEY = ("name", "group", "checkpoint_dir", "checkpoint_every", "download", "data_root", "compile")
 
@@ -54,6 +54,11 @@ class TrainConfig:
     steps: int | None = None
     budget: str = "fixed"
     cooldown: float = 0.2
+    # auto budget only: end the run early (unconverged, "stopped below") at the first held-out evaluation
+    # after the plateau rule's start where its best held-out accuracy is below this; compare's lr search
+    # sets it for lr probes above a cell's best lr, which then need not train to their plateau
+    # (normlab.train.budget, normlab.sweep.lr_search)
+    stop_below: float | None = None
     # held out from the training data for the plateau rule and lr choices (normlab.train.validation)
     val_fraction: float = 0.0
     # optimizer
@@ -96,6 +101,9 @@ class TrainConfig:
             raise NormlabError(f"milestones must be increasing, got {self.milestones!r}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise NormlabError("nesterov=True needs optimizer 'sgd' with momentum > 0")
+        if self.stop_below is not None and self.budget != "auto":
+            raise NormlabError(f"stop_below={self.stop_below} needs budget 'auto' (a fixed budget always "
+                               "trains its steps)")
         if self.checkpoint_every and self.checkpoint_dir is None:
             raise NormlabError(f"checkpoint_every={self.checkpoint_every} needs a checkpoint_dir")
 
@@ -200,6 +208,7 @@ _RULES: dict[str, tuple[str, bool, float | None, float | None, tuple | None]] = 
     "steps": (_INT, True, 1, None, None),
     "budget": (_STR, False, None, None, BUDGETS),
     "cooldown": (_FLOAT, False, 0.0, 1.0, None),
+    "stop_below": (_FLOAT, True, 0.0, 1.0, None),
     "val_fraction": (_FLOAT, False, 0.0, 0.9, None),
     "optimizer": (_STR, False, None, None, OPTIMIZERS),
     "lr": (_FLOAT, False, 0.0, None, None),

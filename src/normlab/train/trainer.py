@@ -96,6 +96,9 @@ class Trainer:
                 self.data.x_train, self.data.y_train, config.val_fraction
             )
         self.classification = self.data.task == "classification"
+        if config.stop_below is not None and not self.classification:
+            raise NormlabError(f"stop_below={config.stop_below} is a held-out accuracy: it needs a "
+                               f"classification data set, and {config.dataset} is a {self.data.task} task")
         self.loss_fn = loss_function(self.data.task)
         self.model = build_model(config, self.data).to(self.device)
         self.optimizer = build_optimizer(self.model, config)
