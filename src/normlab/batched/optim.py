@@ -42,48 +42,75 @@ class StackedOptimizer:
             else:
                 self._adamw(lr)
 
+    def _live(self) -> list[tuple[str, Tensor]]:
+        return [(name, p) for name, p in self.params.items() if p.grad is not None]
+
     def _sgd(self, lr: Tensor) -> None:
         cfg = self.config
-        for name, p in self.params.items():
-            if p.grad is None:
-                continue
-            rate = _member_view(lr, p)
-            d = p.grad
-            wd = cfg.weight_decay if name in self.decayed else 0.0
-            if wd:
-                d = d.add(p, alpha=wd)
-            if cfg.momentum:
-                state = self.state.setdefault(name, {})
-                if "momentum" not in state:
-                    state["momentum"] = d.detach().clone()
-                else:
-                    state["momentum"].mul_(cfg.momentum).add_(d)
-                buf = state["momentum"]
-                d = d.add(buf, alpha=cfg.momentum) if cfg.nesterov else buf
-            p.sub_(rate * d)
+        live = self._live()
+        if not live:
+            return
+        params = [p for _, p in live]
+        # d = g + wd * w on the decayed tensors (a new tensor: the grads are left as they were).
+        d = [
+            p.grad.add(p, alpha=cfg.weight_decay) if cfg.weight_decay and name in self.decayed else p.grad
+            for name, p in live
+        ]
+        if cfg.momentum:
+            missing = [name for name, _ in live if "momentum" not in self.state.get(name, {})]
+            if missing:  # the first step: b <- d (members start and step together, so all or none)
+                for (name, _), di in zip(live, d, strict=True):
+                    self.state.setdefault(name, {})["momentum"] = di.detach().clone()
+            else:
+                bufs = [self.state[name]["momentum"] for name, _ in live]
+                torch._foreach_mul_(bufs, cfg.momentum)
+                torch._foreach_add_(bufs, d)
+            bufs = [self.state[name]["momentum"] for name, _ in live]
+            d = torch._foreach_add(d, bufs, alpha=cfg.momentum) if cfg.nesterov else bufs
+        torch._foreach_sub_(params, torch._foreach_mul(d, self._rates(lr, params)))
 
     def _adamw(self, lr: Tensor) -> None:
         self.steps += 1
         t = self.steps
         correction1 = 1 - _BETA1**t
         correction2_sqrt = (1 - _BETA2**t) ** 0.5
-        for name, p in self.params.items():
-            if p.grad is None:
-                continue
-            g = p.grad
-            rate = _member_view(lr, p)
+        live = self._live()
+        if not live:
+            return
+        for name, p in live:
             state = self.state.setdefault(name, {})
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-            wd = self.config.weight_decay if name in self.decayed else 0.0
-            if wd:
-                p.mul_(1 - rate * wd)
-            m.lerp_(g, 1 - _BETA1)
-            v.mul_(_BETA2).addcmul_(g, g, value=1 - _BETA2)
-            denom = (v.sqrt() / correction2_sqrt).add_(_ADAM_EPS)
-            p.sub_((rate / correction1) * m / denom)
+        params = [p for _, p in live]
+        grads = [p.grad for _, p in live]
+        m = [self.state[name]["exp_avg"] for name, _ in live]
+        v = [self.state[name]["exp_avg_sq"] for name, _ in live]
+        rates = self._rates(lr, params)
+        wd = self.config.weight_decay
+        decayed = [(p, r) for (name, p), r in zip(live, rates, strict=True) if wd and name in self.decayed]
+        if decayed:  # w <- w (1 - lr wd)
+            torch._foreach_mul_([p for p, _ in decayed], [1 - r * wd for _, r in decayed])
+        torch._foreach_lerp_(m, grads, 1 - _BETA1)
+        torch._foreach_mul_(v, _BETA2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - _BETA2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, correction2_sqrt)
+        torch._foreach_add_(denom, _ADAM_EPS)
+        steps = torch._foreach_div(m, denom)
+        torch._foreach_mul_(steps, [r / correction1 for r in rates])
+        torch._foreach_sub_(params, steps)
+
+    def _rates(self, lr: Tensor, params: list[Tensor]) -> list[Tensor]:
+        """Each member's lr as a (K, 1, ..., 1) tensor per parameter (one conversion per dtype/device)."""
+        converted: dict[tuple, Tensor] = {}
+        rates = []
+        for p in params:
+            key = (p.device, p.dtype)
+            if key not in converted:
+                converted[key] = lr.to(device=p.device, dtype=p.dtype)
+            rates.append(converted[key].view(-1, *([1] * (p.dim() - 1))))
+        return rates
 
     def keep(self, members: list[int], params: dict[str, Tensor]) -> None:
         """Keep the state of ``members`` only (as ``StackedModel.keep``); ``params`` are the new leaves."""
@@ -94,7 +121,3 @@ class StackedOptimizer:
         }
         self.params = params
 
-
-def _member_view(values: Tensor, like: Tensor) -> Tensor:
-    """(K,) -> (K, 1, ..., 1) broadcasting against ``like`` (K, ...)."""
-    return values.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
