@@ -7,11 +7,15 @@ Measurement, per seed (fresh model init and random input of ``input_shape``):
   ``fold_bn`` (which folds every BN directly after a conv/linear and leaves the others);
 - each time is the median of ``repeats`` blocks of ``steps`` iterations after ``warmup`` iterations; the
   norms are interleaved block by block so that machine load drifts affect them alike;
+- the clock: on CUDA, wall time between synchronizations; on the CPU, the process's CPU time
+  (``time.process_time``), which other processes' load does not inflate (a wall clock on a shared machine
+  also counts the time the scheduler gave to them; with one torch thread the CPU time is the quiet wall
+  time, with more it is the total work of the step);
 - memory: the bytes of the tensors autograd saves for the backward pass (activation memory, distinct
   storages, parameters excluded) plus 3x the parameter bytes (weights, gradients, momentum) — an exact
   count on any device, used on CPU where the allocator reports no peak; on CUDA, the measured
   ``torch.cuda.max_memory_allocated`` over one training step as well.
-Timings on a shared CPU are noisy: the ratios and their 95% CIs over seeds are the result, not the times.
+The ratios and their 95% CIs over seeds are the result, not the times.
 """
 
 from __future__ import annotations
@@ -134,14 +138,17 @@ class Bench:
 
 
 def time_block(fn: Callable[[], None], iterations: int, device: str) -> float:
-    """Seconds per call of ``fn`` over ``iterations`` calls (CUDA synchronized at both ends)."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    """Seconds per call of ``fn`` over ``iterations`` calls: CUDA wall time, synchronized at both ends, or
+    on the CPU the process's CPU time (module docstring: load from other processes does not count)."""
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock = time.perf_counter if cuda else time.process_time
     sync()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(iterations):
         fn()
     sync()
-    return (time.perf_counter() - start) / iterations
+    return (clock() - start) / iterations
 
 
 def measure_seed(p: dict[str, Any], norms: list[str], device: str, seed: int) -> dict[str, dict[str, float]]:

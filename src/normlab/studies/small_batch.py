@@ -27,6 +27,7 @@ from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._grid import (
     base_fields,
     budget_fields,
+    budget_text,
     group_results,
     pct_cell,
     variant_fields,
@@ -61,13 +62,16 @@ LABELS = {"bn": "BN", "gn": "GN", "batch_renorm": "BRN", "evalnorm": "EvalNorm",
 
 
 class Recalibrate:
-    """Trainer callback: at the last step, recalibrate a copy of the model (PreciseBN for ``bn``, EvalNorm's
+    """Trainer callback (every step): at the run's last step (``ctx.last``: a fixed budget's end, or an auto
+    budget's once its cooldown set it), recalibrate a copy of the model (PreciseBN for ``bn``, EvalNorm's
     offline fit for ``evalnorm``) and log its eval-mode test accuracy as :data:`RECALIBRATED`."""
 
     def __init__(self, kind: str, data: Any, samples: int) -> None:
         self.kind, self.data, self.samples = kind, data, samples
 
     def __call__(self, ctx: Any) -> None:
+        if not ctx.last:
+            return
         from normlab.layers import fit_evalnorm, precise_bn
         from normlab.train.evaluate import evaluate
 
@@ -101,17 +105,23 @@ class RecalibrationCallbacks:
             return []
         from normlab.train.build import load_data
 
-        data = load_data(config)
-        # The trainer's step count: steps, else epochs x full batches per epoch (drop_last).
-        total = config.steps or config.epochs * (data.x_train.shape[0] // config.batch_size)
-        return [(Recalibrate(config.norm, data, self.samples), total)]
+        return [(Recalibrate(config.norm, load_data(config), self.samples), 1)]
+
+
+RECALIBRATED_VARIANTS = ("precise_bn", "evalnorm")
 
 
 def run(ctx: StudyContext) -> StudyOutcome:
     p = ctx.params
+    # Runs that recalibrate carry a callback, so they train one by one; the others train as batched groups
+    # (normlab.batched). ``recalibrate_batches`` (default: every batch size) limits PreciseBN / EvalNorm to
+    # the batch sizes the recipe can afford; the verdict needs them at the smallest only.
+    recalibrate = set(p.get("recalibrate_batches") or p["batch_sizes"])
     configs, keys = [], []
     for variant in p["variants"]:
         for batch in p["batch_sizes"]:
+            if variant in RECALIBRATED_VARIANTS and batch not in recalibrate:
+                continue
             for seed in ctx.seeds:
                 steps = p["steps"] if p.get("steps") else p["epochs"] * (p["subset"] // batch)
                 config = ctx.config(
@@ -124,7 +134,16 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 )
                 configs.append(config)
                 keys.append((variant, batch))
-    results = ctx.train_grid(configs, callbacks_factory=RecalibrationCallbacks(p["precise_bn_samples"]))
+    with_callbacks = [i for i, (c, (_, b)) in enumerate(zip(configs, keys, strict=True))
+                      if c.norm in ("bn", "evalnorm") and b in recalibrate]
+    plain = [i for i in range(len(configs)) if i not in set(with_callbacks)]
+    results: list[Any] = [None] * len(configs)
+    for i, r in zip(plain, ctx.train_grid([configs[i] for i in plain]), strict=True):
+        results[i] = r
+    factory = RecalibrationCallbacks(p["precise_bn_samples"])
+    recalibrated = ctx.train_grid([configs[i] for i in with_callbacks], factory)
+    for i, r in zip(with_callbacks, recalibrated, strict=True):
+        results[i] = r
     cells = group_results(keys, results)
     metrics = {(v, b): [_evaluated(ctx, v, r) for r in runs] for (v, b), runs in cells.items()}
 
@@ -133,10 +152,11 @@ def run(ctx: StudyContext) -> StudyOutcome:
         "Test error (%) by batch size, mean ± 95% CI over seeds (Group Norm Table 2 layout)",
         ["variant", *[f"batch {b}" for b in batches]],
         notes=[
-            f"{len(ctx.seeds)} seeds, lr = {p['lr']:g} * batch / {p['base_batch']}; steps per run: "
-            + ", ".join(f"batch {b}: {runs_steps(cells, b)}" for b in batches)
-            + (" (equal steps: large batches see more epochs)." if p.get("steps") else
-               " (equal epochs: small batches take more steps)."),
+            f"{len(ctx.seeds)} seeds, lr = {p['lr']:g} * batch / {p['base_batch']}; {budget_text(p)}"
+            + ("" if p.get("budget") == "auto" else
+               " (equal steps: large batches see more epochs)" if p.get("steps") else
+               " (equal epochs: small batches take more steps)")
+            + "; each cell's steps and convergence: the train/eval gap table.",
             "Reference rows: Wu & He 2018 Table 2, ResNet-50 on ImageNet (val error %); — where their table "
             "has no such batch size.",
         ],
@@ -145,26 +165,37 @@ def run(ctx: StudyContext) -> StudyOutcome:
     for variant in p["variants"]:
         errors[variant] = {}
         for b in batches:
+            if (variant, b) not in metrics:  # not recalibrated at this batch size (recalibrate_batches)
+                errors[variant][b] = (math.nan, math.nan)
+                continue
             mean, half = mean_ci(acc for acc, _ in metrics[(variant, b)])
             errors[variant][b] = (round(100 * (1 - mean), 2), round(100 * half, 2))
-        main.add_row(LABELS.get(variant, variant), *[errors[variant][b] for b in batches])
+        main.add_row(LABELS.get(variant, variant),
+                     *[None if math.isnan(errors[variant][b][0]) else errors[variant][b] for b in batches])
     for norm, ref in REFERENCE.items():
         main.add_row(f"{LABELS[norm]} (Wu & He, ImageNet)", *[ref.get(b) for b in batches])
 
     gap_table = Table(
         "Train/eval gap: test accuracy with batch statistics minus evaluated accuracy (pts)",
-        ["variant", "batch", "test acc eval (%)", "test acc batch stats (%)", "gap (pts)", "converged"],
+        ["variant", "batch", "steps", "epochs", "test acc eval (%)", "test acc batch stats (%)", "gap (pts)",
+         "converged"],
     )
     for variant in p["variants"]:
         for b in batches:
+            if (variant, b) not in metrics:
+                continue
             values = metrics[(variant, b)]
             evaluated = mean_ci(a for a, _ in values)
             train_mode = mean_ci(t for _, t in values)
             gap = mean_ci(t - a for a, t in values)
             runs = cells[(variant, b)]
+            steps = mean_ci(r.steps for r in runs if r.status == "finished")
             gap_table.add_row(
                 LABELS.get(variant, variant),
                 b,
+                (round(steps[0]), round(steps[1]) if math.isfinite(steps[1]) else steps[1])
+                if math.isfinite(steps[0]) else None,
+                round(steps[0] * b / p["subset"], 1) if math.isfinite(steps[0]) else None,
                 pct_cell(evaluated),
                 pct_cell(train_mode),
                 pct_cell(gap),
@@ -175,12 +206,6 @@ def run(ctx: StudyContext) -> StudyOutcome:
     figure = ctx.save_figure(_plot(errors, batches), "error_vs_batch", caption)
     data = {"error_pct": {v: {str(b): e[0] for b, e in errs.items()} for v, errs in errors.items()}}
     return StudyOutcome([main, gap_table], [figure], verdict, agrees, discrepancy, data, key_figures)
-
-
-def runs_steps(cells: dict, batch: int) -> int | None:
-    """The step count of the runs at ``batch`` (the first finished one's)."""
-    steps = [r.steps for (_, b), runs in cells.items() if b == batch for r in runs if r.steps]
-    return steps[0] if steps else None
 
 
 def _evaluated(ctx: StudyContext, variant: str, result: Any) -> tuple[float, float]:
