@@ -122,9 +122,18 @@ def test_cost_verdict_by_the_rule():
     _, agrees, discrepancy = cost.judge(flipped_ratios, flipped)
     assert agrees is False
     assert discrepancy == (
-        "BN's training step is not faster than GN's beyond the seeds' spread; folded BN inference is not "
-        "faster than GN's beyond the seeds' spread."
+        "BN's training step is not faster than GN's beyond the seeds' spread (GN 0.80x ± 0.05 BN's time); "
+        "folded BN inference (1.00x ± 0.05) is not faster than GN's (GN 0.70x ± 0.05) beyond the seeds' "
+        "spread."
     )
+    # Only the training part fails, on the CPU: the other part is named, and why the CPU shows no cost.
+    cpu = _seeds({"bn": (1.0, 1.0, 0.7), "gn": (0.97, 1.4, 1.4)})
+    cpu_ratios = {"bn": _ratios(1.0, 1.0, (0.7, 0.05)), "gn": _ratios(0.97, 1.4, half=0.01)}
+    _, agrees, discrepancy = cost.judge(cpu_ratios, cpu, device="cpu")
+    assert agrees is False
+    assert discrepancy.startswith(
+        "BN's training step is not faster than GN's beyond the seeds' spread (GN 0.97x ± 0.01 BN's time). "
+        "The other part holds: folded BN infers faster than GN. Why: on the CPU,")
     two = _seeds({"bn": (1.0, 1.0, 0.7), "gn": (1.3, 1.4, 1.4)})[:2]
     sentence, agrees, _ = cost.judge({"bn": _ratios(1.0, 1.0, (0.7, 0.05)), "gn": _ratios(1.3, 1.4)}, two)
     assert agrees is None and sentence.startswith("Inconclusive (BN has 2 result(s)")

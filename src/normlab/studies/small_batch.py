@@ -1,15 +1,18 @@
 """Study ``small-batch``: BN, GN, batch renorm, EvalNorm and PreciseBN at small batch sizes — test error and
 train/eval gap, in the layout of Group Norm's Table 2 with its ImageNet numbers printed beside ours.
 
-Every variant x batch size x seed trains for the same epochs with the linear scaling rule
-``lr = lr * batch / base_batch`` (as Wu & He 2018). Evaluation (science.md section 5):
+Every variant x batch size x seed trains with the linear scaling rule ``lr = lr * batch / base_batch`` (as
+Wu & He 2018) under the recipe's budget: equal epochs or steps, or with ``budget = "auto"`` until the run's
+own plateau (capped), so that neither equal epochs nor equal steps decides the comparison. Batch renorm's
+Ioffe schedule is scaled to the run's length (the cap of an auto budget). Evaluation (science.md section 5):
 - ``bn``, ``gn``, ``batch_renorm``: the final model in eval mode (running / per-example statistics);
 - ``precise_bn``: the BN runs with their running statistics recomputed after training by
   :func:`normlab.layers.precise_bn` over ``precise_bn_samples`` training examples in batches of the training
   batch size (Wu & Johnson 2021);
 - ``evalnorm``: EvalNorm layers trained as BN, with (a, b) fitted offline by
   :func:`normlab.layers.fit_evalnorm` on the same batches (Singh & Shrivastava 2019).
-Both recalibrations run on a copy of the final model at the last step (a trainer callback) and are stored
+Both recalibrations run on a copy of the final model at the last step (a trainer callback; such runs train
+one by one, so ``recalibrate_batches`` may limit them to the batch sizes a scale affords) and are stored
 as the metric ``small_batch/recalibrated_test_acc`` (NaN in the table when a BN run was found finished in a
 shared store without that metric, i.e. trained by another study). The train/eval gap is the test
 accuracy with batch statistics over batches of the training batch size minus the evaluated accuracy.
@@ -23,6 +26,7 @@ import copy
 import math
 from typing import Any
 
+from normlab.errors import NormlabError
 from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._grid import (
     base_fields,
@@ -117,6 +121,9 @@ def run(ctx: StudyContext) -> StudyOutcome:
     # (normlab.batched). ``recalibrate_batches`` (default: every batch size) limits PreciseBN / EvalNorm to
     # the batch sizes the recipe can afford; the verdict needs them at the smallest only.
     recalibrate = set(p.get("recalibrate_batches") or p["batch_sizes"])
+    if not recalibrate <= set(p["batch_sizes"]) or min(p["batch_sizes"]) not in recalibrate:
+        raise NormlabError(f"recalibrate_batches {sorted(recalibrate)} must be among batch_sizes "
+                           f"{p['batch_sizes']} and include the smallest (the verdict compares there)")
     configs, keys = [], []
     for variant in p["variants"]:
         for batch in p["batch_sizes"]:
