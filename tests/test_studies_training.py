@@ -230,3 +230,9 @@ def test_run_length_reaches_only_a_norm_that_takes_it(monkeypatch):
     monkeypatch.setattr(factory, "norm_options", lambda name: ["r_max"])
     assert with_run_length(fields, 900) is fields
     assert with_run_length({"norm": "nf", "agc_clip": 0.01}, 900) == {"norm": "nf", "agc_clip": 0.01}
+
+
+def test_small_batch_quotes_table_2_over_the_range_it_compares():
+    assert small_batch.reference_rise(32, 8) == (
+        "Group Norm's Table 2: BN +1.2, GN -0.1 pts from 32 to 8; BN +11.1, GN +0.0 pts from 32 to 2")
+    assert small_batch.reference_rise(64, 8) == "Group Norm's Table 2: BN +11.1, GN +0.0 pts from 32 to 2"

@@ -271,8 +271,8 @@ def judge(
     )
     sentence = (
         f"From batch {large} to {small}, BN's test error goes from {err('bn', large)} to {err('bn', small)} "
-        f"and GN's from {err('gn', large)} to {err('gn', small)} (Group Norm's Table 2: BN +11.1, GN +0.0 "
-        f"pts from 32 to 2). {found.sentence(f'error rise (batch {large} -> {small})')}"
+        f"and GN's from {err('gn', large)} to {err('gn', small)} ({reference_rise(large, small)}). "
+        f"{found.sentence(f'error rise (batch {large} -> {small})')}"
     )
     fixes = [v for v in ("batch_renorm", "evalnorm", "precise_bn") if v in variants]
     if fixes:
@@ -286,11 +286,25 @@ def judge(
     if found.word == INCONCLUSIVE:
         return inconclusive_text([found.reason], key, found.settle), None, None, key
     agrees = found.word == WIN and found.winner == "BN"
+    def rise(variant: str) -> str:
+        return ci_text([r["rise"] for r in rises[variant]], unit=" pts")
+
     discrepancy = None if agrees else (
-        f"Wu & He report BN's error rising 11.1 pts from batch 32 to 2 and GN's flat; here BN's rise from "
-        f"batch {large} to {small} does not exceed GN's beyond the seeds' spread (see error_vs_batch)."
+        f"{reference_rise(large, small)}; here BN's rise from batch {large} to {small} ({rise('bn')}) does "
+        f"not exceed GN's ({rise('gn')}) beyond the seeds' spread (see error_vs_batch)."
     )
     return sentence, agrees, discrepancy, key
+
+
+def reference_rise(large: int, small: int) -> str:
+    """Group Norm's Table 2 rise of BN's and GN's error over the same batch range, when the table has both
+    sizes (and its 32 -> 2 rise besides), else its 32 -> 2 rise."""
+    bn, gn = REFERENCE["bn"], REFERENCE["gn"]
+    full = f"BN {bn[2] - bn[32]:+.1f}, GN {gn[2] - gn[32]:+.1f} pts from 32 to 2"
+    if large in bn and small in bn and (large, small) != (32, 2):
+        return (f"Group Norm's Table 2: BN {bn[small] - bn[large]:+.1f}, GN {gn[small] - gn[large]:+.1f} pts "
+                f"from {large} to {small}; {full}")
+    return f"Group Norm's Table 2: {full}"
 
 
 def _plot(errors: dict[str, dict[int, tuple[float, float]]], batches: list[int]) -> Any:
