@@ -170,9 +170,9 @@ def run(ctx: StudyContext) -> StudyOutcome:
     )
     if "batch_renorm" in p["variants"] and p.get("budget") == "auto":
         main.notes.append(
-            "BRN: Ioffe's schedule is scaled to the cap (plain BN for 5/130 of it, r_max reaching 3 at 40/130, "
-            "d_max 5 at 25/130); a run whose plateau comes before 40/130 of the cap stops with the clips "
-            "still relaxing.")
+            "BRN: Ioffe's schedule is scaled to the cap (plain BN for 5/130 of it, r_max reaching 3 at "
+            "40/130, d_max 5 at 25/130); a run whose plateau comes before 40/130 of the cap stops with the "
+            "clips still relaxing.")
     errors: dict[str, dict[int, tuple[float, float]]] = {}
     for variant in p["variants"]:
         errors[variant] = {}
