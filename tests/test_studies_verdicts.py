@@ -330,3 +330,17 @@ def test_small_batch_tie_within_table_2_range_says_why():
     _, agrees, discrepancy, key = small_batch.judge(cells, metrics, variants, [8, 16, 32])
     assert agrees is False and key.startswith("test error batch 32 -> 8")
     assert "the paper's own effect (BN's rise minus GN's, 1.3 pts) is smaller" in discrepancy
+
+
+def test_regularization_tie_with_a_fitted_training_set_says_why():
+    """Every cell at 100% train accuracy: the gap is the test error; BN's growth tying GN's is explained."""
+    def cell(test: float):
+        return [run(test + d, "converged", final_train_acc=1.0) for d in (0.0, 0.01, -0.01)]
+
+    cells = {("bn", 16): cell(0.94), ("bn", 256): cell(0.915),
+             ("gn", 16): cell(0.935), ("gn", 256): cell(0.91)}
+    _, agrees, discrepancy, _ = regularization.judge(cells, ["bn", "gn"], [16, 256])
+    assert agrees is False
+    assert ("Why: every cell fits its training set (mean train accuracy >= 100.0%), so the gap is the test "
+            "error") in discrepancy
+    assert "BN's growth (2.5 ± 0.0 pts) matches gn's (2.5 ± 0.0 pts)" in discrepancy
