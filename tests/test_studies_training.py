@@ -57,8 +57,7 @@ def test_regularization_underfit_note():
     cells = {("bn", 256): [R(status=done, final_train_acc=0.95)],
              ("gn", 256): [R(status=done, final_train_acc=0.70), R(status=done, final_train_acc=0.74)]}
     assert regularization.underfit_note(cells, ["bn", "gn"], 256) == (
-        "Train accuracy at batch 256 below 90% (gn 72.0%): these gaps mix regularization with underfitting "
-        "(equal epochs give large batches fewer steps)."
+        "Train accuracy at batch 256 below 90% (gn 72.0%): these gaps mix regularization with underfitting."
     )
     assert regularization.underfit_note(cells, ["bn"], 256) is None
 
@@ -123,9 +122,18 @@ def test_cost_verdict_by_the_rule():
     _, agrees, discrepancy = cost.judge(flipped_ratios, flipped)
     assert agrees is False
     assert discrepancy == (
-        "BN's training step is not faster than GN's beyond the seeds' spread; folded BN inference is not "
-        "faster than GN's beyond the seeds' spread."
+        "BN's training step is not faster than GN's beyond the seeds' spread (GN 0.80x ± 0.05 BN's time); "
+        "folded BN inference (1.00x ± 0.05) is not faster than GN's (GN 0.70x ± 0.05) beyond the seeds' "
+        "spread."
     )
+    # Only the training part fails, on the CPU: the other part is named, and why the CPU shows no cost.
+    cpu = _seeds({"bn": (1.0, 1.0, 0.7), "gn": (0.97, 1.4, 1.4)})
+    cpu_ratios = {"bn": _ratios(1.0, 1.0, (0.7, 0.05)), "gn": _ratios(0.97, 1.4, half=0.01)}
+    _, agrees, discrepancy = cost.judge(cpu_ratios, cpu, device="cpu")
+    assert agrees is False
+    assert discrepancy.startswith(
+        "BN's training step is not faster than GN's beyond the seeds' spread (GN 0.97x ± 0.01 BN's time). "
+        "The other part holds: folded BN infers faster than GN. Why: on the CPU,")
     two = _seeds({"bn": (1.0, 1.0, 0.7), "gn": (1.3, 1.4, 1.4)})[:2]
     sentence, agrees, _ = cost.judge({"bn": _ratios(1.0, 1.0, (0.7, 0.05)), "gn": _ratios(1.3, 1.4)}, two)
     assert agrees is None and sentence.startswith("Inconclusive (BN has 2 result(s)")
@@ -155,9 +163,14 @@ def test_quick_budgets_give_every_arm_its_training():
     for name in ("noisy-bn", "landscape"):
         assert get_study(name).params("quick")["steps"] >= 1500
     assert get_study("ics").params("quick")["nets"]["vgg"]["steps"] >= 1500
-    # Grid studies train the same steps at every batch size (equal epochs starved the large batches).
-    for name in ("normalizer-free", "large-batch", "small-batch", "regularization"):
+    # Grid studies train the same steps at every batch size (equal epochs starved the large batches)...
+    for name in ("normalizer-free", "large-batch"):
         assert get_study(name).params("quick")["steps"] >= 500, name
+    # ...or each run until its own plateau (auto budget), capped in epochs (equal epochs or equal steps
+    # would decide a batch-size comparison by the budget).
+    for name in ("small-batch", "regularization"):
+        params = get_study(name).params("quick")
+        assert params["budget"] == "auto" and "steps" not in params and params["epochs"] >= 100, name
     assert min(get_study("small-batch").params("quick")["batch_sizes"]) >= 4
 
 
@@ -167,6 +180,44 @@ def test_budget_fields_steps_override_epochs():
     assert budget_fields({"epochs": 8, "steps": 600}) == {"steps": 600, "epochs": None}
     assert budget_fields({"epochs": 8}) == {"epochs": 8}
     assert budget_text({"epochs": 8, "steps": 600}) == "600 steps at every batch size"
+    assert budget_fields({"epochs": 100, "budget": "auto"}) == {"epochs": 100, "budget": "auto"}
+    assert budget_text({"epochs": 100, "budget": "auto"}) == (
+        "each run until its plateau (auto budget, warmup-stable-decay), capped at 100 epochs")
+
+
+def test_budget_is_last_has_no_side_effects():
+    from normlab.train.budget import AutoBudget, FixedBudget
+
+    fixed = FixedBudget(10, lr=0.1)
+    assert [fixed.is_last(s) for s in (9, 10)] == [False, True]
+    auto = AutoBudget(lr=0.1, cap=100)
+    assert not auto.is_last(100)  # the end is unknown before the cooldown starts...
+    auto._start_cooldown(40, None)  # ...which sets it: 20% of the 40 steps taken
+    assert (auto.decay_end, auto.is_last(47), auto.is_last(48)) == (48, False, True)
+    assert auto.decay_start == 40 and auto.is_last(48)  # asking changed nothing
+
+
+def test_small_batch_recalibrates_at_an_auto_budget_end(tmp_path):
+    """PreciseBN's callback fires at the last step of an auto-budget run (which ends before its cap)."""
+    from normlab.store import Store
+    from normlab.train import TrainConfig
+    from normlab.train.trainer import Trainer
+
+    config = TrainConfig(model="cnn", width=8, dataset="mnist1d", subset=64, batch_size=16, epochs=200,
+                         budget="auto", lr=0.05, weight_decay=0.0)
+    store = Store(tmp_path / "runs.sqlite")
+    trainer = Trainer(config, store=store, callbacks=small_batch.RecalibrationCallbacks(64)(config))
+    result = trainer.fit()
+    assert result.steps < 200 * 4  # stopped at its plateau, before the cap
+    logged = store.metrics(result.run_id, small_batch.RECALIBRATED)
+    assert [int(s) for s, _ in logged] == [result.steps]
+
+
+def test_cost_cpu_clock_ignores_time_not_spent_computing():
+    import time
+
+    # Sleeping stands for another process holding the core: CPU time does not count it, wall time would.
+    assert cost.time_block(lambda: time.sleep(0.02), 3, "cpu") < 0.005
 
 
 def test_run_length_reaches_only_a_norm_that_takes_it(monkeypatch):
@@ -179,3 +230,9 @@ def test_run_length_reaches_only_a_norm_that_takes_it(monkeypatch):
     monkeypatch.setattr(factory, "norm_options", lambda name: ["r_max"])
     assert with_run_length(fields, 900) is fields
     assert with_run_length({"norm": "nf", "agc_clip": 0.01}, 900) == {"norm": "nf", "agc_clip": 0.01}
+
+
+def test_small_batch_quotes_table_2_over_the_range_it_compares():
+    assert small_batch.reference_rise(32, 8) == (
+        "Group Norm's Table 2: BN +1.2, GN -0.1 pts from 32 to 8; BN +11.1, GN +0.0 pts from 32 to 2")
+    assert small_batch.reference_rise(64, 8) == "Group Norm's Table 2: BN +11.1, GN +0.0 pts from 32 to 2"

@@ -313,3 +313,34 @@ def test_mean_shift_growth_is_compared_on_a_log_scale():
                       110: [dict(r, final_cosine=0.3) for r in seeds([0.3, 0.3, 0.3])]}}
     _, agrees, discrepancy, _ = mean_shift.verdict(mean_shift.summarize(results), results)
     assert agrees is True, discrepancy
+
+
+def test_small_batch_tie_within_table_2_range_says_why():
+    """Recalibrated variants trained at the smallest batch only (recalibrate_batches); a tie over 32 -> 8,
+    where Table 2's own effect (1.3 pts) is below the seeds' spread, says so with both figures."""
+    def cell(acc: float, spread: float):
+        rs = [run(acc + d, "converged") for d in (0.0, spread, -spread)]
+        return rs, [(r.final_test_acc, r.final_test_acc) for r in rs]
+
+    spec = {("bn", 8): cell(0.62, 0.03), ("bn", 16): cell(0.63, 0.01), ("bn", 32): cell(0.63, 0.01),
+            ("gn", 8): cell(0.56, 0.01), ("gn", 16): cell(0.56, 0.01), ("gn", 32): cell(0.57, 0.01),
+            ("evalnorm", 8): cell(0.60, 0.01), ("precise_bn", 8): cell(0.61, 0.01)}
+    cells, metrics = {k: v[0] for k, v in spec.items()}, {k: v[1] for k, v in spec.items()}
+    variants = ["bn", "gn", "evalnorm", "precise_bn"]
+    _, agrees, discrepancy, key = small_batch.judge(cells, metrics, variants, [8, 16, 32])
+    assert agrees is False and key.startswith("test error batch 32 -> 8")
+    assert "the paper's own effect (BN's rise minus GN's, 1.3 pts) is smaller" in discrepancy
+
+
+def test_regularization_tie_with_a_fitted_training_set_says_why():
+    """Every cell at 100% train accuracy: the gap is the test error; BN's growth tying GN's is explained."""
+    def cell(test: float):
+        return [run(test + d, "converged", final_train_acc=1.0) for d in (0.0, 0.01, -0.01)]
+
+    cells = {("bn", 16): cell(0.94), ("bn", 256): cell(0.915),
+             ("gn", 16): cell(0.935), ("gn", 256): cell(0.91)}
+    _, agrees, discrepancy, _ = regularization.judge(cells, ["bn", "gn"], [16, 256])
+    assert agrees is False
+    assert ("Why: every cell fits its training set (mean train accuracy >= 100.0%), so the gap is the test "
+            "error") in discrepancy
+    assert "BN's growth (2.5 ± 0.0 pts) matches gn's (2.5 ± 0.0 pts)" in discrepancy

@@ -29,14 +29,21 @@ def base_fields(params: dict[str, Any]) -> dict[str, Any]:
 
 def budget_fields(params: dict[str, Any]) -> dict[str, Any]:
     """The training budget of a grid recipe: ``steps`` (the same number of optimizer steps at every batch
-    size) when the scale table sets it, else ``epochs`` (equal epochs give large batches fewer steps)."""
-    if params.get("steps"):
-        return {"steps": int(params["steps"]), "epochs": None}
-    return {"epochs": params["epochs"]}
+    size) when the scale table sets it, else ``epochs`` (equal epochs give large batches fewer steps), and
+    ``budget`` when set (``"auto"``: those steps / epochs are the cap of a run that ends at its own plateau,
+    :mod:`normlab.train.budget`)."""
+    fields = {"steps": int(params["steps"]), "epochs": None} if params.get("steps") else \
+        {"epochs": params["epochs"]}
+    if params.get("budget"):  # "auto": steps / epochs are the cap; each run stops at its own plateau
+        fields["budget"] = str(params["budget"])
+    return fields
 
 
 def budget_text(params: dict[str, Any]) -> str:
     """``"600 steps at every batch size"`` or ``"8 epochs at every batch size"``."""
+    if params.get("budget") == "auto":
+        cap = f"{params['steps']} steps" if params.get("steps") else f"{params['epochs']} epochs"
+        return f"each run until its plateau (auto budget, warmup-stable-decay), capped at {cap}"
     if params.get("steps"):
         return f"{params['steps']} steps at every batch size"
     return f"{params['epochs']} epochs at every batch size"

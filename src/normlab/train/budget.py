@@ -78,6 +78,8 @@ class RunBudget(Protocol):
 
     def done(self, step: int, history: History) -> bool: ...
 
+    def is_last(self, step: int) -> bool: ...
+
     @staticmethod
     def from_config(config: Any, steps_per_epoch: int, **options: Any) -> FixedBudget | AutoBudget:
         """The budget a :class:`~normlab.train.TrainConfig` asks for (:func:`from_config`)."""
@@ -109,6 +111,10 @@ class FixedBudget:
         return learning_rate(step, **self._schedule)
 
     def done(self, step: int, history: History) -> bool:
+        return step >= self.cap
+
+    def is_last(self, step: int) -> bool:
+        """Whether the run ends after ``step`` updates (no side effects, unlike :meth:`done`)."""
         return step >= self.cap
 
     def convergence(self) -> Convergence | None:
@@ -181,6 +187,11 @@ class AutoBudget:
     def done(self, step: int, history: History) -> bool:
         if self.decay_start is None:
             self._maybe_start_cooldown(step, history)
+        return self.decay_end is not None and step >= self.decay_end
+
+    def is_last(self, step: int) -> bool:
+        """Whether the run ends after ``step`` updates, as known now (no side effects, unlike :meth:`done`):
+        the end is set when the cooldown starts, at least one step before it."""
         return self.decay_end is not None and step >= self.decay_end
 
     def _maybe_start_cooldown(self, step: int, history: History) -> None:

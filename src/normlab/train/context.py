@@ -30,6 +30,9 @@ class StepContext:
     log: Callable[[str, float], None]
     store: Any
     run_id: int | None
+    # Whether this is the run's last step (its budget ends here): an auto budget's end is known only once
+    # its cooldown has started, so a callback "at the end" of a run checks this instead of a step count.
+    last: bool = False
 
 
 Callback = Callable[[StepContext], Any]

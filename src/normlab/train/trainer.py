@@ -253,6 +253,7 @@ class Trainer:
             log=self.log,
             store=self.store,
             run_id=self.run_id,
+            last=self.budget.is_last(self.step),
         )
 
     def _evaluate_heldout(self, final: bool = True) -> tuple[float, float]:
