@@ -317,7 +317,8 @@ def test_mean_shift_growth_is_compared_on_a_log_scale():
 
 def test_small_batch_tie_within_table_2_range_says_why():
     """Recalibrated variants trained at the smallest batch only (recalibrate_batches); a tie over 32 -> 8,
-    where Table 2's own effect (1.3 pts) is below the seeds' spread, says so with both figures."""
+    where Table 2's own effect (1.3 pts) is below the seeds' spread, is inconclusive and says why with both
+    figures."""
     def cell(acc: float, spread: float):
         rs = [run(acc + d, "converged") for d in (0.0, spread, -spread)]
         return rs, [(r.final_test_acc, r.final_test_acc) for r in rs]
@@ -327,9 +328,12 @@ def test_small_batch_tie_within_table_2_range_says_why():
             ("evalnorm", 8): cell(0.60, 0.01), ("precise_bn", 8): cell(0.61, 0.01)}
     cells, metrics = {k: v[0] for k, v in spec.items()}, {k: v[1] for k, v in spec.items()}
     variants = ["bn", "gn", "evalnorm", "precise_bn"]
-    _, agrees, discrepancy, key = small_batch.judge(cells, metrics, variants, [8, 16, 32])
-    assert agrees is False and key.startswith("test error batch 32 -> 8")
-    assert "the paper's own effect (BN's rise minus GN's, 1.3 pts) is smaller" in discrepancy
+    sentence, agrees, discrepancy, key = small_batch.judge(cells, metrics, variants, [8, 16, 32])
+    # The paper's effect over this range is below what 3 seeds resolve: inconclusive, not a disagreement.
+    assert agrees is None and discrepancy is None and key.startswith("test error batch 32 -> 8")
+    assert sentence.startswith("Inconclusive at this scale (over batch 32 -> 8 the paper's own effect (BN's "
+                               "rise minus GN's, 1.3 pts) is smaller than the 95% interval's half-width")
+    assert "to settle it: batch sizes down to 2-4 and more seeds (--scale paper)" in sentence
 
 
 def test_regularization_tie_with_a_fitted_training_set_says_why():

@@ -27,7 +27,7 @@ import math
 from typing import Any
 
 from normlab.errors import NormlabError
-from normlab.stats import INCONCLUSIVE, WIN
+from normlab.stats import INCONCLUSIVE, TIE, WIN
 from normlab.studies._grid import (
     base_fields,
     budget_fields,
@@ -302,12 +302,18 @@ def judge(
     if discrepancy and large in bn_ref and small in bn_ref:
         paper = (bn_ref[small] - bn_ref[large]) - (gn_ref[small] - gn_ref[large])
         half = 100 * (found.high - found.low) / 2
-        if math.isfinite(half) and paper < half:
-            discrepancy += (
-                f" Why: over this range the paper's own effect (BN's rise minus GN's, {paper:.1f} pts) is "
-                f"smaller than the 95% interval's half-width of ours ({half:.1f} pts over {len(rises['bn'])} "
-                "seeds), so a tie is what this scale can show; the sharp rise is at batch 4-2 (+3.7 and "
-                "+11.1 pts), which needs a smaller batch or more seeds than the quick budget affords.")
+        if math.isfinite(half) and paper < half and found.word == TIE:
+            # A tie where the paper's own effect is below this scale's resolution does not contradict the
+            # paper: the scale cannot test it, so the study is inconclusive, not in disagreement.
+            reason = (
+                f"over batch {large} -> {small} the paper's own effect (BN's rise minus GN's, "
+                f"{paper:.1f} pts) is smaller than the 95% interval's half-width of ours "
+                f"({half:.1f} pts over {len(rises['bn'])} seeds), so BN's and GN's rises tie here "
+                f"({found.sentence('error rise')}); the sharp rise is at batch 4-2 (+3.7 and +11.1 pts in "
+                "Table 2)"
+            )
+            settle = "batch sizes down to 2-4 and more seeds (--scale paper)"
+            return inconclusive_text([reason], key, settle), None, None, key
     return sentence, agrees, discrepancy, key
 
 
