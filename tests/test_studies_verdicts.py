@@ -114,6 +114,11 @@ def test_noisy_bn_needs_a_standard_net_that_trained():
     sentence, agrees, discrepancy, _ = noisy_bn.verdict(0.1, arms)
     assert agrees is None and discrepancy is None
     assert sentence.startswith("Inconclusive at this scale (3 run(s) of standard had not converged")
+    # The comparisons between converged arms are still reported, marked as not the verdict.
+    decided = sentence.split("Decided on converged arms (not the study's verdict): ")[1]
+    assert decided.startswith("BN beats noisy BN on training accuracy by +0.1 pts")
+    assert "BN beats noisy BN on step-to-step mean change (x 1e-3)" in decided
+    assert "noise, no BN" not in decided
 
 
 # -- ics, landscape --------------------------------------------------------------------------------
@@ -135,6 +140,13 @@ def test_ics_verdict_follows_the_rule():
     untrained = {("vgg", "none"): ics_records(0.1, 0.9, "unconverged"), ("vgg", "bn"): ics_records(0.3, 0.5)}
     sentence, agrees, _, _ = ics.verdict(untrained)
     assert agrees is None and sentence.startswith("Inconclusive at this scale (vgg ||G - G'||: 3 run(s)")
+    assert "Decided on converged arms" not in sentence
+    # A network whose arms converged is reported as decided beside the one that did not train.
+    mixed = {**untrained, ("dln", "none"): ics_records(0.01, 0.99), ("dln", "bn"): ics_records(1.0, 0.02)}
+    sentence, agrees, _, _ = ics.verdict(mixed)
+    decided = sentence.split("Decided on converged arms (not the study's verdict): ")[1]
+    assert agrees is None and decided.startswith("dln: standard beats BN on less ICS (lower ||G - G_prime||)")
+    assert "vgg" not in decided
 
 
 def landscape_records(beta: float, convergence: str = "converged"):

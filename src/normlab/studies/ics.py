@@ -98,7 +98,7 @@ def verdict(
     than 3 seeds.
     """
     nets = sorted({net for net, _ in per_run}, key=list(dict.fromkeys(n for n, _ in per_run)).index)
-    parts, failed, undecided, keys = [], [], [], []
+    parts, failed, undecided, keys, decided = [], [], [], [], []
     for net in nets:
         if (net, "none") not in per_run or (net, "bn") not in per_run:
             continue
@@ -119,6 +119,8 @@ def verdict(
             f"{net}: {l2.sentence('less ICS (lower ||G - G_prime||)', 1.0, '')} "
             f"{cos.sentence('less ICS (higher cos(G, G_prime))', 1.0, '')}"
         )
+        if INCONCLUSIVE not in (l2.word, cos.word):
+            decided.append(parts[-1])
         for v, what in ((l2, "||G - G'||"), (cos, "cos(G, G')")):
             if v.word == INCONCLUSIVE:
                 undecided.append(f"{net} {what}: {v.reason}")
@@ -129,7 +131,11 @@ def verdict(
     sentence = " ".join(parts)
     key = "; ".join(keys)
     if undecided:
-        return inconclusive_text(undecided, key), None, None, key
+        # A network whose arms both converged is still decided: say so beside the inconclusive one.
+        text = inconclusive_text(undecided, key)
+        if decided:
+            text += " Decided on converged arms (not the study's verdict): " + " ".join(decided)
+        return text, None, None, key
     if failed:
         discrepancy = "Santurkar et al. find BN's ICS similar or higher, but " + "; ".join(failed) + "."
         return sentence + " BN reduces internal covariate shift here.", False, discrepancy, key

@@ -304,6 +304,14 @@ def verdict(lr: float, runs: dict[str, list[dict[str, Any]]]) -> tuple[str, bool
         settle = "; ".join(dict.fromkeys(v.settle for v in parts if v.word == INCONCLUSIVE and v.settle))
         text = (f"Inconclusive at this scale ({reasons}); to settle it: {settle}. As measured at LR {lr:g} "
                 f"(not a verdict): {key}.")
+        decided = [sentence for v, sentence in (
+            (trains, trains.sentence('training accuracy', 1.0)),
+            (harms, harms.sentence('training accuracy', 1.0)),
+            (stable, stable.sentence('step-to-step mean change (x 1e-3)', 1000.0, '')),
+        ) if v.word != INCONCLUSIVE]
+        if decided:
+            # The comparisons whose arms both converged still say something: report them, not as the verdict.
+            text += " Decided on converged arms (not the study's verdict): " + " ".join(decided)
         return text, None, None, key
     failed = []
     if trains.word == WIN and trains.winner == LABELS["bn"]:
