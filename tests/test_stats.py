@@ -76,6 +76,17 @@ def test_stalled_arm_is_inconclusive_not_a_loss():
     assert verdict.word == INCONCLUSIVE and "stalled at chance level" in verdict.reason
 
 
+def test_every_arm_that_did_not_train_is_named_and_the_worst_problem_settles():
+    verdict = compare_arms(
+        "std", [0.6, 0.7, 0.65], "bn", [0.95, 0.96, 0.955],
+        statuses_a=["unconverged"] * 3, statuses_b=["converged", "diverged", "unconverged"],
+        settle={"unconverged": "a longer budget", "diverged": "a smaller lr"},
+    )  # fmt: skip
+    assert verdict.reason == ("3 run(s) of std had not converged when the budget ended; 1 run(s) of bn "
+                              "diverged; 1 run(s) of bn had not converged when the budget ended")
+    assert verdict.settle == "a smaller lr"
+
+
 def test_too_few_seeds_is_inconclusive():
     verdict = compare_arms("bn", [0.95, 0.96], "gn", [0.90, 0.91])
     assert verdict.word == INCONCLUSIVE

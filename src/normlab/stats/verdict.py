@@ -99,10 +99,17 @@ def compare_arms(
             ``"seeds"``), e.g. ``{"unconverged": "--budget auto", "seeds": "--seeds 3"}``.
     """
     settle = settle or {}
-    for name, values, statuses in ((a, values_a, statuses_a), (b, values_b, statuses_b)):
-        for status in _not_results(statuses):
-            count = sum(s == status for s in statuses or ())
-            return _inconclusive(a, b, f"{count} run(s) of {name} {_describe(status)}", settle.get(status))
+    # Every arm's runs that are not results, named together (both arms may have failed to train).
+    problems = [
+        (status, f"{sum(s == status for s in statuses or ())} run(s) of {name} {_describe(status)}")
+        for name, statuses in ((a, statuses_a), (b, statuses_b))
+        for status in _not_results(statuses)
+    ]
+    if problems:
+        worst = min(problems, key=lambda p: _SEVERITY.get(p[0], len(_SEVERITY)))[0]
+        reason = "; ".join(dict.fromkeys(text for _, text in problems))  # an arm judged alone: once
+        return _inconclusive(a, b, reason, settle.get(worst))
+    for name, values in ((a, values_a), (b, values_b)):
         finite = [v for v in values if math.isfinite(v)]
         if len(finite) < min_seeds:
             reason = f"{name} has {len(finite)} result(s), the rule needs at least {min_seeds} seeds"
@@ -115,6 +122,9 @@ def compare_arms(
         better_a = (diff > 0) == higher_is_better
         return Verdict(WIN, a, b, diff, low, high, test, winner=a if better_a else b)
     return Verdict(TIE, a, b, diff, low, high, test, reason="the 95% interval of the difference includes 0")
+
+
+_SEVERITY = {"failed": 0, "diverged": 1, "stalled": 2, "unconverged": 3}  # which problem's remedy comes first
 
 
 def _not_results(statuses: Sequence[str] | None) -> list[str]:
