@@ -281,8 +281,9 @@ def test_largest_stable_lr_at_the_top_of_the_grid_is_a_lower_bound():
     assert largest_text({"largest_stable_lr": None, "grid_top": 1.6}) == "none"
     top = {("bn", 512): {**lr_summary(1.0, 3.0, (0.90, 0.91, 0.89)), "grid_top": 3.0},
            ("none", 512): {**lr_summary(0.1, 0.3, (0.80, 0.81, 0.79)), "grid_top": 3.0}}
-    sentence, _, _, key = large_batch.judge(top, 512)
-    assert "BN largest stable lr >= 3 (top of grid)" in sentence and "no norm largest stable lr 0.3" in sentence
+    sentence, _, _, _ = large_batch.judge(top, 512)
+    assert "BN largest stable lr >= 3 (top of grid)" in sentence
+    assert "no norm largest stable lr 0.3" in sentence
 
 
 # -- noisy-bn's eval: the expected training-time layer ---------------------------------------------
