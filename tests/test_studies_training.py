@@ -177,6 +177,7 @@ def test_budget_fields_pass_the_auto_budget_through():
     fields = budget_fields({"epochs": 8, "steps": 2000, "budget": "auto"})
     assert fields == {"steps": 2000, "epochs": None, "budget": "auto"}
     assert TrainConfig(**fields).budget == "auto"
+    assert budget_fields({"steps": 2000, "budget": "auto", "warmup_steps": 100})["warmup_steps"] == 100
     assert budget_text({"steps": 2000, "budget": "auto"}) == (
         "until the plateau rule holds (warmup-stable-decay, cap 2000 steps at every batch size)")
     # The accuracy studies train every arm to its plateau at quick scale (issue 11).

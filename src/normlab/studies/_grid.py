@@ -30,11 +30,16 @@ def base_fields(params: dict[str, Any]) -> dict[str, Any]:
 def budget_fields(params: dict[str, Any]) -> dict[str, Any]:
     """The training budget of a grid recipe: ``steps`` (the same number of optimizer steps at every batch
     size) when the scale table sets it, else ``epochs`` (equal epochs give large batches fewer steps); and
-    ``budget`` when the table sets it (``"auto"``: :mod:`normlab.train.budget`, the length being the cap)."""
+    ``budget`` when the table sets it (``"auto"``: :mod:`normlab.train.budget`, the length being the cap), and
+    ``warmup_steps`` and ``eval_every`` when it sets them."""
     fields = {"steps": int(params["steps"]), "epochs": None} if params.get("steps") else {
         "epochs": params["epochs"]}
     if params.get("budget"):  # "auto": until the plateau rule holds, steps/epochs being the cap
         fields["budget"] = str(params["budget"])
+    if params.get("warmup_steps"):  # linear warmup (unnormalized nets blow up early at a constant lr)
+        fields["warmup_steps"] = int(params["warmup_steps"])
+    if params.get("eval_every"):  # held-out evaluations, where an auto budget judges its plateau
+        fields["eval_every"] = int(params["eval_every"])
     return fields
 
 
