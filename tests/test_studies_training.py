@@ -182,7 +182,7 @@ def test_budget_fields_steps_override_epochs():
     assert budget_text({"epochs": 8, "steps": 600}) == "600 steps at every batch size"
     assert budget_fields({"epochs": 100, "budget": "auto"}) == {"epochs": 100, "budget": "auto"}
     assert budget_text({"epochs": 100, "budget": "auto"}) == (
-        "each run until its plateau (auto budget, warmup-stable-decay), capped at 100 epochs")
+        "until the plateau rule holds (warmup-stable-decay, cap 100 epochs at every batch size)")
 
 
 def test_budget_is_last_has_no_side_effects():
@@ -218,6 +218,39 @@ def test_cost_cpu_clock_ignores_time_not_spent_computing():
 
     # Sleeping stands for another process holding the core: CPU time does not count it, wall time would.
     assert cost.time_block(lambda: time.sleep(0.02), 3, "cpu") < 0.005
+
+
+def test_budget_fields_pass_the_auto_budget_through():
+    from normlab.studies import get_study
+    from normlab.studies._grid import budget_fields, budget_text
+    from normlab.train import TrainConfig
+
+    fields = budget_fields({"epochs": 8, "steps": 2000, "budget": "auto"})
+    assert fields == {"steps": 2000, "epochs": None, "budget": "auto"}
+    assert TrainConfig(**fields).budget == "auto"
+    assert budget_fields({"steps": 2000, "budget": "auto", "warmup_steps": 100})["warmup_steps"] == 100
+    assert budget_text({"steps": 2000, "budget": "auto"}) == (
+        "until the plateau rule holds (warmup-stable-decay, cap 2000 steps at every batch size)")
+    # The accuracy studies train every arm to its plateau at quick scale (issue 11).
+    for name in ("normalizer-free", "large-batch"):
+        assert budget_fields(get_study(name).params("quick"))["budget"] == "auto", name
+    assert get_study("residual").params("quick")["train"]["budget"] == "auto"
+
+
+def test_per_variant_and_per_batch_lr_grids():
+    from normlab.errors import NormlabError
+    from normlab.studies import large_batch, normalizer_free
+
+    params = {"variants": ["bn", "skipinit"], "lrs": [0.1, 0.4], "variant_lrs": {"skipinit": [0.025, 0.1]}}
+    assert normalizer_free.variant_lrs(params) == {"bn": [0.1, 0.4], "skipinit": [0.025, 0.1]}
+    with pytest.raises(NormlabError, match="keyed by the recipe's variants"):
+        normalizer_free.variant_lrs({**params, "variant_lrs": {"gn": [0.1]}})
+    with pytest.raises(NormlabError, match="variant_lrs.skipinit must be a non-empty list of positive lrs"):
+        normalizer_free.variant_lrs({**params, "variant_lrs": {"skipinit": [-0.1]}})
+    batches = {"batch_sizes": [32, 256], "lrs": [0.1, 0.4], "batch_lrs": {"32": [0.025, 0.1]}}
+    assert large_batch.batch_lrs(batches) == {32: [0.025, 0.1], 256: [0.1, 0.4]}
+    with pytest.raises(NormlabError, match="keyed by the recipe's batch sizes"):
+        large_batch.batch_lrs({**batches, "batch_lrs": {"64": [0.1]}})
 
 
 def test_run_length_reaches_only_a_norm_that_takes_it(monkeypatch):

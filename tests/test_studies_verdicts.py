@@ -279,6 +279,23 @@ def test_residual_judge_exponent_interval_and_branch_ratio():
     sentence, agrees, _, _ = residual.judge(depths, measured, {"skipinit": runs(0.2, 0.2, 0.2,
                                                                                 convergence="stalled")})
     assert agrees is None and "SkipInit: 3 stalled of 3 run(s)" in sentence
+    # Every trained arm is gated, not only SkipInit: an unconverged BN arm makes the study inconclusive.
+    trained = {"bn": runs(0.98, 0.97, 0.98, convergence="unconverged"), "skipinit": runs(0.9, 0.9, 0.9)}
+    sentence, agrees, _, _ = residual.judge(depths, measured, trained)
+    assert agrees is None and "BN: 3 unconverged of 3 run(s)" in sentence and "SkipInit" not in sentence
+
+
+def test_largest_stable_lr_at_the_top_of_the_grid_is_a_lower_bound():
+    from normlab.studies._grid import largest_text
+
+    assert largest_text({"largest_stable_lr": 1.6, "grid_top": 1.6}) == ">= 1.6 (top of grid)"
+    assert largest_text({"largest_stable_lr": 0.4, "grid_top": 1.6}) == "0.4"
+    assert largest_text({"largest_stable_lr": None, "grid_top": 1.6}) == "none"
+    top = {("bn", 512): {**lr_summary(1.0, 3.0, (0.90, 0.91, 0.89)), "grid_top": 3.0},
+           ("none", 512): {**lr_summary(0.1, 0.3, (0.80, 0.81, 0.79)), "grid_top": 3.0}}
+    sentence, _, _, _ = large_batch.judge(top, 512)
+    assert "BN largest stable lr >= 3 (top of grid)" in sentence
+    assert "no norm largest stable lr 0.3" in sentence
 
 
 # -- noisy-bn's eval: the expected training-time layer ---------------------------------------------

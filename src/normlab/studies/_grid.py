@@ -29,24 +29,27 @@ def base_fields(params: dict[str, Any]) -> dict[str, Any]:
 
 def budget_fields(params: dict[str, Any]) -> dict[str, Any]:
     """The training budget of a grid recipe: ``steps`` (the same number of optimizer steps at every batch
-    size) when the scale table sets it, else ``epochs`` (equal epochs give large batches fewer steps), and
-    ``budget`` when set (``"auto"``: those steps / epochs are the cap of a run that ends at its own plateau,
-    :mod:`normlab.train.budget`)."""
-    fields = {"steps": int(params["steps"]), "epochs": None} if params.get("steps") else \
-        {"epochs": params["epochs"]}
-    if params.get("budget"):  # "auto": steps / epochs are the cap; each run stops at its own plateau
+    size) when the scale table sets it, else ``epochs`` (equal epochs give large batches fewer steps); and
+    ``budget`` when the table sets it (``"auto"``: :mod:`normlab.train.budget`, the length being the cap), and
+    ``warmup_steps`` and ``eval_every`` when it sets them."""
+    fields = {"steps": int(params["steps"]), "epochs": None} if params.get("steps") else {
+        "epochs": params["epochs"]}
+    if params.get("budget"):  # "auto": until the plateau rule holds, steps/epochs being the cap
         fields["budget"] = str(params["budget"])
+    if params.get("warmup_steps"):  # linear warmup (unnormalized nets blow up early at a constant lr)
+        fields["warmup_steps"] = int(params["warmup_steps"])
+    if params.get("eval_every"):  # held-out evaluations, where an auto budget judges its plateau
+        fields["eval_every"] = int(params["eval_every"])
     return fields
 
 
 def budget_text(params: dict[str, Any]) -> str:
-    """``"600 steps at every batch size"`` or ``"8 epochs at every batch size"``."""
+    """``"600 steps at every batch size"`` or ``"8 epochs at every batch size"``; with ``budget = "auto"``
+    ``"until the plateau rule holds (cap 2000 steps at every batch size)"``."""
+    length = f"{params['steps']} steps" if params.get("steps") else f"{params['epochs']} epochs"
     if params.get("budget") == "auto":
-        cap = f"{params['steps']} steps" if params.get("steps") else f"{params['epochs']} epochs"
-        return f"each run until its plateau (auto budget, warmup-stable-decay), capped at {cap}"
-    if params.get("steps"):
-        return f"{params['steps']} steps at every batch size"
-    return f"{params['epochs']} epochs at every batch size"
+        return f"until the plateau rule holds (warmup-stable-decay, cap {length} at every batch size)"
+    return f"{length} at every batch size"
 
 
 def variant_fields(name: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -152,3 +155,13 @@ def lr_summary(by_lr: dict[float, Sequence[Any]], min_acc: float) -> dict[str, A
 
 def lr_text(lr: float | None) -> str:
     return "none" if lr is None else f"{lr:g}"
+
+
+def largest_text(summary: dict[str, Any]) -> str:
+    """An :func:`lr_summary`'s largest stable lr, as ``">= 1.6 (top of grid)"`` when it is the top of the grid
+    (``summary["grid_top"]``, set by the study): the grid never reached instability, so the true value is
+    at least that."""
+    lr, top = summary["largest_stable_lr"], summary.get("grid_top")
+    if lr is not None and top is not None and lr >= top:
+        return f">= {lr_text(lr)} (top of grid)"
+    return lr_text(lr)

@@ -15,12 +15,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from normlab.errors import NormlabError
 from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._grid import (
     base_fields,
     budget_fields,
     budget_text,
     group_results,
+    largest_text,
     lr_summary,
     lr_text,
     mean_of,
@@ -39,6 +41,8 @@ PARAMS = {
     "variants": {"list": str},
     "batch_sizes": {"list": int},
     "lrs": {"list": float},
+    # optional: "batch_lrs" = {"<batch>": [lrs]} replaces ``lrs`` at that batch size (a small batch's best
+    # lr lies below a large batch's: each grid brackets its own)
     "epochs": int,
     "weight_decay": float,
     "agc_clip": float,
@@ -48,12 +52,26 @@ PARAMS = {
 LABELS = {"bn": "BN", "none": "no norm", "nf": "NF+AGC"}
 
 
+def batch_lrs(params: dict[str, Any]) -> dict[int, list[float]]:
+    """Each batch size's lr grid: ``batch_lrs["<batch>"]`` when the recipe sets it, else ``lrs``."""
+    own = params.get("batch_lrs", {})
+    known = {str(b) for b in params["batch_sizes"]}
+    if not isinstance(own, dict) or any(str(k) not in known for k in own):
+        raise NormlabError(f"batch_lrs must be a table keyed by the recipe's batch sizes, got {own!r}")
+    grids = {b: [float(lr) for lr in own.get(str(b), params["lrs"])] for b in params["batch_sizes"]}
+    for b, lrs in grids.items():
+        if not lrs or any(not (math.isfinite(lr) and lr > 0) for lr in lrs):
+            raise NormlabError(f"batch_lrs.{b} must be a non-empty list of positive lrs, got {lrs!r}")
+    return grids
+
+
 def run(ctx: StudyContext) -> StudyOutcome:
     p = ctx.params
+    grids = batch_lrs(p)
     configs, keys = [], []
     for variant in p["variants"]:
         for batch in p["batch_sizes"]:
-            for lr in p["lrs"]:
+            for lr in grids[batch]:
                 for seed in ctx.seeds:
                     configs.append(
                         ctx.config(
@@ -69,27 +87,29 @@ def run(ctx: StudyContext) -> StudyOutcome:
         "Best stable lr, its test accuracy (%, mean ± 95% CI) and the largest stable lr",
         ["variant", "batch", "best lr", "test acc at best lr", "largest stable lr", "diverged runs"],
         notes=[
-            f"{len(ctx.seeds)} seeds; {budget_text(p)}; lr grid {', '.join(map(lr_text, p['lrs']))}.",
+            f"{len(ctx.seeds)} seeds; {budget_text(p)}; lr grid "
+            + "; ".join(f"batch {b}: {', '.join(map(lr_text, g))}" for b, g in grids.items()) + ".",
             f"Stable lr: every seed finished and mean test accuracy >= {pct(p['min_acc'], 0)}.",
             f"NF+AGC: normalizer-free {p['model']} (Scaled WS) with AGC clip {p['agc_clip']:g}.",
         ],
     )
     for variant in p["variants"]:
         for batch in p["batch_sizes"]:
-            s = lr_summary({lr: cells[(variant, batch, lr)] for lr in p["lrs"]}, p["min_acc"])
+            s = lr_summary({lr: cells[(variant, batch, lr)] for lr in grids[batch]}, p["min_acc"])
+            s["grid_top"] = max(grids[batch])
             summaries[(variant, batch)] = s
             table.add_row(
                 LABELS.get(variant, variant),
                 batch,
                 lr_text(s["best_lr"]),
                 pct_cell(s["acc"]),
-                lr_text(s["largest_stable_lr"]),
+                largest_text(s),
                 f"{s['diverged']}/{s['runs']}",
             )
     verdict, agrees, discrepancy, key_figures = judge(summaries, max(p["batch_sizes"]))
     figure = ctx.save_figure(
-        _plot(cells, p), "acc_vs_lr", "Final test accuracy vs learning rate per batch size (mean over seeds; "
-        "x = at least one seed diverged)."
+        _plot(cells, p, grids), "acc_vs_lr",
+        "Final test accuracy vs learning rate per batch size (mean over seeds; x = a seed diverged).",
     )
     data = {
         "mean_test_acc": {f"{v}/{b}/{lr:g}": mean_of(r, "final_test_acc") for (v, b, lr), r in cells.items()},
@@ -118,18 +138,17 @@ def judge(
 
     present = {name: s for name, s in (("BN", bn), ("no norm", none), ("NF+AGC", nf)) if s is not None}
     key = f"batch {batch}: " + "; ".join(
-        f"{name} {acc(s) if s['best_runs'] else 'n/a'}, largest stable lr {lr_text(s['largest_stable_lr'])}"
+        f"{name} {acc(s) if s['best_runs'] else 'n/a'}, largest stable lr {largest_text(s)}"
         for name, s in present.items()
     )
     sentence = f"At batch {batch}: " + "; ".join(
-        f"{name} largest stable lr {lr_text(s['largest_stable_lr'])}, best test accuracy "
+        f"{name} largest stable lr {largest_text(s)}, best test accuracy "
         f"{acc(s) if s['best_runs'] else 'n/a'}" for name, s in present.items()
     ) + "."
     problems = []
     if none is not None and bn["largest_stable_lr"] < stable_lr(none):
         problems.append(
-            f"the unnormalized net is stable up to lr {lr_text(none['largest_stable_lr'])}, above BN's "
-            f"{lr_text(bn['largest_stable_lr'])}"
+            f"the unnormalized net is stable up to lr {largest_text(none)}, above BN's {largest_text(bn)}"
         )
     if nf is not None:
         if not nf["best_runs"]:
@@ -145,7 +164,7 @@ def judge(
     return sentence, not problems, discrepancy, key
 
 
-def _plot(cells: dict, p: dict[str, Any]) -> Any:
+def _plot(cells: dict, p: dict[str, Any], grids: dict[int, list[float]]) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +174,7 @@ def _plot(cells: dict, p: dict[str, Any]) -> Any:
     fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.4), squeeze=False, sharey=True)
     for ax, batch in zip(axes[0], batches, strict=True):
         for variant in p["variants"]:
-            lrs = p["lrs"]
+            lrs = grids[batch]
             accs = [100 * mean_of(cells[(variant, batch, lr)], "final_test_acc") for lr in lrs]
             (line,) = ax.plot(lrs, accs, marker="o", label=LABELS.get(variant, variant))
             bad = [lr for lr in lrs if any(r.status != "finished" for r in cells[(variant, batch, lr)])]

@@ -16,12 +16,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from normlab.errors import NormlabError
 from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._grid import (
     base_fields,
     budget_fields,
     budget_text,
     group_results,
+    largest_text,
     lr_summary,
     lr_text,
     mean_of,
@@ -40,6 +42,8 @@ PARAMS = {
     "subset": int,
     "variants": {"list": str},
     "lrs": {"list": float},
+    # optional: "variant_lrs" = {variant: [lrs]} replaces ``lrs`` for that variant (each variant's grid
+    # brackets its own best lr: SkipInit diverges where NF+AGC is best)
     "batch_size": int,
     "epochs": int,
     "weight_decay": float,
@@ -50,11 +54,24 @@ PARAMS = {
 LABELS = {"bn": "BN-ResNet", "nf": "NF-ResNet+AGC", "skipinit": "SkipInit", "none": "no norm"}
 
 
+def variant_lrs(params: dict[str, Any]) -> dict[str, list[float]]:
+    """Each variant's lr grid: ``variant_lrs[variant]`` when the recipe sets it, else ``lrs``."""
+    own = params.get("variant_lrs", {})
+    if not isinstance(own, dict) or any(v not in params["variants"] for v in own):
+        raise NormlabError(f"variant_lrs must be a table keyed by the recipe's variants, got {own!r}")
+    grids = {v: [float(lr) for lr in own.get(v, params["lrs"])] for v in params["variants"]}
+    for v, lrs in grids.items():
+        if not lrs or any(not (math.isfinite(lr) and lr > 0) for lr in lrs):
+            raise NormlabError(f"variant_lrs.{v} must be a non-empty list of positive lrs, got {lrs!r}")
+    return grids
+
+
 def run(ctx: StudyContext) -> StudyOutcome:
     p = ctx.params
+    grids = variant_lrs(p)
     configs, keys = [], []
     for variant in p["variants"]:
-        for lr in p["lrs"]:
+        for lr in grids[variant]:
             for seed in ctx.seeds:
                 fields = {**base_fields(p), **budget_fields(p), **variant_fields(variant, p),
                           "batch_size": p["batch_size"]}
@@ -62,14 +79,16 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 keys.append((variant, lr))
     cells = group_results(keys, ctx.train_grid(configs))
     summaries = {
-        v: lr_summary({lr: cells[(v, lr)] for lr in p["lrs"]}, p["min_acc"]) for v in p["variants"]
+        v: {**lr_summary({lr: cells[(v, lr)] for lr in grids[v]}, p["min_acc"]), "grid_top": max(grids[v])}
+        for v in p["variants"]
     }
     table = Table(
         "Accuracy at the best stable lr, speed and stability (mean ± 95% CI over seeds)",
         ["variant", "best lr", "test acc (%)", "steps/s", "steps/s ÷ BN", "largest stable lr", "diverged"],
         notes=[
             f"{p['model']} depth {p['depth']} width {p['width']}, batch {p['batch_size']}, "
-            f"{budget_text(p)}, {len(ctx.seeds)} seeds, lr grid {', '.join(map(lr_text, p['lrs']))}.",
+            f"{budget_text(p)}, {len(ctx.seeds)} seeds, lr grid "
+            + "; ".join(f"{LABELS.get(v, v)} {', '.join(map(lr_text, g))}" for v, g in grids.items()) + ".",
             f"Stable lr: every seed finished and mean test accuracy >= {pct(p['min_acc'], 0)}. "
             f"NF-ResNet+AGC: nf_resnet (Scaled WS, alpha/beta scaling) with AGC clip {p['agc_clip']:g}.",
             "steps/s: each run's own training-loop timing; runs execute one after another, so machine load "
@@ -85,11 +104,11 @@ def run(ctx: StudyContext) -> StudyOutcome:
             pct_cell(s["acc"]),
             (round(speed[0], 1), round(speed[1], 1)),
             round(speed[0] / bn_speed, 3) if math.isfinite(bn_speed) and bn_speed > 0 else None,
-            lr_text(s["largest_stable_lr"]),
+            largest_text(s),
             f"{s['diverged']}/{s['runs']}",
         )
     verdict, agrees, discrepancy, key_figures = judge(summaries)
-    figure = ctx.save_figure(_plot(cells, p), "acc_vs_lr",
+    figure = ctx.save_figure(_plot(cells, p, grids), "acc_vs_lr",
                              "Final test accuracy vs learning rate (mean over seeds; x = a seed diverged).")
     data = {
         "mean_test_acc": {f"{v}/{lr:g}": mean_of(r, "final_test_acc") for (v, lr), r in cells.items()},
@@ -108,7 +127,7 @@ def judge(summaries: dict[str, dict[str, Any]]) -> tuple[str, bool | None, str |
     if bn is None or nf is None or bn["best_lr"] is None or nf["best_lr"] is None:
         return "Inconclusive: BN or NF+AGC missing, or one of them has no stable lr.", None, None, ""
     parts = [f"{LABELS.get(v, v)} {ci_text([r.final_test_acc for r in s['best_runs']])} (largest stable lr "
-             f"{lr_text(s['largest_stable_lr'])}, {s['diverged']}/{s['runs']} diverged)"
+             f"{largest_text(s)}, {s['diverged']}/{s['runs']} diverged)"
              for v, s in summaries.items()]
     key = "; ".join(f"{LABELS.get(v, v)} {ci_text([r.final_test_acc for r in s['best_runs']])} at lr "
                     f"{lr_text(s['best_lr'])}" for v, s in summaries.items())
@@ -120,12 +139,12 @@ def judge(summaries: dict[str, dict[str, Any]]) -> tuple[str, bool | None, str |
         return -math.inf if s is None or s["largest_stable_lr"] is None else s["largest_stable_lr"]
 
     stable = none is None or largest(nf) >= largest(none)
-    nf_lr = lr_text(nf["largest_stable_lr"])
+    nf_lr = largest_text(nf)
     if stable:
         sentence += f" NF+AGC is stable up to lr {nf_lr}."
     else:
         sentence += f" NF+AGC is less stable than the unnormalized net (lr {nf_lr} vs " \
-                    f"{lr_text(none['largest_stable_lr'])})."
+                    f"{largest_text(none)})."
     if found.word == INCONCLUSIVE:
         return inconclusive_text([found.reason], key, found.settle), None, None, key
     problems = []
@@ -136,15 +155,15 @@ def judge(summaries: dict[str, dict[str, Any]]) -> tuple[str, bool | None, str |
     return sentence, not problems, ("; ".join(problems) + ".") if problems else None, key
 
 
-def _plot(cells: dict, p: dict[str, Any]) -> Any:
+def _plot(cells: dict, p: dict[str, Any], grids: dict[str, list[float]]) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    lrs = p["lrs"]
     for variant in p["variants"]:
+        lrs = grids[variant]
         accs = [100 * mean_of(cells[(variant, lr)], "final_test_acc") for lr in lrs]
         (line,) = ax.plot(lrs, accs, marker="o", label=LABELS.get(variant, variant))
         bad = [lr for lr in lrs if any(r.status != "finished" for r in cells[(variant, lr)])]
