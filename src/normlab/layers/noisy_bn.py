@@ -26,6 +26,7 @@ Choices the paper leaves open, as options:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,6 @@ from torch.autograd.function import once_differentiable
 
 from normlab.errors import NormlabError
 from normlab.layers._batchnorm_base import BatchStatsNorm, channel_view, under_vmap
-from normlab.layers.batch_renorm import batch_stats
 from normlab.layers.factory import register_norm
 
 DEFAULT_NOISE = {"n_mu": 0.5, "n_sigma": 1.25, "r_mu": 0.1, "r_sigma": 0.1}
@@ -60,6 +60,13 @@ def expected_scale(n_sigma: float) -> float:
 _PER_CHANNEL_MIN_VALUES = 4096
 
 
+def _channel_params(c: int, n_mu: float, n_sigma: float, **kw) -> tuple[Tensor, Tensor]:
+    """Alg. 1's per-channel draws ``mu_j ~ U(-n_mu, n_mu)`` and ``sigma_j ~ U(1, n_sigma)``, in that order."""
+    mu = torch.rand(c, **kw).mul_(2 * n_mu).sub_(n_mu)
+    sigma = torch.rand(c, **kw).mul_(n_sigma - 1.0).add_(1.0)
+    return mu, sigma
+
+
 def sample_bn_noise(
     shape: tuple[int, ...] | torch.Size,
     *,
@@ -82,10 +89,13 @@ def sample_bn_noise(
     n, c = shape[0], shape[1]
     spatial = tuple(shape[2:]) if per_position else (1,) * (len(shape) - 2)
     kw = {"generator": generator, "device": device, "dtype": dtype}
-    mu = torch.rand(c, **kw).mul_(2 * n_mu).sub_(n_mu)
-    sigma = torch.rand(c, **kw).mul_(n_sigma - 1.0).add_(1.0)
+    mu, sigma = _channel_params(c, n_mu, n_sigma, **kw)
     if _draws_per_channel(shape, per_position, mu.device):
-        return _per_channel_noise(shape, mu, sigma, r_mu, r_sigma, generator)
+        s = mu.new_empty((c, n, *spatial))
+        m = mu.new_empty((c, n, *spatial)).transpose(0, 1)
+        for _ in _channel_draws(s, lambda j: m[:, j], mu, sigma, r_mu, r_sigma, generator):
+            pass
+        return s.transpose(0, 1), m
     m = torch.rand(n, c, *spatial, **kw).mul_(2 * r_mu).sub_(r_mu)
     s = torch.randn(n, c, *spatial, **kw).mul_(r_sigma)
     view = (1, c) + (1,) * len(spatial)
@@ -96,40 +106,63 @@ def _draws_per_channel(shape: tuple[int, ...] | torch.Size, per_position: bool, 
     return per_position and device.type == "cpu" and math.prod(shape) // shape[1] >= _PER_CHANNEL_MIN_VALUES
 
 
-def _per_channel_noise(
-    shape: tuple[int, ...] | torch.Size, mu: Tensor, sigma: Tensor, r_mu: float, r_sigma: float,
-    generator: torch.Generator | None, m_out: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Per-position (s, m), one fused draw per channel with the channel's own mean and bounds, so the random
-    numbers (the dominant cost) are generated once and never touched again. s lives in a channel-major
-    buffer (returned as an (N, C, *S) view); m is drawn straight into ``m_out`` (N, C, *S) when given (the
-    layer's output buffer: one tensor fewer to allocate) or into a channel-major buffer."""
-    n, c, spatial = shape[0], shape[1], tuple(shape[2:])
-    s = mu.new_empty((c, n, *spatial))
-    m = mu.new_empty((c, n, *spatial)).transpose(0, 1) if m_out is None else m_out
+def _channel_draws(
+    s: Tensor, m_of: Callable[[int], Tensor], mu: Tensor, sigma: Tensor, r_mu: float, r_sigma: float,
+    generator: torch.Generator | None,
+) -> Iterator[int]:
+    """Per-position (s, m), one fused draw per channel with the channel's own mean and bounds: fill channel j
+    of the channel-major ``s`` (C, N, *S) with N(sigma_j, r_sigma^2) and ``m_of(j)`` (N, *S) with
+    U(mu_j - r_mu, mu_j + r_mu), then yield j. ``normal_`` takes its vectorized path only on contiguous
+    memory (on a strided (N, *S) view it is ~4x slower), hence the channel-major s. One stream order for
+    :func:`sample_bn_noise` and the layer, so both draw the same numbers from the same generator."""
     for j, (mu_j, sigma_j) in enumerate(zip(mu.tolist(), sigma.tolist(), strict=True)):
         s[j].normal_(sigma_j, r_sigma, generator=generator)
-        m[:, j].uniform_(mu_j - r_mu, mu_j + r_mu, generator=generator)
-    return s.transpose(0, 1), m
+        m_of(j).uniform_(mu_j - r_mu, mu_j + r_mu, generator=generator)
+        yield j
 
 
-class _NoisyBNPerPositionFn(torch.autograd.Function):
-    """``y = s * BN(x) + m`` with per-activation s, m: one fused BN forward, then ``m += s * a`` in place (m,
-    laid out like x, becomes the output: no further tensor); backward is ``dy * s`` (the chain rule through
-    the noise, reusing the saved s) fed to BN's fused backward, which returns dx, dgamma = sum(dy s x_hat)
-    and dbeta = sum(dy s). BN's output is not kept (only x and s). ``native_batch_norm`` also updates the
-    running statistics (unbiased batch variance, as torch BN).
+def _noise_channel_by_channel(
+    out: Tensor, mu: Tensor, sigma: Tensor, r_mu: float, r_sigma: float, generator: torch.Generator | None
+) -> Tensor:
+    """``out <- s * out + m`` in place with per-position noise drawn channel by channel; returns s (an
+    (N, C, *S) view of a channel-major buffer). m never exists as a whole: each channel's m is drawn into one
+    (N, *S) scratch tensor (about 0.5 MB at the benchmark's shape, so it and s's fresh channel are still in
+    cache when ``addcmul`` folds them into the output)."""
+    n, c = out.shape[0], out.shape[1]
+    s = out.new_empty((c, n, *out.shape[2:]))
+    m_j = out.new_empty((n, *out.shape[2:]))
+    for j in _channel_draws(s, lambda _: m_j, mu, sigma, r_mu, r_sigma, generator):
+        out_j = out[:, j]
+        torch.addcmul(m_j, s[j], out_j, out=out_j)
+    return s.transpose(0, 1)
+
+
+class _NoisyBNFn(torch.autograd.Function):
+    """``y = s * BN(x) + m`` (noise after gamma and beta), s and m per activation or per (sample, channel).
+
+    Forward: one fused ``native_batch_norm`` writing BN's output straight into the output tensor (it also
+    updates the running statistics, unbiased batch variance as torch BN), then ``out <- s * out + m`` in
+    place, by ``apply_noise(out)``, which returns s: either one ``addcmul`` with given (s, m), or the
+    channel-by-channel draws of :func:`_noise_channel_by_channel`. Backward: ``dy * s`` (the chain rule
+    through the noise) written into dx's buffer, then BN's fused backward in place on it, which returns dx,
+    dgamma = sum(dy s x_hat) and dbeta = sum(dy s). Saved: x, gamma, s and the batch statistics, nothing else.
+
+    So the layer allocates exactly what BN does (output, dx) plus s, which backward needs. Each extra
+    32 MB tensor costs a pass of page faults on CPU (glibc serves it with a fresh mmap): the former version,
+    with BN's output, m and ``dy * s`` as tensors of their own, was 2.9x BN's time, this one ~2.2x, of which
+    the two random fills alone are ~1.1x (benchmarks/layers.py, the "(floor)" line and the module docstring).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, s, m, running_mean, running_var, momentum, eps):
-        a, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum,
-                                                  eps)
-        if under_vmap(a) or under_vmap(s):
-            out = torch.addcmul(m, s, a)
-        else:
-            ctx.mark_dirty(m)
-            out = m.addcmul_(s, a)
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, apply_noise):
+        # (An old-style Function never runs under torch.func.vmap, so the out= kernels are safe here.)
+        stat_dtype = x.dtype if weight is None else weight.dtype
+        out = torch.empty_like(x)
+        mean = x.new_empty(x.shape[1], dtype=stat_dtype)
+        invstd = x.new_empty(x.shape[1], dtype=stat_dtype)
+        torch.ops.aten.native_batch_norm.out(x, weight, bias, running_mean, running_var, True, momentum, eps,
+                                             out=out, save_mean=mean, save_invstd=invstd)
+        s = apply_noise(out)
         ctx.save_for_backward(x, weight, s, mean, invstd)
         ctx.eps = eps
         return out
@@ -137,49 +170,33 @@ class _NoisyBNPerPositionFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, _, s, _, _ = ctx.saved_tensors
-        # out= keeps x's layout (s may be a channel-major view); vmapped gradients take the functional mul.
-        dy_s = dy * s if under_vmap(dy) else torch.mul(dy, s, out=torch.empty_like(x))
-        return (*_bn_backward(ctx, dy_s), None, None, None, None, None, None)
+        x, weight, s, mean, invstd = ctx.saved_tensors
+        grads = _bn_backward_times_noise(dy, x, weight, s, mean, invstd, ctx.eps, ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None)
 
 
-class _NoisyBatchNormFn(torch.autograd.Function):
-    """``y = s * (gamma * (x - mean) * invstd + beta) + m`` in one pass, given the batch statistics.
-
-    Forward folds everything into a per-(sample, channel) scale and shift (one ``addcmul`` over x);
-    backward is BN's fused backward applied to ``dy * s`` (the chain rule through the noise), which returns
-    dx, dgamma = sum(dy s x_hat) and dbeta = sum(dy s). On CPU this took the layer from 1.52x to about
-    1.2x of ``nn.BatchNorm2d``'s forward+backward time (before: BN then an autograd ``addcmul``;
-    benchmarks/layers.py). s, m, mean and invstd get no gradient: mean and invstd are the batch
-    statistics, whose dependence on x the BN backward formula accounts for.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, s, m, mean, invstd, eps):
-        g = invstd if weight is None else weight * invstd
-        shift = -mean * g if bias is None else bias - mean * g
-        scale = s * channel_view(g, x)
-        out = torch.addcmul(torch.addcmul(m, s, channel_view(shift, x)), x, scale)
-        ctx.save_for_backward(x, weight, s, mean, invstd)
-        ctx.eps = eps
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        s = ctx.saved_tensors[2]
-        return (*_bn_backward(ctx, dy * s), None, None, None, None, None)
-
-
-def _bn_backward(ctx, dy_s: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """BN's fused backward for ``dy * s`` (the chain rule through the noise): (dx, dgamma, dbeta), given the
-    ``(x, weight, s, mean, invstd)`` a noisy-BN Function saved."""
-    x, weight, _, mean, invstd = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-            weight is not None and ctx.needs_input_grad[2]]
-    return torch.ops.aten.native_batch_norm_backward(
-        dy_s, x, weight, None, None, mean, invstd, True, ctx.eps, mask
-    )
+def _bn_backward_times_noise(
+    dy: Tensor, x: Tensor, weight: Tensor | None, s: Tensor, mean: Tensor, invstd: Tensor, eps: float,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dgamma, dbeta) of ``s * BN(x) + m``: BN's fused backward of ``dy * s``. Outside vmap ``dy * s``
+    is written into a fresh dx buffer and the backward kernel overwrites it in place (it reads each
+    channel's gradient for its two reductions before writing that channel's dx, elementwise); vmapped
+    gradients (``is_grads_batched``) take the functional kernels, which have batching rules."""
+    affine = weight is not None
+    if under_vmap(dy):
+        mask = [needs[0], affine and needs[1], affine and needs[2]]
+        return torch.ops.aten.native_batch_norm_backward(dy * s, x, weight, None, None, mean, invstd, True,
+                                                         eps, mask)
+    dx = torch.mul(dy, s, out=torch.empty_like(x))
+    # The out= kernel computes all three outputs (it rejects a masked-out one); without gamma, ones give
+    # the same dx.
+    kernel_weight = weight if affine else x.new_ones(x.shape[1], dtype=mean.dtype)
+    dw, db = kernel_weight.new_empty(x.shape[1]), kernel_weight.new_empty(x.shape[1])
+    torch.ops.aten.native_batch_norm_backward.out(dx, x, kernel_weight, None, None, mean, invstd, True, eps,
+                                                  [True, True, True], out0=dx, out1=dw, out2=db)
+    return (dx if needs[0] else None, dw if affine and needs[1] else None,
+            db if affine and needs[2] else None)
 
 
 def noisy_batch_norm(
@@ -203,10 +220,9 @@ def noisy_batch_norm(
 ) -> Tensor:
     """BN of ``x`` (N, C, *S) followed (training only) by ``s * a + m`` from :func:`sample_bn_noise`.
 
-    ``noise_after_affine=True``: ``y = s * (gamma * x_hat + beta) + m`` (fused, see _NoisyBNPerPositionFn
-    and _NoisyBatchNormFn). ``False``: ``y = gamma * (s * x_hat + m) + beta``, computed as
-    ``(gamma s) * x_hat + (gamma m + beta)`` so the big tensor is touched by one fused ``addcmul``. s and m
-    carry no gradient.
+    ``noise_after_affine=True``: ``y = s * (gamma * x_hat + beta) + m`` (fused, see :class:`_NoisyBNFn`).
+    ``False``: ``y = gamma * (s * x_hat + m) + beta``, computed as ``(gamma s) * x_hat + (gamma m + beta)`` so
+    the big tensor is touched by one fused ``addcmul``. s and m carry no gradient.
 
     Evaluation (``training=False``) with ``eval_expectation=True`` is the expectation over the noise, BN with
     the running statistics and ``E[s] = (1 + n_sigma) / 2``, ``E[m] = 0``: ``E[s] * (gamma x_hat + beta)``
@@ -223,28 +239,25 @@ def noisy_batch_norm(
             weight = weight * scale
             bias = bias * scale if noise_after_affine and bias is not None else bias
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
-    if per_position and (noise_after_affine or weight is None):
-        if _draws_per_channel(x.shape, True, x.device):
-            # The same draws as sample_bn_noise, with m written straight into the output buffer.
-            kw = {"generator": generator, "device": x.device, "dtype": x.dtype}
-            mu = torch.rand(x.shape[1], **kw).mul_(2 * n_mu).sub_(n_mu)
-            sigma = torch.rand(x.shape[1], **kw).mul_(n_sigma - 1.0).add_(1.0)
-            s, m = _per_channel_noise(x.shape, mu, sigma, r_mu, r_sigma, generator, m_out=torch.empty_like(x))
+    if noise_after_affine or weight is None:  # without gamma and beta both orders are the same
+        if _draws_per_channel(x.shape, per_position, x.device):
+            # The same draws as sample_bn_noise, folded into the output channel by channel.
+            mu, sigma = _channel_params(x.shape[1], n_mu, n_sigma, generator=generator, device=x.device,
+                                        dtype=x.dtype)
+
+            def apply_noise(out: Tensor) -> Tensor:
+                return _noise_channel_by_channel(out, mu, sigma, r_mu, r_sigma, generator)
         else:
             s, m = sample_bn_noise(x.shape, n_mu=n_mu, n_sigma=n_sigma, r_mu=r_mu, r_sigma=r_sigma,
-                                   generator=generator, device=x.device, dtype=x.dtype)
-        return _NoisyBNPerPositionFn.apply(x, weight, bias, s, m.contiguous(), running_mean, running_var,
-                                           momentum, eps)
+                                   per_position=per_position, generator=generator, device=x.device,
+                                   dtype=x.dtype)
+
+            def apply_noise(out: Tensor) -> Tensor:
+                torch.addcmul(m, s, out, out=out)
+                return s
+        return _NoisyBNFn.apply(x, weight, bias, running_mean, running_var, momentum, eps, apply_noise)
     s, m = sample_bn_noise(x.shape, n_mu=n_mu, n_sigma=n_sigma, r_mu=r_mu, r_sigma=r_sigma,
                            per_position=per_position, generator=generator, device=x.device, dtype=x.dtype)
-    if noise_after_affine or weight is None:  # without gamma and beta both orders are the same
-        mean, var = batch_stats(x)
-        if running_mean is not None and running_var is not None:
-            n = x.numel() // x.shape[1]
-            with torch.no_grad():
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_((var * (n / (n - 1))).to(running_var.dtype), momentum)
-        return _NoisyBatchNormFn.apply(x, weight, bias, s, m, mean, torch.rsqrt(var + eps), eps)
     x_hat = F.batch_norm(x, running_mean, running_var, None, None, True, momentum, eps)
     gamma, beta = channel_view(weight, x), channel_view(bias, x)
     return torch.addcmul(torch.addcmul(beta, gamma, m), x_hat, gamma * s)
