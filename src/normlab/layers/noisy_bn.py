@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -92,11 +91,7 @@ def sample_bn_noise(
     kw = {"generator": generator, "device": device, "dtype": dtype}
     mu, sigma = _channel_params(c, n_mu, n_sigma, **kw)
     if _draws_per_channel(shape, per_position, mu.device):
-        s = mu.new_empty((c, n, *spatial))
-        m = mu.new_empty((c, n, *spatial)).transpose(0, 1)
-        for _ in _channel_draws(s, lambda j: m[:, j], mu, sigma, r_mu, r_sigma, generator):
-            pass
-        return s.transpose(0, 1), m
+        return _per_channel_noise(shape, mu, sigma, r_mu, r_sigma, generator)
     m = torch.rand(n, c, *spatial, **kw).mul_(2 * r_mu).sub_(r_mu)
     s = torch.randn(n, c, *spatial, **kw).mul_(r_sigma)
     view = (1, c) + (1,) * len(spatial)
@@ -107,55 +102,42 @@ def _draws_per_channel(shape: tuple[int, ...] | torch.Size, per_position: bool, 
     return per_position and device.type == "cpu" and math.prod(shape) // shape[1] >= _PER_CHANNEL_MIN_VALUES
 
 
-def _channel_draws(
-    s: Tensor, m_of: Callable[[int], Tensor], mu: Tensor, sigma: Tensor, r_mu: float, r_sigma: float,
-    generator: torch.Generator | None,
-) -> Iterator[int]:
-    """Per-position (s, m), one fused draw per channel with the channel's own mean and bounds: fill channel j
-    of the channel-major ``s`` (C, N, *S) with N(sigma_j, r_sigma^2) and ``m_of(j)`` (N, *S) with
-    U(mu_j - r_mu, mu_j + r_mu), then yield j. ``normal_`` takes its vectorized path only on contiguous
-    memory (on a strided (N, *S) view it is ~4x slower), hence the channel-major s. One stream order for
-    :func:`sample_bn_noise` and the layer, so both draw the same numbers from the same generator."""
+def _per_channel_noise(
+    shape: tuple[int, ...] | torch.Size, mu: Tensor, sigma: Tensor, r_mu: float, r_sigma: float,
+    generator: torch.Generator | None, m_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-position (s, m), one fused draw per channel with the channel's own mean and bounds, so the random
+    numbers (the dominant cost) are generated once and never touched again. s lives in a channel-major
+    buffer (returned as an (N, C, *S) view): ``normal_`` takes its vectorized path only on contiguous memory
+    (on a strided (N, *S) view it is ~4x slower). m is drawn straight into ``m_out`` (N, C, *S) when given
+    (the layer's reused scratch buffer) or into a channel-major buffer."""
+    n, c, spatial = shape[0], shape[1], tuple(shape[2:])
+    s = mu.new_empty((c, n, *spatial))
+    m = mu.new_empty((c, n, *spatial)).transpose(0, 1) if m_out is None else m_out
     for j, (mu_j, sigma_j) in enumerate(zip(mu.tolist(), sigma.tolist(), strict=True)):
         s[j].normal_(sigma_j, r_sigma, generator=generator)
-        m_of(j).uniform_(mu_j - r_mu, mu_j + r_mu, generator=generator)
-        yield j
-
-
-def _noise_channel_by_channel(
-    out: Tensor, mu: Tensor, sigma: Tensor, r_mu: float, r_sigma: float, generator: torch.Generator | None
-) -> Tensor:
-    """``out <- s * out + m`` in place with per-position noise drawn channel by channel; returns s (an
-    (N, C, *S) view of a channel-major buffer). m never exists as a whole: each channel's m is drawn into one
-    (N, *S) scratch tensor (about 0.5 MB at the benchmark's shape, so it and s's fresh channel are still in
-    cache when ``addcmul`` folds them into the output)."""
-    n, c = out.shape[0], out.shape[1]
-    s = out.new_empty((c, n, *out.shape[2:]))
-    m_j = out.new_empty((n, *out.shape[2:]))
-    for j in _channel_draws(s, lambda _: m_j, mu, sigma, r_mu, r_sigma, generator):
-        out_j = out[:, j]
-        torch.addcmul(m_j, s[j], out_j, out=out_j)
-    return s.transpose(0, 1)
+        m[:, j].uniform_(mu_j - r_mu, mu_j + r_mu, generator=generator)
+    return s.transpose(0, 1), m
 
 
 class _NoisyBNFn(torch.autograd.Function):
     """``y = s * BN(x) + m`` (noise after gamma and beta), s and m per activation or per (sample, channel).
 
     Forward: one fused ``native_batch_norm`` writing BN's output straight into the output tensor (it also
-    updates the running statistics, unbiased batch variance as torch BN), then ``out <- s * out + m`` in
-    place, by ``apply_noise(out)``, which returns s: either one ``addcmul`` with given (s, m), or the
-    channel-by-channel draws of :func:`_noise_channel_by_channel`. Backward: ``dy * s`` (the chain rule
-    through the noise) written into dx's buffer, then BN's fused backward in place on it, which returns dx,
-    dgamma = sum(dy s x_hat) and dbeta = sum(dy s). Saved: x, gamma, s and the batch statistics, nothing else.
+    updates the running statistics, unbiased batch variance as torch BN), then ``out <- m + s * out`` in
+    place, one ``addcmul``. Backward: ``dy * s`` (the chain rule through the noise, the only use of s) into
+    a reused scratch buffer, then BN's fused backward, which returns dx, dgamma = sum(dy s x_hat) and
+    dbeta = sum(dy s). Saved: x, gamma, s and the batch statistics; no BN output, no m.
 
-    So the layer allocates exactly what BN does (output, dx) plus s, which backward needs. Each extra
-    32 MB tensor costs a pass of page faults on CPU (glibc serves it with a fresh mmap): the former version,
-    with BN's output, m and ``dy * s`` as tensors of their own, was 2.9x BN's time, this one ~2.2x, of which
-    the two random fills alone are ~1.1x (benchmarks/layers.py, the "(floor)" line and the module docstring).
+    So on CPU the layer allocates what BN does (output, dx) plus s, which backward needs; m and ``dy * s``
+    live in :func:`_scratch_like`'s buffer. Each fresh tensor of tens of MB costs a pass of page faults on
+    CPU (glibc serves it with a new ``mmap``): the former version, with BN's output, m and ``dy * s`` as
+    fresh tensors, took ~3x ``nn.BatchNorm2d``'s forward+backward, this one ~2.5x, of which the two random
+    fills alone are ~1.05-1.25x (benchmarks/layers.py, its "floor" line, and the module docstring).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, apply_noise):
+    def forward(ctx, x, weight, bias, s, m, running_mean, running_var, momentum, eps):
         # (An old-style Function never runs under torch.func.vmap, so the out= kernels are safe here.)
         stat_dtype = x.dtype if weight is None else weight.dtype
         out = torch.empty_like(x)
@@ -163,7 +145,7 @@ class _NoisyBNFn(torch.autograd.Function):
         invstd = x.new_empty(x.shape[1], dtype=stat_dtype)
         torch.ops.aten.native_batch_norm.out(x, weight, bias, running_mean, running_var, True, momentum, eps,
                                              out=out, save_mean=mean, save_invstd=invstd)
-        s = apply_noise(out)
+        torch.addcmul(m, s, out, out=out)
         ctx.save_for_backward(x, weight, s, mean, invstd)
         ctx.eps = eps
         return out
@@ -173,7 +155,7 @@ class _NoisyBNFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, s, mean, invstd = ctx.saved_tensors
         grads = _bn_backward_times_noise(dy, x, weight, s, mean, invstd, ctx.eps, ctx.needs_input_grad[:3])
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _bn_backward_times_noise(
@@ -197,13 +179,14 @@ _scratch = threading.local()
 
 
 def _scratch_like(x: Tensor) -> Tensor:
-    """A contiguous tensor of x's shape and dtype, a view of one buffer per thread and dtype that grows to
-    the largest size asked for and is reused by every later call.
+    """A contiguous CPU tensor of x's shape and dtype, a view of one buffer per thread and dtype that grows
+    to the largest size asked for and is reused by every later call.
 
-    Only for values that die within the call (``dy * s``, consumed by BN's backward kernel before backward
-    returns). Why: CPU tensors of tens of MB are served by a fresh ``mmap`` each time, and the first write to
-    every page faults; at the benchmark's (128, 64, 32, 32) float32 that pass costs about 0.15-0.2x of
-    ``nn.BatchNorm2d``'s forward+backward. Cost: one buffer the size of the largest noisy-BN input, kept.
+    Only for values that die within the call that asks: m (folded into the output before forward returns)
+    and ``dy * s`` (consumed by BN's backward kernel before backward returns). Why: CPU tensors of tens of
+    MB are served by a fresh ``mmap`` each time and the first write to every page faults; at the benchmark's
+    (128, 64, 32, 32) float32 each such pass costs about 0.15-0.2x of ``nn.BatchNorm2d``'s forward+backward.
+    Cost: one buffer the size of the largest noisy-BN input, kept.
     """
     buffers = getattr(_scratch, "buffers", None)
     if buffers is None:
@@ -256,21 +239,15 @@ def noisy_batch_norm(
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     if noise_after_affine or weight is None:  # without gamma and beta both orders are the same
         if _draws_per_channel(x.shape, per_position, x.device):
-            # The same draws as sample_bn_noise, folded into the output channel by channel.
+            # The same draws as sample_bn_noise, with m drawn into the reused scratch buffer.
             mu, sigma = _channel_params(x.shape[1], n_mu, n_sigma, generator=generator, device=x.device,
                                         dtype=x.dtype)
-
-            def apply_noise(out: Tensor) -> Tensor:
-                return _noise_channel_by_channel(out, mu, sigma, r_mu, r_sigma, generator)
+            s, m = _per_channel_noise(x.shape, mu, sigma, r_mu, r_sigma, generator, m_out=_scratch_like(x))
         else:
             s, m = sample_bn_noise(x.shape, n_mu=n_mu, n_sigma=n_sigma, r_mu=r_mu, r_sigma=r_sigma,
                                    per_position=per_position, generator=generator, device=x.device,
                                    dtype=x.dtype)
-
-            def apply_noise(out: Tensor) -> Tensor:
-                torch.addcmul(m, s, out, out=out)
-                return s
-        return _NoisyBNFn.apply(x, weight, bias, running_mean, running_var, momentum, eps, apply_noise)
+        return _NoisyBNFn.apply(x, weight, bias, s, m, running_mean, running_var, momentum, eps)
     s, m = sample_bn_noise(x.shape, n_mu=n_mu, n_sigma=n_sigma, r_mu=r_mu, r_sigma=r_sigma,
                            per_position=per_position, generator=generator, device=x.device, dtype=x.dtype)
     x_hat = F.batch_norm(x, running_mean, running_var, None, None, True, momentum, eps)
