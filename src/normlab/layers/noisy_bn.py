@@ -21,6 +21,17 @@ Choices the paper leaves open, as options:
   ``False`` draws one (m_ij, s_ij) per sample and channel, shared by all positions.
 - ``noise_after_affine=True``: the noise acts on the BN layer's output ``a = gamma * x_hat + beta`` (Alg. 1
   puts it "after BN"); ``False`` applies it to x_hat before gamma and beta.
+
+Speed floor (CPU). Per-position noise needs two random tensors of x's size every step, one ``normal_`` and
+one ``uniform_`` fill (one serial mt19937 draw per value in torch's CPU generator; ``normal_`` is a
+``uniform_`` fill plus a vectorized Box-Muller pass). Those fills alone take 1.0-1.25x of
+``nn.BatchNorm2d``'s forward+backward at (128, 64, 32, 32) float32 (benchmarks/layers.py prints the ratio,
+measured in the same run), so this layer cannot come below ~2-2.25x BN's time whatever it fuses, and a
+1.3x target is out of reach without a faster generator. What the layer adds on top of BN and the fills:
+one ``addcmul`` pass (forward), one ``mul`` pass (backward) and the page faults of the fresh s it saves for
+backward (about 0.4-0.5x BN together; measured 2.5-2.6x BN in all, from 2.9-3.1x before :class:`_NoisyBNFn`
+wrote BN into the output and reused one scratch buffer for m and ``dy * s``). One draw per sample and
+channel (``per_position=False``) has no such floor: 1.2-1.3x.
 """
 
 from __future__ import annotations
