@@ -8,6 +8,9 @@ Prints three tables of median and minimum times and their ratios (lower is bette
 2. ``ScaledStdConv2d`` (3x3, 64 -> 64) divided by ``nn.Conv2d`` + ``nn.BatchNorm2d``, batch 128;
 3. ``adaptive_clip_grad_`` on a list of parameters with the shapes of torchvision's resnet50 (built here
    without torchvision), divided by timm's per-parameter loop (``timm.utils.agc.adaptive_clip_grad``).
+After table 1, one line gives the floor of per-position noisy BN: its two random fills of x's size
+(``normal_`` + ``uniform_``, timed in the same rounds) as a ratio to BN's forward+backward, so
+``1 + that ratio`` is the least noisy BN can take whatever it fuses (see layers/noisy_bn.py).
 Timings are interleaved (one run of each candidate per round, in a new random order each round) so that
 load changes on a shared machine hit all candidates alike; figures are the median and the minimum over
 ``--repeat`` rounds.

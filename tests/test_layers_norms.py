@@ -463,6 +463,27 @@ def test_noisy_bn_fused_equals_unfused_reference(shape, per_position, affine):
         torch.testing.assert_close(layer.bias.grad, b.grad)
 
 
+def test_noisy_bn_scratch_buffer_shared_by_stacked_layers_and_repeated_backward():
+    # Two noisy BN layers in a row both draw m into, and multiply dy * s into, the one reused scratch buffer;
+    # a second backward through the retained graph must see the same s (saved, never the scratch).
+    layers = [_randomize(NoisyBatchNorm(4)).double() for _ in range(2)]
+    for seed, layer in enumerate(layers):
+        layer.generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 4, 16, 16, dtype=torch.float64, requires_grad=True)  # per-channel draws
+    y = layers[1](layers[0](x))
+    x_ref = ref = x.detach().clone().requires_grad_()
+    for seed, layer in enumerate(layers):
+        s, m = sample_bn_noise(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        ref = s * F.batch_norm(ref, None, None, layer.weight.detach(), layer.bias.detach(), training=True) + m
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    (first,) = torch.autograd.grad(y, x, g, retain_graph=True)
+    (second,) = torch.autograd.grad(y, x, g)
+    (expected,) = torch.autograd.grad(ref, x_ref, g)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+
+
 def test_noisy_bn_saves_only_x_gamma_s_and_the_statistics():
     # Backward of s * a + m w.r.t. a is s: the graph keeps x, gamma, s and two (C,) statistics, no BN
     # output, no m (each would be one more tensor of x's size held until backward).
