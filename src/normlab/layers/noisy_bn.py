@@ -29,9 +29,10 @@ one ``uniform_`` fill (one serial mt19937 draw per value in torch's CPU generato
 measured in the same run), so this layer cannot come below ~2-2.25x BN's time whatever it fuses, and a
 1.3x target is out of reach without a faster generator. What the layer adds on top of BN and the fills:
 one ``addcmul`` pass (forward), one ``mul`` pass (backward) and the page faults of the fresh s it saves for
-backward (about 0.4-0.5x BN together; measured 2.5-2.6x BN in all, from 2.9-3.1x before :class:`_NoisyBNFn`
-wrote BN into the output and reused one scratch buffer for m and ``dy * s``). One draw per sample and
-channel (``per_position=False``) has no such floor: 1.2-1.3x.
+backward (about 0.4-0.6x BN together). Measured on a loaded 2-core machine, medians of same-round ratios:
+2.5-2.8x BN in all, from 2.8-3.5x before :class:`_NoisyBNFn` wrote BN into the output and reused one
+scratch buffer for m and ``dy * s``. One draw per sample and channel (``per_position=False``) has no such
+floor: 1.2-1.3x.
 """
 
 from __future__ import annotations
@@ -143,19 +144,22 @@ class _NoisyBNFn(torch.autograd.Function):
     So on CPU the layer allocates what BN does (output, dx) plus s, which backward needs; m and ``dy * s``
     live in :func:`_scratch_like`'s buffer. Each fresh tensor of tens of MB costs a pass of page faults on
     CPU (glibc serves it with a new ``mmap``): the former version, with BN's output, m and ``dy * s`` as
-    fresh tensors, took ~3x ``nn.BatchNorm2d``'s forward+backward, this one ~2.5x, of which the two random
-    fills alone are ~1.05-1.25x (benchmarks/layers.py, its "floor" line, and the module docstring).
-    """
+    fresh tensors, took 2.8-3.5x ``nn.BatchNorm2d``'s forward+backward, this one 2.5-2.8x, of which the two
+    random fills alone are ~1.0-1.25x (benchmarks/layers.py, its "floor" line, and the module docstring)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, s, m, running_mean, running_var, momentum, eps):
         # (An old-style Function never runs under torch.func.vmap, so the out= kernels are safe here.)
-        stat_dtype = x.dtype if weight is None else weight.dtype
-        out = torch.empty_like(x)
-        mean = x.new_empty(x.shape[1], dtype=stat_dtype)
-        invstd = x.new_empty(x.shape[1], dtype=stat_dtype)
-        torch.ops.aten.native_batch_norm.out(x, weight, bias, running_mean, running_var, True, momentum, eps,
-                                             out=out, save_mean=mean, save_invstd=invstd)
+        if x.device.type == "cpu":
+            stat_dtype = x.dtype if weight is None else weight.dtype  # the CPU kernel's statistics dtype
+            out = torch.empty_like(x)
+            mean = x.new_empty(x.shape[1], dtype=stat_dtype)
+            invstd = x.new_empty(x.shape[1], dtype=stat_dtype)
+            torch.ops.aten.native_batch_norm.out(x, weight, bias, running_mean, running_var, True, momentum,
+                                                 eps, out=out, save_mean=mean, save_invstd=invstd)
+        else:  # elsewhere the statistics' dtype rules differ, and a caching allocator makes out= moot
+            out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True,
+                                                        momentum, eps)
         torch.addcmul(m, s, out, out=out)
         ctx.save_for_backward(x, weight, s, mean, invstd)
         ctx.eps = eps
