@@ -8,6 +8,9 @@ Prints three tables of median and minimum times and their ratios (lower is bette
 2. ``ScaledStdConv2d`` (3x3, 64 -> 64) divided by ``nn.Conv2d`` + ``nn.BatchNorm2d``, batch 128;
 3. ``adaptive_clip_grad_`` on a list of parameters with the shapes of torchvision's resnet50 (built here
    without torchvision), divided by timm's per-parameter loop (``timm.utils.agc.adaptive_clip_grad``).
+After table 1, one line gives the floor of per-position noisy BN: its two random fills of x's size
+(``normal_`` + ``uniform_``, timed in the same rounds) as a ratio to BN's forward+backward, so
+``1 + that ratio`` is the least noisy BN can take whatever it fuses (see layers/noisy_bn.py).
 Timings are interleaved (one run of each candidate per round, in a new random order each round) so that
 load changes on a shared machine hit all candidates alike; figures are the median and the minimum over
 ``--repeat`` rounds.
@@ -120,9 +123,30 @@ def bench_norms(repeat: int) -> None:
     # Not a layer: the floor of per-position noisy BN, the two random tensors Alg. 1 needs per step
     # (one normal_ and one uniform_ fill of x's size), whatever the layer does around them.
     buffer = torch.empty_like(x)
-    fns["(floor) normal_ + uniform_ fills of x"] = lambda: (buffer.normal_(), buffer.uniform_())
+    fns[FLOOR] = lambda: (buffer.normal_(), buffer.uniform_())
+    times = interleaved_times(fns, repeat)
     print_table("Norm layers, forward+backward, (128, 64, 32, 32) float32, ratio to nn.BatchNorm2d",
-                "nn.BatchNorm2d (baseline)", interleaved_times(fns, repeat))
+                "nn.BatchNorm2d (baseline)", times)
+    print_noise_floor(times)
+
+
+FLOOR = "(floor) normal_ + uniform_ fills of x"
+
+
+def print_noise_floor(times: dict[str, list[float]], goal: float = 1.3) -> None:
+    """Per-position noisy BN (Alg. 1) needs two random tensors of x's size per step, so its time is at least
+    BN's plus those two fills: print that floor, its ratio to BN, per round then median (each round's fills
+    and BN were timed next to each other), and what is left of noisy BN once the fills are taken off."""
+    bn, fills, noisy = times["nn.BatchNorm2d (baseline)"], times[FLOOR], times["noisy_bn"]
+    fill_ratio = statistics.median(f / b for f, b in zip(fills, bn, strict=True))
+    noisy_ratio = statistics.median(n / b for n, b in zip(noisy, bn, strict=True))
+    print(f"\nnoisy_bn (per position) floor: the two random fills alone take {fill_ratio:.2f}x BN's "
+          f"forward+backward (median over rounds of fills/BN), so noisy_bn >= {1 + fill_ratio:.2f}x BN "
+          f"whatever it fuses; measured {noisy_ratio:.2f}x, {noisy_ratio - fill_ratio:.2f}x without the "
+          "fills.")
+    if 1 + fill_ratio > goal:
+        print(f"  the {goal}x goal would need the fills <= {goal - 1:.2f}x BN: out of reach with torch's "
+              "CPU generator (one mt19937 draw per value, serial).")
 
 
 def bench_ws_conv(repeat: int) -> None:

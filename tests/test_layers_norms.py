@@ -21,6 +21,7 @@ from normlab.layers import (
     noisy_batch_norm,
     sample_bn_noise,
 )
+from normlab.layers import noisy_bn as noisy_bn_module
 from normlab.layers.batch_renorm import batch_renorm, renorm_limits
 from normlab.layers.evalnorm import eval_norm
 from normlab.layers.ghost_bn import ghost_batch_norm
@@ -409,6 +410,89 @@ def test_noisy_bn_without_affine_gradcheck():
                                     generator=torch.Generator().manual_seed(1))
 
         assert gradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_noisy_bn_channel_by_channel_draws_gradcheck(monkeypatch, affine):
+    # The per-channel path (noise drawn channel by channel and folded into the output in place, backward in
+    # place in dx's buffer) on a tensor small enough for gradcheck: lower the size at which it starts.
+    monkeypatch.setattr(noisy_bn_module, "_PER_CHANNEL_MIN_VALUES", 1)
+    assert noisy_bn_module._draws_per_channel((4, 3, 2, 2), True, torch.device("cpu"))
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    params = (torch.randn(3, dtype=torch.float64, requires_grad=True),
+              torch.randn(3, dtype=torch.float64, requires_grad=True)) if affine else ()
+
+    def fn(x, *wb):
+        w, b = wb if affine else (None, None)
+        gen = torch.Generator().manual_seed(2)
+        return noisy_batch_norm(x, None, None, w, b, training=True, generator=gen)
+
+    assert gradcheck(fn, (x, *params))
+
+
+@pytest.mark.parametrize("shape", [(16, 4, 16, 16), (4, 3, 3, 3), (6, 3, 5)])  # per-channel / broadcast
+@pytest.mark.parametrize("per_position", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_noisy_bn_fused_equals_unfused_reference(shape, per_position, affine):
+    # _NoisyBNFn (BN written into the output, noise folded in place, backward in place in dx's buffer)
+    # against the unfused formula on the same draws: s * F.batch_norm(x) + m, autograd through plain ops.
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 1
+    if len(shape) == 4 and shape[0] == 16:
+        x = x.contiguous(memory_format=torch.channels_last)  # the kernels' other layout
+    x.requires_grad_()
+    layer = _randomize(NoisyBatchNorm(shape[1], dims=len(shape) - 2, per_position=per_position,
+                                      affine=affine)).double()
+    layer.generator = torch.Generator().manual_seed(4)
+    rm, rv = layer.running_mean.clone(), layer.running_var.clone()
+    y = layer(x)
+    s, m = sample_bn_noise(shape, per_position=per_position, generator=torch.Generator().manual_seed(4),
+                           dtype=torch.float64)
+    x_ref = x.detach().clone().requires_grad_()
+    w = b = None
+    if affine:
+        w, b = layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+    y_ref = s * F.batch_norm(x_ref, rm, rv, w, b, training=True, momentum=0.1) + m
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(layer.running_mean, rm)
+    torch.testing.assert_close(layer.running_var, rv)
+    g = torch.randn_like(y)
+    y.backward(g), y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    if affine:
+        torch.testing.assert_close(layer.weight.grad, w.grad)
+        torch.testing.assert_close(layer.bias.grad, b.grad)
+
+
+def test_noisy_bn_scratch_buffer_shared_by_stacked_layers_and_repeated_backward():
+    # Two noisy BN layers in a row both draw m into, and multiply dy * s into, the one reused scratch buffer;
+    # a second backward through the retained graph must see the same s (saved, never the scratch).
+    layers = [_randomize(NoisyBatchNorm(4)).double() for _ in range(2)]
+    for seed, layer in enumerate(layers):
+        layer.generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 4, 16, 16, dtype=torch.float64, requires_grad=True)  # per-channel draws
+    y = layers[1](layers[0](x))
+    x_ref = ref = x.detach().clone().requires_grad_()
+    for seed, layer in enumerate(layers):
+        s, m = sample_bn_noise(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        ref = s * F.batch_norm(ref, None, None, layer.weight.detach(), layer.bias.detach(), training=True) + m
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    (first,) = torch.autograd.grad(y, x, g, retain_graph=True)
+    (second,) = torch.autograd.grad(y, x, g)
+    (expected,) = torch.autograd.grad(ref, x_ref, g)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+
+
+def test_noisy_bn_saves_only_x_gamma_s_and_the_statistics():
+    # Backward of s * a + m w.r.t. a is s: the graph keeps x, gamma, s and two (C,) statistics, no BN
+    # output, no m (each would be one more tensor of x's size held until backward).
+    layer = NoisyBatchNorm(4)
+    x = torch.randn(16, 4, 16, 16, requires_grad=True)
+    saved = layer(x).grad_fn.saved_tensors
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert len(saved) == 5 and len(big) == 2
+    assert big[0] is x or big[0].data_ptr() == x.data_ptr()
 
 
 def test_ghost_bn_without_affine_or_with_frozen_gamma_gradcheck():

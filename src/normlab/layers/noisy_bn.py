@@ -21,11 +21,24 @@ Choices the paper leaves open, as options:
   ``False`` draws one (m_ij, s_ij) per sample and channel, shared by all positions.
 - ``noise_after_affine=True``: the noise acts on the BN layer's output ``a = gamma * x_hat + beta`` (Alg. 1
   puts it "after BN"); ``False`` applies it to x_hat before gamma and beta.
+
+Speed floor (CPU). Per-position noise needs two random tensors of x's size every step, one ``normal_`` and
+one ``uniform_`` fill (one serial mt19937 draw per value in torch's CPU generator; ``normal_`` is a
+``uniform_`` fill plus a vectorized Box-Muller pass). Those fills alone take 1.0-1.25x of
+``nn.BatchNorm2d``'s forward+backward at (128, 64, 32, 32) float32 (benchmarks/layers.py prints the ratio,
+measured in the same run), so this layer cannot come below ~2-2.25x BN's time whatever it fuses, and a
+1.3x target is out of reach without a faster generator. What the layer adds on top of BN and the fills:
+one ``addcmul`` pass (forward), one ``mul`` pass (backward) and the page faults of the fresh s it saves for
+backward (about 0.4-0.6x BN together). Measured on a loaded 2-core machine, medians of same-round ratios:
+2.5-2.8x BN in all, from 2.8-3.5x before :class:`_NoisyBNFn` wrote BN into the output and reused one
+scratch buffer for m and ``dy * s``. One draw per sample and channel (``per_position=False``) has no such
+floor: 1.2-1.3x.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +47,6 @@ from torch.autograd.function import once_differentiable
 
 from normlab.errors import NormlabError
 from normlab.layers._batchnorm_base import BatchStatsNorm, channel_view, under_vmap
-from normlab.layers.batch_renorm import batch_stats
 from normlab.layers.factory import register_norm
 
 DEFAULT_NOISE = {"n_mu": 0.5, "n_sigma": 1.25, "r_mu": 0.1, "r_sigma": 0.1}
@@ -60,6 +72,13 @@ def expected_scale(n_sigma: float) -> float:
 _PER_CHANNEL_MIN_VALUES = 4096
 
 
+def _channel_params(c: int, n_mu: float, n_sigma: float, **kw) -> tuple[Tensor, Tensor]:
+    """Alg. 1's per-channel draws ``mu_j ~ U(-n_mu, n_mu)`` and ``sigma_j ~ U(1, n_sigma)``, in that order."""
+    mu = torch.rand(c, **kw).mul_(2 * n_mu).sub_(n_mu)
+    sigma = torch.rand(c, **kw).mul_(n_sigma - 1.0).add_(1.0)
+    return mu, sigma
+
+
 def sample_bn_noise(
     shape: tuple[int, ...] | torch.Size,
     *,
@@ -82,8 +101,7 @@ def sample_bn_noise(
     n, c = shape[0], shape[1]
     spatial = tuple(shape[2:]) if per_position else (1,) * (len(shape) - 2)
     kw = {"generator": generator, "device": device, "dtype": dtype}
-    mu = torch.rand(c, **kw).mul_(2 * n_mu).sub_(n_mu)
-    sigma = torch.rand(c, **kw).mul_(n_sigma - 1.0).add_(1.0)
+    mu, sigma = _channel_params(c, n_mu, n_sigma, **kw)
     if _draws_per_channel(shape, per_position, mu.device):
         return _per_channel_noise(shape, mu, sigma, r_mu, r_sigma, generator)
     m = torch.rand(n, c, *spatial, **kw).mul_(2 * r_mu).sub_(r_mu)
@@ -102,8 +120,9 @@ def _per_channel_noise(
 ) -> tuple[Tensor, Tensor]:
     """Per-position (s, m), one fused draw per channel with the channel's own mean and bounds, so the random
     numbers (the dominant cost) are generated once and never touched again. s lives in a channel-major
-    buffer (returned as an (N, C, *S) view); m is drawn straight into ``m_out`` (N, C, *S) when given (the
-    layer's output buffer: one tensor fewer to allocate) or into a channel-major buffer."""
+    buffer (returned as an (N, C, *S) view): ``normal_`` takes its vectorized path only on contiguous memory
+    (on a strided (N, *S) view it is ~4x slower). m is drawn straight into ``m_out`` (N, C, *S) when given
+    (the layer's reused scratch buffer) or into a channel-major buffer."""
     n, c, spatial = shape[0], shape[1], tuple(shape[2:])
     s = mu.new_empty((c, n, *spatial))
     m = mu.new_empty((c, n, *spatial)).transpose(0, 1) if m_out is None else m_out
@@ -113,23 +132,35 @@ def _per_channel_noise(
     return s.transpose(0, 1), m
 
 
-class _NoisyBNPerPositionFn(torch.autograd.Function):
-    """``y = s * BN(x) + m`` with per-activation s, m: one fused BN forward, then ``m += s * a`` in place (m,
-    laid out like x, becomes the output: no further tensor); backward is ``dy * s`` (the chain rule through
-    the noise, reusing the saved s) fed to BN's fused backward, which returns dx, dgamma = sum(dy s x_hat)
-    and dbeta = sum(dy s). BN's output is not kept (only x and s). ``native_batch_norm`` also updates the
-    running statistics (unbiased batch variance, as torch BN).
-    """
+class _NoisyBNFn(torch.autograd.Function):
+    """``y = s * BN(x) + m`` (noise after gamma and beta), s and m per activation or per (sample, channel).
+
+    Forward: one fused ``native_batch_norm`` writing BN's output straight into the output tensor (it also
+    updates the running statistics, unbiased batch variance as torch BN), then ``out <- m + s * out`` in
+    place, one ``addcmul``. Backward: ``dy * s`` (the chain rule through the noise, the only use of s) into
+    a reused scratch buffer, then BN's fused backward, which returns dx, dgamma = sum(dy s x_hat) and
+    dbeta = sum(dy s). Saved: x, gamma, s and the batch statistics; no BN output, no m.
+
+    So on CPU the layer allocates what BN does (output, dx) plus s, which backward needs; m and ``dy * s``
+    live in :func:`_scratch_like`'s buffer. Each fresh tensor of tens of MB costs a pass of page faults on
+    CPU (glibc serves it with a new ``mmap``): the former version, with BN's output, m and ``dy * s`` as
+    fresh tensors, took 2.8-3.5x ``nn.BatchNorm2d``'s forward+backward, this one 2.5-2.8x, of which the two
+    random fills alone are ~1.0-1.25x (benchmarks/layers.py, its "floor" line, and the module docstring)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, s, m, running_mean, running_var, momentum, eps):
-        a, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum,
-                                                  eps)
-        if under_vmap(a) or under_vmap(s):
-            out = torch.addcmul(m, s, a)
-        else:
-            ctx.mark_dirty(m)
-            out = m.addcmul_(s, a)
+        # (An old-style Function never runs under torch.func.vmap, so the out= kernels are safe here.)
+        if x.device.type == "cpu":
+            stat_dtype = x.dtype if weight is None else weight.dtype  # the CPU kernel's statistics dtype
+            out = torch.empty_like(x)
+            mean = x.new_empty(x.shape[1], dtype=stat_dtype)
+            invstd = x.new_empty(x.shape[1], dtype=stat_dtype)
+            torch.ops.aten.native_batch_norm.out(x, weight, bias, running_mean, running_var, True, momentum,
+                                                 eps, out=out, save_mean=mean, save_invstd=invstd)
+        else:  # elsewhere the statistics' dtype rules differ, and a caching allocator makes out= moot
+            out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True,
+                                                        momentum, eps)
+        torch.addcmul(m, s, out, out=out)
         ctx.save_for_backward(x, weight, s, mean, invstd)
         ctx.eps = eps
         return out
@@ -137,49 +168,48 @@ class _NoisyBNPerPositionFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, _, s, _, _ = ctx.saved_tensors
-        # out= keeps x's layout (s may be a channel-major view); vmapped gradients take the functional mul.
-        dy_s = dy * s if under_vmap(dy) else torch.mul(dy, s, out=torch.empty_like(x))
-        return (*_bn_backward(ctx, dy_s), None, None, None, None, None, None)
+        x, weight, s, mean, invstd = ctx.saved_tensors
+        grads = _bn_backward_times_noise(dy, x, weight, s, mean, invstd, ctx.eps, ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None, None)
 
 
-class _NoisyBatchNormFn(torch.autograd.Function):
-    """``y = s * (gamma * (x - mean) * invstd + beta) + m`` in one pass, given the batch statistics.
+def _bn_backward_times_noise(
+    dy: Tensor, x: Tensor, weight: Tensor | None, s: Tensor, mean: Tensor, invstd: Tensor, eps: float,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dgamma, dbeta) of ``s * BN(x) + m``: BN's fused backward of ``dy * s``. On CPU ``dy * s`` goes
+    into a reused scratch buffer (:func:`_scratch_like`); vmapped gradients (``is_grads_batched``) take the
+    functional ``mul``. The functional backward kernel, not its ``out=`` form: that one is generated as the
+    functional kernel plus a copy into ``out``, so writing dx over ``dy * s`` would cost a pass."""
+    if under_vmap(dy):
+        dy_s = dy * s
+    else:
+        dy_s = torch.mul(dy, s, out=_scratch_like(x) if x.device.type == "cpu" else torch.empty_like(x))
+    mask = [needs[0], weight is not None and needs[1], weight is not None and needs[2]]
+    return torch.ops.aten.native_batch_norm_backward(dy_s, x, weight, None, None, mean, invstd, True, eps,
+                                                     mask)
 
-    Forward folds everything into a per-(sample, channel) scale and shift (one ``addcmul`` over x);
-    backward is BN's fused backward applied to ``dy * s`` (the chain rule through the noise), which returns
-    dx, dgamma = sum(dy s x_hat) and dbeta = sum(dy s). On CPU this took the layer from 1.52x to about
-    1.2x of ``nn.BatchNorm2d``'s forward+backward time (before: BN then an autograd ``addcmul``;
-    benchmarks/layers.py). s, m, mean and invstd get no gradient: mean and invstd are the batch
-    statistics, whose dependence on x the BN backward formula accounts for.
+
+_scratch = threading.local()
+
+
+def _scratch_like(x: Tensor) -> Tensor:
+    """A contiguous CPU tensor of x's shape and dtype, a view of one buffer per thread and dtype that grows
+    to the largest size asked for and is reused by every later call.
+
+    Only for values that die within the call that asks: m (folded into the output before forward returns)
+    and ``dy * s`` (consumed by BN's backward kernel before backward returns). Why: CPU tensors of tens of
+    MB are served by a fresh ``mmap`` each time and the first write to every page faults; at the benchmark's
+    (128, 64, 32, 32) float32 each such pass costs about 0.15-0.2x of ``nn.BatchNorm2d``'s forward+backward.
+    Cost: one buffer the size of the largest noisy-BN input, kept.
     """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, s, m, mean, invstd, eps):
-        g = invstd if weight is None else weight * invstd
-        shift = -mean * g if bias is None else bias - mean * g
-        scale = s * channel_view(g, x)
-        out = torch.addcmul(torch.addcmul(m, s, channel_view(shift, x)), x, scale)
-        ctx.save_for_backward(x, weight, s, mean, invstd)
-        ctx.eps = eps
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        s = ctx.saved_tensors[2]
-        return (*_bn_backward(ctx, dy * s), None, None, None, None, None)
-
-
-def _bn_backward(ctx, dy_s: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """BN's fused backward for ``dy * s`` (the chain rule through the noise): (dx, dgamma, dbeta), given the
-    ``(x, weight, s, mean, invstd)`` a noisy-BN Function saved."""
-    x, weight, _, mean, invstd = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-            weight is not None and ctx.needs_input_grad[2]]
-    return torch.ops.aten.native_batch_norm_backward(
-        dy_s, x, weight, None, None, mean, invstd, True, ctx.eps, mask
-    )
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buffer = buffers.get(x.dtype)
+    if buffer is None or buffer.numel() < x.numel():
+        buffer = buffers[x.dtype] = torch.empty(x.numel(), dtype=x.dtype)
+    return buffer[: x.numel()].view(x.shape)
 
 
 def noisy_batch_norm(
@@ -203,10 +233,9 @@ def noisy_batch_norm(
 ) -> Tensor:
     """BN of ``x`` (N, C, *S) followed (training only) by ``s * a + m`` from :func:`sample_bn_noise`.
 
-    ``noise_after_affine=True``: ``y = s * (gamma * x_hat + beta) + m`` (fused, see _NoisyBNPerPositionFn
-    and _NoisyBatchNormFn). ``False``: ``y = gamma * (s * x_hat + m) + beta``, computed as
-    ``(gamma s) * x_hat + (gamma m + beta)`` so the big tensor is touched by one fused ``addcmul``. s and m
-    carry no gradient.
+    ``noise_after_affine=True``: ``y = s * (gamma * x_hat + beta) + m`` (fused, see :class:`_NoisyBNFn`).
+    ``False``: ``y = gamma * (s * x_hat + m) + beta``, computed as ``(gamma s) * x_hat + (gamma m + beta)`` so
+    the big tensor is touched by one fused ``addcmul``. s and m carry no gradient.
 
     Evaluation (``training=False``) with ``eval_expectation=True`` is the expectation over the noise, BN with
     the running statistics and ``E[s] = (1 + n_sigma) / 2``, ``E[m] = 0``: ``E[s] * (gamma x_hat + beta)``
@@ -223,28 +252,19 @@ def noisy_batch_norm(
             weight = weight * scale
             bias = bias * scale if noise_after_affine and bias is not None else bias
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
-    if per_position and (noise_after_affine or weight is None):
-        if _draws_per_channel(x.shape, True, x.device):
-            # The same draws as sample_bn_noise, with m written straight into the output buffer.
-            kw = {"generator": generator, "device": x.device, "dtype": x.dtype}
-            mu = torch.rand(x.shape[1], **kw).mul_(2 * n_mu).sub_(n_mu)
-            sigma = torch.rand(x.shape[1], **kw).mul_(n_sigma - 1.0).add_(1.0)
-            s, m = _per_channel_noise(x.shape, mu, sigma, r_mu, r_sigma, generator, m_out=torch.empty_like(x))
+    if noise_after_affine or weight is None:  # without gamma and beta both orders are the same
+        if _draws_per_channel(x.shape, per_position, x.device):
+            # The same draws as sample_bn_noise, with m drawn into the reused scratch buffer.
+            mu, sigma = _channel_params(x.shape[1], n_mu, n_sigma, generator=generator, device=x.device,
+                                        dtype=x.dtype)
+            s, m = _per_channel_noise(x.shape, mu, sigma, r_mu, r_sigma, generator, m_out=_scratch_like(x))
         else:
             s, m = sample_bn_noise(x.shape, n_mu=n_mu, n_sigma=n_sigma, r_mu=r_mu, r_sigma=r_sigma,
-                                   generator=generator, device=x.device, dtype=x.dtype)
-        return _NoisyBNPerPositionFn.apply(x, weight, bias, s, m.contiguous(), running_mean, running_var,
-                                           momentum, eps)
+                                   per_position=per_position, generator=generator, device=x.device,
+                                   dtype=x.dtype)
+        return _NoisyBNFn.apply(x, weight, bias, s, m, running_mean, running_var, momentum, eps)
     s, m = sample_bn_noise(x.shape, n_mu=n_mu, n_sigma=n_sigma, r_mu=r_mu, r_sigma=r_sigma,
                            per_position=per_position, generator=generator, device=x.device, dtype=x.dtype)
-    if noise_after_affine or weight is None:  # without gamma and beta both orders are the same
-        mean, var = batch_stats(x)
-        if running_mean is not None and running_var is not None:
-            n = x.numel() // x.shape[1]
-            with torch.no_grad():
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_((var * (n / (n - 1))).to(running_var.dtype), momentum)
-        return _NoisyBatchNormFn.apply(x, weight, bias, s, m, mean, torch.rsqrt(var + eps), eps)
     x_hat = F.batch_norm(x, running_mean, running_var, None, None, True, momentum, eps)
     gamma, beta = channel_view(weight, x), channel_view(bias, x)
     return torch.addcmul(torch.addcmul(beta, gamma, m), x_hat, gamma * s)
