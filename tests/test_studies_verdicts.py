@@ -121,6 +121,19 @@ def test_noisy_bn_needs_a_standard_net_that_trained():
     assert "noise, no BN" not in decided
 
 
+def test_noisy_bn_noise_arm_stalled_at_chance_is_the_papers_outcome():
+    # "The same noise without BN prevents training": a noise arm stalled at chance is a result (10%), and
+    # the standard net beats it; a stalled BN arm would still be no result.
+    arms = {"none": noisy_records(90.0, 0.01), "bn": noisy_records(99.0, 0.02),
+            "noisy_bn": noisy_records(98.9, 0.4, spread=(0.4, -0.3, 0.1)),
+            "noise": noisy_records(10.0, 0.5, "stalled")}
+    sentence, agrees, _, _ = noisy_bn.verdict(0.1, arms)
+    assert agrees is True and "standard beats noise, no BN on training accuracy by +80.0 pts" in sentence
+    arms["bn"] = noisy_records(10.0, 0.02, "stalled")
+    sentence, agrees, _, _ = noisy_bn.verdict(0.1, arms)
+    assert agrees is None and "3 run(s) of BN stalled at chance level" in sentence
+
+
 # -- ics, landscape --------------------------------------------------------------------------------
 
 
