@@ -64,35 +64,32 @@ PERCENTILES = (1.0, 15.0, 50.0, 85.0, 99.0)
 STABILITY_FIELDS = ("mean_change", "var_change", "mean_drift")
 
 
-def norm_slots(model: nn.Module) -> list[str]:
-    """Names of the modules that directly follow a conv or hidden linear layer inside a Sequential, in
-    forward order: where VGG/CNN/MLP models put their norm (``nn.Identity`` for ``norm="none"``)."""
+def _weight_and_slot(model: nn.Module) -> list[tuple[str, str]]:
+    """``(weight layer, the module right after it)`` for every conv / hidden linear layer inside a
+    Sequential, in forward order."""
     weight_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-    slots = []
+    pairs = []
     for parent_name, parent in model.named_modules():
         if not isinstance(parent, nn.Sequential):
             continue
         children = list(parent.named_children())
-        for (_, module), (name, _) in zip(children, children[1:], strict=False):
+        for (name, module), (next_name, _) in zip(children, children[1:], strict=False):
             if isinstance(module, weight_types) or "StdConv" in type(module).__name__:
-                slots.append(f"{parent_name}.{name}" if parent_name else name)
-    return slots
+                pairs.append(tuple(f"{parent_name}.{n}" if parent_name else n for n in (name, next_name)))
+    return pairs
+
+
+def norm_slots(model: nn.Module) -> list[str]:
+    """Names of the modules that directly follow a conv or hidden linear layer inside a Sequential, in
+    forward order: where VGG/CNN/MLP models put their norm (``nn.Identity`` for ``norm="none"``)."""
+    return [slot for _, slot in _weight_and_slot(model)]
 
 
 def weight_layers(model: nn.Module) -> list[str]:
     """Names of the conv / hidden linear layers whose outputs feed the norm slots (:func:`norm_slots`), in
     the same order: the norm layers' inputs. Noisy BN injects its noise in the slot, not here, so the
     stability of these inputs is a measurement, not true by construction."""
-    slots = set(norm_slots(model))
-    names = []
-    for parent_name, parent in model.named_modules():
-        if not isinstance(parent, nn.Sequential):
-            continue
-        children = list(parent.named_children())
-        for (name, _), (next_name, _) in zip(children, children[1:], strict=False):
-            if (f"{parent_name}.{next_name}" if parent_name else next_name) in slots:
-                names.append(f"{parent_name}.{name}" if parent_name else name)
-    return names
+    return [weight for weight, _ in _weight_and_slot(model)]
 
 
 def check_track_layers(slots: list[int], count: int, where: str) -> None:

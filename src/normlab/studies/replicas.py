@@ -43,6 +43,7 @@ from normlab.studies._grid import (
 )
 from normlab.studies._verdict import decide, training_gate
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
+from normlab.studies.small_batch import REFERENCE
 
 PARAMS = {
     "model": str,
@@ -59,8 +60,7 @@ PARAMS = {
 }
 
 LABELS = {"local": "local BN", "sync": "sync BN", "gn": "GN"}
-# Group Norm (Wu & He 2018) Table 2: ResNet-50 ImageNet val error (%) of BN at per-GPU batch 32/16/8/4/2.
-REFERENCE_BN = {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7}
+REFERENCE_BN = REFERENCE["bn"]  # Group Norm's Table 2: BN's ImageNet val error (%) by per-GPU batch
 VARIANTS = tuple(LABELS)
 LOSS = "train/loss"
 
