@@ -301,9 +301,34 @@ def test_grouped_convolutions_equal_each_members_conv(dims, bias):
     cls = torch.nn.Conv1d if dims == 1 else torch.nn.Conv2d
     convs = [cls(3, 5, 3, stride=2, padding=2, dilation=2, bias=bias).double() for _ in range(4)]
     x = torch.randn(4, 6, 3, *([11] * dims), dtype=torch.double)  # (K, B, C, *spatial)
-    want = torch.cat([c(x[k]) for k, c in enumerate(convs)], dim=1)  # (B, K*C_out, *spatial)
-    xg = x.transpose(0, 1).reshape(6, 12, *x.shape[3:])
+    # Member-major (K*C_out, B, *spatial): member k's output channels, each holding the batch.
+    want = torch.cat([c(x[k]).transpose(0, 1) for k, c in enumerate(convs)])
+    xg = x.transpose(1, 2).reshape(12, 6, *x.shape[3:])
     w = torch.cat([c.weight for c in convs])
     b = torch.cat([c.bias for c in convs]) if bias else None
     torch.testing.assert_close(grouped_conv(xg, w, b, 4, 1, convs[0]), want)
     torch.testing.assert_close(matmul_conv(xg, w, b, 4, convs[0]), want)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_im2col_conv_passes_gradcheck_in_float64(dims, bias, input_grad):
+    from normlab.batched.im2col import Im2colConv
+
+    torch.manual_seed(0)
+    k, c_in, c_out = 2, 3, 4
+    # Member-major input (K*C_in, B, *spatial).
+    x = torch.randn(k * c_in, 3, *([7, 6][:dims]), dtype=torch.double, requires_grad=input_grad)
+    w = torch.randn(k * c_out, c_in, *([3, 2][:dims]), dtype=torch.double, requires_grad=True)
+    b = torch.randn(k * c_out, dtype=torch.double, requires_grad=True) if bias else None
+    stride, padding, dilation = (2, 1)[:dims], (1, 0)[:dims], (1, 2)[:dims]
+    inputs = (x, w, b) if bias else (x, w)
+
+    def conv(*t):
+        return Im2colConv.apply(t[0], t[1], t[2] if bias else None, k, stride, padding, dilation)
+
+    assert torch.autograd.gradcheck(conv, inputs)
+    fn = torch.nn.functional.conv1d if dims == 1 else torch.nn.functional.conv2d
+    want = fn(x.transpose(0, 1), w, b, stride, padding, dilation, k).transpose(0, 1)
+    torch.testing.assert_close(conv(*inputs), want)

@@ -1,31 +1,34 @@
-"""``GroupedModel``: K members of one architecture as one network of ordinary kernels on channel-stacked
+"""``GroupedModel``: K members of one architecture as one network of ordinary kernels on member-major
 activations (the "grouped" mode of :class:`normlab.batched.StackedModel`), without ``vmap``.
 
-The activations of the K members travel as one tensor (B, K*C, *spatial) in which member k's C channels
-are contiguous (channels ``k*C .. (k+1)*C - 1``). Every leaf module of a copy of the architecture is
-replaced by its grouped twin, which reads member k's parameters as slice k of the stacked tensors
-(``params[name]``: (K, *shape), the engine's optimizer and AGC state) and runs the K members as one
-kernel:
+The activations of the K members travel as one tensor (K*C, B, *spatial): member k's C channels are
+contiguous (rows ``k*C .. (k+1)*C - 1``), each channel holding the batch and then the spatial positions
+(a member's own (B, C, *spatial) activation is ``h[k*C:(k+1)*C].transpose(0, 1)``). In that layout a
+member's convolution is one slice of a batched matmul whose result needs no transposition, and a channel's
+batch statistics are one contiguous row. Every leaf module of a copy of the architecture is replaced by
+its grouped twin, which reads member k's parameters as slice k of the stacked tensors (``params[name]``:
+(K, *shape), the engine's optimizer and AGC state) and runs the K members as one kernel:
 
-* Conv (and normlab's Scaled WS conv): weight (K, C_out, C_in/g, *k) viewed as (K*C_out, C_in/g, *k),
-  one convolution with ``groups = K*g`` (Scaled WS standardizes each output unit's filter, so the K*C_out
-  rows standardize exactly as each member's C_out rows would); or, where that is faster for a layer and
-  input shape (timed once per shape), im2col and one batched matmul over the members (:func:`matmul_conv`);
-* BatchNorm (torch BN, frozen BN, ghost BN): one ``F.batch_norm`` over K*C channels; its running
-  statistics are (K*C,) views of the stacked (K, C) buffers, so the in-place update lands in each member's
-  slice (a batch statistic of one channel never mixes channels, hence never members);
-* GroupNorm(G, C) (normlab's ``gn``, ``ln`` = G=1, ``in`` = G=C): ``F.group_norm`` with K*G groups, which
-  never cross a member's C channels;
-* nn.LayerNorm over (C, *spatial): normalized per member on the (B, K, C, *spatial) view;
-* Linear (after a flatten, (B, K*F), member k's F features contiguous): ``torch.baddbmm`` of the (K, B, F)
-  view with the (K, F, out) weights, back to (B, K*out);
-* activations, pools, flatten, identity and residual additions act elementwise or per channel and are
-  used unchanged.
+* Conv (and normlab's Scaled WS conv; Scaled WS standardizes each output unit's filter, so the K*C_out
+  rows standardize exactly as each member's C_out rows would): im2col and one batched matmul over the
+  members with a hand-written backward (:mod:`normlab.batched.im2col`); a grouped or ``padding="same"``
+  conv runs as one ``groups = K*g`` convolution on the channel-stacked (B, K*C, *spatial) transpose;
+* BatchNorm (torch BN, frozen BN): one ``F.batch_norm`` over K*C channels of the (1, K*C, B*|spatial|)
+  view; its running statistics are (K*C,) views of the stacked (K, C) buffers, so the in-place update lands
+  in each member's slice (a channel's batch statistic never mixes channels, hence never members; the
+  unbiased count B*|spatial| is the member's own);
+* ghost BN, GroupNorm(G, C) (normlab's ``gn``, ``ln`` = G=1, ``in`` = G=C; ``F.group_norm`` with K*G
+  groups, which never cross a member's C channels) and nn.LayerNorm over (C, *spatial): on the
+  channel-stacked transpose, where their per-sample statistics are contiguous;
+* flatten: (K*C, B, *spatial) -> (K*C*|spatial|, B), member k's features in its own (C, *spatial) order;
+* Linear on (K*F, B): ``torch.baddbmm`` of the (K, out, F) weights with the (K, F, B) view;
+* activations, pools, identity and residual additions act elementwise, per channel or on the trailing
+  spatial dims and are used unchanged.
 
 Any other leaf (or a container holding parameters of its own) makes the model ungroupable (``None``
-from :func:`grouped_model`); so does a model whose code mixes channels outside its leaves: before the
-mode is offered, :func:`grouped_model` checks on two throwaway members that the grouped forward, the
-gradients, the running statistics and the eval-mode forward equal the member-by-member ones.
+from :func:`grouped_model`); so does a model whose own code (outside its leaves) reads the batch or channel
+dim: before the mode is offered, :func:`grouped_model` checks on two throwaway members that the grouped
+forward, the gradients, the running statistics and the eval-mode forward equal the member-by-member ones.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from normlab.batched.im2col import matmul_conv
 from normlab.layers.frozen_bn import FrozenBatchNorm
 from normlab.layers.ghost_bn import GhostBatchNorm, ghost_batch_norm
 from normlab.layers.std_conv import ScaledStdConv1d, ScaledStdConv2d, ScaledStdLinear, scaled_std_weight
@@ -86,40 +90,25 @@ def _flat(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.view(-1)
 
 
+def _rows(x: Tensor) -> Tensor:
+    """Member-major (K*C, B, *spatial) -> (1, K*C, B*|spatial|): a channel's batch statistics in one row."""
+    return x.view(1, x.shape[0], -1)
+
+
 def grouped_conv(x: Tensor, w: Tensor, bias: Tensor | None, k: int, groups: int, conv: nn.Module) -> Tensor:
-    """K members' convs as one ``groups = K * groups`` convolution. ``x`` (B, K*C_in, *spatial), ``w``
-    (K*C_out, C_in/groups, *kernel), ``bias`` (K*C_out,) or None; ``conv`` gives stride/padding/dilation."""
+    """K members' convs as one ``groups = K * groups`` convolution on the channel-stacked transpose of
+    member-major ``x`` (K*C_in, B, *spatial); ``w`` (K*C_out, C_in/groups, *kernel), ``bias`` (K*C_out,) or
+    None; ``conv`` gives stride/padding/dilation. Returns member-major (K*C_out, B, *spatial')."""
     fn = F.conv1d if x.dim() == 3 else F.conv2d
-    return fn(x, w, bias, conv.stride, conv.padding, conv.dilation, groups * k)
-
-
-def matmul_conv(x: Tensor, w: Tensor, bias: Tensor | None, k: int, conv: nn.Module) -> Tensor:
-    """The same convolution (``groups == 1`` per member) as im2col (``F.unfold``) and one batched matmul
-    over the members: (K, C_out, C_in*|kernel|) @ (K, C_in*|kernel|, B*positions). oneDNN's grouped
-    convolution is slow per FLOP for few channels per group (the MNIST-1D CNN's first conv: 2.5x)."""
-    one_d = x.dim() == 3
-    x4 = x.unsqueeze(-1) if one_d else x
-    def pair(v: tuple[int, ...], unit: int) -> tuple[int, int]:  # a 1-D conv is 2-D with a width-1 kernel
-        return (v[0], unit) if one_d else (v[0], v[1])
-
-    size, stride = pair(conv.kernel_size, 1), pair(conv.stride, 1)
-    padding, dilation = pair(conv.padding, 0), pair(conv.dilation, 1)
-    cols = F.unfold(x4, size, dilation=dilation, padding=padding, stride=stride)  # (B, K*C_in*|kernel|, P)
-    b, positions = x.shape[0], cols.shape[-1]
-    fan_in = cols.shape[1] // k
-    cols = cols.view(b, k, fan_in, positions).permute(1, 2, 0, 3).reshape(k, fan_in, b * positions)
-    w3 = w.reshape(k, -1, fan_in)
-    y = torch.bmm(w3, cols) if bias is None else torch.baddbmm(bias.view(k, -1, 1), w3, cols)
-    out = [(x4.shape[2 + i] + 2 * padding[i] - dilation[i] * (size[i] - 1) - 1) // stride[i] + 1
-           for i in range(2)]
-    y = y.view(k, -1, b, positions).permute(2, 0, 1, 3)  # (B, K, C_out, P)
-    return y.reshape(b, -1, out[0]) if one_d else y.reshape(b, -1, *out)
+    y = fn(x.transpose(0, 1), w, bias, conv.stride, conv.padding, conv.dilation, groups * k)
+    return y.transpose(0, 1).contiguous()
 
 
 class _Conv(_Leaf):
-    """Grouped conv; where both apply, the faster of :func:`grouped_conv` and :func:`matmul_conv` for
-    each input shape, timed on detached copies (forward and backward in training, forward alone in
-    evaluation) the first time the shape is seen, as ``cudnn.benchmark`` does."""
+    """Grouped conv; where both apply (an ungrouped conv with numeric padding), the faster of
+    :func:`matmul_conv` and :func:`grouped_conv` for each input shape, timed on detached copies (forward
+    and backward in training, forward alone in evaluation) the first time the shape is seen, as
+    ``cudnn.benchmark`` does; ``members.conv`` forces either (the probe checks both)."""
 
     def __init__(self, members: _Members, prefix: str, conv: nn.Conv1d | nn.Conv2d) -> None:
         super().__init__(members, prefix)
@@ -136,8 +125,7 @@ class _Conv(_Leaf):
             gain = self.p("gain")
             w = scaled_std_weight(w, gain.reshape(-1, *gain.shape[2:]), *self.ws)
         bias = _flat(self.p("bias"))
-        impl = self._impl(x, w, bias)
-        if impl == "matmul":
+        if self._impl(x, w, bias) == "matmul":
             return matmul_conv(x, w, bias, self.k, self.conv)
         return grouped_conv(x, w, bias, self.k, self.groups, self.conv)
 
@@ -156,8 +144,8 @@ class _Conv(_Leaf):
         x, w = x.detach().requires_grad_(backward), w.detach().requires_grad_(backward)
         bias = None if bias is None else bias.detach().requires_grad_(backward)
         runs = {
-            "grouped": lambda: grouped_conv(x, w, bias, self.k, self.groups, self.conv),
             "matmul": lambda: matmul_conv(x, w, bias, self.k, self.conv),
+            "grouped": lambda: grouped_conv(x, w, bias, self.k, self.groups, self.conv),
         }
         times: dict[str, float] = {name: math.inf for name in runs}
         for rep in range(reps + 1):
@@ -173,6 +161,8 @@ class _Conv(_Leaf):
 
 
 class _Linear(_Leaf):
+    """Linear on member-major (K*F, B) features: (K, out, F) @ (K, F, B) -> (K*out, B)."""
+
     def __init__(self, members: _Members, prefix: str, linear: nn.Linear) -> None:
         super().__init__(members, prefix)
         self.ws = (linear.gamma, linear.eps) if isinstance(linear, ScaledStdLinear) else None
@@ -180,14 +170,15 @@ class _Linear(_Leaf):
     def forward(self, x: Tensor) -> Tensor:
         w = self.p("weight")  # (K, out, F)
         k, out, features = w.shape
+        if x.dim() != 2 or x.shape[0] != k * features:
+            raise _UngroupableError(f"Linear({features}, {out}) on member-major input {tuple(x.shape)}")
         if self.ws is not None:
             w = scaled_std_weight(w.reshape(k * out, features), self.p("gain").reshape(-1), *self.ws)
             w = w.view(k, out, features)
-        xs = x.reshape(x.shape[0], k, features).transpose(0, 1)  # (K, B, F)
+        xs = x.view(k, features, x.shape[1])
         bias = self.p("bias")
-        wt = w.transpose(1, 2)  # (K, F, out)
-        y = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, wt)
-        return y.transpose(0, 1).reshape(x.shape[0], k * out)
+        y = torch.bmm(w, xs) if bias is None else torch.baddbmm(bias.unsqueeze(2), w, xs)
+        return y.view(k * out, x.shape[1])
 
 
 class _BatchNorm(_Leaf):
@@ -205,9 +196,10 @@ class _BatchNorm(_Leaf):
                 if self.momentum is None:  # cumulative average: every member has seen as many batches
                     momentum = 1.0 / float(count[0])
         use_batch = self.training or mean is None
-        return F.batch_norm(
-            x, mean, var, _flat(self.p("weight")), _flat(self.p("bias")), use_batch, momentum, self.eps
+        y = F.batch_norm(
+            _rows(x), mean, var, _flat(self.p("weight")), _flat(self.p("bias")), use_batch, momentum, self.eps
         )
+        return y.view(x.shape)
 
 
 class _FrozenBatchNorm(_Leaf):
@@ -216,10 +208,11 @@ class _FrozenBatchNorm(_Leaf):
         self.eps = bn.eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.batch_norm(
-            x, _flat(self.b("running_mean")), _flat(self.b("running_var")), _flat(self.b("weight")),
+        y = F.batch_norm(
+            _rows(x), _flat(self.b("running_mean")), _flat(self.b("running_var")), _flat(self.b("weight")),
             _flat(self.b("bias")), False, 0.0, self.eps,
         )
+        return y.view(x.shape)
 
 
 class _GhostBatchNorm(_Leaf):
@@ -231,13 +224,13 @@ class _GhostBatchNorm(_Leaf):
         count = self.b("num_batches_tracked")
         shared = count[0].clone() if count is not None and self.training else None  # one count for all
         y = ghost_batch_norm(
-            x, _flat(self.b("running_mean")), _flat(self.b("running_var")), _flat(self.p("weight")),
-            _flat(self.p("bias")), virtual_batch_size=self.size, training=self.training,
-            momentum=self.momentum, eps=self.eps, num_batches_tracked=shared,
+            x.transpose(0, 1), _flat(self.b("running_mean")), _flat(self.b("running_var")),
+            _flat(self.p("weight")), _flat(self.p("bias")), virtual_batch_size=self.size,
+            training=self.training, momentum=self.momentum, eps=self.eps, num_batches_tracked=shared,
         )
         if shared is not None:
             count.copy_(shared.expand_as(count))
-        return y
+        return y.transpose(0, 1).contiguous()
 
 
 class _GroupNorm(_Leaf):
@@ -247,7 +240,8 @@ class _GroupNorm(_Leaf):
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = _flat(self.p("weight")), _flat(self.p("bias"))
-        return F.group_norm(x, self.groups * self.k, weight, bias, self.eps)
+        y = F.group_norm(x.transpose(0, 1), self.groups * self.k, weight, bias, self.eps)
+        return y.transpose(0, 1).contiguous()
 
 
 class _LayerNorm(_Leaf):
@@ -260,27 +254,32 @@ class _LayerNorm(_Leaf):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() - 1 != len(self.shape):
             raise _UngroupableError(f"LayerNorm over {self.shape} on input {tuple(x.shape)}")
-        y = F.layer_norm(x.view(x.shape[0], self.k, *self.shape), self.shape, eps=self.eps)
+        xt = x.transpose(0, 1)  # channel-stacked (B, K*C, *spatial)
+        y = F.layer_norm(xt.reshape(xt.shape[0], self.k, *self.shape), self.shape, eps=self.eps)
         weight, bias = self.p("weight"), self.p("bias")
         if weight is not None:
             y = y * weight
         if bias is not None:
             y = y + bias
-        return y.reshape(x.shape)
+        return y.reshape(xt.shape).transpose(0, 1).contiguous()
 
 
-class _FlattenTo(nn.Module):
-    """normlab's FlattenTo, expecting K times the features."""
+class _Flatten(nn.Module):
+    """A flatten of each member's (C, *spatial) features (``nn.Flatten()``, normlab's FlattenTo): member-major
+    (K*C, B, *spatial) -> (K*C*|spatial|, B), member k's features in its own (C, *spatial) order."""
 
-    def __init__(self, members: _Members, flatten: FlattenTo) -> None:
+    def __init__(self, members: _Members, features: int | None = None) -> None:
         super().__init__()
         self.__dict__["members"] = members
-        self.features = flatten.features
+        self.features = features
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.flatten(1)
-        if x.shape[1] != self.members.size * self.features:
-            raise _UngroupableError(f"flattened {x.shape[1]} features for {self.members.size} members")
+        k, b = self.members.size, x.shape[1]
+        if x.dim() > 2:
+            rows = x.view(x.shape[0], b, -1)  # (K*C, B, |spatial|)
+            x = rows.view(k, -1, b, rows.shape[2]).transpose(2, 3).reshape(-1, b)
+        if self.features is not None and x.shape[0] != k * self.features:
+            raise _UngroupableError(f"flattened {x.shape[0]} features for {k} members")
         return x
 
 
@@ -293,9 +292,9 @@ def _grouped_leaf(module: nn.Module, members: _Members, prefix: str) -> nn.Modul
         return module
     if isinstance(module, nn.Flatten):
         if module.start_dim == 1 and module.end_dim == -1:
-            return module
+            return _Flatten(members)
     elif isinstance(module, FlattenTo):
-        return _FlattenTo(members, module)
+        return _Flatten(members, module.features)
     elif isinstance(module, nn.Dropout):
         if module.p == 0:
             return module
@@ -355,12 +354,13 @@ class GroupedModel:
         """Outputs (K, B, ...) of inputs (K, B, C, ...), or of one (B, C, ...) for all (``shared_input``)."""
         k = next(iter(params.values())).shape[0]
         self.members.params, self.members.buffers, self.members.size = params, buffers, k
-        if shared_input:
-            xg = x.repeat(1, k, *([1] * (x.dim() - 2)))
-        else:
-            xg = x.transpose(0, 1).reshape(x.shape[1], k * x.shape[2], *x.shape[3:])
-        out = self.net(xg)
-        return out.unflatten(1, (k, -1)).movedim(1, 0)
+        if shared_input:  # (B, C, ...) -> (C, B, ...) -> K copies: (K*C, B, ...)
+            xt = x.transpose(0, 1)
+            xg = xt.unsqueeze(0).expand(k, *xt.shape).reshape(k * xt.shape[0], *xt.shape[1:])
+        else:  # (K, B, C, ...) -> (K, C, B, ...) -> (K*C, B, ...)
+            xg = x.transpose(1, 2).reshape(k * x.shape[2], x.shape[1], *x.shape[3:])
+        out = self.net(xg)  # member-major (K*O, B, ...)
+        return out.unflatten(0, (k, -1)).transpose(1, 2)
 
 
 def grouped_model(
