@@ -332,3 +332,15 @@ def test_im2col_conv_passes_gradcheck_in_float64(dims, bias, input_grad):
     fn = torch.nn.functional.conv1d if dims == 1 else torch.nn.functional.conv2d
     want = fn(x.transpose(0, 1), w, b, stride, padding, dilation, k).transpose(0, 1)
     torch.testing.assert_close(conv(*inputs), want)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse_loss", "l1_loss"])  # l1: the vmap fallback
+def test_member_losses_equal_each_members_loss(loss):
+    from normlab.batched.engine import member_losses
+
+    fn = getattr(torch.nn.functional, loss)
+    torch.manual_seed(0)
+    out = torch.randn(4, 6, 10)
+    y = torch.randint(0, 10, (4, 6)) if loss == "cross_entropy" else torch.randn(4, 6, 10)
+    want = torch.stack([fn(out[k], y[k]) for k in range(4)])
+    torch.testing.assert_close(member_losses(fn, out, y), want)

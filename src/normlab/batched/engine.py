@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from torch.func import vmap
 
 from normlab.batched.clip import member_grad_norms, stacked_agc_
@@ -142,7 +144,7 @@ class _Group:
         lrs = [m.policy.lr(m.trainer.step) for m in alive]
 
         out = stack(x)
-        losses = vmap(self.loss_fn)(out, y)
+        losses = member_losses(self.loss_fn, out, y)
         values = losses.tolist()
         diverged = [i for i, v in enumerate(values) if not math.isfinite(v) or v > cfg.divergence_bound]
         for i in diverged:
@@ -220,12 +222,12 @@ class _Group:
                 if shared:
                     xb, yb = x_all[start : start + size], y_all[start : start + size]
                     out = self.stack(xb, shared_input=True)
-                    loss = vmap(self.loss_fn, in_dims=(0, None))(out, yb)
+                    loss = member_losses(self.loss_fn, out, yb.expand(k, *yb.shape))
                     hits = (out.argmax(dim=-1) == yb) if self.classification else None
                 else:
                     xb, yb = x_all[:, start : start + size], y_all[:, start : start + size]
                     out = self.stack(xb)
-                    loss = vmap(self.loss_fn)(out, yb)
+                    loss = member_losses(self.loss_fn, out, yb)
                     hits = (out.argmax(dim=-1) == yb) if self.classification else None
                 m = min(size, n - start)
                 total += loss.double() * m
@@ -256,6 +258,20 @@ class _Group:
         if keep:
             self.stack.keep(keep)
             self.optimizer.keep(keep, self.stack.params)
+
+
+def member_losses(loss_fn: Any, out: Tensor, y: Tensor) -> Tensor:
+    """Each member's mean loss (K,) of outputs ``out`` (K, B, ...) and targets ``y`` (K, B, ...): for the
+    trainer's cross-entropy and mean squared error, per-example losses of all K*B examples in one kernel
+    and a mean per member (what ``vmap(loss_fn)`` computes, without its per-call overhead); any other
+    ``loss_fn`` under ``vmap``."""
+    k, b = out.shape[:2]
+    if loss_fn is F.cross_entropy and y.dim() == 2:
+        flat = F.cross_entropy(out.reshape(k * b, *out.shape[2:]), y.reshape(k * b), reduction="none")
+        return flat.view(k, -1).mean(dim=1)
+    if loss_fn is F.mse_loss and y.shape == out.shape:
+        return F.mse_loss(out, y, reduction="none").reshape(k, -1).mean(dim=1)
+    return vmap(loss_fn)(out, y)
 
 
 def _share_data(first: Trainer, other: Trainer) -> None:
