@@ -9,6 +9,21 @@ from normlab.sweep.lr_search import bracket_lrs, extensions, grid_factor
 from normlab.train import RunResult
 
 
+def serially(train):
+    """A ``run`` for bracket_lrs: ``train(configs)`` one batch at a time, follow-ups queued in order."""
+
+    def run(configs, follow_up):
+        queue, results = list(configs), []
+        while queue:
+            config = queue.pop(0)
+            (result,) = train([config])
+            results.append(result)
+            queue += follow_up(config, result)
+        return results
+
+    return run
+
+
 def result(lr, seed, acc, status="finished", convergence="converged", norm="bn", batch=128):
     return RunResult(
         status=status, final_test_acc=acc if status == "finished" else math.nan,
@@ -86,7 +101,7 @@ def test_bracket_lrs_runs_rounds_until_bracketed():
     configs = compare_configs(model="cnn", norms=["bn"], batch_sizes=[128], seeds=[0, 1, 2],
                               base_lrs=[0.0025, 0.01], steps=10)
     rounds = []
-    results, all_configs = bracket_lrs(configs, fake_run, max_extra=3,
+    results, all_configs = bracket_lrs(configs, serially(fake_run), max_extra=3,
                                        on_round=lambda n, new: rounds.append(sorted({c.lr for c in new})))
     assert [[pytest.approx(x) for x in r] for r in rounds] == [[0.04], [0.16], [0.64]]
     assert len(results) == len(all_configs) == 15
@@ -108,18 +123,18 @@ def test_probes_above_the_best_lr_stop_below_a_bar():
 
     configs = compare_configs(model="cnn", norms=["bn"], batch_sizes=[128], seeds=[0, 1, 2],
                               base_lrs=[0.01, 0.04], budget="auto", epochs=None, steps=1000, val_fraction=0.1)
-    bracket_lrs(configs, fake_run, max_extra=1)
+    bracket_lrs(configs, serially(fake_run), max_extra=1)
     probes = [c for c in seen if c.lr > 0.05]
     assert len(probes) == 3 and [c.stop_below for c in probes] == [pytest.approx(0.951 - 0.03)] * 3
     assert all(c.stop_below is None for c in seen if c.lr <= 0.04)
     seen.clear()
-    bracket_lrs(configs, fake_run, max_extra=1, stop_margin=None)
+    bracket_lrs(configs, serially(fake_run), max_extra=1, stop_margin=None)
     assert all(c.stop_below is None for c in seen)
     # The best at the bottom: the probe below trains to its plateau.
     seen.clear()
     low = compare_configs(model="cnn", norms=["bn"], batch_sizes=[128], seeds=[0, 1, 2],
                           base_lrs=[0.04, 0.16], budget="auto", epochs=None, steps=1000, val_fraction=0.1)
-    bracket_lrs(low, fake_run, max_extra=1)
+    bracket_lrs(low, serially(fake_run), max_extra=1)
     below = [c for c in seen if c.lr < 0.04]
     assert len(below) == 3 and all(c.stop_below is None for c in below)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -79,6 +80,30 @@ def test_pool_executor_runs_in_workers_with_callbacks(store):
     assert {r.environment["threads"] for r in store.runs()} == {1}
     with pytest.raises(NormlabError, match="workers must be a positive int, got 0"):
         LocalPoolExecutor(workers=0)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_follow_ups_join_the_sweep_in_order_and_resume(store, pool):
+    # Each seed-0 run is followed by the same config at seed 2, each seed-2 run by nothing: the follow-ups
+    # train in the same sweep (in a pool: while the others still train) and come after the configs.
+    configs = [TrainConfig(**TINY, seed=0), TrainConfig(**TINY, seed=1, lr=0.2)]
+    followed = []
+
+    def follow_up(config, result):
+        followed.append((config.seed, config.lr, result.status))
+        return [config.replace(seed=2)] if config.seed == 0 else []
+
+    executor = LocalPoolExecutor(workers=2) if pool else InlineExecutor()
+    with executor if pool else contextlib.nullcontext():
+        results = run_sweep(configs, store, executor, follow_up=follow_up)
+    assert [(r.config["seed"], r.config["lr"]) for r in results] == [(0, 0.1), (1, 0.2), (2, 0.1)]
+    assert sorted(followed) == [(0, 0.1, "finished"), (1, 0.2, "finished"), (2, 0.1, "finished")]
+    assert len(store.runs()) == 3
+    # Resumed: every run, the follow-up included, is read back (and followed up) without training.
+    followed.clear()
+    again = run_sweep(configs, store, follow_up=follow_up)
+    assert [r.run_id for r in again] == [r.run_id for r in results] and len(store.runs()) == 3
+    assert len(followed) == 3
 
 
 def test_compare_configs_scale_lr_and_use_agc_for_nf():

@@ -184,7 +184,8 @@ def compare_command(
     started = time.perf_counter()
     with open_store(store) as db, executor:
         results, configs = bracket_lrs(
-            configs, lambda todo: run_sweep(todo, db, executor, batch=batch), max_extra=lr_extensions,
+            configs, lambda todo, follow_up: run_sweep(todo, db, executor, batch=batch, follow_up=follow_up),
+            max_extra=lr_extensions,
             stop_margin=probe_margin, on_round=None if json_output else _announce_round,
         )  # fmt: skip
         histories = _histories(db, results) if report else None
@@ -219,7 +220,7 @@ def _lr_scaling(choice: str, optimizer: str) -> str:
 def _announce_round(round_number: int, new_configs) -> None:
     cells = sorted({(c.norm, c.batch_size, c.lr) for c in new_configs})
     text = ", ".join(f"{n}/bs{b}/lr{lr:.3g}" for n, b, lr in cells)
-    console().print(f"lr search round {round_number}: {len(new_configs)} more runs ({text})")
+    console().print(f"lr search, round {round_number} of its cell: {len(new_configs)} more runs ({text})")
 
 
 def _settle(fixed: bool, max_steps: int, lr_extensions: int):

@@ -32,6 +32,7 @@ def run_claimed(
     done_statuses: tuple[str, ...] = ("finished", "diverged"),
     poll_s: float = POLL_S,
     submit: Callable[[list[TrainConfig]], None] | None = None,
+    incoming: list[TrainConfig] | None = None,
 ) -> Iterator[tuple[TrainConfig, RunResult]]:
     """Yield ``(config, result)`` for every one of ``configs`` (distinct keys), each trained once across
     all processes sharing ``store``: by this one when it holds the claim, else read back from the store.
@@ -40,9 +41,12 @@ def run_claimed(
 
     ``submit(configs)`` hands claimed configs to the executor (default: one ``executor.submit`` each; the
     sweep passes one that stacks compatible configs into batched groups). With ``store=None`` every config
-    is simply submitted.
+    is simply submitted. ``incoming``: a list the consumer may append configs to (distinct keys, new to
+    this call) while it handles a yielded result; they are taken after each yield and trained in the same
+    way, so follow-up runs start while earlier ones are still training.
     """
     configs = list(configs)
+    pending = incoming if incoming is not None else []
     if submit is None:
 
         def submit(batch: list[TrainConfig]) -> None:
@@ -51,28 +55,54 @@ def run_claimed(
 
     if store is None:
         submit(configs)
-        yield from executor.results()
+        for item in executor.results():
+            yield item
+            if pending:
+                batch = pending[:]
+                pending.clear()
+                submit(batch)
         return
     from normlab.store import Owner
 
     owner = Owner.this_process()
     waiting: dict[str, TrainConfig] = {}
+    ready: list[tuple[TrainConfig, RunResult]] = []  # read back from the store, to yield
+
+    def admit(batch: list[TrainConfig]) -> None:
+        claimed = []
+        for config in batch:
+            if not store.claim_config(config.key(), owner):
+                waiting[config.key()] = config
+            elif (done := _done(store, config.key(), done_statuses)) is not None:
+                store.release_config(config.key(), owner)
+                ready.append((config, done))
+            else:
+                claimed.append(config)
+        if claimed:
+            submit(claimed)
+
+    def take_incoming() -> None:
+        if pending:
+            batch = pending[:]
+            pending.clear()
+            admit(batch)
+
     with _Heartbeat(store, owner):
         try:
-            claimed = []
-            for config in configs:
-                if not store.claim_config(config.key(), owner):
-                    waiting[config.key()] = config
-                elif (done := _done(store, config.key(), done_statuses)) is not None:
-                    store.release_config(config.key(), owner)
-                    yield config, done
-                else:
-                    claimed.append(config)
-            submit(claimed)
+            admit(configs)
             while True:
+                while ready:
+                    yield ready.pop(0)
+                    take_incoming()
                 for config, result in executor.results():
                     store.release_config(config.key(), owner)
                     yield config, result
+                    take_incoming()
+                    while ready:
+                        yield ready.pop(0)
+                        take_incoming()
+                if ready:
+                    continue
                 if not waiting:
                     return
                 submitted = False
@@ -81,17 +111,17 @@ def run_claimed(
                         last = store.latest_run(config_key=key)
                         if last is not None and last.status != "running":  # the other process's result
                             del waiting[key]
-                            yield config, RunResult.from_run(last)
+                            ready.append((config, RunResult.from_run(last)))
                             continue
                     if store.claim_config(key, owner):  # released without a result, or its owner died
                         del waiting[key]
                         if (done := _done(store, key, done_statuses)) is not None:
                             store.release_config(key, owner)
-                            yield config, done
+                            ready.append((config, done))
                             continue
                         submit([config])
                         submitted = True
-                if waiting and not submitted:
+                if waiting and not submitted and not ready:
                     time.sleep(poll_s)
         finally:
             store.release_claims(owner)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from typing import Any, Protocol, runtime_checkable
 
@@ -117,19 +117,23 @@ class LocalPoolExecutor:
         return self._pool
 
     def results(self) -> Iterator[tuple[TrainConfig, RunResult]]:
-        futures, self._futures = self._futures, {}
+        """``(config, result)`` as runs complete, until none is pending: configs submitted while this is
+        being iterated (a sweep's follow-ups) are waited for too."""
         try:
-            for future in as_completed(futures):
-                configs, path = futures[future]
-                try:
-                    outcome = future.result()
-                    results = outcome if isinstance(outcome, list) else [outcome]
-                except Exception as exc:  # the worker died (e.g. killed for memory): its runs failed
-                    results = [_worker_died(c, path, f"{type(exc).__name__}: {exc}") for c in configs]
-                yield from zip(configs, results, strict=True)
+            while self._futures:
+                done, _ = wait(list(self._futures), return_when=FIRST_COMPLETED)
+                for future in done:
+                    configs, path = self._futures.pop(future)
+                    try:
+                        outcome = future.result()
+                        results = outcome if isinstance(outcome, list) else [outcome]
+                    except Exception as exc:  # the worker died (e.g. killed for memory): its runs failed
+                        results = [_worker_died(c, path, f"{type(exc).__name__}: {exc}") for c in configs]
+                    yield from zip(configs, results, strict=True)
         finally:
-            for future in futures:
+            for future in self._futures:
                 future.cancel()
+            self._futures.clear()
 
     as_completed = results
 

@@ -1,7 +1,8 @@
 """Learning rates that bracket: extend each cell's lr grid until its best lr is interior and its largest
 stable lr is followed by an unstable one (science.md section 8).
 
-The search, per (norm, batch size) cell, in rounds (:func:`extensions` decides one round from the outcomes):
+The search, per (norm, batch size) cell, in rounds (:func:`extensions` decides one round from the outcomes;
+a cell's next round starts as soon as its own runs are done, beside the other cells' runs):
 
 - **up**: while the grid's top lr is stable (no seed diverged, failed or stalled), add ``top * factor``:
   this both brackets a best lr sitting at the top and looks for instability, so "largest stable lr" is a
@@ -33,6 +34,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from normlab.sweep.compare import CompareCell, run_name, summarize_compare
+from normlab.sweep.sweep import FollowUp
 from normlab.train import RunResult, TrainConfig
 
 MAX_EXTRA = 2  # lrs each direction may add beyond the base grid
@@ -79,55 +81,72 @@ def extensions(cell: CompareCell, base_lrs: Sequence[float], factor: float, max_
 
 def bracket_lrs(
     configs: Sequence[TrainConfig],
-    run: Callable[[list[TrainConfig]], list[RunResult]],
+    run: Callable[[list[TrainConfig], FollowUp], list[RunResult]],
     *,
     max_extra: int = MAX_EXTRA,
     stop_margin: float | None = STOP_MARGIN,
     on_round: Callable[[int, list[TrainConfig]], None] | None = None,
 ) -> tuple[list[RunResult], list[TrainConfig]]:
-    """Run ``configs`` (a compare grid), then extend each cell's lr grid round by round (module docstring).
+    """Run ``configs`` (a compare grid) and extend each cell's lr grid round by round (module docstring).
+
+    Each cell searches on its own: the moment the last run of a cell's round completes, its next lrs
+    join the sweep (``follow_up``), so they train beside other cells' base runs instead of waiting for
+    the whole grid.
 
     Args:
-        run: trains a list of configs and returns their results in order (e.g. ``run_sweep`` over a store).
+        run: ``run(configs, follow_up)`` trains ``configs`` and, as each run completes, the configs
+            ``follow_up(config, result)`` returns; it returns every result, ``configs``' first, then the
+            follow-ups' in the order they were returned (``run_sweep(..., follow_up=...)`` over a store).
         stop_margin: the bar of probes above a cell's best lr (module docstring); None or 0: none.
-        on_round: called with ``(round, new configs)`` before each extension round runs.
+        on_round: called with ``(round of that cell, new configs)`` when a cell's next round starts.
 
-    Returns: all results and all configs (base grid first, then each round's additions).
+    Returns: all results and all configs (base grid first, then the additions as they were made).
     """
     configs = list(configs)
-    results = list(run(configs))
     by_cell: dict[tuple[str, int], list[TrainConfig]] = {}
     for config in configs:
         by_cell.setdefault((config.norm, config.batch_size), []).append(config)
     base = {key: sorted({c.lr for c in members}) for key, members in by_cell.items()}
     factors = {key: grid_factor(lrs) for key, lrs in base.items()}
-    for round_number in range(1, 2 * max_extra + 1):
-        new_configs = []
-        for cell in summarize_compare(results):
-            key = (cell.norm, cell.batch_size)
-            if key not in by_cell:
-                continue
-            template_lr = by_cell[key][0].lr
-            templates = [c for c in by_cell[key] if c.lr == template_lr]
-            top = max(o.lr for o in cell.lrs)
-            for lr in extensions(cell, base[key], factors[key], max_extra):
-                changes = {}
-                bar = probe_bar(cell, stop_margin) if lr > top else None
-                if bar is not None and all(c.budget == "auto" for c in templates):
-                    changes["stop_below"] = round(bar, 6)  # rounded: the same bar (and key) on a rerun
-                new_configs += [
-                    c.replace(lr=lr, name=run_name(c.model, c.norm, c.batch_size, lr, c.seed), **changes)
-                    for c in templates
-                ]
-        if not new_configs:
-            break
-        if on_round is not None:
-            on_round(round_number, new_configs)
-        results += run(new_configs)
-        configs += new_configs
-        for config in new_configs:
-            by_cell[(config.norm, config.batch_size)].append(config)
-    return results, configs
+    outstanding = {key: len(members) for key, members in by_cell.items()}  # runs of the current round
+    cell_results: dict[tuple[str, int], list[RunResult]] = {key: [] for key in by_cell}
+    rounds = dict.fromkeys(by_cell, 0)
+    added: list[TrainConfig] = []
+
+    def follow_up(config: TrainConfig, result: RunResult) -> list[TrainConfig]:
+        key = (config.norm, config.batch_size)
+        cell_results[key].append(result)
+        outstanding[key] -= 1
+        if outstanding[key] > 0:
+            return []
+        new = _next_round(key, summarize_compare(cell_results[key])[0])
+        if new:
+            rounds[key] += 1
+            if on_round is not None:
+                on_round(rounds[key], new)
+            outstanding[key] = len(new)
+            by_cell[key] += new
+            added.extend(new)
+        return new
+
+    def _next_round(key: tuple[str, int], cell: CompareCell) -> list[TrainConfig]:
+        template_lr = by_cell[key][0].lr
+        templates = [c for c in by_cell[key] if c.lr == template_lr]
+        top = max(o.lr for o in cell.lrs)
+        new = []
+        for lr in extensions(cell, base[key], factors[key], max_extra):
+            changes = {}
+            bar = probe_bar(cell, stop_margin) if lr > top else None
+            if bar is not None and all(c.budget == "auto" for c in templates):
+                changes["stop_below"] = round(bar, 6)  # rounded: the same bar (and key) on a rerun
+            new += [
+                c.replace(lr=lr, name=run_name(c.model, c.norm, c.batch_size, lr, c.seed), **changes)
+                for c in templates
+            ]
+        return new
+
+    results = list(run(configs, follow_up))
+    return results, configs + added
 
 
 def bracketing_note(cell: CompareCell) -> str | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from normlab.errors import NormlabError
@@ -16,6 +16,9 @@ from normlab.train import RunResult, TrainConfig
 DONE_STATUSES = ("finished", "diverged")
 
 
+FollowUp = Callable[[TrainConfig, RunResult], Sequence[TrainConfig]]
+
+
 def run_sweep(
     configs: Iterable[TrainConfig | dict[str, Any]],
     store: Any,
@@ -26,6 +29,7 @@ def run_sweep(
     callbacks_factory: CallbacksFactory | None = None,
     progress: bool | None = None,
     batch: bool = True,
+    follow_up: FollowUp | None = None,
 ) -> list[RunResult]:
     """Train every config and return the results in the order of ``configs``.
 
@@ -44,42 +48,76 @@ def run_sweep(
             (:func:`normlab.batched.group_configs`, at most ``MAX_GROUP`` per group, split so every worker
             has a group), when the executor offers ``submit_group`` and there is no ``callbacks_factory``;
             results and the store are those of runs trained one by one. False: one run at a time.
+        follow_up: called with ``(config, result)`` as each run completes (after ``on_result``); the
+            configs it returns join the sweep at once (trained while the rest still trains, e.g. the next
+            lr of a search whose cell just finished) and are followed up in turn. Their results come after
+            those of ``configs``, in the order they were returned.
 
-    A run that fails (exception) or diverges is recorded with that status and the sweep goes on.
+    A run that fails (exception) or diverges is recorded with that status and the sweep goes on. Groups
+    are submitted largest batch size first (their steps cost the most; the runs of a pool's last groups
+    then end closer together).
     """
     configs = [c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in configs]
     executor = InlineExecutor() if executor is None else executor
     if not isinstance(executor, Executor):
         raise NormlabError(f"executor must have submit() and results(), got {type(executor).__name__}")
-    results: list[RunResult | None] = [None] * len(configs)
+    results: list[RunResult | None] = []
     positions: dict[str, list[int]] = {}
-    todo: dict[str, TrainConfig] = {}
-    for i, config in enumerate(configs):
-        done = None
-        if store is not None and skip_finished:
-            done = store.find_completed(config.key(), DONE_STATUSES)
-        if done is not None:
-            results[i] = RunResult.from_run(done)
-            if on_result is not None:
-                on_result(config, results[i])
-            continue
-        key = config.key()
-        todo.setdefault(key, config)
-        positions.setdefault(key, []).append(i)
+    incoming: list[TrainConfig] = []  # follow-ups to train, taken by run_claimed after each result
+    done_statuses = DONE_STATUSES if skip_finished else ()
 
-    with _RunProgress(len(positions), progress) as bar:
+    def completed(config: TrainConfig, result: RunResult) -> None:
+        if on_result is not None:
+            on_result(config, result)
+        if follow_up is not None:
+            fresh = add(list(follow_up(config, result)))
+            bar.grow(len(fresh))
+            incoming.extend(fresh)
+
+    def add(new: list[TrainConfig]) -> list[TrainConfig]:
+        """Give ``new`` positions (all of them before any follow-up gets its own); complete the ones the
+        store holds; return the ones to train."""
+        fresh, stored = [], []
+        for config in new:
+            i = len(results)
+            results.append(None)
+            key = config.key()
+            if key in positions:  # the same config twice: one run, both positions
+                positions[key].append(i)
+                continue
+            done = store.find_completed(key, DONE_STATUSES) if store is not None and skip_finished else None
+            if done is not None:
+                results[i] = RunResult.from_run(done)
+                stored.append((config, results[i]))
+                continue
+            positions[key] = [i]
+            fresh.append(config)
+        for config, result in stored:
+            completed(config, result)
+        return fresh
+
+    submitted = []
+
+    def submit(batch_of: list[TrainConfig]) -> None:
+        # The first submission is spread over every worker; follow-ups join busy workers whole.
+        _submit(batch_of, executor, store, callbacks_factory, batch, spread=not submitted)
+        submitted.append(len(batch_of))
+
+    with _RunProgress(progress) as bar:
+        first = add(configs)
+        first += incoming  # follow-ups of runs the store already held
+        incoming.clear()
+        bar.grow(len(first))
         # Claimed in the store: a config another live sweep trains is read back, not trained twice.
-        done = DONE_STATUSES if skip_finished else ()
         claimed = run_claimed(
-            todo.values(), store, executor, callbacks_factory, done_statuses=done,
-            submit=lambda batch_of: _submit(batch_of, executor, store, callbacks_factory, batch),
-        )  # fmt: skip
+            first, store, executor, callbacks_factory, done_statuses=done_statuses, incoming=incoming,
+            submit=submit,
+        )
         for config, result in claimed:
             for i in positions.pop(config.key()):
                 results[i] = result
-            if on_result is not None:
-                on_result(config, result)
             bar.advance(result.status)
+            completed(config, result)
     return [r for r in results if r is not None]
 
 
@@ -89,15 +127,21 @@ def _submit(
     store: Any,
     callbacks_factory: CallbacksFactory | None,
     batch: bool,
+    spread: bool = True,
 ) -> None:
-    """Submit each config alone, or compatible ones as stacked groups (callbacks need a model each)."""
+    """Submit each config alone, or compatible ones as stacked groups (callbacks need a model each),
+    largest batch size first. ``spread``: split groups so every worker has one (the sweep's first
+    submission; follow-ups join workers that are busy and are kept whole)."""
     if not batch or callbacks_factory is not None or not hasattr(executor, "submit_group"):
         for config in configs:
             executor.submit(config, callbacks_factory, store=store)
         return
     from normlab.batched import group_configs
 
-    for group in group_configs(configs, min_groups=getattr(executor, "workers", 1)):
+    workers = getattr(executor, "workers", 1) if spread else 1
+    groups = group_configs(configs, min_groups=workers)
+    groups.sort(key=lambda g: -configs[g[0]].batch_size)  # stable: first-seen order within a batch size
+    for group in groups:
         if len(group) == 1:
             executor.submit(configs[group[0]], None, store=store)
         else:
@@ -107,12 +151,24 @@ def _submit(
 class _RunProgress:
     """A rich bar over runs with counts of finished / diverged / failed (off when not a terminal)."""
 
-    def __init__(self, total: int, enabled: bool | None) -> None:
-        self.enabled = (sys.stderr.isatty() if enabled is None else enabled) and total > 0
-        self.total = total
+    def __init__(self, enabled: bool | None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.total = 0
         self.counts = {"finished": 0, "diverged": 0, "failed": 0}
+        self._task = None
+
+    def grow(self, runs: int) -> None:
+        """``runs`` more runs to train (the bar appears with the first)."""
+        self.total += runs
+        if self.enabled and runs:
+            if self._task is None:
+                self._start()
+            self._progress.update(self._task, total=self.total)
 
     def __enter__(self) -> _RunProgress:
+        return self
+
+    def _start(self) -> None:
         if self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -127,14 +183,13 @@ class _RunProgress:
             )
             self._progress.__enter__()
             self._task = self._progress.add_task("runs", total=self.total, counts="")
-        return self
 
     def advance(self, status: str) -> None:
         self.counts[status] = self.counts.get(status, 0) + 1
-        if self.enabled:
+        if self.enabled and self._task is not None:
             text = ", ".join(f"{n} {s}" for s, n in self.counts.items() if n)
             self._progress.update(self._task, advance=1, counts=text)
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.enabled and self._task is not None:
             self._progress.__exit__(*exc)
