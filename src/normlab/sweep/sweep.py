@@ -53,9 +53,7 @@ def run_sweep(
             lr of a search whose cell just finished) and are followed up in turn. Their results come after
             those of ``configs``, in the order they were returned.
 
-    A run that fails (exception) or diverges is recorded with that status and the sweep goes on. Groups
-    are submitted largest batch size first (their steps cost the most; the runs of a pool's last groups
-    then end closer together).
+    A run that fails (exception) or diverges is recorded with that status and the sweep goes on.
     """
     configs = [c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in configs]
     executor = InlineExecutor() if executor is None else executor
@@ -129,8 +127,8 @@ def _submit(
     batch: bool,
     spread: bool = True,
 ) -> None:
-    """Submit each config alone, or compatible ones as stacked groups (callbacks need a model each),
-    largest batch size first. ``spread``: split groups so every worker has one (the sweep's first
+    """Submit each config alone, or compatible ones as stacked groups (callbacks need a model each).
+    ``spread``: split groups so every worker has one (the sweep's first
     submission; follow-ups join workers that are busy and are kept whole)."""
     if not batch or callbacks_factory is not None or not hasattr(executor, "submit_group"):
         for config in configs:
@@ -140,7 +138,6 @@ def _submit(
 
     workers = getattr(executor, "workers", 1) if spread else 1
     groups = group_configs(configs, min_groups=workers)
-    groups.sort(key=lambda g: -configs[g[0]].batch_size)  # stable: first-seen order within a batch size
     for group in groups:
         if len(group) == 1:
             executor.submit(configs[group[0]], None, store=store)
