@@ -1,13 +1,15 @@
 """Batched runs (normlab.batched) against the same runs one by one, measured in the same run.
 
-    python benchmarks/batched.py [--steps 300] [--rounds 3] [--members 9]
+    python benchmarks/batched.py [--steps 300] [--rounds 3] [--members 9] [--modes auto,grouped,vmap,loop]
+    python benchmarks/batched.py --steps 3000 --rounds 1 --modes auto,grouped   # a compare run's length
     python benchmarks/batched.py --grid [--epochs 8] [--subset N] [--no-steps]   # + the compare grid, long
 
 1. Time per optimizer step of K (default 9) members trained as one stacked model, divided by the time of
    K separate runs' steps (each run's ``steps_per_s``, which excludes evaluation), for the MNIST-1D CNN
    with BN and GN at batch 16 and 128 (issue 12's goal: <= 0.25 at batch 16), once with the engine's own
    choice of forward mode (``auto``: it times the modes on the first steps) and once per mode forced
-   (``grouped``: members as channel groups of ordinary kernels; ``vmap``; ``loop``: member by member).
+   (``grouped``: member-major activations through ordinary kernels, :mod:`normlab.batched.grouped`;
+   ``vmap``; ``loop``: member by member).
    Members differ in seed and lr as a compare grid's do. Rounds interleave batched and separate, so
    machine load hits both alike.
 2. ``--grid``: wall time of the default ``normlab compare`` grid (4 norms x 2 batch sizes x 3 lrs x 3 seeds
@@ -48,24 +50,30 @@ def seconds_per_step_separate(configs: list[TrainConfig]) -> float:
     return sum(1.0 / Trainer(c, progress=False).fit().steps_per_s for c in configs)
 
 
-def step_ratios(steps: int, rounds: int, members: int) -> None:
+def step_ratios(
+    steps: int,
+    rounds: int,
+    members: int,
+    modes: tuple[str, ...] = MODES,
+    batch_sizes: tuple[int, ...] = (16, 128),
+) -> None:
     print(f"time per optimizer step, {members} members batched / {members} separate runs "
           f"(cnn on mnist1d, {steps} steps, {rounds} rounds, {torch.get_num_threads()} thread(s))")
     print(f"{'norm':6} {'batch':>5} {'mode':>8} {'batched ms':>11} {'separate ms':>12} "
           f"{'ratio (median)':>15} {'min':>6}")
     for norm in ("bn", "gn"):
-        for batch_size in (16, 128):
+        for batch_size in batch_sizes:
             configs = member_configs(norm, batch_size, members, steps)
-            batched: dict[str, list[float]] = {m: [] for m in MODES}
-            separate, ratios = [], {m: [] for m in MODES}
+            batched: dict[str, list[float]] = {m: [] for m in modes}
+            separate, ratios = [], {m: [] for m in modes}
             for _ in range(rounds):
                 s = seconds_per_step_separate(configs)
                 separate.append(s)
-                for mode in MODES:
+                for mode in modes:
                     b = seconds_per_step_batched(configs, mode)
                     batched[mode].append(b)
                     ratios[mode].append(b / s)
-            for mode in MODES:
+            for mode in modes:
                 print(f"{norm:6} {batch_size:5d} {mode:>8} {1e3 * statistics.median(batched[mode]):11.2f} "
                       f"{1e3 * statistics.median(separate):12.2f} {statistics.median(ratios[mode]):15.3f} "
                       f"{min(ratios[mode]):6.3f}")
@@ -122,6 +130,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--members", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"modes to time, of {','.join(MODES)}")
+    parser.add_argument("--batch-sizes", default="16,128")
     parser.add_argument("--grid", action="store_true", help="also time the default compare grid (long)")
     parser.add_argument("--epochs", type=int, default=8, help="epochs of each grid run")
     parser.add_argument("--subset", type=int, default=None, help="grid runs on this many training examples")
@@ -129,7 +139,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not args.no_steps:
-        step_ratios(args.steps, args.rounds, args.members)
+        modes = tuple(args.modes.split(","))
+        if unknown := set(modes) - set(MODES):
+            parser.error(f"unknown mode(s) {', '.join(sorted(unknown))}; allowed: {', '.join(MODES)}")
+        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+        step_ratios(args.steps, args.rounds, args.members, modes, batch_sizes)
     if args.grid:
         grid_wall(args.epochs, args.subset)
 
