@@ -67,6 +67,32 @@ def test_auto_budget_at_the_cap_is_unconverged():
     assert verdict.reason.startswith("reached the cap of 1200 steps before the plateau rule held (last")
 
 
+def test_auto_budget_at_the_cap_is_judged_without_the_patience():
+    # Improving until step 800, flat after: the rule holds from step 1100 on (evaluations every 50), but the
+    # patience would need it to hold to step 1375 and a cooldown after that; the cap of 1400 leaves no room
+    # for a 20% cooldown from step 1167 on (1167 + 233 = 1400), so the cooldown starts there and the run is
+    # judged once, as a fixed budget of 1400 steps would be: converged.
+    def loss(s):
+        return 1.0 - 0.9 * min(s, 800) / 800
+
+    def acc(s):
+        return 0.5 + 0.45 * min(s, 800) / 800
+
+    budget = AutoBudget(lr=0.01, cap=1400, min_steps=100)
+    lrs = run_budget(budget, loss, acc)
+    assert len(lrs) == 1400 and budget.decay_start == 1167 and budget.held_since == 1100
+    verdict = budget.convergence()
+    assert verdict.status == "converged", verdict.reason
+    assert verdict.reason.endswith(
+        "at the cap (judged as for a fixed budget: without the patience), holding from step 1100 to 1167, "
+        "then a 233-step cooldown"
+    )
+    # The same curve still improving at the cap (the rule does not hold there) is unconverged.
+    rising = AutoBudget(lr=0.01, cap=1400, min_steps=100)
+    run_budget(rising, lambda s: 1.0 / (1 + s / 100), lambda s: 0.5 + s / 4000)
+    assert rising.convergence().status == "unconverged"
+
+
 def test_auto_budget_patience_outlasts_a_short_temporary_plateau():
     # A no-norm run stuck at loss 2.0 / 40% accuracy until step 420, then learning. Judged at step 400 (the
     # first evaluation allowed), the rule holds; without patience the run would stop there.

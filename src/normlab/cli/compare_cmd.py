@@ -35,7 +35,9 @@ from normlab.errors import NormlabError
 # The cap: at 3000 steps (13 epochs at batch 16) 10 of the 12 best-lr batch-16 runs had not met the plateau
 # rule (held-out accuracy still rising 1-3 pts, or training loss still falling), while every batch-128 cell
 # converged by 900-2200 steps; at 6000, batch-16 runs met the rule at steps 4000-4900, too late for its
-# patience and cooldown. Runs stop at their plateau, so a higher cap costs only the runs that need it.
+# patience and cooldown. Replayed from a 12000-cap compare's histories with the rule judged at the cap
+# (normlab.train.budget), 11 of the 24 batch-16 runs at the two upper lrs end unconverged at a 6000 cap, 1 at
+# 12000. Runs stop at their plateau, so a higher cap costs only the runs that need it.
 # Three seeds are the fewest for which a t-interval is informative (t_{0.975,2} = 4.30; with two, 12.7).
 # The validation split costs 400 of the 4000 training examples; measured (gn, batch 128, Adam 1e-2, auto
 # budget, seeds 0-2): test accuracy 94.3% with it, 94.6% without, paired difference -0.4 pts (95% CI -1.2 to
