@@ -1,8 +1,8 @@
 """normlab.batched: a member of a stacked group yields exactly the RunResult and metric history of the same
 config trained alone by normlab's Trainer (SGD + momentum with per-member lr, AdamW, BN running
 statistics, NF + AGC); divergence removes one member and leaves the others unchanged; per-member stopping;
-random layers draw per member; grouping and sweeps. The engine times vmap and member-by-member modes on
-its first 20 steps, so the 24-step runs here go through both."""
+random layers draw per member; grouping and sweeps. The engine runs every available mode for at least 3
+of its first steps (normlab.batched.stack.ModeChooser), so the 24-step runs here go through each."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from normlab.batched import batch_key, group_configs, train_batched
+from normlab.batched.stack import ModeChooser
 from normlab.errors import NormlabError
 from normlab.store import Store
 from normlab.sweep import InlineExecutor, run_sweep
@@ -344,3 +345,40 @@ def test_member_losses_equal_each_members_loss(loss):
     y = torch.randint(0, 10, (4, 6)) if loss == "cross_entropy" else torch.randn(4, 6, 10)
     want = torch.stack([fn(out[k], y[k]) for k in range(4)])
     torch.testing.assert_close(member_losses(fn, out, y), want)
+
+
+class _FakeStack:
+    modes = ("grouped", "vmap", "loop")
+    mode = None
+
+
+def _drive(chooser: ModeChooser, step_ms: dict[str, list[float]]) -> list[str]:
+    """Run steps until the chooser is done; each mode's steps take the given times in turn (ms)."""
+    ran, seen = [], {m: 0 for m in step_ms}
+    while chooser.plan:
+        chooser.start()
+        mode = chooser.stack.mode
+        ran.append(mode)
+        chooser.record(step_ms[mode][min(seen[mode], len(step_ms[mode]) - 1)] / 1e3)
+        seen[mode] += 1
+    return ran
+
+
+def test_mode_chooser_drops_clearly_slower_modes_after_one_timed_step():
+    # Warmup steps (the first two of each mode) are not timed: vmap's first call traces.
+    stack = _FakeStack()
+    chooser = ModeChooser(stack, steps=4, warmup=2)
+    ran = _drive(chooser, {"grouped": [9.0, 9.0, 3.1], "vmap": [50.0, 5.0, 4.9], "loop": [10.0, 10.0, 10.0]})
+    assert ran == ["grouped"] * 3 + ["vmap"] * 3 + ["loop"] * 3  # vmap 1.58x, loop 3.2x: both dropped
+    assert stack.mode == "grouped" and list(chooser.times) == ["grouped"]
+    # Two modes within the margin (1.3x) both get 3 more timed steps; the lower median wins.
+    stack = _FakeStack()
+    chooser = ModeChooser(stack, steps=4, warmup=2)
+    ran = _drive(chooser, {"grouped": [9.0, 9.0, 3.6, 3.4, 3.5, 3.3], "vmap": [50.0, 5.0, 3.2, 3.9, 3.8, 3.7],
+                           "loop": [10.0] * 3})
+    assert ran == ["grouped"] * 3 + ["vmap"] * 3 + ["loop"] * 3 + ["grouped"] * 3 + ["vmap"] * 3
+    assert stack.mode == "grouped"  # median 3.45 vs 3.75, though vmap's first timed step was faster
+    # A single mode is kept without timing.
+    stack = _FakeStack()
+    chooser = ModeChooser(stack, modes=("vmap",))
+    assert chooser.plan == [] and stack.mode == "vmap"
