@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from normlab.batched.choice import prefer
 from normlab.batched.grouped import grouped_model
 
 
@@ -141,8 +142,11 @@ class ModeChooser:
     modes compute the same numbers; a single mode is simply kept.
 
     Two rounds, each mode after ``warmup`` untimed steps (first calls trace and allocate): every mode gets
-    one timed step, and a mode slower than ``margin`` times the fastest first step is dropped; the modes
-    left get ``steps - 1`` more timed steps, and the one with the lowest median step time is kept. On the
+    one timed step, and a mode other than the preferred one (the first of ``modes``) slower than ``margin``
+    times the fastest first step is dropped; the modes
+    left get ``steps - 1`` more timed steps, and the preferred mode (grouped where the model has it) is
+    kept unless another's median step time is clearly lower (:func:`normlab.batched.choice.prefer`: a near
+    tie must not flip between runs, whose numbers then differ by rounding). On the
     MNIST-1D CNN the modes' step times differ by 1.5-4x (batch 16: grouped 3.1, vmap 4.9, loop 10 ms), far
     beyond the steps' spread, and every step spent in a slower mode is time lost: timing every mode for
     ``warmup + steps`` = 6 steps made a 300-step batch-16 run 13% slower than the grouped mode alone.
@@ -164,6 +168,7 @@ class ModeChooser:
                 f"available: {', '.join(stack.modes)}"
             )
         self.stack = stack
+        self.preferred = modes[0]  # kept unless another mode is clearly faster (normlab.batched.choice)
         stack.mode = modes[0]
         self.plan = [m for m in modes for _ in range(warmup + 1)] if len(modes) > 1 else []
         self.warmup = warmup
@@ -190,9 +195,12 @@ class ModeChooser:
             return
         if not self._second_round:
             fastest = min(t[0] for t in self.times.values())
-            self.times = {m: t for m, t in self.times.items() if t[0] <= self.margin * fastest}
+            self.times = {
+                m: t for m, t in self.times.items() if t[0] <= self.margin * fastest or m == self.preferred
+            }
             self._second_round = True
             if len(self.times) > 1:
                 self.plan = [m for m in self.times for _ in range(self.steps - 1)]
         if not self.plan:
-            self.stack.mode = min(self.times, key=lambda m: statistics.median(self.times[m]))
+            medians = {m: statistics.median(t) for m, t in self.times.items()}
+            self.stack.mode = prefer(medians, self.preferred if self.preferred in medians else min(medians))
