@@ -1,8 +1,8 @@
 """normlab.batched: a member of a stacked group yields exactly the RunResult and metric history of the same
 config trained alone by normlab's Trainer (SGD + momentum with per-member lr, AdamW, BN running
 statistics, NF + AGC); divergence removes one member and leaves the others unchanged; per-member stopping;
-random layers draw per member; grouping and sweeps. The engine runs every available mode for at least 3
-of its first steps (normlab.batched.stack.ModeChooser), so the 24-step runs here go through each."""
+random layers draw per member; grouping and sweeps. The engine keeps the first available mode (grouped,
+else vmap, else loop); the modes are compared with each other directly."""
 
 from __future__ import annotations
 
@@ -367,13 +367,13 @@ def _drive(chooser: ModeChooser, step_ms: dict[str, list[float]]) -> list[str]:
 def test_mode_chooser_drops_clearly_slower_modes_after_one_timed_step():
     # Warmup steps (the first two of each mode) are not timed: vmap's first call traces.
     stack = _FakeStack()
-    chooser = ModeChooser(stack, steps=4, warmup=2)
+    chooser = ModeChooser(stack, steps=4, warmup=2, timed=True)
     ran = _drive(chooser, {"grouped": [9.0, 9.0, 3.1], "vmap": [50.0, 5.0, 4.9], "loop": [10.0, 10.0, 10.0]})
     assert ran == ["grouped"] * 3 + ["vmap"] * 3 + ["loop"] * 3  # vmap 1.58x, loop 3.2x: both dropped
     assert stack.mode == "grouped" and list(chooser.times) == ["grouped"]
     # Two modes within the margin (1.3x) both get 3 more timed steps; the lower median wins.
     stack = _FakeStack()
-    chooser = ModeChooser(stack, steps=4, warmup=2)
+    chooser = ModeChooser(stack, steps=4, warmup=2, timed=True)
     ran = _drive(chooser, {"grouped": [9.0, 9.0, 3.6, 3.4, 3.5, 3.3], "vmap": [50.0, 5.0, 3.2, 3.9, 3.8, 3.7],
                            "loop": [10.0] * 3})
     assert ran == ["grouped"] * 3 + ["vmap"] * 3 + ["loop"] * 3 + ["grouped"] * 3 + ["vmap"] * 3
@@ -382,18 +382,20 @@ def test_mode_chooser_drops_clearly_slower_modes_after_one_timed_step():
     # must not flip between runs. vmap 10% faster: grouped kept; vmap 2x faster: vmap.
     for vmap_ms, kept in ((3.1, "grouped"), (1.7, "vmap")):
         stack = _FakeStack()
-        chooser = ModeChooser(stack, steps=4, warmup=2)
+        chooser = ModeChooser(stack, steps=4, warmup=2, timed=True)
         _drive(chooser, {"grouped": [9.0, 9.0, 3.4], "vmap": [50.0, 5.0, vmap_ms], "loop": [10.0] * 3})
         assert stack.mode == kept, vmap_ms
     # The preferred mode is timed on even when its one timed step was an outlier.
     stack = _FakeStack()
-    chooser = ModeChooser(stack, steps=4, warmup=2)
+    chooser = ModeChooser(stack, steps=4, warmup=2, timed=True)
     ran = _drive(chooser, {"grouped": [9.0, 9.0, 12.0, 3.0], "vmap": [50.0, 5.0, 4.9], "loop": [10.0] * 3})
     assert ran[9:] == ["grouped"] * 3 + ["vmap"] * 3 and stack.mode == "grouped"  # median 3.0 vs 4.9
-    # A single mode is kept without timing.
+    # A single mode is kept without timing; by default (untimed) the first available mode is kept.
     stack = _FakeStack()
-    chooser = ModeChooser(stack, modes=("vmap",))
+    chooser = ModeChooser(stack, modes=("vmap",), timed=True)
     assert chooser.plan == [] and stack.mode == "vmap"
+    stack = _FakeStack()
+    assert ModeChooser(stack).plan == [] and stack.mode == "grouped"
 
 
 def test_prefer_keeps_the_preferred_implementation_in_a_near_tie():

@@ -7,9 +7,11 @@ two processes on timing noise therefore changes results. Measured: six identical
 the same evaluation convolution as a near tie and picked differently once; two default compares on one
 machine ended bn at batch 16 at different steps (96.8 / 96.6% mean test accuracy).
 
-So an implementation is *preferred* (the one a fixed rule names) and another is taken only when it is
-clearly faster, by more than ``PREFER_MARGIN``: near ties, where timing noise decides, always resolve to the
-preferred one.
+Measured after a first remedy (keep a preferred implementation unless another is more than 1.25x faster):
+two identical compares still differed in 5 of 8 groups, picks now flipping around the margin. So the
+engine decides by fixed rules (grouped mode where available; the im2col convolution where it applies) and
+times only when asked (``ModeChooser(timed=True)``, the benchmarks), where :func:`prefer` still keeps near
+ties on the preferred implementation.
 """
 
 from __future__ import annotations

@@ -34,8 +34,6 @@ forward, the gradients, the running statistics and the eval-mode forward equal t
 from __future__ import annotations
 
 import copy
-import math
-import time
 import warnings
 
 import torch
@@ -43,7 +41,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from normlab.batched.choice import prefer
 from normlab.batched.im2col import matmul_conv
 from normlab.layers.frozen_bn import FrozenBatchNorm
 from normlab.layers.ghost_bn import GhostBatchNorm, ghost_batch_norm
@@ -106,12 +103,11 @@ def grouped_conv(x: Tensor, w: Tensor, bias: Tensor | None, k: int, groups: int,
 
 
 class _Conv(_Leaf):
-    """Grouped conv; where both apply (an ungrouped conv with numeric padding), :func:`matmul_conv` unless
-    :func:`grouped_conv` is clearly faster (:func:`normlab.batched.choice.prefer`: near ties go to matmul,
-    so timing noise cannot flip the pick between runs) for each input shape, timed on detached copies
-    (forward and backward in training, forward alone in evaluation) the first time the shape is seen, as
-    ``cudnn.benchmark`` does; ``members.conv`` forces either (the probe checks both). On the MNIST-1D CNN
-    matmul won 29 of 30 timings; the one grouped pick was an evaluation shape within noise."""
+    """Grouped conv; where both apply (an ungrouped conv with numeric padding), :func:`matmul_conv`, by a
+    fixed rule, not by timing: the two round differently, and a pick that flips between processes on timing
+    noise changed whole groups' results between two identical compares (:mod:`normlab.batched.choice`).
+    On the MNIST-1D CNN matmul was the faster in 29 of 30 timings (the other an evaluation shape within
+    noise). ``members.conv`` forces either (the probe checks both)."""
 
     def __init__(self, members: _Members, prefix: str, conv: nn.Conv1d | nn.Conv2d) -> None:
         super().__init__(members, prefix)
@@ -119,7 +115,6 @@ class _Conv(_Leaf):
         self.groups = conv.groups
         self.ws = (conv.gamma, conv.eps) if isinstance(conv, (ScaledStdConv1d, ScaledStdConv2d)) else None
         self.matmul_ok = conv.groups == 1 and not isinstance(conv.padding, str)
-        self.fastest: dict[tuple[int, ...], str] = {}  # (backward, *input shape) -> implementation
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.p("weight")
@@ -135,32 +130,7 @@ class _Conv(_Leaf):
     def _impl(self, x: Tensor, w: Tensor, bias: Tensor | None) -> str:
         if not self.matmul_ok:
             return "grouped"
-        if self.members.conv is not None:
-            return self.members.conv
-        backward = self.training and torch.is_grad_enabled()
-        key = (backward, *x.shape)
-        if key not in self.fastest:
-            self.fastest[key] = self._time(x, w, bias, backward)
-        return self.fastest[key]
-
-    def _time(self, x: Tensor, w: Tensor, bias: Tensor | None, backward: bool, reps: int = 3) -> str:
-        x, w = x.detach().requires_grad_(backward), w.detach().requires_grad_(backward)
-        bias = None if bias is None else bias.detach().requires_grad_(backward)
-        runs = {
-            "matmul": lambda: matmul_conv(x, w, bias, self.k, self.conv),
-            "grouped": lambda: grouped_conv(x, w, bias, self.k, self.groups, self.conv),
-        }
-        times: dict[str, float] = {name: math.inf for name in runs}
-        for rep in range(reps + 1):
-            for name, run in runs.items():
-                tick = time.perf_counter()
-                with torch.enable_grad() if backward else torch.no_grad():
-                    out = run()
-                    if backward:
-                        out.sum().backward()
-                if rep:  # the first round warms up
-                    times[name] = min(times[name], time.perf_counter() - tick)
-        return prefer(times, "matmul")
+        return self.members.conv or "matmul"
 
 
 class _Linear(_Leaf):

@@ -138,18 +138,17 @@ def _choose_mode(
 
 
 class ModeChooser:
-    """Times the forward modes of a stacked model on its first training steps and keeps the fastest. All
-    modes compute the same numbers; a single mode is simply kept.
+    """The forward mode of a stacked model: by default the first of ``modes`` (grouped where the model has
+    it, else vmap, else loop), untimed. The modes compute the same numbers up to rounding, and a choice by
+    timing flips between processes on noise: two identical default compares then gave different results for
+    whole groups (:mod:`normlab.batched.choice`). A fixed choice makes a rerun reproduce its table.
 
-    Two rounds, each mode after ``warmup`` untimed steps (first calls trace and allocate): every mode gets
-    one timed step, and a mode other than the preferred one (the first of ``modes``) slower than ``margin``
-    times the fastest first step is dropped; the modes
-    left get ``steps - 1`` more timed steps, and the preferred mode (grouped where the model has it) is
-    kept unless another's median step time is clearly lower (:func:`normlab.batched.choice.prefer`: a near
-    tie must not flip between runs, whose numbers then differ by rounding). On the
-    MNIST-1D CNN the modes' step times differ by 1.5-4x (batch 16: grouped 3.1, vmap 4.9, loop 10 ms), far
-    beyond the steps' spread, and every step spent in a slower mode is time lost: timing every mode for
-    ``warmup + steps`` = 6 steps made a 300-step batch-16 run 13% slower than the grouped mode alone.
+    ``timed=True`` (benchmarks, exploring a new model) times them instead, in two rounds, each mode after
+    ``warmup`` untimed steps (first calls trace and allocate): every mode gets one timed step, and a mode
+    other than the preferred one (the first of ``modes``) slower than ``margin`` times the fastest first
+    step is dropped; the modes left get ``steps - 1`` more timed steps, and the preferred mode is kept
+    unless another's median step time is clearly lower (:func:`normlab.batched.choice.prefer`). On the
+    MNIST-1D CNN the modes' step times differ by 1.5-4x (batch 16: grouped 3.1, vmap 4.9, loop 10 ms).
     """
 
     def __init__(
@@ -159,6 +158,7 @@ class ModeChooser:
         warmup: int = 2,
         modes: tuple[str, ...] | None = None,
         margin: float = 1.3,
+        timed: bool = False,
     ) -> None:
         modes = stack.modes if modes is None else tuple(modes)
         unavailable = [m for m in modes if m not in stack.modes]
@@ -170,7 +170,7 @@ class ModeChooser:
         self.stack = stack
         self.preferred = modes[0]  # kept unless another mode is clearly faster (normlab.batched.choice)
         stack.mode = modes[0]
-        self.plan = [m for m in modes for _ in range(warmup + 1)] if len(modes) > 1 else []
+        self.plan = [m for m in modes for _ in range(warmup + 1)] if timed and len(modes) > 1 else []
         self.warmup = warmup
         self.steps = steps
         self.margin = margin
