@@ -7,7 +7,7 @@
 1. Time per optimizer step of K (default 9) members trained as one stacked model, divided by the time of
    K separate runs' steps (each run's ``steps_per_s``, which excludes evaluation), for the MNIST-1D CNN
    with BN and GN at batch 16 and 128 (issue 12's goal: <= 0.25 at batch 16), once with the engine's own
-   choice of forward mode (``auto``: it times the modes on the first steps) and once per mode forced
+   choice of forward mode (``auto``: the first the model allows, a fixed rule) and once per mode forced
    (``grouped``: member-major activations through ordinary kernels, :mod:`normlab.batched.grouped`;
    ``vmap``; ``loop``: member by member).
    Members differ in seed and lr as a compare grid's do. Rounds interleave batched and separate, so

@@ -73,3 +73,17 @@ def test_memorizing_loss_near_zero_with_flat_heldout_is_a_plateau():
     # The same relative fall from a loss of 2 nats (0.14 nats over the window) is still learning.
     loss = [(s, 50 * v) for s, v in loss]
     assert plateaued(loss, acc).status == "unconverged"
+
+
+def test_a_gain_of_exactly_the_tolerance_is_a_plateau_despite_float_rounding():
+    # Held-out accuracy on 400 examples moves in steps of 1/400; a best of 0.935 after 0.93 is a gain of
+    # exactly 0.005 = metric_atol ("at most metric_atol better": a plateau), but 0.935 - 0.93 is
+    # 0.0050000000000000044 in floating point. A default compare lost a cell to that rounding.
+    loss, _ = curves(tau=100)
+    acc = [(s, 0.93) for s in range(50, 801, 50)] + [(s, 0.935) for s in range(850, 1001, 50)]
+    assert 0.935 - 0.93 > 0.005  # the rounding the rule must not trip over
+    result = plateaued(loss, acc)
+    assert result.status == "converged", result.reason
+    # One more example (0.0075) is a gain.
+    acc[-1] = (1000, 0.9375)
+    assert plateaued(loss, acc).status == "unconverged"

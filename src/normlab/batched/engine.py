@@ -55,8 +55,9 @@ def train_batched(
 ) -> list[RunResult]:
     """Train ``configs`` (compatible: :func:`normlab.batched.batch_key` equal) as one stacked model and
     return their RunResults in order. ``policies`` overrides each member's own budget (``Trainer.budget``);
-    ``modes`` restricts the forward modes timed on the first steps (default: all the stack offers, see
-    :class:`normlab.batched.StackedModel`); a mode the group cannot use raises ValueError.
+    ``modes`` names the forward modes allowed, the first kept (default: those the stack offers, in its
+    order: grouped, vmap, loop, see :class:`normlab.batched.StackedModel`; never chosen by timing, see
+    :mod:`normlab.batched.choice`); a mode the group cannot use raises ValueError.
 
     Bad configs raise NormlabError before anything is stored; an exception while training records every
     unfinished member as ``failed`` and returns those results (as a sweep's worker would)."""

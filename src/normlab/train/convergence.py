@@ -45,6 +45,7 @@ DIVERGED, FAILED = "diverged", "failed"
 CONVERGENCE_STATUSES = (CONVERGED, UNCONVERGED, STALLED, DIVERGED, FAILED)
 
 Series = Sequence[tuple[int, float]]
+_ROUNDING = 1e-9  # thresholds are compared with this slack for floating-point rounding
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,12 @@ def plateaued(train_loss: Series, heldout: Series, rule: PlateauRule = PlateauRu
     # Improvement of the best value in the metric's own direction (a falling error improves).
     metric_change = max(sign * v for v in metric_last) - max(sign * v for v in metric_before)
     where = f"over the last {rule.window:.0%} of steps"
-    if loss_change > rule.loss_rtol and before - last > rule.loss_atol:
+    # _ROUNDING: accuracies are multiples of 1/n, and a gain of exactly metric_atol (2 of 400 examples)
+    # computes as 0.0050000000000000044; "at most metric_atol" must include it.
+    if loss_change > rule.loss_rtol + _ROUNDING and before - last > rule.loss_atol + _ROUNDING:
         reason = f"training loss still falling: {100 * loss_change:.1f}% {where}"
         return Convergence(UNCONVERGED, reason, loss_change, metric_change)
-    if metric_change > rule.metric_atol:
+    if metric_change > rule.metric_atol + _ROUNDING:
         reason = f"held-out metric still improving: {metric_change:+.4f} {where}"
         return Convergence(UNCONVERGED, reason, loss_change, metric_change)
     reason = f"plateau: training loss {100 * loss_change:+.1f}%, held-out metric {metric_change:+.4f} {where}"
