@@ -124,14 +124,9 @@ class _Conv(_Leaf):
             gain = self.p("gain")
             w = scaled_std_weight(w, gain.reshape(-1, *gain.shape[2:]), *self.ws)
         bias = _flat(self.p("bias"))
-        if self._impl(x, w, bias) == "matmul":
+        if self.matmul_ok and (self.members.conv or "matmul") == "matmul":
             return matmul_conv(x, w, bias, self.k, self.conv)
         return grouped_conv(x, w, bias, self.k, self.groups, self.conv)
-
-    def _impl(self, x: Tensor, w: Tensor, bias: Tensor | None) -> str:
-        if not self.matmul_ok:
-            return "grouped"
-        return self.members.conv or "matmul"
 
 
 class _Linear(_Leaf):
