@@ -32,7 +32,7 @@ from normlab.batched.clip import member_grad_norms, stacked_agc_
 from normlab.batched.grouping import check_group
 from normlab.batched.optim import StackedOptimizer
 from normlab.batched.policy import MemberPolicy
-from normlab.batched.stack import ModeChooser, StackedModel
+from normlab.batched.stack import StackedModel
 from normlab.train import RunResult, TrainConfig, Trainer
 from normlab.train.optimizer import param_groups
 
@@ -56,8 +56,8 @@ def train_batched(
     """Train ``configs`` (compatible: :func:`normlab.batched.batch_key` equal) as one stacked model and
     return their RunResults in order. ``policies`` overrides each member's own budget (``Trainer.budget``);
     ``modes`` names the forward modes allowed, the first kept (default: those the stack offers, in its
-    order: grouped, vmap, loop, see :class:`normlab.batched.StackedModel`; never chosen by timing, see
-    :mod:`normlab.batched.choice`); a mode the group cannot use raises ValueError.
+    order: grouped, vmap, loop; never chosen by timing, see :class:`normlab.batched.StackedModel`); a mode
+    the group cannot use raises ValueError.
 
     Bad configs raise NormlabError before anything is stored; an exception while training records every
     unfinished member as ``failed`` and returns those results (as a sweep's worker would)."""
@@ -86,7 +86,7 @@ class _Group:
         self.loss_fn = first.loss_fn
         self.classification = first.classification
         self.stack = StackedModel([m.trainer.model for m in members], tuple(first.data.x_train.shape[1:]))
-        self.chooser = ModeChooser(self.stack, modes=None if modes is None else tuple(modes))
+        self.stack.use(None if modes is None else tuple(modes))
         names = dict(first.model.named_parameters())
         decayed_ids = {
             id(p)
@@ -112,14 +112,10 @@ class _Group:
             m.trainer.open_run()
         started = time.perf_counter()
         side = 0.0
-        chooser = self.chooser
         try:
             self.stack.train()
             while self.alive:
-                chooser.start()
-                tick = time.perf_counter()
                 self._step()
-                chooser.record(time.perf_counter() - tick)
                 tick = time.perf_counter()
                 self._evaluate_due()
                 side += time.perf_counter() - tick

@@ -13,9 +13,10 @@ its grouped twin, which reads member k's parameters as slice k of the stacked te
   rows standardize exactly as each member's C_out rows would): im2col and one batched matmul over the
   members with a hand-written backward (:mod:`normlab.batched.im2col`); a grouped or ``padding="same"``
   conv runs as one ``groups = K*g`` convolution on the channel-stacked (B, K*C, *spatial) transpose;
-* BatchNorm (torch BN, frozen BN): one ``F.batch_norm`` over K*C channels of the (1, K*C, B*|spatial|)
-  view; its running statistics are (K*C,) views of the stacked (K, C) buffers, so the in-place update lands
-  in each member's slice (a channel's batch statistic never mixes channels, hence never members; the
+* BatchNorm (torch BN, frozen BN): one batch norm over the K*C rows of the (K*C, B*|spatial|) view
+  (:func:`normlab.batched.row_batch_norm.row_batch_norm` in training, ``F.batch_norm`` in eval mode); its
+  running statistics are (K*C,) views of the stacked (K, C) buffers, so the in-place update lands in each
+  member's slice (a channel's batch statistic never mixes channels, hence never members; the
   unbiased count B*|spatial| is the member's own);
 * ghost BN, GroupNorm(G, C) (normlab's ``gn``, ``ln`` = G=1, ``in`` = G=C; ``F.group_norm`` with K*G
   groups, which never cross a member's C channels) and nn.LayerNorm over (C, *spatial): on the
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from normlab.batched.im2col import matmul_conv
+from normlab.batched.row_batch_norm import row_batch_norm
 from normlab.layers.frozen_bn import FrozenBatchNorm
 from normlab.layers.ghost_bn import GhostBatchNorm, ghost_batch_norm
 from normlab.layers.std_conv import ScaledStdConv1d, ScaledStdConv2d, ScaledStdLinear, scaled_std_weight
@@ -105,7 +107,7 @@ def grouped_conv(x: Tensor, w: Tensor, bias: Tensor | None, k: int, groups: int,
 class _Conv(_Leaf):
     """Grouped conv; where both apply (an ungrouped conv with numeric padding), :func:`matmul_conv`, by a
     fixed rule, not by timing: the two round differently, and a pick that flips between processes on timing
-    noise changed whole groups' results between two identical compares (:mod:`normlab.batched.choice`).
+    noise changed whole groups' results between two identical compares (:mod:`normlab.batched.stack`).
     On the MNIST-1D CNN matmul was the faster in 29 of 30 timings (the other an evaluation shape within
     noise); on the studies' VGG and resnet (MNIST-1D, 3 members, batch 128) a step took 881 vs 901 ms and
     96.0 vs 96.0 ms (matmul vs grouped). ``members.conv`` forces either (the probe checks both)."""
@@ -164,11 +166,11 @@ class _BatchNorm(_Leaf):
                 count.add_(1)
                 if self.momentum is None:  # cumulative average: every member has seen as many batches
                     momentum = 1.0 / float(count[0])
-        use_batch = self.training or mean is None
-        y = F.batch_norm(
-            _rows(x), mean, var, _flat(self.p("weight")), _flat(self.p("bias")), use_batch, momentum, self.eps
-        )
-        return y.view(x.shape)
+        weight, bias = _flat(self.p("weight")), _flat(self.p("bias"))
+        if self.training or mean is None:  # batch statistics, one row per channel
+            return row_batch_norm(x.reshape(x.shape[0], -1), mean, var, weight, bias, momentum, self.eps
+                                  ).view(x.shape)
+        return F.batch_norm(_rows(x), mean, var, weight, bias, False, momentum, self.eps).view(x.shape)
 
 
 class _FrozenBatchNorm(_Leaf):
@@ -233,6 +235,20 @@ class _LayerNorm(_Leaf):
         return y.reshape(xt.shape).transpose(0, 1).contiguous()
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward makes the gradient contiguous: the flatten's transpose hands the layer
+    below a strided gradient, on which the ReLU's backward ran 6x slower (770 vs 130 us on (225, 128, 5))
+    than after this one small copy."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+
 class _Flatten(nn.Module):
     """A flatten of each member's (C, *spatial) features (``nn.Flatten()``, normlab's FlattenTo): member-major
     (K*C, B, *spatial) -> (K*C*|spatial|, B), member k's features in its own (C, *spatial) order."""
@@ -245,7 +261,7 @@ class _Flatten(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         k, b = self.members.size, x.shape[1]
         if x.dim() > 2:
-            rows = x.view(x.shape[0], b, -1)  # (K*C, B, |spatial|)
+            rows = _ContiguousGrad.apply(x.view(x.shape[0], b, -1))  # (K*C, B, |spatial|)
             x = rows.view(k, -1, b, rows.shape[2]).transpose(2, 3).reshape(-1, b)
         if self.features is not None and x.shape[0] != k * self.features:
             raise _UngroupableError(f"flattened {x.shape[0]} features for {k} members")

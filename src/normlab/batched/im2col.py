@@ -9,8 +9,10 @@ the padded input's windows (``Tensor.unfold``, a view) are copied once into colu
 B*|S'|) and multiplied by the (K, C_out, C_in*|kernel|) weights in one ``torch.bmm``, whose result is
 already the member-major output. Backward, written out (:class:`Im2colConv`): the weight gradient is one
 ``bmm`` with the saved columns, the bias gradient a sum, and the input gradient one ``bmm`` back to
-columns followed by |kernel| strided additions into the padded input's gradient (col2im as the transpose
-of the window view).
+columns followed by |kernel| strided additions into the input's gradient (col2im as the transpose of the
+window view), each clipped to the positions that read real input rather than padding, so the gradient is
+contiguous (a strided slice of a padded buffer made the ReLU backward before it 5x slower: 706 vs 130 us
+on (225, 128, 19), one thread).
 
 Why by hand: the same computation left to autograd (``F.unfold`` or ``Tensor.unfold`` and permutes) spends
 most of its backward in generic view-backward kernels, and oneDNN's grouped convolution is slow per FLOP
@@ -65,14 +67,14 @@ class Im2colConv(torch.autograd.Function):
         w3 = w.reshape(k, c_out, -1)
         y = torch.bmm(w3, cols) if bias is None else torch.baddbmm(bias.view(k, c_out, 1), w3, cols)
         ctx.save_for_backward(cols, w)
-        ctx.geometry = (b, k, c_in, c_out, tuple(xp.shape[2:]), tuple(x.shape[2:]), out, kernel)
+        ctx.geometry = (b, k, c_in, c_out, tuple(x.shape[2:]), out, kernel)
         ctx.conv = (stride, padding, dilation, bias is not None)
         return y.view(k * c_out, b, *out)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor):  # type: ignore[override]
         cols, w = ctx.saved_tensors
-        b, k, c_in, c_out, padded, size, out, kernel = ctx.geometry
+        b, k, c_in, c_out, size, out, kernel = ctx.geometry
         stride, padding, dilation, has_bias = ctx.conv
         g = grad.reshape(k, c_out, -1)  # (K, C_out, B*|S'|)
         grad_x = grad_w = grad_bias = None
@@ -82,16 +84,34 @@ class Im2colConv(torch.autograd.Function):
             grad_bias = g.sum(-1).view(-1)
         if ctx.needs_input_grad[0]:
             grad_cols = torch.bmm(w.reshape(k, c_out, -1).transpose(1, 2), g).view(k, c_in, *kernel, b, *out)
-            grad_xp = grad.new_zeros(k, c_in, b, *padded)
+            # col2im straight into the unpadded gradient (contiguous: the ReLU backward before it runs
+            # 5x faster than on a strided slice of a padded buffer), each kernel offset's output
+            # positions clipped to those that read a real (not padding) input position.
+            grad_x = grad.new_zeros(k, c_in, b, *size)
             for offset in itertools.product(*(range(n) for n in kernel)):
-                where = tuple(
-                    slice(o * d, o * d + s * (n - 1) + 1, s)
-                    for o, d, s, n in zip(offset, dilation, stride, out, strict=True)
-                )
-                grad_xp[(..., *where)] += grad_cols[(slice(None), slice(None), *offset)]
-            inner = tuple(slice(p, p + n) for p, n in zip(padding, size, strict=True))
-            grad_x = grad_xp[(..., *inner)].reshape(k * c_in, b, *size)
+                spans = [
+                    _span(o * d - p, s, n, extent)
+                    for o, d, p, s, n, extent in zip(offset, dilation, padding, stride, out, size,
+                                                     strict=True)
+                ]
+                if any(span is None for span in spans):
+                    continue
+                target = tuple(slice(first, first + s * (count - 1) + 1, s)
+                               for (first, _, count), s in zip(spans, stride, strict=True))
+                source = tuple(slice(lo, lo + count) for _, lo, count in spans)
+                grad_x[(..., *target)] += grad_cols[(slice(None), slice(None), *offset, slice(None), *source)]
+            grad_x = grad_x.view(k * c_in, b, *size)
         return grad_x, grad_w, grad_bias, None, None, None, None
+
+
+def _span(shift: int, stride: int, out: int, extent: int) -> tuple[int, int, int] | None:
+    """The output positions ``s`` (``0 <= s < out``) whose input position ``stride * s + shift`` lies in
+    ``[0, extent)``: ``(first input position, first s, count)``, or None when there are none."""
+    lo = max(0, -(shift // stride))  # ceil(-shift / stride)
+    hi = min(out - 1, (extent - 1 - shift) // stride)
+    if hi < lo:
+        return None
+    return stride * lo + shift, lo, hi - lo + 1
 
 
 def matmul_conv(x: Tensor, w: Tensor, bias: Tensor | None, k: int, conv: nn.Module) -> Tensor:

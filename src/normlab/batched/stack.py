@@ -23,8 +23,13 @@ over K*C channels, batched matmul for linear layers) on views of the same stacke
 per-op overhead and its slower batch norm. It is offered only where every layer has a grouped form and a
 probe on two throwaway members reproduces the member-by-member outputs, gradients and running statistics.
 
-``modes`` lists the usable modes; the engine times them on the first steps and keeps the fastest
-(:class:`ModeChooser`).
+``modes`` lists the usable modes, best first; the engine uses the first (:meth:`StackedModel.use` picks
+another). The pick is a fixed rule, never a timing: the modes (and the grouped mode's two convolution
+kernels) compute the same numbers up to rounding, a run of thousands of steps amplifies the rounding (a
+held-out accuracy one example apart moves the plateau rule's stopping step), and a pick by timing flips
+between processes on noise. Measured with timed picks: two identical default compares differed in 5 of 8
+groups, even when another mode had to be 1.25x faster to replace the preferred one. On the MNIST-1D CNN
+the modes' step times differ by 1.5-4x (batch 16: grouped 3.1, vmap 4.9, loop 10 ms), grouped fastest.
 
 The sum of the members' losses has, for each member's parameters, exactly that member's gradient (no
 member's output depends on another's parameters), so one ``backward`` gives every member its own
@@ -34,14 +39,12 @@ gradient.
 from __future__ import annotations
 
 import copy
-import statistics
 import warnings
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from normlab.batched.choice import prefer
 from normlab.batched.grouped import grouped_model
 
 
@@ -64,6 +67,17 @@ class StackedModel:
         self.grouped = grouped_model(self.skeleton, params, buffers, tuple(input_shape))
         if self.grouped is not None:
             self.mode, self.modes = "grouped", ("grouped", *self.modes)
+
+    def use(self, modes: tuple[str, ...] | None = None) -> None:
+        """Run the first of ``modes`` (default: of :attr:`modes`); ValueError for a mode not offered."""
+        modes = self.modes if modes is None else tuple(modes)
+        unavailable = [m for m in modes if m not in self.modes]
+        if unavailable or not modes:
+            raise ValueError(
+                f"mode(s) {', '.join(unavailable) or 'none'} not available for this group; "
+                f"available: {', '.join(self.modes)}"
+            )
+        self.mode = modes[0]
 
     def train(self, mode: bool = True) -> None:
         self.skeleton.train(mode)
@@ -134,73 +148,3 @@ def _choose_mode(
     finally:
         torch.random.set_rng_state(state)  # the probe must not shift the members' random streams
         skeleton.train(was_training)
-
-
-
-class ModeChooser:
-    """The forward mode of a stacked model: by default the first of ``modes`` (grouped where the model has
-    it, else vmap, else loop), untimed. The modes compute the same numbers up to rounding, and a choice by
-    timing flips between processes on noise: two identical default compares then gave different results for
-    whole groups (:mod:`normlab.batched.choice`). A fixed choice makes a rerun reproduce its table.
-
-    ``timed=True`` (benchmarks, exploring a new model) times them instead, in two rounds, each mode after
-    ``warmup`` untimed steps (first calls trace and allocate): every mode gets one timed step, and a mode
-    other than the preferred one (the first of ``modes``) slower than ``margin`` times the fastest first
-    step is dropped; the modes left get ``steps - 1`` more timed steps, and the preferred mode is kept
-    unless another's median step time is clearly lower (:func:`normlab.batched.choice.prefer`). On the
-    MNIST-1D CNN the modes' step times differ by 1.5-4x (batch 16: grouped 3.1, vmap 4.9, loop 10 ms).
-    """
-
-    def __init__(
-        self,
-        stack: StackedModel,
-        steps: int = 4,
-        warmup: int = 2,
-        modes: tuple[str, ...] | None = None,
-        margin: float = 1.3,
-        timed: bool = False,
-    ) -> None:
-        modes = stack.modes if modes is None else tuple(modes)
-        unavailable = [m for m in modes if m not in stack.modes]
-        if unavailable or not modes:
-            raise ValueError(
-                f"mode(s) {', '.join(unavailable) or 'none'} not available for this group; "
-                f"available: {', '.join(stack.modes)}"
-            )
-        self.stack = stack
-        self.preferred = modes[0]  # kept unless another mode is clearly faster (normlab.batched.choice)
-        stack.mode = modes[0]
-        self.plan = [m for m in modes for _ in range(warmup + 1)] if timed and len(modes) > 1 else []
-        self.warmup = warmup
-        self.steps = steps
-        self.margin = margin
-        self.times: dict[str, list[float]] = {m: [] for m in modes}
-        self._seen: dict[str, int] = {m: 0 for m in modes}
-        self._second_round = False
-
-    def start(self) -> None:
-        """Before a step: set the mode the plan asks for (nothing once it is done)."""
-        if self.plan:
-            self.stack.mode = self.plan[0]
-
-    def record(self, seconds: float) -> None:
-        """After a step: its time; at the end of a round, drop the slow modes or keep the fastest."""
-        if not self.plan:
-            return
-        mode = self.plan.pop(0)
-        self._seen[mode] += 1
-        if self._seen[mode] > self.warmup:
-            self.times[mode].append(seconds)
-        if self.plan:
-            return
-        if not self._second_round:
-            fastest = min(t[0] for t in self.times.values())
-            self.times = {
-                m: t for m, t in self.times.items() if t[0] <= self.margin * fastest or m == self.preferred
-            }
-            self._second_round = True
-            if len(self.times) > 1:
-                self.plan = [m for m in self.times for _ in range(self.steps - 1)]
-        if not self.plan:
-            medians = {m: statistics.median(t) for m, t in self.times.items()}
-            self.stack.mode = prefer(medians, self.preferred if self.preferred in medians else min(medians))
