@@ -407,3 +407,71 @@ def test_row_batch_norm_equals_torch_batch_norm_with_running_statistics():
         torch.testing.assert_close(a, b_)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         row_batch_norm(torch.randn(3, 1), None, None, None, None, 0.1, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [dict(optimizer="adamw", weight_decay=0.05), dict(optimizer="sgd", momentum=0.9, nesterov=True,
+                                                       weight_decay=5e-4)],
+    ids=["adamw", "sgd-nesterov"],
+)
+def test_flat_optimizer_equals_the_per_tensor_one_across_a_member_leaving(setup):
+    from normlab.batched.flat import flat_parameters
+    from normlab.batched.optim import StackedOptimizer
+
+    torch.manual_seed(0)
+    config = TrainConfig(**setup)
+    shapes = {"conv.weight": (3, 4, 2, 3), "conv.bias": (3, 4), "fc.weight": (3, 5, 8), "fc.bias": (3, 5)}
+    start = {name: torch.randn(shape) for name, shape in shapes.items()}
+    decayed = {"conv.weight", "fc.weight"}
+    plain = {name: t.clone().requires_grad_() for name, t in start.items()}
+    flat = flat_parameters({name: t.clone().requires_grad_() for name, t in start.items()})
+    assert flat is not None and flat.data.shape == (sum(t.numel() for t in start.values()),)
+    opt_plain = StackedOptimizer(plain, decayed, config)
+    opt_flat = StackedOptimizer(flat.params, decayed, config, flat=flat)
+    lrs = torch.tensor([0.1, 0.03, 0.01], dtype=torch.float64)
+    for step in range(6):
+        if step == 3:  # member 1 leaves: both re-stack the parameters and keep members 0 and 2's state
+            members = [0, 2]
+            plain = {n: p.detach()[members].requires_grad_() for n, p in plain.items()}
+            flat = flat_parameters({n: p.detach()[members].requires_grad_() for n, p in flat.params.items()})
+            opt_plain.keep(members, plain)
+            opt_flat.keep(members, flat.params, flat)
+            lrs = lrs[members]
+        grads = {n: torch.randn(p.shape) for n, p in plain.items()}
+        flat.zero_grad()
+        for params in (plain, flat.params):
+            sum((p * grads[n]).sum() for n, p in params.items()).backward()
+        assert flat.complete
+        opt_plain.step(plain, lrs)
+        opt_flat.step(flat.params, lrs)
+        for name in plain:
+            plain[name].grad = None
+            torch.testing.assert_close(flat.params[name], plain[name], rtol=1e-6, atol=1e-7)
+    # The flat buffers are the parameters' storage: an update of the buffer is an update of the leaf.
+    assert flat.params["fc.bias"].data_ptr() == flat.data[flat.slices["fc.bias"]].data_ptr()
+
+
+def test_a_parameter_without_gradient_is_left_alone_as_torch_optim_does():
+    from normlab.batched.flat import flat_parameters
+    from normlab.batched.optim import StackedOptimizer
+
+    torch.manual_seed(0)
+    flat = flat_parameters({"used": torch.randn(2, 3, requires_grad=True),
+                            "unused": torch.randn(2, 4, requires_grad=True)})
+    before = flat.params["unused"].detach().clone()
+    used = flat.params["used"].detach().clone()
+    opt = StackedOptimizer(flat.params, {"used", "unused"}, TrainConfig(optimizer="adamw", weight_decay=0.1),
+                           flat=flat)
+    flat.zero_grad()
+    flat.params["used"].square().sum().backward()
+    assert flat.received == {"used"} and not flat.complete
+    opt.step(flat.params, torch.tensor([0.1, 0.2], dtype=torch.float64))
+    torch.testing.assert_close(flat.params["unused"], before, rtol=0, atol=0)  # no decay, no step
+    # AdamW's first step, exactly: decay, then lr * sign(g) (m_hat / sqrt(v_hat) = g / |g|), g = 2 w.
+    lr = torch.tensor([[0.1], [0.2]])
+    torch.testing.assert_close(flat.params["used"].detach(), used * (1 - lr * 0.1) - lr * used.sign())
+    # Mixed dtypes (or frozen tensors) keep their own tensors: no flat buffer.
+    assert flat_parameters({"a": torch.zeros(2, 3, requires_grad=True),
+                            "b": torch.zeros(2, dtype=torch.float64, requires_grad=True)}) is None
+    assert flat_parameters({"a": torch.zeros(2, 3, requires_grad=True), "b": torch.zeros(2)}) is None

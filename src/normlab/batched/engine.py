@@ -95,7 +95,8 @@ class _Group:
             for p in g["params"]
         }
         self.optimizer = StackedOptimizer(
-            self.stack.params, {n for n, p in names.items() if id(p) in decayed_ids}, self.config
+            self.stack.params, {n for n, p in names.items() if id(p) in decayed_ids}, self.config,
+            flat=self.stack.flat,
         )
         self.agc_names: list[str] = []
         if self.config.agc_clip is not None:
@@ -148,8 +149,7 @@ class _Group:
             t = alive[i].trainer
             t.log("train/loss", values[i], step=t.step + 1)
         ok = [i for i in range(len(alive)) if i not in set(diverged)]
-        for p in stack.params.values():
-            p.grad = None
+        stack.zero_grad()
         if ok:
             total = losses.sum() if not diverged else losses[torch.tensor(ok, device=losses.device)].sum()
             total.backward()
@@ -254,7 +254,7 @@ class _Group:
         self.alive = [self.alive[i] for i in keep]
         if keep:
             self.stack.keep(keep)
-            self.optimizer.keep(keep, self.stack.params)
+            self.optimizer.keep(keep, self.stack.params, self.stack.flat)
 
 
 def member_losses(loss_fn: Any, out: Tensor, y: Tensor) -> Tensor:

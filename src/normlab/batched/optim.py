@@ -3,7 +3,9 @@
 The arithmetic is ``torch.optim.SGD`` / ``torch.optim.AdamW`` (``foreach=True``) applied to every member
 at once: a stacked tensor (K, ...) holds the K members' copies of one parameter, ``lr`` is a (K,) tensor
 broadcast over the rest, and weight decay follows :func:`normlab.train.optimizer.param_groups` (no decay
-on < 2-D tensors when ``wd_exclude_norm_bias``), decided on the members' own (unstacked) shapes.
+on < 2-D tensors when ``wd_exclude_norm_bias``), decided on the members' own (unstacked) shapes. Where
+the stacked parameters are views of one flat buffer (:mod:`normlab.batched.flat`), the same arithmetic
+runs on the whole buffer at once, with the per-member lr spread over its positions.
 
 SGD, with ``d = g + wd * w``: ``b <- d`` at the first step, else ``b <- momentum * b + d``; the step is
 ``w <- w - lr * (d + momentum * b)`` (Nesterov) or ``w <- w - lr * b``.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from normlab.batched.flat import FlatParameters
 from normlab.train import TrainConfig
 
 _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
@@ -24,25 +27,56 @@ _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 
 class StackedOptimizer:
     """The optimizer of ``config`` over ``params`` (name -> stacked tensor); ``decayed`` names those with
-    weight decay."""
+    weight decay. With ``flat`` (the parameters as views of one buffer, :mod:`normlab.batched.flat`) the
+    state is one buffer per kind too, and a step where every parameter received a gradient is a few
+    whole-buffer kernels; otherwise (or without ``flat``) the per-tensor ``foreach`` arithmetic, over the
+    parameters that received one. Both compute the same numbers."""
 
-    def __init__(self, params: dict[str, Tensor], decayed: set[str], config: TrainConfig) -> None:
+    def __init__(
+        self, params: dict[str, Tensor], decayed: set[str], config: TrainConfig,
+        flat: FlatParameters | None = None,
+    ) -> None:
         self.config = config
         self.decayed = decayed
         self.state: dict[str, dict[str, Tensor]] = {}
         self.steps = 0  # members in one stack start together and step together
         self.params = params
+        self.started: set[str] = set()  # parameters whose SGD momentum buffer holds a first step
+        self._use(flat)
+
+    def _use(self, flat: FlatParameters | None) -> None:
+        self.flat = flat
+        self.flat_state: dict[str, Tensor] = {}
+        if flat is not None:
+            self.decay_mask = flat.mask(self.decayed) if self.config.weight_decay else None
+            for kind in {kind for state in self.state.values() for kind in state}:
+                self.flat_state[kind] = buffer = torch.zeros_like(flat.data)
+                for name, view in flat.views(buffer).items():
+                    if kind in self.state.get(name, {}):
+                        view.copy_(self.state[name][kind])
+                    self.state.setdefault(name, {})[kind] = view
+
+    def _buffer(self, kind: str) -> Tensor:
+        """The flat state buffer ``kind`` (zeros when new; the per-parameter states are its views)."""
+        if kind not in self.flat_state:
+            self.flat_state[kind] = buffer = torch.zeros_like(self.flat.data)
+            for name, view in self.flat.views(buffer).items():
+                self.state.setdefault(name, {})[kind] = view
+        return self.flat_state[kind]
 
     def step(self, params: dict[str, Tensor], lr: Tensor) -> None:
         """One update of every member; ``lr`` (K,) holds each member's rate for this step."""
         self.params = params
+        flat = self.flat is not None and self.flat.complete
         with torch.no_grad():
             if self.config.optimizer == "sgd":
-                self._sgd(lr)
+                self._sgd_flat(lr) if flat and self.started in (set(), set(params)) else self._sgd(lr)
             else:
-                self._adamw(lr)
+                self._adamw_flat(lr) if flat else self._adamw(lr)
 
     def _live(self) -> list[tuple[str, Tensor]]:
+        if self.flat is not None:
+            return [(name, p) for name, p in self.params.items() if name in self.flat.received]
         return [(name, p) for name, p in self.params.items() if p.grad is not None]
 
     def _sgd(self, lr: Tensor) -> None:
@@ -57,17 +91,39 @@ class StackedOptimizer:
             for name, p in live
         ]
         if cfg.momentum:
-            missing = [name for name, _ in live if "momentum" not in self.state.get(name, {})]
-            if missing:  # the first step: b <- d (members start and step together, so all or none)
-                for (name, _), di in zip(live, d, strict=True):
-                    self.state.setdefault(name, {})["momentum"] = di.detach().clone()
-            else:
-                bufs = [self.state[name]["momentum"] for name, _ in live]
+            for (name, _), di in zip(live, d, strict=True):
+                if name not in self.started:  # its first step: b <- d
+                    if self.flat is not None:
+                        self._buffer("momentum")
+                        self.state[name]["momentum"].copy_(di)
+                    else:
+                        self.state.setdefault(name, {})["momentum"] = di.detach().clone()
+            fresh = [name for name, _ in live if name not in self.started]
+            old = [(self.state[name]["momentum"], di) for (name, _), di in zip(live, d, strict=True)
+                   if name in self.started]
+            if old:
+                bufs = [b for b, _ in old]
                 torch._foreach_mul_(bufs, cfg.momentum)
-                torch._foreach_add_(bufs, d)
+                torch._foreach_add_(bufs, [di for _, di in old])
+            self.started.update(fresh)
             bufs = [self.state[name]["momentum"] for name, _ in live]
             d = torch._foreach_add(d, bufs, alpha=cfg.momentum) if cfg.nesterov else bufs
         torch._foreach_sub_(params, torch._foreach_mul(d, self._rates(lr, params)))
+
+    def _sgd_flat(self, lr: Tensor) -> None:
+        cfg, flat = self.config, self.flat
+        d = flat.grad if self.decay_mask is None else torch.addcmul(flat.grad, flat.data, self.decay_mask,
+                                                                       value=cfg.weight_decay)
+        if cfg.momentum:
+            if not self.started:
+                buffer = self._buffer("momentum")
+                buffer.copy_(d)
+                self.started.update(self.params)
+            else:
+                buffer = self._buffer("momentum")
+                buffer.mul_(cfg.momentum).add_(d)
+            d = d.add(buffer, alpha=cfg.momentum) if cfg.nesterov else buffer
+        flat.data.sub_(d * flat.per_position(lr))
 
     def _adamw(self, lr: Tensor) -> None:
         self.steps += 1
@@ -78,6 +134,8 @@ class StackedOptimizer:
         if not live:
             return
         for name, p in live:
+            if self.flat is not None:
+                self._buffer("exp_avg"), self._buffer("exp_avg_sq")
             state = self.state.setdefault(name, {})
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p)
@@ -101,6 +159,20 @@ class StackedOptimizer:
         torch._foreach_mul_(steps, [r / correction1 for r in rates])
         torch._foreach_sub_(params, steps)
 
+    def _adamw_flat(self, lr: Tensor) -> None:
+        self.steps += 1
+        t = self.steps
+        flat = self.flat
+        m, v = self._buffer("exp_avg"), self._buffer("exp_avg_sq")
+        rate = flat.per_position(lr)
+        if self.decay_mask is not None:  # w <- w (1 - lr wd), 1 exactly where there is no decay
+            flat.data.mul_(torch.addcmul(torch.ones_like(rate), rate, self.decay_mask,
+                                         value=-self.config.weight_decay))
+        m.lerp_(flat.grad, 1 - _BETA1)
+        v.mul_(_BETA2).addcmul_(flat.grad, flat.grad, value=1 - _BETA2)
+        denom = v.sqrt().div_((1 - _BETA2**t) ** 0.5).add_(_ADAM_EPS)
+        flat.data.sub_(torch.div(m, denom).mul_(rate.div_(1 - _BETA1**t)))
+
     def _rates(self, lr: Tensor, params: list[Tensor]) -> list[Tensor]:
         """Each member's lr as a (K, 1, ..., 1) tensor per parameter (one conversion per dtype/device)."""
         converted: dict[tuple, Tensor] = {}
@@ -112,12 +184,13 @@ class StackedOptimizer:
             rates.append(converted[key].view(-1, *([1] * (p.dim() - 1))))
         return rates
 
-    def keep(self, members: list[int], params: dict[str, Tensor]) -> None:
-        """Keep the state of ``members`` only (as ``StackedModel.keep``); ``params`` are the new leaves."""
+    def keep(self, members: list[int], params: dict[str, Tensor], flat: FlatParameters | None = None) -> None:
+        """Keep the state of ``members`` only (as ``StackedModel.keep``); ``params`` are the new leaves and
+        ``flat`` their flat buffer, if they have one."""
         index = torch.tensor(members, dtype=torch.long, device=next(iter(params.values())).device)
         self.state = {
             name: {k: v.index_select(0, index) for k, v in state.items()}
             for name, state in self.state.items()
         }
         self.params = params
-
+        self._use(flat)

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from normlab.batched.flat import FlatParameters, flat_parameters
 from normlab.batched.grouped import grouped_model
 
 
@@ -57,6 +58,8 @@ class StackedModel:
             raise ValueError("StackedModel needs at least one model")
         params, buffers = stack_module_state(models)
         self.params: dict[str, Tensor] = params
+        self.flat: FlatParameters | None = None
+        self._flatten()
         self.buffers: dict[str, Tensor] = buffers
         # Parameter-free skeleton: functional_call swaps the stacked slices in.
         self.skeleton = copy.deepcopy(models[0]).to("meta")
@@ -116,6 +119,21 @@ class StackedModel:
         }
         self.buffers = {n: b.index_select(0, index) for n, b in self.buffers.items()}
         self.size = len(members)
+        self._flatten()
+
+    def _flatten(self) -> None:
+        """Parameters as views of one flat buffer where they allow it (:mod:`normlab.batched.flat`)."""
+        self.flat = flat_parameters(self.params)
+        if self.flat is not None:
+            self.params = self.flat.params
+
+    def zero_grad(self) -> None:
+        """Clear every parameter's gradient before a backward."""
+        if self.flat is not None:
+            self.flat.zero_grad()
+        else:
+            for p in self.params.values():
+                p.grad = None
 
     @torch.no_grad()
     def copy_member_to(self, k: int, model: nn.Module) -> None:
