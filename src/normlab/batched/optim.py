@@ -70,7 +70,9 @@ class StackedOptimizer:
         flat = self.flat is not None and self.flat.complete
         with torch.no_grad():
             if self.config.optimizer == "sgd":
-                self._sgd_flat(lr) if flat and self.started in (set(), set(params)) else self._sgd(lr)
+                # The flat path needs every momentum buffer at the same stage (none started, or all).
+                uniform = len(self.started) in (0, len(params))
+                self._sgd_flat(lr) if flat and uniform else self._sgd(lr)
             else:
                 self._adamw_flat(lr) if flat else self._adamw(lr)
 
@@ -91,16 +93,18 @@ class StackedOptimizer:
             for name, p in live
         ]
         if cfg.momentum:
+            if self.flat is not None:
+                self._buffer("momentum")  # the per-parameter buffers are its views
+            fresh, old = [], []
             for (name, _), di in zip(live, d, strict=True):
-                if name not in self.started:  # its first step: b <- d
-                    if self.flat is not None:
-                        self._buffer("momentum")
-                        self.state[name]["momentum"].copy_(di)
-                    else:
-                        self.state.setdefault(name, {})["momentum"] = di.detach().clone()
-            fresh = [name for name, _ in live if name not in self.started]
-            old = [(self.state[name]["momentum"], di) for (name, _), di in zip(live, d, strict=True)
-                   if name in self.started]
+                if name in self.started:
+                    old.append((self.state[name]["momentum"], di))
+                    continue
+                fresh.append(name)  # its first step: b <- d
+                if self.flat is not None:
+                    self.state[name]["momentum"].copy_(di)
+                else:
+                    self.state.setdefault(name, {})["momentum"] = di.detach().clone()
             if old:
                 bufs = [b for b, _ in old]
                 torch._foreach_mul_(bufs, cfg.momentum)
@@ -115,12 +119,11 @@ class StackedOptimizer:
         d = flat.grad if self.decay_mask is None else torch.addcmul(flat.grad, flat.data, self.decay_mask,
                                                                        value=cfg.weight_decay)
         if cfg.momentum:
-            if not self.started:
-                buffer = self._buffer("momentum")
+            buffer = self._buffer("momentum")
+            if not self.started:  # the first step: b <- d
                 buffer.copy_(d)
                 self.started.update(self.params)
             else:
-                buffer = self._buffer("momentum")
                 buffer.mul_(cfg.momentum).add_(d)
             d = d.add(buffer, alpha=cfg.momentum) if cfg.nesterov else buffer
         flat.data.sub_(d * flat.per_position(lr))
@@ -133,9 +136,9 @@ class StackedOptimizer:
         live = self._live()
         if not live:
             return
+        if self.flat is not None:  # the per-parameter states are views of the flat buffers
+            self._buffer("exp_avg"), self._buffer("exp_avg_sq")
         for name, p in live:
-            if self.flat is not None:
-                self._buffer("exp_avg"), self._buffer("exp_avg_sq")
             state = self.state.setdefault(name, {})
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p)
