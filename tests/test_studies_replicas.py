@@ -66,6 +66,20 @@ def test_judge_flips_with_the_numbers():
                         "(Table 2), below what 3 seeds resolve here; per-replica batches of 2-4 (where Table "
                         "2's rise is 3.7-11.1 pts) settle it.")
     assert "inconclusive" in judge(cells, {(4, "sync"): "inconclusive"}, [1, 4], 64)[0]
+    # The same tie with our half-width known and larger than Table 2's 0.1 pts: still inconclusive...
+    assert judge(cells, {(4, "sync"): "tie"}, [1, 4], 64, {(4, "sync"): 0.004})[1] is None
+    # ...but at per-replica batch 2 Table 2's rise (11.1 pts) exceeds a 1.2-pt half-width: the tie disagrees.
+    cells2 = {("local", 32): _runs([0.955, 0.957, 0.956]), ("sync", 32): _runs([0.96, 0.962, 0.964]),
+              ("local", 1): _runs([0.96, 0.962, 0.964])}
+    tie, agrees, discrepancy = judge(cells2, {(32, "sync"): "tie"}, [1, 32], 64, {(32, "sync"): 0.012})
+    assert agrees is False
+    assert tie.endswith(": a tie (95% interval half-width 1.2 pts), although Table 2's rise of BN's error "
+                        "from per-GPU batch 32 to 2 (11.1 pts) is larger.")
+    assert discrepancy.startswith("Wu & He's BN loses 11.1 pts from per-GPU batch 32 to 2 (Table 2); here "
+                                  "local BN over 32 replicas of batch 2 ties sync BN within 1.2 pts over 3 "
+                                  "seeds. Table 2 shrinks the total batch with the per-GPU one (8 GPUs x 2)")
+    # Without the half-width (a caller that has none), a tie stays inconclusive.
+    assert judge(cells2, {(32, "sync"): "tie"}, [1, 32], 64)[1] is None
 
 
 def test_tiny_scale_writes_its_report(tmp_path):

@@ -171,7 +171,10 @@ def test_quick_budgets_give_every_arm_its_training():
     for name in ("small-batch", "regularization"):
         params = get_study(name).params("quick")
         assert params["budget"] == "auto" and "steps" not in params and params["epochs"] >= 100, name
-    assert min(get_study("small-batch").params("quick")["batch_sizes"]) >= 4
+    # Small batch reaches batch 2, where Table 2's effect is (+11.1 pts; over 32 -> 8 it is 1.3 pts, below
+    # what 3 seeds resolve), and recalibrates there.
+    params = get_study("small-batch").params("quick")
+    assert min(params["batch_sizes"]) == 2 and params["recalibrate_batches"] == [2]
 
 
 def test_budget_fields_steps_override_epochs():
