@@ -296,6 +296,15 @@ def test_residual_judge_exponent_interval_and_branch_ratio():
     trained = {"bn": runs(0.98, 0.97, 0.98, convergence="unconverged"), "skipinit": runs(0.9, 0.9, 0.9)}
     sentence, agrees, _, _ = residual.judge(depths, measured, trained)
     assert agrees is None and "BN: 3 unconverged of 3 run(s)" in sentence and "SkipInit" not in sentence
+    # The unnormalized arm is the counterexample the claim expects to fail: a stalled seed of it is reported,
+    # the verdict still drawn from BN and SkipInit.
+    trained = {"bn": runs(0.98, 0.97, 0.98), "skipinit": runs(0.97, 0.97, 0.98),
+               "none": runs(0.97, 0.97) + runs(0.1, convergence="stalled")}
+    sentence, agrees, discrepancy, _ = residual.judge(depths, measured, trained)
+    assert agrees is True and discrepancy is None
+    assert sentence.endswith("Unnormalized, without SkipInit: no norm: 1 stalled of 3 run(s) (stalled: "
+                             "training loss still falling); the instability SkipInit removes, not gated (no "
+                             "comparison uses its accuracy).")
 
 
 def test_largest_stable_lr_at_the_top_of_the_grid_is_a_lower_bound():
