@@ -133,9 +133,9 @@ def judge(
       (:func:`normlab.stats.compare_arms`, paired by seed);
     - the trained arms the claim ranks train: every run of BN and SkipInit converged (else inconclusive at
       this scale). The unnormalized arm is De & Smith's counterexample (deep unnormalized ResNets without
-      SkipInit are unstable at such learning rates, their Sec. 4): a run of it that stalls or does not
-      converge is reported beside the verdict, not a reason to withhold it (no comparison uses its
-      accuracy).
+      SkipInit are unstable at such learning rates, as their experiments show): a run of it that stalls
+      or does not converge is reported beside the verdict, not a reason to withhold it (no comparison
+      uses its accuracy).
     """
     from normlab.stats import mean_ci as interval
 
