@@ -137,7 +137,8 @@ class StackedOptimizer:
         if not live:
             return
         if self.flat is not None:  # the per-parameter states are views of the flat buffers
-            self._buffer("exp_avg"), self._buffer("exp_avg_sq")
+            for kind in ("exp_avg", "exp_avg_sq"):
+                self._buffer(kind)
         for name, p in live:
             state = self.state.setdefault(name, {})
             if "exp_avg" not in state:

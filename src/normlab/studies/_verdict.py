@@ -113,22 +113,26 @@ def decide_values(
 
 def training_gate(arms: dict[str, Sequence[Any]]) -> str | None:
     """None when every run of every arm converged; else why the study is inconclusive at this scale, one
-    clause per arm that did not train to a result (its statuses and the first run's reason)."""
-    problems = []
-    for name, results in arms.items():
-        bad = [r for r in results if (getattr(r, "convergence", "") or "unconverged") != "converged"]
-        if not bad:
-            continue
-        counts: dict[str, int] = {}
-        for r in bad:
-            status = getattr(r, "convergence", "") or ("unconverged" if r.status == "finished" else r.status)
-            counts[status] = counts.get(status, 0) + 1
-        kinds = ", ".join(f"{n} {s}" for s, n in counts.items())
-        reason = getattr(bad[0], "convergence_reason", "") or bad[0].status
-        problems.append(f"{name}: {kinds} of {len(results)} run(s) ({reason})")
+    clause per arm that did not train to a result (:func:`untrained_clause`)."""
+    problems = [c for name, results in arms.items() if (c := untrained_clause(name, results)) is not None]
     if not problems:
         return None
     return "not every arm trained to a result: " + "; ".join(problems)
+
+
+def untrained_clause(name: str, results: Sequence[Any]) -> str | None:
+    """``"<name>: 1 stalled of 3 run(s) (<first bad run's reason>)"`` for an arm with runs that did not
+    converge, None when all did."""
+    bad = [r for r in results if (getattr(r, "convergence", "") or "unconverged") != "converged"]
+    if not bad:
+        return None
+    counts: dict[str, int] = {}
+    for r in bad:
+        status = getattr(r, "convergence", "") or ("unconverged" if r.status == "finished" else r.status)
+        counts[status] = counts.get(status, 0) + 1
+    kinds = ", ".join(f"{n} {s}" for s, n in counts.items())
+    reason = getattr(bad[0], "convergence_reason", "") or bad[0].status
+    return f"{name}: {kinds} of {len(results)} run(s) ({reason})"
 
 
 def agreement_word(agrees: bool | None) -> str:

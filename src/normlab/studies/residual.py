@@ -27,7 +27,7 @@ import torch
 
 from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._series import ci, mean_curve
-from normlab.studies._verdict import decide_values, inconclusive_text, training_gate
+from normlab.studies._verdict import decide_values, inconclusive_text, training_gate, untrained_clause
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {
@@ -170,10 +170,10 @@ def judge(
     gate = training_gate({LABELS.get(v, v): rs for v, rs in runs.items() if v != "none"})
     if gate:
         undecided.append(gate)
-    reference = training_gate({LABELS.get("none", "none"): runs["none"]}) if "none" in runs else None
+    reference = untrained_clause(LABELS["none"], runs["none"]) if "none" in runs else None
     if reference:
-        sentences.append(f"Unnormalized, without SkipInit: {reference.split(': ', 1)[1]}; the instability "
-                         "SkipInit removes, not gated (no comparison uses its accuracy).")
+        sentences.append(f"Unnormalized, without SkipInit: {reference}; the instability SkipInit removes, "
+                         "not gated (no comparison uses its accuracy).")
     sentence = " ".join(sentences)
     if undecided:
         return inconclusive_text(undecided, key), None, None, key
