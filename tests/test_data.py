@@ -271,6 +271,21 @@ def test_batch_iterator_resumes_exactly_mid_epoch_with_augmentation() -> None:
         BatchIterator(x, y, 5, seed=3, augment="crop_flip").load_state_dict(state)
 
 
+def test_batch_iterator_peek_is_the_next_batch_and_does_not_advance() -> None:
+    x, y = torch.randn(20, 3, 8, 8), torch.arange(20)
+    reference = BatchIterator(x, y, 6, seed=3, augment="crop_flip")
+    served = [reference.next_batch() for _ in range(7)]  # 3 batches an epoch: crosses two boundaries
+    it = BatchIterator(x, y, 6, seed=3, augment="crop_flip")
+    for xb, yb in served:
+        px, py = it.peek()
+        again_x, _ = it.peek()
+        assert torch.equal(px, xb) and torch.equal(py, yb) and torch.equal(again_x, xb)
+        nx, ny = it.next_batch()
+        assert torch.equal(nx, xb) and torch.equal(ny, yb)
+    assert it.state_dict() == reference.state_dict()
+    assert not torch.equal(served[0][1], served[1][1])  # the peeks followed the data, not one batch
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

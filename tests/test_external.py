@@ -498,6 +498,25 @@ def test_a_streamed_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
     for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
+    # Peeking at the next streamed batch (ICS and landscape probes do) loads it once and serves it next;
+    # the run and a resume from a checkpoint written after a peek train the same.
+    seen, peeked = {}, {}
+
+    def peek(ctx):
+        seen[ctx.step], peeked[ctx.step] = ctx.batch, ctx.next_batch()
+        if ctx.step == 7 and not peeked.get("interrupted"):
+            peeked["interrupted"] = True
+            raise RuntimeError("interrupted after a peek")
+
+    with pytest.raises(RuntimeError, match="interrupted after a peek"):
+        Trainer(config, callbacks=[peek], progress=False).fit()
+    watched = Trainer(config, callbacks=[peek], progress=False, resume=True)
+    watched.fit()
+    for a, b in zip(straight.model.parameters(), watched.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for step in range(7, 10):
+        assert torch.equal(peeked[step][0], seen[step + 1][0])
+
 
 USER_1D = '''
 from torch import nn

@@ -134,6 +134,42 @@ def test_ics_layer_order_and_first_layer_excluded():
     assert ics_study.run_ics(series) == pytest.approx((3.0 + 5.0 + 1.0 + 3.0) / 4)
 
 
+def test_ics_and_landscape_probes_measure_the_step_the_run_takes_next():
+    """Definition 2.1 and Sec. 3.2 measure the step from W^t on its own batch: from a callback after step t
+    that is the batch of step t + 1 (``ctx.next_batch()``), not a second step on the batch just used."""
+    import copy
+
+    from normlab.probes import ics, landscape
+    from normlab.train import TrainConfig, Trainer
+
+    captured = {}
+
+    def capture(ctx):  # runs before the probes: the state they see
+        # One deepcopy of the pair, so that the copied optimizer steps the copied model's parameters.
+        captured.update(state=copy.deepcopy((ctx.model, ctx.optimizer)), loss_fn=ctx.loss_fn,
+                        batch=ctx.batch, upcoming=ctx.next_batch())
+
+    config = TrainConfig(subset=256, batch_size=32, steps=4, width=8, lr=0.5, optimizer="sgd", momentum=0.0,
+                         schedule="constant", log_every=4, eval_train_samples=64)
+    probes = [(capture, 4), ics_study.ICSProbe(4),
+              landscape_study.LandscapeProbe(4, num_points=3, eta_range=(0.5, 4.0), hessian_every=0,
+                                             hessian_iters=2)]
+    trainer = Trainer(config, callbacks=probes, progress=False)
+    trainer.fit()
+    logged = {name: series[-1][1] for name, series in trainer.history.items() if name.startswith("probe/")}
+    model, optimizer = captured["state"]
+    want = ics(model, optimizer, captured["upcoming"], captured["loss_fn"])
+    used = ics(model, optimizer, captured["batch"], captured["loss_fn"])
+    for layer in want.l2:
+        assert logged[f"probe/ics/l2/{layer}"] == pytest.approx(want.l2[layer], rel=1e-6)
+        assert logged[f"probe/ics/cos/{layer}"] == pytest.approx(want.cos[layer], rel=1e-6, abs=1e-9)
+    assert any(abs(used.l2[n] - want.l2[n]) > 1e-3 * abs(want.l2[n]) for n in want.l2 if want.l2[n] > 0)
+    shape = landscape(model, captured["upcoming"], captured["loss_fn"], optimizer=optimizer, num_points=3,
+                      eta_range=(0.5, 4.0))
+    assert logged["probe/landscape/beta_smoothness"] == pytest.approx(shape.beta_smoothness, rel=1e-6)
+    assert logged["probe/landscape/loss_max"] == pytest.approx(shape.loss_max, rel=1e-6)
+
+
 def test_final_fit_is_the_mean_of_the_last_tenth_of_the_logs():
     series = [(10 * i, float(i)) for i in range(1, 21)]  # 20 logs: the last 2 are 19 and 20
     assert noisy_bn_study.final_fit(list(reversed(series))) == pytest.approx(19.5)

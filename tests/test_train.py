@@ -136,6 +136,24 @@ def test_callbacks_every_n_steps_and_ctx_log(store):
         trainer.add_callback(probe, every_n_steps=0)
 
 
+def test_ctx_next_batch_is_the_batch_of_the_next_step_and_peeking_changes_nothing():
+    seen, peeked = {}, {}
+
+    def peek(ctx):
+        seen[ctx.step] = ctx.batch
+        peeked[ctx.step] = ctx.next_batch()
+
+    plain = Trainer(TrainConfig(**TINY), progress=False)
+    plain.fit()
+    watched = Trainer(TrainConfig(**TINY), callbacks=[peek], progress=False)
+    watched.fit()
+    assert _same(_weights(plain.model), _weights(watched.model))  # peeking consumed nothing
+    assert len(peeked) == 24 and len(watched.batches) == 16  # TINY: 512 examples, batch 32: an epoch boundary
+    for step in range(1, 24):
+        assert torch.equal(peeked[step][0], seen[step + 1][0]) and torch.equal(peeked[step][1], seen[step + 1][1])
+        assert not torch.equal(peeked[step][1], seen[step][1])
+
+
 def test_divergence_ends_the_run_without_raising(store):
     result = train(TrainConfig(**TINY, lr=1e4), store=store, progress=False)
     assert result.status == "diverged" and math.isnan(result.final_test_acc)

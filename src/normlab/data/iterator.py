@@ -111,14 +111,22 @@ class BatchIterator:
         """The next batch, starting the next epoch when this one is done."""
         if self._position >= self.num_batches:
             self._epoch, self._position = self._epoch + 1, 0
-        if self._order_epoch != self._epoch:
-            self._order, self._order_epoch = self.order(self._epoch).to(self.x.device), self._epoch
-        k = self._position
+        batch = self._batch(self._epoch, self._position)
+        self._position += 1
+        return batch
+
+    def peek(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch :meth:`next_batch` will return, without advancing (the same tensors' values, the same
+        augmentation draw)."""
+        return self._batch(self.epoch, self.position)
+
+    def _batch(self, epoch: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._order_epoch != epoch:
+            self._order, self._order_epoch = self.order(epoch).to(self.x.device), epoch
         idx = self._order[k * self.batch_size : (k + 1) * self.batch_size]
         xb, yb = self.x[idx], self.y[idx]
         if self._augment is not None:
-            xb = self._augment(xb, torch.Generator().manual_seed(_seed(self.seed, self._epoch, k + 1)))
-        self._position += 1
+            xb = self._augment(xb, torch.Generator().manual_seed(_seed(self.seed, epoch, k + 1)))
         return xb, yb
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

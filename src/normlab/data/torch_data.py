@@ -164,6 +164,7 @@ class LoaderBatches:
         self.device, self.num_workers = device, num_workers
         self.num_batches = len(data) // batch_size
         self._epoch, self._position, self._iterator = 0, 0, None
+        self._peeked: tuple[torch.Tensor, torch.Tensor] | None = None
         self._loader: DataLoader | None = None
         self._sampler: _EpochSampler | None = None
 
@@ -182,13 +183,22 @@ class LoaderBatches:
             next(self._iterator)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._position >= self.num_batches:
-            self._epoch, self._position, self._iterator = self._epoch + 1, 0, None
-        if self._iterator is None:
-            self._start(self._position)
-        x, y = next(self._iterator)
+        batch = self.peek()
+        self._peeked = None
         self._position += 1
-        return _prepare(x).to(self.device), torch.as_tensor(y).to(self.device)
+        return batch
+
+    def peek(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch :meth:`next_batch` will return, without advancing: it is loaded now and kept for it
+        (a checkpoint counts it as not yet served, so a resumed run loads it again)."""
+        if self._peeked is None:
+            if self._position >= self.num_batches:
+                self._epoch, self._position, self._iterator = self._epoch + 1, 0, None
+            if self._iterator is None:
+                self._start(self._position)
+            x, y = next(self._iterator)
+            self._peeked = _prepare(x).to(self.device), torch.as_tensor(y).to(self.device)
+        return self._peeked
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "position": self._position, "seed": self.seed,
@@ -200,6 +210,7 @@ class LoaderBatches:
                 mine = self.state_dict()[key]
                 raise NormlabError(f"state_dict has {key}={state.get(key)!r}, this loader {mine!r}")
         self._epoch, self._position, self._iterator = int(state["epoch"]), int(state["position"]), None
+        self._peeked = None
 
 
 class _EpochSampler(Sampler[int]):

@@ -124,7 +124,13 @@ class ShardedBatches:
         return len(self.batches)
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
-        x, y = self.batches.next_batch()
+        return self._share(*self.batches.next_batch())
+
+    def peek(self) -> tuple[Tensor, Tensor]:
+        """This rank's share of the batch :meth:`next_batch` will return, without advancing."""
+        return self._share(*self.batches.peek())
+
+    def _share(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         b = x.shape[0] // self.world
         return x[self.rank * b:(self.rank + 1) * b], y[self.rank * b:(self.rank + 1) * b]
 

@@ -18,8 +18,9 @@ The same dropout masks are used for every forward pass (the RNG is rewound), so 
 weights. Cost: one forward/backward and one optimizer step, then one forward and a partial backward
 (down to layer i only) per reported layer: at most L + 1 training steps.
 
-From the trainer's callback (after the optimizer step at t) the probe measures the shift the *next* step
-would cause on the batch just used.
+From a trainer callback (after the optimizer step at t), pass ``ctx.next_batch()``: the probe then measures
+the step t + 1 the run will really take (its batch, from the weights it starts at), as the definition has
+it. ``ctx.batch``, the batch just used, would measure a second step on that batch instead.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 A :class:`ProbeSchedule` is a callable with ``every_n_steps``, so it plugs into the trainer's one callback
 point (``Trainer.add_callback(schedule, schedule.every_n_steps)``, ``train(config, callbacks=[schedule])``,
 or ``schedule.attach(trainer)``). At step t it runs every probe whose interval divides t on the model, the
-optimizer, the loss and the batch the step was just taken on (``ctx.batch``), and records:
+optimizer, the loss and a batch, and records (the probes of a step, ``ics`` and ``landscape``, use the batch
+the next step will be taken on, ``ctx.next_batch()``: the step the run really takes from these weights, as
+Santurkar et al. define both; the others use the batch the step was just taken on, ``ctx.batch``):
 
 - every scalar field as the metric ``probe/<probe>/<field>`` and every per-layer value as
   ``probe/<probe>/<field>/<layer>`` (``ctx.log``);
@@ -54,11 +56,11 @@ def _train_eval_gap(ctx, mode, options, schedule):
 
 
 def _ics(ctx, mode, options, schedule):
-    return ics(ctx.model, ctx.optimizer, ctx.batch, ctx.loss_fn, mode=mode, **options)
+    return ics(ctx.model, ctx.optimizer, ctx.next_batch(), ctx.loss_fn, mode=mode, **options)
 
 
 def _landscape(ctx, mode, options, schedule):
-    return landscape(ctx.model, ctx.batch, ctx.loss_fn, optimizer=ctx.optimizer, mode=mode, **options)
+    return landscape(ctx.model, ctx.next_batch(), ctx.loss_fn, optimizer=ctx.optimizer, mode=mode, **options)
 
 
 def _hessian(ctx, mode, options, schedule):

@@ -14,7 +14,10 @@ uncorrelated.
 Protocol: for every network table of the recipe (``[scale.<s>.nets.<name>]``: TrainConfig fields) and every
 norm of ``norms``, train with every seed; every ``probe_every`` steps :func:`normlab.probes.ics` measures
 both numbers for every layer with a weight (train mode, the trainer's real optimizer step) and logs them as
-``probe/ics/l2/<layer>`` and ``probe/ics/cos/<layer>``. The summary averages over probe steps and over
+``probe/ics/l2/<layer>`` and ``probe/ics/cos/<layer>``. The probe runs after step t and measures step t + 1
+as the definition has it: on the batch of step t + 1 (``ctx.next_batch()``, which the run then trains on),
+from the weights that step starts at; measuring on the batch just used (a second step on it) is not the
+definition. The summary averages over probe steps and over
 layers 2..k: layer 1 has no earlier layer, so G' = G exactly and it carries no information.
 
 NOTE (DLN loss scale): the trainer's regression loss is the *mean* squared error over the batch and the 10
@@ -47,7 +50,9 @@ class ICSProbe:
     def __call__(self, ctx: Any) -> None:
         from normlab.probes import ics
 
-        result = ics(ctx.model, ctx.optimizer, ctx.batch, ctx.loss_fn, mode="train")
+        # Definition 2.1 at step t + 1: G at the current weights on the batch that step will be taken on,
+        # W^{t+2} by its real update. ctx.batch would be a second step on the batch just used.
+        result = ics(ctx.model, ctx.optimizer, ctx.next_batch(), ctx.loss_fn, mode="train")
         for position, layer in enumerate(result.l2):
             # The store keeps names, not order; the position says which layer is the first.
             ctx.log(f"probe/ics/position/{layer}", position)

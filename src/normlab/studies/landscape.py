@@ -14,7 +14,8 @@ statistics: the landscape the optimizer sees) and in eval mode (running statisti
 
 Protocol: norms ``none`` and ``bn``, plain SGD, constant LR, every LR and seed; every ``probe_every`` steps
 :func:`normlab.probes.landscape` (train mode) logs ``probe/landscape/{loss_min, loss_max,
-grad_change_min, grad_change_max, beta_smoothness}``; every ``hessian_every`` steps
+grad_change_min, grad_change_max, beta_smoothness}`` for the step the run takes next (its batch,
+``ctx.next_batch()``, and the weights it starts from); every ``hessian_every`` steps
 :func:`normlab.probes.hessian` logs ``probe/hessian/top_eigenvalue/{train, eval}``. The table averages the
 landscape numbers over the probe steps (and over the first quarter of them, "early"); the Hessian numbers
 are the last measurement. The verdict uses the first LR.
@@ -74,9 +75,12 @@ class LandscapeProbe:
     def __call__(self, ctx: Any) -> None:
         from normlab.probes import hessian, landscape
 
+        # At the weights step t + 1 starts from, on the batch it will be taken on (Sec. 3.2: "at a particular
+        # training step"); ctx.batch, the batch just used, would measure a second step on it.
+        batch = ctx.next_batch()
         result = landscape(
             ctx.model,
-            ctx.batch,
+            batch,
             ctx.loss_fn,
             optimizer=ctx.optimizer,
             num_points=self.num_points,
@@ -97,7 +101,7 @@ class LandscapeProbe:
                 # One Hutchinson sample: the trace is not used, only the Lanczos top eigenvalue.
                 h = hessian(
                     ctx.model,
-                    ctx.batch,
+                    batch,
                     ctx.loss_fn,
                     top_k=1,
                     max_iter=self.hessian_iters,

@@ -16,9 +16,12 @@ from normlab.errors import NormlabError
 class StepContext:
     """Handed to every callback after the optimizer step ``step`` (1-based count of updates done).
 
-    ``batch`` is the ``(x, y)`` the step was taken on; ``log(name, value)`` records a scalar metric at this
-    step (into the store when there is one, and into ``Trainer.history``). Callbacks may read anything;
-    probes must not change model, optimizer or RNG state (normlab.probes guarantees it).
+    ``batch`` is the ``(x, y)`` the step was taken on; ``next_batch()`` the ``(x, y)`` the next step will be
+    taken on, without advancing the data (a probe of *a step* -- Santurkar et al.'s ICS and loss landscape
+    -- measures at the current weights on this one: the batch and the update the run will really take, not a
+    second step on the batch just used). ``log(name, value)`` records a scalar metric at this step (into the
+    store when there is one, and into ``Trainer.history``). Callbacks may read anything; probes must not
+    change model, optimizer or RNG state (normlab.probes guarantees it).
     """
 
     model: nn.Module
@@ -30,6 +33,7 @@ class StepContext:
     log: Callable[[str, float], None]
     store: Any
     run_id: int | None
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     # Whether this is the run's last step (its budget ends here): an auto budget's end is known only once
     # its cooldown has started, so a callback "at the end" of a run checks this instead of a step count.
     last: bool = False

@@ -253,6 +253,7 @@ class Trainer:
             log=self.log,
             store=self.store,
             run_id=self.run_id,
+            next_batch=self.batches.peek,
             last=self.budget.is_last(self.step),
         )
 
