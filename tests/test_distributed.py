@@ -255,3 +255,18 @@ def test_sync_ghost_bn_spans_sub_groups_of_replicas():
     # Parameter gradients: summed over the 4 replicas they are the single-process ghost layer's.
     for key in ("dw", "db"):
         torch.testing.assert_close(sum(r[key] for r in got), ref[key], rtol=0, atol=1e-10)
+
+
+def test_sharded_batches_peek_is_this_ranks_share_of_the_next_batch():
+    from normlab.data import BatchIterator
+    from normlab.distributed.data_parallel import ShardedBatches
+
+    x, y = torch.randn(24, 2), torch.arange(24)
+    shards = ShardedBatches(BatchIterator(x, y, 8, seed=1), rank=1, world=2)
+    whole = BatchIterator(x, y, 8, seed=1)
+    for _ in range(5):  # 3 batches an epoch: crosses a boundary
+        px, py = shards.peek()
+        gx, gy = whole.next_batch()
+        assert torch.equal(py, gy[4:]) and torch.equal(px, gx[4:])
+        nx, ny = shards.next_batch()
+        assert torch.equal(nx, px) and torch.equal(ny, py)

@@ -150,7 +150,8 @@ def test_ctx_next_batch_is_the_batch_of_the_next_step_and_peeking_changes_nothin
     assert _same(_weights(plain.model), _weights(watched.model))  # peeking consumed nothing
     assert len(peeked) == 24 and len(watched.batches) == 16  # TINY: 512 examples, batch 32: an epoch boundary
     for step in range(1, 24):
-        assert torch.equal(peeked[step][0], seen[step + 1][0]) and torch.equal(peeked[step][1], seen[step + 1][1])
+        (px, py), (nx, ny) = peeked[step], seen[step + 1]
+        assert torch.equal(px, nx) and torch.equal(py, ny)
         assert not torch.equal(peeked[step][1], seen[step][1])
 
 
