@@ -7,6 +7,7 @@ import html
 import re
 
 import pytest
+import torch
 
 from normlab.studies import (
     batch_coupling,
@@ -214,6 +215,33 @@ def test_small_batch_recalibrates_at_an_auto_budget_end(tmp_path):
     assert result.steps < 200 * 4  # stopped at its plateau, before the cap
     logged = store.metrics(result.run_id, small_batch.RECALIBRATED)
     assert [int(s) for s, _ in logged] == [result.steps]
+    assert [int(s) for s, _ in store.metrics(result.run_id, small_batch.EVALNORM)] == [result.steps]
+
+
+def test_evalnorm_trains_as_bn_so_small_batch_evaluates_it_on_the_bn_runs():
+    """The study trains EvalNorm's cells as BN runs and converts a copy at the end: that equals training
+    with EvalNorm layers (their training is BN's, bit for bit) and fitting those."""
+    import copy
+
+    from normlab.layers import convert_norm, fit_evalnorm
+    from normlab.train import TrainConfig
+    from normlab.train.trainer import Trainer
+
+    base = TrainConfig(model="cnn", width=8, dataset="mnist1d", subset=64, batch_size=4, steps=30, lr=0.05,
+                       weight_decay=0.0, eval_train_samples=0)
+    bn, evalnorm = Trainer(base, progress=False), Trainer(base.replace(norm="evalnorm"), progress=False)
+    bn.fit()
+    evalnorm.fit()
+    assert bn.model.state_dict().keys() <= evalnorm.model.state_dict().keys()
+    for name, value in bn.model.state_dict().items():
+        assert torch.equal(value, evalnorm.model.state_dict()[name]), name
+    batches = list(bn.data.x_train[:32].split(4))
+    converted = fit_evalnorm(convert_norm(copy.deepcopy(bn.model), "evalnorm"), batches).eval()
+    trained = fit_evalnorm(copy.deepcopy(evalnorm.model), batches).eval()
+    with torch.no_grad():
+        x = bn.data.x_test[:64]
+        assert torch.equal(converted(x), trained(x))
+        assert not torch.equal(converted(x), bn.model.eval()(x))  # the fit changed the evaluation
 
 
 def test_cost_cpu_clock_ignores_time_not_spent_computing():

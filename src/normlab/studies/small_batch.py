@@ -9,12 +9,16 @@ Ioffe schedule is scaled to the run's length (the cap of an auto budget). Evalua
 - ``precise_bn``: the BN runs with their running statistics recomputed after training by
   :func:`normlab.layers.precise_bn` over ``precise_bn_samples`` training examples in batches of the training
   batch size (Wu & Johnson 2021);
-- ``evalnorm``: EvalNorm layers trained as BN, with (a, b) fitted offline by
-  :func:`normlab.layers.fit_evalnorm` on the same batches (Singh & Shrivastava 2019).
-Both recalibrations run on a copy of the final model at the last step (a trainer callback; such runs train
+- ``evalnorm``: the BN runs too, their BN layers converted to EvalNorm layers
+  (:func:`normlab.layers.convert_norm`: statistics and affine copied) with (a, b) fitted offline by
+  :func:`normlab.layers.fit_evalnorm` on the same batches (Singh & Shrivastava 2019). EvalNorm trains exactly
+  as BN (its correction is at evaluation; tests/test_studies_training.py checks the weights bit for bit), so
+  one training serves BN, PreciseBN and EvalNorm, as the paper applies it to a BN-trained network.
+Both recalibrations run on copies of the final model at the last step (a trainer callback; such runs train
 one by one, so ``recalibrate_batches`` may limit them to the batch sizes a scale affords) and are stored
-as the metric ``small_batch/recalibrated_test_acc`` (NaN in the table when a BN run was found finished in a
-shared store without that metric, i.e. trained by another study). The train/eval gap is the test
+as the metrics ``small_batch/recalibrated_test_acc`` (PreciseBN) and ``small_batch/evalnorm_test_acc``
+(NaN in the table when a BN run was found finished in a shared store without them, i.e. trained by
+another study). The train/eval gap is the test
 accuracy with batch statistics over batches of the training batch size minus the evaluated accuracy.
 The claim holds when BN's error rises more than GN's from batch 32 (Table 2's largest; else our largest)
 to the smallest batch.
@@ -55,7 +59,8 @@ PARAMS = {
     "norm_options": dict,
 }
 
-RECALIBRATED = "small_batch/recalibrated_test_acc"
+RECALIBRATED = "small_batch/recalibrated_test_acc"  # PreciseBN's
+EVALNORM = "small_batch/evalnorm_test_acc"
 # Group Norm (Wu & He 2018) Table 2: ResNet-50 ImageNet val error (%) at per-GPU batch 32/16/8/4/2.
 REFERENCE = {
     "bn": {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7},
@@ -66,17 +71,18 @@ LABELS = {"bn": "BN", "gn": "GN", "batch_renorm": "BRN", "evalnorm": "EvalNorm",
 
 
 class Recalibrate:
-    """Trainer callback (every step): at the run's last step (``ctx.last``: a fixed budget's end, or an auto
-    budget's once its cooldown set it), recalibrate a copy of the model (PreciseBN for ``bn``, EvalNorm's
-    offline fit for ``evalnorm``) and log its eval-mode test accuracy as :data:`RECALIBRATED`."""
+    """Trainer callback (every step) of a BN run: at its last step (``ctx.last``: a fixed budget's end, or an
+    auto budget's once its cooldown set it), recalibrate two copies of the model, PreciseBN's statistics and
+    EvalNorm's offline fit (BN layers converted to EvalNorm), and log their eval-mode test accuracies as
+    :data:`RECALIBRATED` and :data:`EVALNORM`."""
 
-    def __init__(self, kind: str, data: Any, samples: int) -> None:
-        self.kind, self.data, self.samples = kind, data, samples
+    def __init__(self, data: Any, samples: int) -> None:
+        self.data, self.samples = data, samples
 
     def __call__(self, ctx: Any) -> None:
         if not ctx.last:
             return
-        from normlab.layers import fit_evalnorm, precise_bn
+        from normlab.layers import convert_norm, fit_evalnorm, precise_bn
         from normlab.train.evaluate import evaluate
 
         batch = ctx.config.batch_size
@@ -84,32 +90,35 @@ class Recalibrate:
         n = min(self.samples, self.data.x_train.shape[0]) // batch * batch
         x = self.data.x_train[:n].to(device)
         batches = [x[i : i + batch] for i in range(0, n, batch)]
-        model = copy.deepcopy(ctx.model)
-        (precise_bn if self.kind == "bn" else fit_evalnorm)(model, batches)
-        _, acc = evaluate(
-            model,
-            self.data.x_test.to(device),
-            self.data.y_test.to(device),
-            ctx.loss_fn,
-            batch_size=ctx.config.eval_batch_size,
-            classification=True,
-        )
-        ctx.log(RECALIBRATED, acc)
+        recalibrated = {
+            RECALIBRATED: precise_bn(copy.deepcopy(ctx.model), batches),
+            EVALNORM: fit_evalnorm(convert_norm(copy.deepcopy(ctx.model), "evalnorm"), batches),
+        }
+        for metric, model in recalibrated.items():
+            _, acc = evaluate(
+                model,
+                self.data.x_test.to(device),
+                self.data.y_test.to(device),
+                ctx.loss_fn,
+                batch_size=ctx.config.eval_batch_size,
+                classification=True,
+            )
+            ctx.log(metric, acc)
 
 
 class RecalibrationCallbacks:
     """``callbacks_factory`` of the sweep (picklable: a module-level class): a :class:`Recalibrate` at the
-    last step of ``bn`` and ``evalnorm`` runs, over ``samples`` training examples."""
+    last step of ``bn`` runs, over ``samples`` training examples."""
 
     def __init__(self, samples: int) -> None:
         self.samples = samples
 
     def __call__(self, config: Any) -> list:
-        if config.norm not in ("bn", "evalnorm"):
+        if config.norm != "bn":
             return []
         from normlab.train.build import load_data
 
-        return [(Recalibrate(config.norm, load_data(config), self.samples), 1)]
+        return [(Recalibrate(load_data(config), self.samples), 1)]
 
 
 RECALIBRATED_VARIANTS = ("precise_bn", "evalnorm")
@@ -134,7 +143,8 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 config = ctx.config(
                     **base_fields(p),
                     **budget_fields(p),
-                    **with_run_length(variant_fields(variant, p), steps),
+                    # EvalNorm and PreciseBN cells are the BN runs (one training), evaluated their ways.
+                    **with_run_length(variant_fields("bn" if variant == "evalnorm" else variant, p), steps),
                     batch_size=batch,
                     lr=p["lr"] * batch / p["base_batch"],
                     seed=seed,
@@ -142,7 +152,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 configs.append(config)
                 keys.append((variant, batch))
     with_callbacks = [i for i, (c, (_, b)) in enumerate(zip(configs, keys, strict=True))
-                      if c.norm in ("bn", "evalnorm") and b in recalibrate]
+                      if c.norm == "bn" and b in recalibrate]
     # Smallest batches first: they take the most steps, and the pool starts groups in the order given, so the
     # longest (batch renorm's three batch-2 runs, one group stepped member by member: 97-118 s of a 5 min 28 s
     # study in a slow spell) no longer start after the short ones have taken a worker.
@@ -229,7 +239,7 @@ def _evaluated(ctx: StudyContext, variant: str, result: Any) -> tuple[float, flo
         return math.nan, math.nan
     acc = result.final_test_acc
     if variant in ("precise_bn", "evalnorm"):
-        last = ctx.store.latest_metric(result.run_id, RECALIBRATED)
+        last = ctx.store.latest_metric(result.run_id, RECALIBRATED if variant == "precise_bn" else EVALNORM)
         acc = last[1] if last is not None else math.nan
     return acc, result.test_acc_train_mode
 
