@@ -156,7 +156,8 @@ def run(ctx: StudyContext) -> StudyOutcome:
     # Smallest batches first: they take the most steps, and the pool starts groups in the order given, so the
     # longest (batch renorm's three batch-2 runs, one group stepped member by member: 97-118 s of a 5 min 28 s
     # study in a slow spell) no longer start after the short ones have taken a worker.
-    plain = sorted((i for i in range(len(configs)) if i not in set(with_callbacks)), key=lambda i: keys[i][1])
+    one_by_one = set(with_callbacks)
+    plain = sorted((i for i in range(len(configs)) if i not in one_by_one), key=lambda i: keys[i][1])
     results: list[Any] = [None] * len(configs)
     for i, r in zip(plain, ctx.train_grid([configs[i] for i in plain]), strict=True):
         results[i] = r
