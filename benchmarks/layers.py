@@ -8,9 +8,12 @@ Prints three tables of median and minimum times and their ratios (lower is bette
 2. ``ScaledStdConv2d`` (3x3, 64 -> 64) divided by ``nn.Conv2d`` + ``nn.BatchNorm2d``, batch 128;
 3. ``adaptive_clip_grad_`` on a list of parameters with the shapes of torchvision's resnet50 (built here
    without torchvision), divided by timm's per-parameter loop (``timm.utils.agc.adaptive_clip_grad``).
-After table 1, one line gives the floor of per-position noisy BN: its two random fills of x's size
+After table 1, two lines give the floor of per-position noisy BN: its two random fills of x's size
 (``normal_`` + ``uniform_``, timed in the same rounds) as a ratio to BN's forward+backward, so
-``1 + that ratio`` is the least noisy BN can take whatever it fuses (see layers/noisy_bn.py).
+``1 + that ratio`` is the least noisy BN can take whatever it fuses (see layers/noisy_bn.py); and the
+generator's raw output alone, 1.5 32-bit words per activation (two draws of float32's 24 random bits),
+timed as ``random_`` on an int32 tensor of x's size: no conversion, no arithmetic, the rate of torch's CPU
+generator itself.
 Timings are interleaved (one run of each candidate per round, in a new random order each round) so that
 load changes on a shared machine hit all candidates alike; figures are the median and the minimum over
 ``--repeat`` rounds.
@@ -124,6 +127,8 @@ def bench_norms(repeat: int) -> None:
     # (one normal_ and one uniform_ fill of x's size), whatever the layer does around them.
     buffer = torch.empty_like(x)
     fns[FLOOR] = lambda: (buffer.normal_(), buffer.uniform_())
+    words = torch.empty(x.shape, dtype=torch.int32)
+    fns[WORDS] = words.random_
     times = interleaved_times(fns, repeat)
     print_table("Norm layers, forward+backward, (128, 64, 32, 32) float32, ratio to nn.BatchNorm2d",
                 "nn.BatchNorm2d (baseline)", times)
@@ -131,6 +136,7 @@ def bench_norms(repeat: int) -> None:
 
 
 FLOOR = "(floor) normal_ + uniform_ fills of x"
+WORDS = "(floor) random_ int32 words, x's size"
 
 
 def print_noise_floor(times: dict[str, list[float]], goal: float = 1.3) -> None:
@@ -144,9 +150,14 @@ def print_noise_floor(times: dict[str, list[float]], goal: float = 1.3) -> None:
           f"forward+backward (median over rounds of fills/BN), so noisy_bn >= {1 + fill_ratio:.2f}x BN "
           f"whatever it fuses; measured {noisy_ratio:.2f}x, {noisy_ratio - fill_ratio:.2f}x without the "
           "fills.")
+    words = 1.5 * statistics.median(w / b for w, b in zip(times[WORDS], bn, strict=True))
+    print(f"  the generator's raw output alone, 1.5 32-bit words per activation (two 24-bit draws), takes "
+          f"{words:.2f}x BN's forward+backward: noisy_bn >= {1 + words:.2f}x BN even if turning bits into "
+          "noise and applying it cost nothing.")
     if 1 + fill_ratio > goal:
         print(f"  the {goal}x goal would need the fills <= {goal - 1:.2f}x BN: out of reach with torch's "
-              "CPU generator (one mt19937 draw per value, serial).")
+              "CPU generator (one mt19937 draw per value, serial)"
+              + (", whose raw bits alone exceed that." if 1 + words > goal else "."))
 
 
 def bench_ws_conv(repeat: int) -> None:
