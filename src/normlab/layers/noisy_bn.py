@@ -31,7 +31,7 @@ measured in the same run), so this layer cannot come below ~2-2.25x BN's time wh
 int32, 1.5 words per activation for two 24-bit draws) is ~0.5x BN's forward+backward. The other generators
 in reach are slower still (one thread, 8.4M float32 values: numpy's PCG64 / SFC64 uniform 15 ms but
 normal 67-78 ms; jax's threefry 87 ms each; torch ``uniform_`` 24 ms, ``normal_`` 40 ms; inductor's
-compiled ``rand``, scalar Philox, 10x slower). What the layer adds on top of BN and the fills:
+compiled ``rand`` + ``randn``, ~8x slower than torch's pair). What the layer adds on top of BN and the fills:
 one ``addcmul`` pass (forward), one ``mul`` pass (backward) and the page faults of the fresh s it saves for
 backward (about 0.4-0.6x BN together). Measured on a loaded 2-core machine, medians of same-round ratios:
 2.5-2.8x BN in all, from 2.8-3.5x before :class:`_NoisyBNFn` wrote BN into the output and reused one
