@@ -44,6 +44,11 @@ def study(
     model_options: Annotated[
         str | None, typer.Option(help="JSON object of options for --model's factory")
     ] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="FIELD=VALUE",
+        help="change a field of the scale table (repeatable), e.g. --set steps=6000 or "
+             "--set nets.vgg.steps=10000: a longer budget where a study is inconclusive at this scale",
+    )] = None,
     executor_kind: Annotated[str, typer.Option("--executor", help=EXECUTOR_HELP)] = "local",
     address: Annotated[str | None, typer.Option("--address", help=ADDRESS_HELP)] = None,
     cpus_per_run: Annotated[float, typer.Option("--cpus-per-run", help=CPUS_HELP)] = 1,
@@ -72,6 +77,11 @@ def study(
         raise NormlabError("--model-options needs --model")
     if model is not None and all_:
         raise NormlabError("--model goes with one study, not --all (some studies sweep their own models)")
+    if set_ and all_:
+        raise NormlabError("--set goes with one study, not --all (each study has its own scale table)")
+    from normlab.studies.overrides import parse_overrides
+
+    overrides = parse_overrides(set_ or [])
     factory_options = None
     if model_options is not None:
         from normlab.cli.train_cmd import parse_option
@@ -115,6 +125,7 @@ def study(
             progress=lambda message: err.print(f"[dim]{message}[/dim]"),
             model=model,
             model_options=factory_options,
+            overrides=overrides,
         )
     finally:
         if executor is not None:

@@ -38,9 +38,10 @@ __all__ = [
 
 #: What settles each kind of inconclusive outcome at a study's scale.
 SETTLE = {
-    "unconverged": "a longer budget (--scale paper, or more steps/epochs in the recipe's scale table)",
-    "stalled": "a smaller learning rate or a longer budget in the recipe",
-    "diverged": "a smaller learning rate in the recipe",
+    "unconverged": "a longer budget: more of the scale table's steps or epochs with --set (e.g. --set "
+                   "steps=N; the report's Configuration lists the fields), or --scale paper",
+    "stalled": "a smaller learning rate or a longer budget (--set on the scale table's lr or steps)",
+    "diverged": "a smaller learning rate (--set on the scale table's lr or lrs)",
     "failed": "the run's error in the results store (normlab runs show)",
     "seeds": "--seeds 3",
 }

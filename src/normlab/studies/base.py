@@ -146,6 +146,8 @@ class StudyContext:
         model: a user model (a factory, or a ``module:factory`` / ``file.py:factory`` spec) that replaces
             the recipe's model in every training run (:class:`normlab.train.TrainConfig` ``model``); None:
             the recipe's. ``model_options`` go to its factory.
+        overrides: the fields of ``params`` changed from the recipe's (``--set``; dotted path -> value),
+            already applied to ``params``; recorded so the report says what was changed.
     """
 
     study: Study
@@ -159,6 +161,7 @@ class StudyContext:
     progress: Callable[[str], None] = field(default=lambda message: None)
     model: Any = None
     model_options: dict[str, Any] | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def param(self, name: str, kind: type | tuple[type, ...] | None = None) -> Any:
         """``params[name]``, or a NormlabError naming the recipe, scale and field when it is missing/wrong."""

@@ -14,6 +14,7 @@ the finished runs back and trains only the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from typing import Any
 from normlab.errors import NormlabError
 from normlab.reports.document import ReportFiles, Section, write_report
 from normlab.studies.base import SCALES, Study, StudyContext, StudyOutcome
+from normlab.studies.overrides import apply_overrides, override_flags
+from normlab.studies.recipe import validate_params
 from normlab.studies.registry import get_study
 
 OUTCOME_FILE = "outcome.json"
@@ -40,6 +43,7 @@ def run_study(
     progress: Callable[[str], None] | None = None,
     model: Any = None,
     model_options: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[StudyOutcome, ReportFiles]:
     """Run study ``name`` (a built-in name or a recipe path) and write its report under ``<out>/<name>``.
 
@@ -50,15 +54,20 @@ def run_study(
         model: your model (a factory returning an ``nn.Module``, or a ``module:factory`` / ``file.py:factory``
             spec) in place of the recipe's in every training run; studies that sweep their own
             architectures (mean-shift, residual, cost) refuse it. ``model_options`` go to the factory.
+        overrides: fields of the scale table to change (dotted path -> value, ``--set``; see
+            :mod:`normlab.studies.overrides`), e.g. ``{"steps": 6000}`` for a longer budget.
 
     Raises:
-        NormlabError: unknown study or scale, ``seeds < 1``, an output folder that is a file, a bad recipe.
+        NormlabError: unknown study or scale, ``seeds < 1``, an output folder that is a file, a bad recipe,
+            an override of a field the scale table does not have or of another type.
     """
     if scale not in SCALES:
         raise NormlabError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise NormlabError(f"seeds must be a positive int, got {seeds!r}")
     study = get_study(name)
+    if overrides:
+        study = overridden(study, scale, overrides)
     out_dir = prepare_out_dir(Path(out), study.name)
     from normlab.store import Store
 
@@ -76,6 +85,7 @@ def run_study(
         progress=progress or (lambda message: None),
         model=model,
         model_options=model_options,
+        overrides=dict(overrides or {}),
     )
     start = time.perf_counter()
     outcome = study.load_module().run(ctx)
@@ -91,6 +101,16 @@ def run_study(
         encoding="utf-8",
     )
     return outcome, write_study_report(out_dir, meta, outcome)
+
+
+def overridden(study: Study, scale: str, overrides: dict[str, Any]) -> Study:
+    """``study`` with ``overrides`` set in its ``scale`` table, checked against the module's ``PARAMS``."""
+    params = apply_overrides(study.params(scale), overrides, f"scale.{scale} of recipe {study.name}")
+    study = dataclasses.replace(study, scales={**study.scales, scale: params})
+    spec = getattr(study.load_module(), "PARAMS", None)
+    if spec:
+        validate_params(study, spec)
+    return study
 
 
 def prepare_out_dir(out: Path, name: str) -> Path:
@@ -115,6 +135,7 @@ def study_meta(study: Study, ctx: StudyContext, wall_time: float) -> dict[str, A
         "seeds": ctx.seeds,
         "device": ctx.device,
         "params": ctx.params,
+        "overrides": ctx.overrides,
         "store": str(getattr(ctx.store, "path", ctx.store)),
         "wall_time_s": round(wall_time, 2),
         "environment": environment_info(ctx.device),
@@ -143,12 +164,15 @@ def write_study_report(out_dir: Path, meta: dict[str, Any], outcome: StudyOutcom
     if outcome.figures:
         sections.append(Section("Figures", figures=outcome.figures))
     run_info = {k: meta[k] for k in ("scale", "seeds", "device", "store", "wall_time_s")}
+    flags = override_flags(meta.get("overrides") or {})
+    changed = f", changed by {flags}" if flags else ""
     sections += [
-        Section("Configuration", text=[f"Scale {meta['scale']!r} of recipe {meta['name']!r}."],
+        Section("Configuration", text=[f"Scale {meta['scale']!r} of recipe {meta['name']!r}{changed}."],
                 data={**run_info, "params": meta["params"]}),
         Section("Environment", data=meta["environment"]),
     ]
     subtitle = f"normlab study {meta['name']} --scale {meta['scale']} --seeds {len(meta['seeds'])}"
+    subtitle += f" {flags}" if flags else ""
     return write_report(out_dir, meta["title"], sections, subtitle=subtitle)
 
 
