@@ -42,10 +42,11 @@ TABLE = {"steps": 1500, "lrs": [0.1], "eta": 0.5, "nets": {"vgg": {"steps": 2500
 
 
 def test_apply_sets_nested_fields_on_a_copy():
-    out = apply_overrides(TABLE, {"nets.vgg.steps": 10000, "steps": 6000, "eta": 1, "lrs": [0.1, 0.5]}, "t")
-    assert out == {"steps": 6000, "lrs": [0.1, 0.5], "eta": 1.0,
+    out = apply_overrides(TABLE, {"nets.vgg.steps": 10000, "steps": 6000, "eta": 1, "lrs": [1, 0.5]}, "t")
+    assert out == {"steps": 6000, "lrs": [1.0, 0.5], "eta": 1.0,
                    "nets": {"vgg": {"steps": 10000, "model": "vgg"}}}
-    assert isinstance(out["eta"], float)  # an int where the recipe has a float is that float
+    # an int where the recipe has a float is that float (TrainConfig's lr takes floats only)
+    assert isinstance(out["eta"], float) and isinstance(out["lrs"][0], float)
     assert TABLE["nets"]["vgg"]["steps"] == 2500 and TABLE["steps"] == 1500  # the recipe is untouched
 
 

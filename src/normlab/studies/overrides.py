@@ -80,8 +80,17 @@ def apply_overrides(params: dict[str, Any], overrides: dict[str, Any], where: st
         if not _same_kind(value, old):
             raise NormlabError(f"--set {field}: expected {_kind(old)} like the recipe's {old!r}, "
                                f"got {_kind(value)} {value!r}")
-        table[parts[-1]] = float(value) if isinstance(old, float) else value
+        table[parts[-1]] = _like(value, old)
     return result
+
+
+def _like(value: Any, old: Any) -> Any:
+    """``value`` with ints made floats where the recipe has floats (``lrs=[1, 2]`` for ``[0.1, 0.5]``)."""
+    if isinstance(old, float):
+        return float(value)
+    if isinstance(old, list) and old and all(isinstance(v, float) for v in old):
+        return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
 
 
 def override_flags(overrides: dict[str, Any]) -> str:
