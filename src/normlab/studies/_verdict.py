@@ -173,15 +173,17 @@ def compare_records(
     key: str,
     *,
     higher_is_better: bool = True,
+    settle: dict[str, str] | None = None,
 ) -> Verdict:
     """:func:`normlab.stats.compare_arms` on ``record[key]`` of two arms of per-seed records (each with
-    ``convergence``; records without it count as results, e.g. measurements at initialization)."""
+    ``convergence``; records without it count as results, e.g. measurements at initialization);
+    ``settle`` replaces :data:`SETTLE` (what settles each kind of inconclusive outcome)."""
     va, vb = [float(r[key]) for r in records_a], [float(r[key]) for r in records_b]
     sa = [r["convergence"] for r in records_a] if all("convergence" in r for r in records_a) else None
     sb = [r["convergence"] for r in records_b] if all("convergence" in r for r in records_b) else None
     return compare_arms(
         a, va, b, vb, statuses_a=sa, statuses_b=sb, higher_is_better=higher_is_better,
-        paired=len(va) == len(vb), settle=SETTLE,
+        paired=len(va) == len(vb), settle=settle or SETTLE,
     )
 
 

@@ -32,6 +32,7 @@ import math
 from typing import Any
 
 from normlab.stats import INCONCLUSIVE, WIN, compare_arms
+from normlab.studies._santurkar import longer_budget
 from normlab.studies._series import ci, mean_curve
 from normlab.studies._verdict import SETTLE, inconclusive_text
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
@@ -91,7 +92,7 @@ def run_ics(series: dict[str, list[tuple[int, float]]]) -> float:
 
 
 def verdict(
-    per_run: dict[tuple[str, str], list[dict[str, Any]]],
+    per_run: dict[tuple[str, str], list[dict[str, Any]]], settle: dict[str, dict[str, str]] | None = None,
 ) -> tuple[str, bool | None, str | None, str]:
     """The verdict from ``per_run[(net, norm)]``: one record per seed with ``l2`` and ``cos`` (ICS averaged
     over training and layers 2..k) and ``convergence`` (the run's status). Returns ``(sentence, agrees,
@@ -100,10 +101,10 @@ def verdict(
     Per network, BN vs the standard net by the shared rule (:func:`normlab.stats.compare_arms`, paired over
     seeds): the claim ("BN does not reduce ICS") fails when BN has the lower ``||G - G'||`` or the higher
     ``cos(G, G')`` beyond the seeds' spread; it is inconclusive when an arm did not converge or has fewer
-    than 3 seeds.
+    than 3 seeds. ``settle[net]`` (default :data:`SETTLE`) says what would settle that network's comparison.
     """
     nets = sorted({net for net, _ in per_run}, key=list(dict.fromkeys(n for n, _ in per_run)).index)
-    parts, failed, undecided, keys, decided = [], [], [], [], []
+    parts, failed, undecided, keys, decided, settles = [], [], [], [], [], []
     for net in nets:
         if (net, "none") not in per_run or (net, "bn") not in per_run:
             continue
@@ -113,7 +114,8 @@ def verdict(
             found[metric] = compare_arms(
                 "BN", [r[metric] for r in bn], "standard", [r[metric] for r in std],
                 statuses_a=[r["convergence"] for r in bn], statuses_b=[r["convergence"] for r in std],
-                higher_is_better=not lower_is_less_shift, paired=len(bn) == len(std), settle=SETTLE,
+                higher_is_better=not lower_is_less_shift, paired=len(bn) == len(std),
+                settle=(settle or {}).get(net, SETTLE),
             )
         l2, cos = found["l2"], found["cos"]
         keys.append(
@@ -129,6 +131,7 @@ def verdict(
         for v, what in ((l2, "||G - G'||"), (cos, "cos(G, G')")):
             if v.word == INCONCLUSIVE:
                 undecided.append(f"{net} {what}: {v.reason}")
+                settles.append(v.settle)
             elif v.word == WIN and v.winner == "BN":
                 failed.append(f"in the {net} BN has less ICS by {what} beyond the seeds' spread")
     if not parts:
@@ -137,7 +140,7 @@ def verdict(
     key = "; ".join(keys)
     if undecided:
         # A network whose arms both converged is still decided: say so beside the inconclusive one.
-        text = inconclusive_text(undecided, key)
+        text = inconclusive_text(undecided, key, "; ".join(dict.fromkeys(s for s in settles if s)) or None)
         if decided:
             text += " Decided on converged arms (not the study's verdict): " + " ".join(decided)
         return text, None, None, key
@@ -191,7 +194,9 @@ def run(ctx: StudyContext) -> StudyOutcome:
         }
         for net in nets
     }
-    sentence, agrees, discrepancy, key_figures = verdict(per_run)
+    settle = {net: longer_budget({f"nets.{net}.steps": table["steps"]}) for net, table in nets.items()
+              if isinstance(table.get("steps"), int)}  # a net on an epochs budget keeps the generic text
+    sentence, agrees, discrepancy, key_figures = verdict(per_run, settle)
     table = Table(
         "Internal covariate shift (Santurkar et al. 2018, Def. 2.1), mean over training and layers 2..k",
         ["network", "norm", "ICS l2 ||G - G'||", "cos(G, G')", "final metric", "converged"],

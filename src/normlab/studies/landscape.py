@@ -28,7 +28,7 @@ import math
 from typing import Any
 
 from normlab.stats import INCONCLUSIVE, WIN
-from normlab.studies._santurkar import santurkar_base
+from normlab.studies._santurkar import longer_budget, santurkar_base
 from normlab.studies._series import ci, mean_curve
 from normlab.studies._verdict import compare_records, inconclusive_text, record
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
@@ -161,9 +161,12 @@ NAMES = {
 }
 
 
-def verdict(lr: float, runs: dict[str, list[dict[str, Any]]]) -> tuple[str, bool | None, str | None, str]:
+def verdict(
+    lr: float, runs: dict[str, list[dict[str, Any]]], settle: dict[str, str] | None = None,
+) -> tuple[str, bool | None, str | None, str]:
     """The verdict at LR ``lr`` from ``runs[norm]``, one record per seed (``convergence`` and the
-    :func:`summarize_run` numbers): ``(sentence, agrees, discrepancy, key figures)``.
+    :func:`summarize_run` numbers): ``(sentence, agrees, discrepancy, key figures)``; ``settle`` (default
+    :data:`normlab.studies._verdict.SETTLE`) says what would settle an inconclusive comparison.
 
     Agrees with Santurkar et al. when BN has the lower loss range, gradient change and effective
     beta-smoothness than the standard network, each a win by the shared rule (:func:`normlab.stats.
@@ -173,7 +176,10 @@ def verdict(lr: float, runs: dict[str, list[dict[str, Any]]]) -> tuple[str, bool
     if "none" not in runs or "bn" not in runs:
         return "The recipe must train 'none' and 'bn' to compare their landscapes.", None, None, ""
     std, bn = runs["none"], runs["bn"]
-    found = {key: compare_records("BN", bn, "standard", std, key, higher_is_better=False) for key in NAMES}
+    found = {
+        key: compare_records("BN", bn, "standard", std, key, higher_is_better=False, settle=settle)
+        for key in NAMES
+    }
 
     def fig(records: list[dict[str, Any]], key: str) -> str:
         return ci(mean_ci(r[key] for r in records))
@@ -188,7 +194,10 @@ def verdict(lr: float, runs: dict[str, list[dict[str, Any]]]) -> tuple[str, bool
     )
     undecided = [f"{NAMES[k]}: {v.reason}" for k, v in found.items() if v.word == INCONCLUSIVE]
     if undecided:
-        return inconclusive_text(undecided, key_figures), None, None, key_figures
+        pending = [v.settle for v in found.values() if v.word == INCONCLUSIVE and v.settle]
+        settles = "; ".join(dict.fromkeys(pending))
+        text = inconclusive_text(undecided, key_figures, settles or None)
+        return text, None, None, key_figures
     failed = [
         f"BN's {NAMES[k]} is not lower beyond the seeds' spread ({v.word})"
         for k, v in found.items()
@@ -277,7 +286,9 @@ def run(ctx: StudyContext) -> StudyOutcome:
             cell = runs[(lr, norm)]
             done = sum(r["convergence"] == "converged" for r in cell)
             table.add_row(lr, LABELS.get(norm, norm), *(s[k] for k in keys), f"{done}/{len(cell)}")
-    sentence, agrees, discrepancy, key_figures = verdict(lrs[0], {n: runs[(lrs[0], n)] for n in norms})
+    settle = longer_budget({"steps": ctx.param("steps", int)})
+    first = {n: runs[(lrs[0], n)] for n in norms}
+    sentence, agrees, discrepancy, key_figures = verdict(lrs[0], first, settle)
     figures = [_figure(ctx, lr, norms, runs) for lr in lrs]
     data = {f"{lr}/{norm}": runs[(lr, norm)] for lr in lrs for norm in norms}
     return StudyOutcome(

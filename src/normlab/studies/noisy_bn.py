@@ -39,7 +39,7 @@ from torch import nn
 
 from normlab.errors import NormlabError
 from normlab.stats import INCONCLUSIVE, WIN, Verdict, compare_arms
-from normlab.studies._santurkar import santurkar_base
+from normlab.studies._santurkar import longer_budget, santurkar_base
 from normlab.studies._series import mean_curve
 from normlab.studies._verdict import SETTLE
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
@@ -254,15 +254,20 @@ def _arm(
     return [r[key] for r in records], statuses
 
 
-def _compare(runs: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, better: bool = True) -> Verdict:
+def _compare(
+    runs: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, better: bool = True,
+    settle: dict[str, str] | None = None,
+) -> Verdict:
     (va, sa), (vb, sb) = _arm(runs[a], key, a == "noise"), _arm(runs[b], key, b == "noise")
     return compare_arms(
         LABELS[a], va, LABELS[b], vb, statuses_a=sa, statuses_b=sb, higher_is_better=better,
-        paired=len(va) == len(vb), settle=SETTLE,
+        paired=len(va) == len(vb), settle=settle or SETTLE,
     )
 
 
-def verdict(lr: float, runs: dict[str, list[dict[str, Any]]]) -> tuple[str, bool | None, str | None, str]:
+def verdict(
+    lr: float, runs: dict[str, list[dict[str, Any]]], settle: dict[str, str] | None = None,
+) -> tuple[str, bool | None, str | None, str]:
     """The verdict on Santurkar et al.'s Fig. 2 claim at LR ``lr``: ``(sentence, agrees, discrepancy,
     key figures)``.
 
@@ -274,7 +279,7 @@ def verdict(lr: float, runs: dict[str, list[dict[str, Any]]]) -> tuple[str, bool
     training accuracy is not beaten by BN's (a tie or better: "about as well"), the standard net beats the
     same noise without BN (the noise alone harms training), and BN's pre-norm inputs move less per step
     than noisy BN's. Any comparison that is inconclusive (an arm did not converge, fewer than 3 seeds)
-    makes the study inconclusive.
+    makes the study inconclusive; ``settle`` (default :data:`SETTLE`) says what would settle each kind.
     """
     needed = ("none", "bn", "noisy_bn", "noise")
     if any(n not in runs for n in needed):
@@ -287,9 +292,9 @@ def verdict(lr: float, runs: dict[str, list[dict[str, Any]]]) -> tuple[str, bool
         digits = 3 if unit == "" else 1
         return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if math.isfinite(half) else "") + unit
 
-    trains = _compare(runs, "noisy_bn", "bn", "fit_acc")
-    harms = _compare(runs, "none", "noise", "fit_acc")
-    stable = _compare(runs, "noisy_bn", "bn", "mean_change", better=False)
+    trains = _compare(runs, "noisy_bn", "bn", "fit_acc", settle=settle)
+    harms = _compare(runs, "none", "noise", "fit_acc", settle=settle)
+    stable = _compare(runs, "noisy_bn", "bn", "mean_change", better=False, settle=settle)
     key = (
         "train-mode training acc: "
         + ", ".join(f"{LABELS[n]} {fig(n, 'fit_acc')}" for n in ("noisy_bn", "bn", "none", "noise"))
@@ -429,7 +434,8 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 f"{sum(r['convergence'] == 'converged' for r in rs)}/{len(rs)}",
             )
     lr0 = lrs[0]
-    sentence, agrees, discrepancy, key_figures = verdict(lr0, {n: runs[(lr0, n)] for n in norms})
+    settle = longer_budget({"steps": ctx.param("steps", int)})
+    sentence, agrees, discrepancy, key_figures = verdict(lr0, {n: runs[(lr0, n)] for n in norms}, settle)
     figures = [_accuracy_figure(ctx, lrs, norms, runs)] + [_band_figure(ctx, lr, norms, runs) for lr in lrs]
     data = {
         f"{lr}/{norm}": [{k: v for k, v in r.items()} for r in runs[(lr, norm)]]
