@@ -475,3 +475,23 @@ def test_a_parameter_without_gradient_is_left_alone_as_torch_optim_does():
     assert flat_parameters({"a": torch.zeros(2, 3, requires_grad=True),
                             "b": torch.zeros(2, dtype=torch.float64, requires_grad=True)}) is None
     assert flat_parameters({"a": torch.zeros(2, 3, requires_grad=True), "b": torch.zeros(2)}) is None
+
+
+@pytest.mark.parametrize("augment", [None, "shift"])
+def test_members_batches_are_gathered_as_each_iterator_serves_them(augment):
+    # One index_select for members sharing a data set (no augmentation); each member's own batch otherwise.
+    from normlab.batched.engine import _next_batches
+    from normlab.data import BatchIterator
+
+    x, y = torch.randn(30, 1, 12), torch.arange(30)
+
+    def members():
+        return [BatchIterator(x, y, 8, seed=s, augment=augment) for s in (0, 1, 2)]
+
+    reference, gathered = members(), members()
+    for _ in range(5):  # 3 batches an epoch: across an epoch boundary
+        xs, ys = _next_batches(gathered)
+        served = [it.next_batch() for it in reference]
+        assert torch.equal(xs, torch.stack([b[0] for b in served]))
+        assert torch.equal(ys, torch.stack([b[1] for b in served]))
+    assert [it.state_dict() for it in gathered] == [it.state_dict() for it in reference]

@@ -286,6 +286,20 @@ def test_batch_iterator_peek_is_the_next_batch_and_does_not_advance() -> None:
     assert not torch.equal(served[0][1], served[1][1])  # the peeks followed the data, not one batch
 
 
+def test_batch_iterator_next_index_gathers_the_next_batch() -> None:
+    x, y = torch.randn(20, 3, 5), torch.arange(20)
+    reference = BatchIterator(x, y, 6, seed=4, drop_last=False)  # 4 batches an epoch, the last of 2
+    it = BatchIterator(x, y, 6, seed=4, drop_last=False)
+    sizes = []
+    for _ in range(9):  # across two epoch boundaries
+        xb, yb = reference.next_batch()
+        index = it.next_index()
+        sizes.append(len(index))
+        assert torch.equal(x[index], xb) and torch.equal(y[index], yb)
+        assert it.state_dict() == reference.state_dict()
+    assert sizes == [6, 6, 6, 2, 6, 6, 6, 2, 6]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -33,6 +33,7 @@ from normlab.batched.grouping import check_group
 from normlab.batched.optim import StackedOptimizer
 from normlab.batched.policy import MemberPolicy
 from normlab.batched.stack import StackedModel
+from normlab.data.iterator import BatchIterator
 from normlab.train import RunResult, TrainConfig, Trainer
 from normlab.train.optimizer import param_groups
 
@@ -136,9 +137,7 @@ class _Group:
 
     def _step(self) -> None:
         cfg, alive, stack = self.config, self.alive, self.stack
-        batches = [m.trainer.batches.next_batch() for m in alive]
-        x = torch.stack([b[0] for b in batches])
-        y = torch.stack([b[1] for b in batches])
+        x, y = _next_batches([m.trainer.batches for m in alive])
         lrs = [m.policy.lr(m.trainer.step) for m in alive]
 
         out = stack(x)
@@ -269,6 +268,23 @@ def member_losses(loss_fn: Any, out: Tensor, y: Tensor) -> Tensor:
     if loss_fn is F.mse_loss and y.shape == out.shape:
         return F.mse_loss(out, y, reduction="none").reshape(k, -1).mean(dim=1)
     return vmap(loss_fn)(out, y)
+
+
+def _next_batches(iterators: Sequence[Any]) -> tuple[Tensor, Tensor]:
+    """Every member's next batch, stacked (K, B, ...). Members drawing from one data set without
+    augmentation (``_share_data`` made their tensors the same) are gathered in one ``index_select`` of
+    all their indices: 9 gathers and a stack took ~110 us of a ~5 ms batch-16 step, one gather ~13 us."""
+    first = iterators[0]
+    if all(isinstance(it, BatchIterator) and it.augment_name is None and it.x is first.x and it.y is first.y
+           for it in iterators):
+        indices = [it.next_index() for it in iterators]
+        if len({len(i) for i in indices}) != 1:  # members step together through equal data
+            raise RuntimeError(f"members' batches differ in size: {[len(i) for i in indices]}")
+        index, k = torch.cat(indices), len(indices)
+        x, y = first.x.index_select(0, index), first.y.index_select(0, index)
+        return x.view(k, -1, *x.shape[1:]), y.view(k, -1, *y.shape[1:])
+    batches = [it.next_batch() for it in iterators]
+    return torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
 
 
 def _share_data(first: Trainer, other: Trainer) -> None:

@@ -115,16 +115,30 @@ class BatchIterator:
         self._position += 1
         return batch
 
+    def next_index(self) -> torch.Tensor:
+        """The example indices of the next batch, advancing as :meth:`next_batch` does: the batch is
+        ``x.index_select(0, index)``, augmented when the iterator augments. For callers that gather several
+        iterators' batches in one kernel (:mod:`normlab.batched`)."""
+        if self._position >= self.num_batches:
+            self._epoch, self._position = self._epoch + 1, 0
+        index = self._index(self._epoch, self._position)
+        self._position += 1
+        return index
+
     def peek(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch :meth:`next_batch` will return, without advancing (the same tensors' values, the same
         augmentation draw)."""
         return self._batch(self.epoch, self.position)
 
-    def _batch(self, epoch: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _index(self, epoch: int, k: int) -> torch.Tensor:
         if self._order_epoch != epoch:
             self._order, self._order_epoch = self.order(epoch).to(self.x.device), epoch
-        idx = self._order[k * self.batch_size : (k + 1) * self.batch_size]
-        xb, yb = self.x[idx], self.y[idx]
+        return self._order[k * self.batch_size : (k + 1) * self.batch_size]
+
+    def _batch(self, epoch: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self._index(epoch, k)
+        # index_select, not x[idx]: the same rows, a third of the time for a small batch (4 vs 11 us)
+        xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
         if self._augment is not None:
             xb = self._augment(xb, torch.Generator().manual_seed(_seed(self.seed, epoch, k + 1)))
         return xb, yb
