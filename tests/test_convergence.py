@@ -26,6 +26,26 @@ def test_falling_loss_is_unconverged():
     assert result.status == "unconverged" and result.reason.startswith("training loss still falling: 16.")
 
 
+def test_a_loss_spike_not_recovered_from_is_unconverged():
+    # The noisy-bn study's standard VGG-16 at 10,000 steps: fit (loss 2e-4, 95.5% held out) until a spike
+    # at 85% of the run, then loss ~0.5 and 79% at the end; a rule that only asked "still falling?" said
+    # plateau (training loss -33461%, held-out best +0.001).
+    steps = range(10, 10001, 10)
+    loss = [(s, 2e-4 if s < 8475 else 0.5 + 1.2 * math.exp(-(s - 8475) / 400)) for s in steps]
+    evals = range(75, 10001, 75)
+    acc = [(s, 0.955 if s < 8475 else 0.2 + 0.594 * (1 - math.exp(-(s - 8475) / 300))) for s in evals]
+    result = plateaued(loss, acc)
+    assert result.status == "unconverged"
+    assert result.reason.startswith("training loss rising: +")
+    assert result.reason.endswith("over the last 20% of steps (a loss spike not recovered from)")
+    assert result.loss_change < -100
+    # A rise smaller than the tolerance (either the relative or the absolute one) is still a plateau.
+    small = [(s, 0.30 if s < 9000 else 0.34) for s in steps]  # +13%, but +0.04 nats < loss_atol
+    assert plateaued(small, [(s, 0.9) for s in evals]).status == "converged"
+    tiny = [(s, 1e-4 if s < 9000 else 1e-3) for s in steps]  # +900% of a fit loss, +0.0009 nats
+    assert plateaued(tiny, [(s, 0.9) for s in evals]).status == "converged"
+
+
 def test_rising_heldout_metric_alone_is_unconverged():
     loss, _ = curves(tau=100)
     acc = [(s, 0.5 + 0.4 * s / 1000) for s in range(50, 1001, 50)]
