@@ -135,27 +135,25 @@ def test_noisy_bn_noise_arm_stalled_at_chance_is_the_papers_outcome():
 
 
 def test_santurkar_studies_name_the_flag_that_settles_an_unconverged_arm():
-    from normlab.studies._santurkar import SETTLING_STEPS, longer_budget
+    from normlab.studies._santurkar import longer_budget
 
     settle = longer_budget({"steps": 1500})
-    assert settle["unconverged"] == f"a longer budget, --set steps={SETTLING_STEPS}, or --scale paper"
-    already = longer_budget({"steps": 15000})["unconverged"]  # a budget already that long is doubled
-    assert already == "a longer budget, --set steps=30000, or --scale paper"
+    assert settle["unconverged"] == "a longer budget, --set steps=3000, or --scale paper"
     assert settle["stalled"] == _verdict.SETTLE["stalled"]  # only the budget's entry is concrete
     arms = {"none": noisy_records(39.8, 0.01, "unconverged"), "bn": noisy_records(99.0, 0.02),
             "noisy_bn": noisy_records(98.9, 0.4), "noise": noisy_records(32.5, 0.5)}
     sentence, _, _, _ = noisy_bn.verdict(0.1, arms, settle)
-    assert f"had not converged when the budget ended); to settle it: a longer budget, --set steps=" \
-        f"{SETTLING_STEPS}, or --scale paper. As measured" in sentence
+    assert ("had not converged when the budget ended); to settle it: a longer budget, --set steps=3000, or "
+            "--scale paper. As measured") in sentence
     sentence, _, _, _ = landscape.verdict(
         0.1, {"none": landscape_records(40.0, "unconverged"), "bn": landscape_records(4.0)}, settle)
-    assert f"to settle it: a longer budget, --set steps={SETTLING_STEPS}, or --scale paper." in sentence
+    assert "to settle it: a longer budget, --set steps=3000, or --scale paper." in sentence
     both = {("vgg", "none"): ics_records(0.1, 0.9, "unconverged"), ("vgg", "bn"): ics_records(0.3, 0.5),
             ("dln", "none"): ics_records(0.01, 0.99, "unconverged"), ("dln", "bn"): ics_records(1.0, 0.02)}
     per_net = {net: longer_budget({f"nets.{net}.steps": 2000}) for net in ("vgg", "dln")}
     sentence, _, _, _ = ics.verdict(both, per_net)
-    assert (f"to settle it: a longer budget, --set nets.vgg.steps={SETTLING_STEPS}, or --scale paper; "
-            f"a longer budget, --set nets.dln.steps={SETTLING_STEPS}, or --scale paper.") in sentence
+    assert ("to settle it: a longer budget, --set nets.vgg.steps=4000, or --scale paper; "
+            "a longer budget, --set nets.dln.steps=4000, or --scale paper.") in sentence
 
 
 # -- ics, landscape --------------------------------------------------------------------------------
