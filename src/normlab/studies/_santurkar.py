@@ -7,6 +7,7 @@ from typing import Any
 from normlab.studies._verdict import SETTLE
 from normlab.studies.base import StudyContext
 
+
 def longer_budget(fields: dict[str, int]) -> dict[str, str]:
     """:data:`SETTLE` whose ``unconverged`` entry names the ``--set`` flags of a longer budget: each budget
     field (dotted path -> its steps now) doubled. (Measured on the quick scale's standard VGG-16, plain SGD
