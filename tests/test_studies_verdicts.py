@@ -221,6 +221,12 @@ def test_regularization_compares_gap_growth_per_seed():
     under = {**cells, ("gn", 256): cell(0.04, "unconverged")}
     sentence, agrees, _, _ = regularization.judge(under, ["bn", "gn"], [16, 256])
     assert agrees is None and "3 run(s) of gn had not converged" in sentence
+    # An arm that stalled at chance (the unnormalized CNN at batch 16, dying after ~10,000 steps) needs a
+    # smaller lr, and the sentence says so rather than asking for more steps.
+    dead = {**cells, ("gn", 16): cell(0.0, "stalled")}
+    sentence, agrees, _, _ = regularization.judge(dead, ["bn", "gn"], [16, 256])
+    assert agrees is None
+    assert "3 run(s) of gn stalled at chance level); to settle it: a smaller learning rate" in sentence
 
 
 def test_small_batch_compares_error_rise_over_table_2_range():

@@ -162,8 +162,9 @@ def judge(
         + " ".join(v.sentence(f"gap growth (batch {small} -> {large})") for v in found.values())
     )
     undecided = [v.reason for v in found.values() if v.word == INCONCLUSIVE]
-    if undecided:
-        return inconclusive_text(undecided, key), None, None, key
+    if undecided:  # what settles it follows why: a stalled arm needs a smaller lr, not more steps
+        settles = [v.settle for v in found.values() if v.word == INCONCLUSIVE and v.settle]
+        return inconclusive_text(undecided, key, "; ".join(dict.fromkeys(settles)) or None), None, None, key
     lost = [n for n, v in found.items() if not (v.word == WIN and v.winner == "BN")]
     if not lost:
         return sentence + " BN's regularization weakens more than the other norms' as the batch grows.", \
