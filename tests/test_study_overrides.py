@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from _cli import run_cli
 
 from normlab.errors import NormlabError
 from normlab.store import Store
 from normlab.studies.overrides import apply_overrides, override_flags, parse_overrides
 from normlab.studies.runner import run_study
-from tests._cli import run_cli
 
 
 def test_values_are_read_as_toml_and_bare_words_as_strings():
