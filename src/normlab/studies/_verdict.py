@@ -187,6 +187,12 @@ def compare_records(
     )
 
 
+def settle_text(verdicts: Sequence[Verdict]) -> str | None:
+    """What settles the inconclusive ones among ``verdicts``, each text once ("; "-joined), or None."""
+    texts = [v.settle for v in verdicts if v.word == INCONCLUSIVE and v.settle]
+    return "; ".join(dict.fromkeys(texts)) or None
+
+
 def inconclusive_text(reasons: Sequence[str], key_figures: str, settle: str | None = None) -> str:
     """The verdict sentence of a study that cannot decide: why (each reason once), what settles it, and the
     numbers as measured, marked as not a verdict."""

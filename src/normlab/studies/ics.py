@@ -34,7 +34,7 @@ from typing import Any
 from normlab.stats import INCONCLUSIVE, WIN, compare_arms
 from normlab.studies._santurkar import longer_budget
 from normlab.studies._series import ci, mean_curve
-from normlab.studies._verdict import SETTLE, inconclusive_text
+from normlab.studies._verdict import SETTLE, inconclusive_text, settle_text
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {"nets": dict, "norms": {"list": str}, "probe_every": int}
@@ -104,7 +104,7 @@ def verdict(
     than 3 seeds. ``settle[net]`` (default :data:`SETTLE`) says what would settle that network's comparison.
     """
     nets = sorted({net for net, _ in per_run}, key=list(dict.fromkeys(n for n, _ in per_run)).index)
-    parts, failed, undecided, keys, decided, settles = [], [], [], [], [], []
+    parts, failed, undecided, keys, decided, pending = [], [], [], [], [], []
     for net in nets:
         if (net, "none") not in per_run or (net, "bn") not in per_run:
             continue
@@ -131,7 +131,7 @@ def verdict(
         for v, what in ((l2, "||G - G'||"), (cos, "cos(G, G')")):
             if v.word == INCONCLUSIVE:
                 undecided.append(f"{net} {what}: {v.reason}")
-                settles.append(v.settle)
+                pending.append(v)
             elif v.word == WIN and v.winner == "BN":
                 failed.append(f"in the {net} BN has less ICS by {what} beyond the seeds' spread")
     if not parts:
@@ -140,7 +140,7 @@ def verdict(
     key = "; ".join(keys)
     if undecided:
         # A network whose arms both converged is still decided: say so beside the inconclusive one.
-        text = inconclusive_text(undecided, key, "; ".join(dict.fromkeys(s for s in settles if s)) or None)
+        text = inconclusive_text(undecided, key, settle_text(pending))
         if decided:
             text += " Decided on converged arms (not the study's verdict): " + " ".join(decided)
         return text, None, None, key

@@ -30,7 +30,7 @@ from typing import Any
 from normlab.stats import INCONCLUSIVE, WIN
 from normlab.studies._santurkar import longer_budget, santurkar_base
 from normlab.studies._series import ci, mean_curve
-from normlab.studies._verdict import compare_records, inconclusive_text, record
+from normlab.studies._verdict import compare_records, inconclusive_text, record, settle_text
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {
@@ -194,10 +194,7 @@ def verdict(
     )
     undecided = [f"{NAMES[k]}: {v.reason}" for k, v in found.items() if v.word == INCONCLUSIVE]
     if undecided:
-        pending = [v.settle for v in found.values() if v.word == INCONCLUSIVE and v.settle]
-        settles = "; ".join(dict.fromkeys(pending))
-        text = inconclusive_text(undecided, key_figures, settles or None)
-        return text, None, None, key_figures
+        return inconclusive_text(undecided, key_figures, settle_text(found.values())), None, None, key_figures
     failed = [
         f"BN's {NAMES[k]} is not lower beyond the seeds' spread ({v.word})"
         for k, v in found.items()

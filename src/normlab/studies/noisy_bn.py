@@ -41,7 +41,7 @@ from normlab.errors import NormlabError
 from normlab.stats import INCONCLUSIVE, WIN, Verdict, compare_arms
 from normlab.studies._santurkar import longer_budget, santurkar_base
 from normlab.studies._series import mean_curve
-from normlab.studies._verdict import SETTLE
+from normlab.studies._verdict import SETTLE, settle_text
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {
@@ -310,7 +310,7 @@ def verdict(
     parts = (trains, harms, stable)
     if any(v.word == INCONCLUSIVE for v in parts):
         reasons = "; ".join(dict.fromkeys(v.reason for v in parts if v.word == INCONCLUSIVE))
-        settle = "; ".join(dict.fromkeys(v.settle for v in parts if v.word == INCONCLUSIVE and v.settle))
+        settle = settle_text(parts)
         text = (f"Inconclusive at this scale ({reasons}); to settle it: {settle}. As measured at LR {lr:g} "
                 f"(not a verdict): {key}.")
         decided = [sentence for v, sentence in (

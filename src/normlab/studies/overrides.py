@@ -31,11 +31,10 @@ def parse_overrides(texts: Sequence[str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for text in texts:
         field, sep, raw = text.partition("=")
-        field, raw = field.strip(), raw.strip()
-        parts = field.split(".")
-        if not sep or not raw or not all(p.strip() for p in parts):
+        parts, raw = [p.strip() for p in field.split(".")], raw.strip()
+        if not sep or not raw or not all(parts):
             raise NormlabError(f"--set {text!r}: expected FIELD=VALUE, e.g. --set steps=6000")
-        overrides[".".join(p.strip() for p in parts)] = _parse_value(raw, text)
+        overrides[".".join(parts)] = _parse_value(raw, text)
     return overrides
 
 
@@ -45,7 +44,7 @@ def _parse_value(raw: str, text: str) -> Any:
     try:
         parsed = tomllib.loads(f"value = {raw}")
     except tomllib.TOMLDecodeError:
-        if raw.replace("_", "").replace("-", "").isalnum():
+        if _bare(raw):
             return raw  # a bare word: --set budget=auto
         raise NormlabError(
             f"--set {text!r}: {raw!r} is not a TOML value (numbers, true/false, \"text\", [lists])"
@@ -102,10 +101,15 @@ def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return value if value.replace("_", "").replace("-", "").isalnum() else f'"{value}"'
+        return value if _bare(value) else f'"{value}"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     return repr(value)
+
+
+def _bare(word: str) -> bool:
+    """A word TOML would need quoted but ``--set`` takes bare: letters, digits, ``_`` and ``-``."""
+    return word.replace("_", "").replace("-", "").isalnum()
 
 
 def _same_kind(value: Any, old: Any) -> bool:

@@ -27,7 +27,7 @@ from normlab.studies._grid import (
     stat,
     variant_fields,
 )
-from normlab.studies._verdict import ci_text, compare_records, inconclusive_text, record
+from normlab.studies._verdict import ci_text, compare_records, inconclusive_text, record, settle_text
 from normlab.studies.base import StudyContext, StudyOutcome, Table
 
 PARAMS = {
@@ -163,8 +163,7 @@ def judge(
     )
     undecided = [v.reason for v in found.values() if v.word == INCONCLUSIVE]
     if undecided:  # what settles it follows why: a stalled arm needs a smaller lr, not more steps
-        settles = [v.settle for v in found.values() if v.word == INCONCLUSIVE and v.settle]
-        return inconclusive_text(undecided, key, "; ".join(dict.fromkeys(settles)) or None), None, None, key
+        return inconclusive_text(undecided, key, settle_text(found.values())), None, None, key
     lost = [n for n, v in found.items() if not (v.word == WIN and v.winner == "BN")]
     if not lost:
         return sentence + " BN's regularization weakens more than the other norms' as the batch grows.", \
