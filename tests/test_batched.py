@@ -322,9 +322,12 @@ GEOMETRIES = [
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("input_grad", [True, False])
 @pytest.mark.parametrize("geometry", range(len(GEOMETRIES)))
-def test_im2col_conv_passes_gradcheck_in_float64(dims, bias, input_grad, geometry):
+@pytest.mark.parametrize("columns", ["gather", "strided"])
+def test_im2col_conv_passes_gradcheck_in_float64(dims, bias, input_grad, geometry, columns, monkeypatch):
+    from normlab.batched import im2col
     from normlab.batched.im2col import Im2colConv
 
+    monkeypatch.setattr(im2col, "GATHER_COLUMNS", 10**9 if columns == "gather" else 0)
     torch.manual_seed(0)
     k, c_in, c_out = 2, 3, 4
     stride, padding, dilation, kernel = (g[:dims] for g in GEOMETRIES[geometry])
@@ -341,6 +344,29 @@ def test_im2col_conv_passes_gradcheck_in_float64(dims, bias, input_grad, geometr
     fn = torch.nn.functional.conv1d if dims == 1 else torch.nn.functional.conv2d
     want = fn(x.transpose(0, 1), w, b, stride, padding, dilation, k).transpose(0, 1)
     torch.testing.assert_close(conv(*inputs), want)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("geometry", range(len(GEOMETRIES)))
+def test_im2col_gather_and_strided_columns_agree_bit_for_bit(dims, geometry, monkeypatch):
+    """The two column copies (a fixed rule on their size picks one) give the same outputs and gradients
+    to the last bit in float32: col2im adds in kernel-offset order in both."""
+    from normlab.batched import im2col
+
+    torch.manual_seed(0)
+    k, c_in, c_out = 3, 4, 5
+    stride, padding, dilation, kernel = (g[:dims] for g in GEOMETRIES[geometry])
+    x = torch.randn(k * c_in, 6, *([9, 8][:dims]), requires_grad=True)
+    w = torch.randn(k * c_out, c_in, *kernel, requires_grad=True)
+    b = torch.randn(k * c_out, requires_grad=True)
+    results = []
+    for limit in (10**9, 0):
+        monkeypatch.setattr(im2col, "GATHER_COLUMNS", limit)
+        y = im2col.Im2colConv.apply(x, w, b, k, stride, padding, dilation)
+        grads = torch.autograd.grad(y, (x, w, b), torch.linspace(-1, 1, y.numel()).view_as(y))
+        results.append((y, *grads))
+    for gathered, strided in zip(*results, strict=True):
+        assert torch.equal(gathered, strided)
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse_loss", "l1_loss"])  # l1: the vmap fallback
@@ -407,6 +433,56 @@ def test_row_batch_norm_equals_torch_batch_norm_with_running_statistics():
         torch.testing.assert_close(a, b_)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         row_batch_norm(torch.randn(3, 1), None, None, None, None, 0.1, 1e-5)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("spatial", [(3,), (2, 2)])
+def test_member_group_norm_passes_gradcheck_in_float64(affine, spatial):
+    from normlab.batched.group_norm import MemberGroupNorm
+
+    torch.manual_seed(0)
+    # 2 members x 6 channels in 3 groups each: 2 channels x |S| positions a group.
+    x = (torch.randn(12, 4, *spatial, dtype=torch.double) * 3 + 1).requires_grad_()
+    w = (torch.rand(12, dtype=torch.double) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(12, dtype=torch.double, requires_grad=True) if affine else None
+
+    def norm(x, *wb):
+        return MemberGroupNorm.apply(x, *(wb or (None, None)), 6, 1e-5)
+
+    assert torch.autograd.gradcheck(norm, (x, w, b) if affine else (x,))
+
+
+# (channels, groups, positions): below SLOW_POSITIONS with a group above it (MemberGroupNorm); at it
+# (F.group_norm); instance norm below it (a group below too: F.group_norm).
+@pytest.mark.parametrize("channels, groups, positions", [(25, 5, 5), (6, 2, 8), (4, 4, 3)])
+def test_member_group_norm_equals_each_members_group_norm(channels, groups, positions):
+    from normlab.batched import group_norm
+    from normlab.batched.group_norm import member_group_norm
+
+    torch.manual_seed(0)
+    k, batch = 3, 5
+    norms = [torch.nn.GroupNorm(groups, channels) for _ in range(k)]
+    for n in norms:
+        torch.nn.init.uniform_(n.weight, 0.5, 2.0)
+        torch.nn.init.normal_(n.bias)
+    x = torch.randn(k, batch, channels, positions) * torch.linspace(0.5, 3, channels).view(channels, 1) + 1
+    want = torch.stack([n(x[i]) for i, n in enumerate(norms)])
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    xg = x.transpose(1, 2).reshape(k * channels, batch, positions).requires_grad_()  # member-major
+    w = torch.cat([n.weight.detach() for n in norms]).requires_grad_()
+    b = torch.cat([n.bias.detach() for n in norms]).requires_grad_()
+    y = member_group_norm(xg, k * groups, w, b, 1e-5)
+    y.backward(grad.transpose(1, 2).reshape(y.shape))
+    torch.testing.assert_close(y.view(k, channels, batch, positions).transpose(1, 2), want)
+    torch.testing.assert_close(w.grad, torch.cat([n.weight.grad for n in norms]))
+    torch.testing.assert_close(b.grad, torch.cat([n.bias.grad for n in norms]))
+    # the input's gradient: member k's (C, B, S) rows against x's gradient through each member's norm
+    xs = x.clone().requires_grad_()
+    torch.stack([n(xs[i]) for i, n in enumerate(norms)]).backward(grad)
+    torch.testing.assert_close(xg.grad, xs.grad.transpose(1, 2).reshape(xg.shape))
+    custom = positions < group_norm.SLOW_POSITIONS <= channels // groups * positions
+    assert (y.grad_fn.name() == "MemberGroupNormBackward") == custom
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,10 @@ its grouped twin, which reads member k's parameters as slice k of the stacked te
   running statistics are (K*C,) views of the stacked (K, C) buffers, so the in-place update lands in each
   member's slice (a channel's batch statistic never mixes channels, hence never members; the
   unbiased count B*|spatial| is the member's own);
-* ghost BN, GroupNorm(G, C) (normlab's ``gn``, ``ln`` = G=1, ``in`` = G=C; ``F.group_norm`` with K*G
-  groups, which never cross a member's C channels) and nn.LayerNorm over (C, *spatial): on the
-  channel-stacked transpose, where their per-sample statistics are contiguous;
+* GroupNorm(G, C) (normlab's ``gn``, ``ln`` = G=1, ``in`` = G=C): one GroupNorm with K*G groups, which
+  never cross a member's C channels (:mod:`normlab.batched.group_norm`);
+* ghost BN and nn.LayerNorm over (C, *spatial): on the channel-stacked transpose, where their per-sample
+  statistics are contiguous;
 * flatten: (K*C, B, *spatial) -> (K*C*|spatial|, B), member k's features in its own (C, *spatial) order;
 * Linear on (K*F, B): ``torch.baddbmm`` of the (K, out, F) weights with the (K, F, B) view;
 * activations, pools, identity and residual additions act elementwise, per channel or on the trailing
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from normlab.batched.group_norm import member_group_norm
 from normlab.batched.im2col import matmul_conv
 from normlab.batched.row_batch_norm import row_batch_norm
 from normlab.layers.frozen_bn import FrozenBatchNorm
@@ -210,9 +212,8 @@ class _GroupNorm(_Leaf):
         self.groups, self.eps = gn.num_groups, gn.eps
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = _flat(self.p("weight")), _flat(self.p("bias"))
-        y = F.group_norm(x.transpose(0, 1), self.groups * self.k, weight, bias, self.eps)
-        return y.transpose(0, 1).contiguous()
+        return member_group_norm(x, self.groups * self.k, _flat(self.p("weight")), _flat(self.p("bias")),
+                                 self.eps)
 
 
 class _LayerNorm(_Leaf):
