@@ -109,21 +109,20 @@ class BatchIterator:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch, starting the next epoch when this one is done."""
-        if self._position >= self.num_batches:
-            self._epoch, self._position = self._epoch + 1, 0
-        batch = self._batch(self._epoch, self._position)
-        self._position += 1
-        return batch
+        return self._batch(*self._advance())
 
     def next_index(self) -> torch.Tensor:
         """The example indices of the next batch, advancing as :meth:`next_batch` does: the batch is
         ``x.index_select(0, index)``, augmented when the iterator augments. For callers that gather several
         iterators' batches in one kernel (:mod:`normlab.batched`)."""
+        return self._index(*self._advance())
+
+    def _advance(self) -> tuple[int, int]:
+        """(epoch, batch index within it) of the next batch, moving past it; a new epoch when one is done."""
         if self._position >= self.num_batches:
             self._epoch, self._position = self._epoch + 1, 0
-        index = self._index(self._epoch, self._position)
         self._position += 1
-        return index
+        return self._epoch, self._position - 1
 
     def peek(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch :meth:`next_batch` will return, without advancing (the same tensors' values, the same
