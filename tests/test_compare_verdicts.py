@@ -1,5 +1,6 @@
 """The sentences compare writes from per-seed results (normlab.sweep.compare_verdicts, through
-normlab.stats.compare_arms): win / tie / inconclusive on constructed results, no training."""
+normlab.stats.compare_arms): win / equivalent / unresolved / inconclusive against the margin on
+constructed results, no training."""
 
 import math
 
@@ -42,17 +43,32 @@ def test_win_is_a_paired_interval_excluding_zero():
     half = stats.t.ppf(0.975, 2) * stats.tstd(diffs) / math.sqrt(3)
     (sentence,) = [v.sentence() for v in ranking.verdicts.values()]
     assert sentence == (f"bn beats gn on test accuracy by +5.0 pts (95% CI {100 * (0.05 - half):+.1f} to "
-                        f"{100 * (0.05 + half):+.1f} pts, paired t over 3 seeds).")
+                        f"{100 * (0.05 + half):+.1f} pts, paired t over 3 seeds; margin ±1 pts).")
 
 
-def test_tie_when_the_interval_includes_zero():
+def test_unresolved_when_the_interval_includes_zero_and_reaches_past_the_margin():
     grid, norms = grid_of(runs("bn", 16, [0.95, 0.90, 0.93]) + runs("gn", 16, [0.92, 0.94, 0.91]))
     ranking = rank_batch(grid, norms, 16)
-    assert ranking.words == {"bn": "tie", "gn": "tie"}
+    # Nothing was decided: the leader is not called a tie (or a win), but unresolved like its rival.
+    assert ranking.words == {"bn": "unresolved", "gn": "unresolved"}
     (verdict,) = ranking.verdicts.values()
-    assert verdict.word == "tie"
-    assert verdict.sentence().startswith("bn and gn tie on test accuracy: difference +0.3 pts (95% CI ")
-    assert verdict.sentence().endswith(", paired t over 3 seeds), which includes 0.")
+    assert verdict.word == "unresolved"
+    assert verdict.sentence().startswith("bn vs gn on test accuracy is unresolved: difference +0.3 pts (95% CI ")
+    assert ", paired t over 3 seeds; margin ±1 pts), which includes 0 and reaches past the margin; about " in (
+        verdict.sentence())
+
+
+def test_equivalent_cells_and_the_leader_word():
+    # Paired differences +0.3, +0.4, +0.5 pts: the interval excludes 0 but lies inside +-1 pt.
+    grid, norms = grid_of(runs("bn", 128, [0.963, 0.955, 0.963]) + runs("gn", 128, [0.960, 0.951, 0.958])
+                          + runs("none", 128, [0.90, 0.91, 0.905]))
+    ranking = rank_batch(grid, norms, 128)
+    assert ranking.words == {"bn": "equivalent", "gn": "equivalent", "none": "loss"}
+    assert ranking.verdicts["gn"].sentence().startswith(
+        "bn and gn are equivalent on test accuracy within ±1 pts: difference +0.4 pts (95% CI +0.2 to +0.6")
+    # A 0.1-pt margin makes the same difference a win for bn, so bn wins the batch size outright.
+    narrow = rank_batch(grid, norms, 128, margin=0.001)
+    assert narrow.words == {"bn": "win", "gn": "loss", "none": "loss"}
 
 
 def test_unconverged_cell_is_inconclusive_with_the_flag_that_settles_it():
@@ -61,7 +77,8 @@ def test_unconverged_cell_is_inconclusive_with_the_flag_that_settles_it():
                           + runs("gn", 16, [0.99, 0.99, 0.99], ["converged", "unconverged", "converged"]))
     ranking = rank_batch(grid, norms, 16, settle)
     # gn has the higher mean but is not a result: bn leads among the conclusive cells.
-    assert ranking.leader == "bn" and ranking.words == {"bn": "tie", "gn": "inconclusive"}
+    # Nothing else could be ranked against the leader: its word says so, not "tie".
+    assert ranking.leader == "bn" and ranking.words == {"bn": "inconclusive", "gn": "inconclusive"}
     assert ranking.verdicts["gn"].sentence() == (
         "bn vs gn on test accuracy is inconclusive: 1 run(s) of gn had not converged when the budget ended. "
         "To settle it: --max-steps 6000.")
@@ -89,15 +106,15 @@ def test_batch_sensitivity_names_only_a_significant_change():
                + runs("gn", 16, [0.94, 0.93, 0.95]) + runs("gn", 128, [0.95, 0.92, 0.94]))
     grid, norms = grid_of(results)
     verdicts, lines = batch_sensitivity(grid, norms, [16, 128])
-    assert verdicts["bn"].word == "win" and verdicts["gn"].word == "tie"
+    assert verdicts["bn"].word == "win" and verdicts["gn"].word == "unresolved"
     assert lines[0].startswith("bn at batch 128 beats bn at batch 16 on test accuracy by +5.0 pts")
     assert lines[-1] == ("Most sensitive to the batch size: bn (-5.0 pts from batch 128 to 16), the largest "
-                         "change whose 95% interval excludes 0.")
+                         "change whose 95% interval excludes 0 and is not inside the margin.")
     # gn's 1-pt change is not named, even though it is a change: its interval includes 0.
     results = runs("gn", 16, [0.94, 0.93, 0.95]) + runs("gn", 128, [0.95, 0.92, 0.94])
     grid, norms = grid_of(results)
     assert batch_sensitivity(grid, norms, [16, 128])[1][-1] == (
-        "No norm's accuracy changes with the batch size beyond the seeds' spread.")
+        "No norm's accuracy changes with the batch size by more than the margin, beyond the seeds' spread.")
 
 
 def test_cell_words_per_batch():
@@ -105,6 +122,6 @@ def test_cell_words_per_batch():
                + runs("bn", 128, [0.95, 0.956, 0.96]) + runs("gn", 128, [0.95, 0.92, 0.94]))
     grid, norms = grid_of(results)
     assert cell_words(grid, norms, [16, 128]) == {
-        ("gn", 16): "win", ("bn", 16): "loss", ("bn", 128): "tie", ("gn", 128): "tie",
+        ("gn", 16): "win", ("bn", 16): "loss", ("bn", 128): "unresolved", ("gn", 128): "unresolved",
     }
     assert pytest.approx(grid[("gn", 16)].best.mean_accuracy) == 0.953

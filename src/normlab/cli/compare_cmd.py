@@ -52,6 +52,7 @@ COMPARE_DEFAULTS = {
     "val_fraction": 0.1,
     "lr_extensions": 2,
     "probe_margin": 0.03,
+    "margin": 1.0,
     "optimizer": "adamw",
     "agc_clip": 0.02,
 }
@@ -86,6 +87,11 @@ def compare_command(
         COMPARE_DEFAULTS["lr_extensions"],
         help="lrs each cell may add beyond the grid, each way, until its best lr is interior and its top lr "
         "unstable (0: the grid as given)",
+    ),
+    margin: float = typer.Option(
+        COMPARE_DEFAULTS["margin"],
+        help="equivalence margin of the verdicts, in accuracy points: a difference whose 95% interval lies "
+        "inside +-margin is 'equivalent', one that excludes 0 and is not inside it a win or loss",
     ),
     probe_margin: float = typer.Option(
         COMPARE_DEFAULTS["probe_margin"],
@@ -127,7 +133,8 @@ def compare_command(
     Each run trains until it converges (budget auto) unless --epochs/--steps fix its length. Per norm and
     batch size: final test accuracy (mean +- 95% t-interval over seeds) at the best stable LR (chosen on the
     held-out validation split), steps taken, convergence, the verdict word against the best norm at that
-    batch size (win / tie / loss / inconclusive: 95% paired t-interval of the difference over seeds), the
+    batch size (win / loss / equivalent / unresolved / inconclusive: the 95% paired t-interval of the
+    difference over seeds read against --margin), the
     largest stable LR, steps/s and the train/eval gap.
     """
     from normlab.sweep import LocalPoolExecutor, compare_configs, run_sweep
@@ -140,6 +147,8 @@ def compare_command(
             raise NormlabError(f"{name} must be >= 1, got {value}")
     if lr_extensions < 0:
         raise NormlabError(f"--lr-extensions must be >= 0, got {lr_extensions}")
+    if isinstance(margin, bool) or not 0 < margin <= 100:
+        raise NormlabError(f"--margin must be between 0 and 100 accuracy points (exclusive of 0), got {margin}")
     if not 0 <= probe_margin <= 1:
         raise NormlabError(f"--probe-margin must be between 0 and 1 (an accuracy), got {probe_margin}")
     if budget not in ("auto", "fixed"):
@@ -195,13 +204,15 @@ def compare_command(
     settings = dict(model=model, norms=norms, batch_sizes=batch_sizes, lrs=lrs,
                     lr_scaling=_lr_scaling(lr_scaling, optimizer), seeds=seeds, budget=length,
                     max_steps=max_steps if not fixed else None, val_fraction=val_fraction,
-                    lr_extensions=lr_extensions, probe_margin=probe_margin, dataset=dataset, subset=subset,
+                    lr_extensions=lr_extensions, probe_margin=probe_margin, margin=margin, dataset=dataset,
+                    subset=subset,
                     width=width, depth=depth,
                     agc_clip=agc_clip, optimizer=optimizer, device=device,
                     gn_groups=_gn_groups(configs[0]) if "gn" in norm_list else None)
     settle = _settle(fixed, max_steps, lr_extensions)
-    summary = compare_summary(results, wall, configs[0], settle=settle)
-    files = _write_compare_report(out, results, configs[0], settings, histories, settle) if report else None
+    summary = compare_summary(results, wall, configs[0], settle=settle, margin=margin / 100)
+    files = (_write_compare_report(out, results, configs[0], settings, histories, settle, margin / 100)
+             if report else None)
     if json_output:
         summary["report"] = str(files.html) if files else None
         print_json(summary)
@@ -243,13 +254,14 @@ def _histories(db, results) -> dict[int, dict[str, list]]:
     }  # fmt: skip
 
 
-def _write_compare_report(out: str, results, example, settings: dict[str, Any], histories, settle):
+def _write_compare_report(out: str, results, example, settings: dict[str, Any], histories, settle,
+                          margin: float):
     from normlab.reports import compare_report
     from normlab.store import environment_info
 
     return compare_report(
         out, results, title=f"normlab compare: {example.model} on {example.dataset}", config=settings,
-        environment=environment_info(example.device), histories=histories, settle=settle,
+        environment=environment_info(example.device), histories=histories, settle=settle, margin=margin,
     )
 
 
@@ -280,11 +292,11 @@ def _check_buildable(config) -> None:
     build_model(config, load_data(config))
 
 
-def compare_summary(results, wall: float, example, settle=None) -> dict[str, Any]:
+def compare_summary(results, wall: float, example, settle=None, margin: float = 0.01) -> dict[str, Any]:
     """Everything compare prints, as plain values: one row per cell (with its verdict word), the verdict
     sentences, run counts and the groups each gn layer used."""
     from normlab.reports.compare import verdict_sentences
-    from normlab.stats import RULE, mean_ci
+    from normlab.stats import mean_ci, rule_text
     from normlab.sweep import summarize_compare
     from normlab.sweep.compare_verdicts import Settle, cell_words
 
@@ -293,7 +305,7 @@ def compare_summary(results, wall: float, example, settle=None) -> dict[str, Any
     norms = list(dict.fromkeys(c.norm for c in cells))
     batches = sorted({c.batch_size for c in cells})
     grid = {(c.norm, c.batch_size): c for c in cells}
-    words = cell_words(grid, norms, batches, settle)
+    words = cell_words(grid, norms, batches, settle, margin)
     rows = []
     for cell in cells:
         row = cell.to_dict()
@@ -317,9 +329,10 @@ def compare_summary(results, wall: float, example, settle=None) -> dict[str, Any
         "statuses": counts,
         "convergence": convergence,
         "wall_time": wall,
-        "rule": RULE.format(min_seeds=3),
+        "rule": rule_text(margin),
+        "margin": margin,
         "rows": rows,
-        "verdicts": verdict_sentences(grid, norms, batches, settle),
+        "verdicts": verdict_sentences(grid, norms, batches, settle, margin),
         "run_ids": [r.run_id for r in results],
     }
 

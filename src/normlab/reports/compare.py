@@ -32,6 +32,7 @@ def compare_report(
     environment: dict[str, Any] | None = None,
     histories: dict[int, dict[str, list]] | None = None,
     settle: Any = None,
+    margin: float = 0.01,
 ) -> ReportFiles:
     """Write ``<out_dir>/report.html`` + ``report.md`` for the ``RunResult`` s of a compare sweep.
 
@@ -44,12 +45,13 @@ def compare_report(
             the learning curves (no curves without it).
         settle: a :class:`normlab.sweep.compare_verdicts.Settle` naming the flags that settle inconclusive
             verdicts for the way compare was run.
+        margin: the equivalence margin of every verdict (accuracy, 0.01 = 1 point).
 
     Raises:
         NormlabError: no results, or ``out_dir`` is a file.
     """
     from normlab.errors import NormlabError
-    from normlab.stats import RULE
+    from normlab.stats import rule_text
     from normlab.sweep import summarize_compare
     from normlab.sweep.compare_verdicts import Settle, cell_words
 
@@ -60,7 +62,7 @@ def compare_report(
     norms = list(dict.fromkeys(c.norm for c in cells))
     batches = sorted({c.batch_size for c in cells})
     grid = {(c.norm, c.batch_size): c for c in cells}
-    words = cell_words(grid, norms, batches, settle)
+    words = cell_words(grid, norms, batches, settle, margin)
     out = Path(out_dir)
     on_validation = all(c.best.selects_on_validation for c in cells if c.best is not None)
 
@@ -70,8 +72,8 @@ def compare_report(
          "largest stable lr", "diverged/failed/stalled runs", "steps/s", "train/eval gap (pts)"],
         notes=["Stable lr: no seed diverged, failed or stalled at chance level; best: the stable lr with the "
                "highest mean " + ("validation" if on_validation else "test") + " accuracy.",
-               "Verdict: against the best conclusive norm at the same batch size (win / tie / loss / "
-               "inconclusive), by the rule below.",
+               "Verdict: against the best conclusive norm at the same batch size (win / loss / equivalent /"
+               " unresolved / inconclusive), by the rule below.",
                "Steps: optimizer steps each seed took (min-max); convergence: seeds that met the plateau "
                "rule.",
                "Train/eval gap: test accuracy with batch statistics at the training batch size - eval mode."],
@@ -105,8 +107,8 @@ def compare_report(
         selection_note += (f" gn is Group Norm with {', '.join(map(str, groups))} groups in its norm layers "
                            "(the largest divisor of C up to 32 that leaves at least 2 channels per group).")
     sections = [
-        Section("Verdicts", text=verdict_sentences(grid, norms, batches, settle),
-                callout=f"Rule: {RULE.format(min_seeds=3)}.", callout_kind="info"),
+        Section("Verdicts", text=verdict_sentences(grid, norms, batches, settle, margin),
+                callout=f"Rule: {rule_text(margin)}.", callout_kind="info"),
         Section("Accuracy", text=[selection_note], tables=[accuracy],
                 figures=[_accuracy_figure(out, grid, norms, batches)]),
     ]
@@ -120,7 +122,7 @@ def compare_report(
     sections += [
         Section("Stability", text=[stability_sentence(grid, norms, batches)],
                 figures=[_lr_figure(out, grid, norms, batches)]),
-        Section("Batch-size sensitivity", text=sensitivity_sentences(grid, norms, batches, settle)),
+        Section("Batch-size sensitivity", text=sensitivity_sentences(grid, norms, batches, settle, margin)),
         Section("Train/eval gap", text=[gap_sentence(grid, norms, batches)]),
         Section("Cost", text=[cost_sentence(grid, norms, batches)]),
     ]
@@ -137,16 +139,17 @@ def best_mean(cell: Any) -> float:
     return _mean(best.accuracies) if best else math.nan
 
 
-def verdict_sentences(grid: dict, norms: list[str], batches: list[int], settle: Any = None) -> list[str]:
-    """Per batch size, the leading norm against each other norm (win / tie / inconclusive sentences), then
-    the batch-size sensitivity sentences."""
+def verdict_sentences(grid: dict, norms: list[str], batches: list[int], settle: Any = None,
+                      margin: float = 0.01) -> list[str]:
+    """Per batch size, the leading norm against each other norm (win / equivalent / unresolved /
+    inconclusive sentences, each stating the margin), then the batch-size sensitivity sentences."""
     from normlab.sweep.compare_verdicts import Settle, rank_batch
 
     settle = settle or Settle()
     lines = []
     for b in batches:
-        lines += rank_batch(grid, norms, b, settle).sentences()
-    return lines + sensitivity_sentences(grid, norms, batches, settle)
+        lines += rank_batch(grid, norms, b, settle, margin).sentences()
+    return lines + sensitivity_sentences(grid, norms, batches, settle, margin)
 
 
 def stability_sentence(grid: dict, norms: list[str], batches: list[int]) -> str:
@@ -162,12 +165,13 @@ def stability_sentence(grid: dict, norms: list[str], batches: list[int]) -> str:
             f"stable lr at batch {b}: {', '.join(largest)}.")
 
 
-def sensitivity_sentences(grid: dict, norms: list[str], batches: list[int], settle: Any = None) -> list[str]:
+def sensitivity_sentences(grid: dict, norms: list[str], batches: list[int], settle: Any = None,
+                          margin: float = 0.01) -> list[str]:
     """Accuracy at the smallest minus the largest batch size per norm, through the verdict rule (paired over
     seeds); the most sensitive norm only among changes whose interval excludes 0."""
     from normlab.sweep.compare_verdicts import Settle, batch_sensitivity
 
-    return batch_sensitivity(grid, norms, batches, settle or Settle())[1]
+    return batch_sensitivity(grid, norms, batches, settle or Settle(), margin)[1]
 
 
 def gap_sentence(grid: dict, norms: list[str], batches: list[int]) -> str:

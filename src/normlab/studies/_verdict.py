@@ -1,8 +1,9 @@
-"""How every study turns seeds into a sentence: the shared win / tie / inconclusive rule on converged arms.
+"""How every study turns seeds into a sentence: the shared rule on converged arms, against a margin.
 
-science.md section 8: compare only converged arms, and call a difference a win only when the 95% interval
-of the difference over >= 3 seeds excludes 0 (:func:`normlab.stats.compare_arms`). This module adapts that
-rule to the studies' inputs:
+science.md section 8: compare only converged arms, and read the 95% interval of the difference over >= 3
+seeds against a stated margin: win, equivalent or unresolved (:func:`normlab.stats.compare_arms`; each
+function here takes ``margin``, in the metric's units, default 1 point of accuracy). This module adapts
+that rule to the studies' inputs:
 
 - :func:`arm` reads one arm's per-seed values and convergence statuses from its ``RunResult`` s (a run that
   did not finish gives NaN and its status; ``RunResult.convergence`` says whether a finished run plateaued);
@@ -21,12 +22,13 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from normlab.stats import INCONCLUSIVE, TIE, WIN, Verdict, compare_arms
+from normlab.stats import DEFAULT_MARGIN, EQUIVALENT, INCONCLUSIVE, UNRESOLVED, WIN, Verdict, compare_arms
 
 __all__ = [
+    "EQUIVALENT",
     "INCONCLUSIVE",
     "SETTLE",
-    "TIE",
+    "UNRESOLVED",
     "WIN",
     "Verdict",
     "agreement_word",
@@ -77,6 +79,7 @@ def decide(
     value: Callable[[Any], float] | tuple[Sequence[float], Sequence[float]] = final_test_acc,
     higher_is_better: bool = True,
     paired: bool = True,
+    margin: float = DEFAULT_MARGIN,
 ) -> Verdict:
     """:func:`normlab.stats.compare_arms` on two arms of runs (same seeds in the same order: paired).
 
@@ -92,7 +95,7 @@ def decide(
     paired = paired and len(va) == len(vb)
     return compare_arms(
         a, va, b, vb, statuses_a=sa, statuses_b=sb, higher_is_better=higher_is_better, paired=paired,
-        settle=SETTLE,
+        margin=margin, settle=SETTLE,
     )
 
 
@@ -104,11 +107,13 @@ def decide_values(
     *,
     higher_is_better: bool = True,
     paired: bool = True,
+    margin: float = DEFAULT_MARGIN,
 ) -> Verdict:
     """:func:`normlab.stats.compare_arms` on per-seed measurements that need no training."""
     paired = paired and len(values_a) == len(values_b)
     return compare_arms(
-        a, list(values_a), b, list(values_b), higher_is_better=higher_is_better, paired=paired, settle=SETTLE
+        a, list(values_a), b, list(values_b), higher_is_better=higher_is_better, paired=paired,
+        margin=margin, settle=SETTLE,
     )
 
 
@@ -174,6 +179,7 @@ def compare_records(
     *,
     higher_is_better: bool = True,
     settle: dict[str, str] | None = None,
+    margin: float = DEFAULT_MARGIN,
 ) -> Verdict:
     """:func:`normlab.stats.compare_arms` on ``record[key]`` of two arms of per-seed records (each with
     ``convergence``; records without it count as results, e.g. measurements at initialization);
@@ -183,7 +189,7 @@ def compare_records(
     sb = [r["convergence"] for r in records_b] if all("convergence" in r for r in records_b) else None
     return compare_arms(
         a, va, b, vb, statuses_a=sa, statuses_b=sb, higher_is_better=higher_is_better,
-        paired=len(va) == len(vb), settle=settle or SETTLE,
+        paired=len(va) == len(vb), margin=margin, settle=settle or SETTLE,
     )
 
 

@@ -30,7 +30,7 @@ import math
 from typing import Any
 
 from normlab.errors import NormlabError
-from normlab.stats import INCONCLUSIVE, TIE, Verdict
+from normlab.stats import EQUIVALENT, INCONCLUSIVE, UNRESOLVED, Verdict
 from normlab.studies._grid import (
     base_fields,
     budget_fields,
@@ -168,7 +168,7 @@ def word(verdict: Verdict) -> tuple[str, tuple[float, float]]:
     half = (verdict.high - verdict.low) / 2
     if verdict.word == INCONCLUSIVE:
         return "inconclusive", (verdict.diff, half)
-    if verdict.word == TIE:
+    if verdict.word in (EQUIVALENT, UNRESOLVED):
         return "tie", (verdict.diff, half)
     return ("win" if verdict.winner == verdict.a else "loss"), (verdict.diff, half)
 

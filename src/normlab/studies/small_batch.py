@@ -31,7 +31,7 @@ import math
 from typing import Any
 
 from normlab.errors import NormlabError
-from normlab.stats import INCONCLUSIVE, TIE, WIN
+from normlab.stats import EQUIVALENT, INCONCLUSIVE, UNRESOLVED, WIN
 from normlab.studies._grid import (
     base_fields,
     budget_fields,
@@ -316,7 +316,7 @@ def judge(
     if discrepancy and large in bn_ref and small in bn_ref:
         paper = (bn_ref[small] - bn_ref[large]) - (gn_ref[small] - gn_ref[large])
         half = 100 * (found.high - found.low) / 2
-        if math.isfinite(half) and paper < half and found.word == TIE:
+        if math.isfinite(half) and paper < half and found.word in (EQUIVALENT, UNRESOLVED):
             # A tie where the paper's own effect is below this scale's resolution does not contradict the
             # paper: the scale cannot test it, so the study is inconclusive, not in disagreement.
             reason = (
