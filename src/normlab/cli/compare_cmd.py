@@ -148,7 +148,7 @@ def compare_command(
     if lr_extensions < 0:
         raise NormlabError(f"--lr-extensions must be >= 0, got {lr_extensions}")
     if isinstance(margin, bool) or not 0 < margin <= 100:
-        raise NormlabError(f"--margin must be between 0 and 100 accuracy points (exclusive of 0), got {margin}")
+        raise NormlabError(f"--margin must be above 0 and at most 100 accuracy points, got {margin}")
     if not 0 <= probe_margin <= 1:
         raise NormlabError(f"--probe-margin must be between 0 and 1 (an accuracy), got {probe_margin}")
     if budget not in ("auto", "fixed"):

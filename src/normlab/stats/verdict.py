@@ -88,12 +88,13 @@ class Verdict:
             loser = self.b if self.winner == self.a else self.a
             return f"{self.winner} beats {loser} on {metric} by {difference}."
         if self.word == EQUIVALENT:
-            return f"{self.a} and {self.b} are equivalent on {metric} within {delta}: difference {difference}."
+            return (f"{self.a} and {self.b} are equivalent on {metric} within {delta}: "
+                    f"difference {difference}.")
         if self.word == UNRESOLVED:
             more = (f"about {self.seeds} seeds would resolve it ({self.settle})" if self.seeds
                     else f"more than {MAX_SEEDS} seeds would be needed to resolve it")
-            return (f"{self.a} vs {self.b} on {metric} is unresolved: difference {difference}, which includes 0 "
-                    f"and reaches past the margin; {more}.")
+            return (f"{self.a} vs {self.b} on {metric} is unresolved: difference {difference}, which "
+                    f"includes 0 and reaches past the margin; {more}.")
         settle = f" To settle it: {self.settle}." if self.settle else ""
         return f"{self.a} vs {self.b} on {metric} is inconclusive: {self.reason}.{settle}"
 

@@ -166,11 +166,12 @@ def batch_sensitivity(grid: dict[tuple[str, int], CompareCell], norms: Sequence[
         most = max(significant, key=lambda n: abs(significant[n].diff))
         diff = significant[most].diff
         lines.append(f"Most sensitive to the batch size: {most} ({100 * diff:+.1f} pts from batch {large} to "
-                     f"{small}), the largest change whose 95% interval excludes 0 and is not inside the margin"
+                     f"{small}), the largest change whose 95% interval excludes 0 and is not inside the "
+                     "margin"
                      + (f"; {', '.join(unsettled)} inconclusive." if unsettled else "."))
     else:
-        lines.append("No norm's accuracy changes with the batch size by more than the margin, beyond the seeds' "
-                     "spread"
+        lines.append("No norm's accuracy changes with the batch size by more than the margin, beyond the "
+                     "seeds' spread"
                      + (f" (inconclusive: {', '.join(unsettled)})." if unsettled else "."))
     return verdicts, lines
 
