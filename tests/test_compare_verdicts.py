@@ -55,7 +55,7 @@ def test_unresolved_when_the_interval_includes_zero_and_reaches_past_the_margin(
     assert verdict.word == "unresolved"
     sentence = verdict.sentence()
     assert sentence.startswith("bn vs gn on test accuracy is unresolved: difference +0.3 pts (95% CI ")
-    assert ", paired t over 3 seeds; margin ±1 pts), which includes 0 and reaches past the margin; " in sentence
+    assert ", paired t over 3 seeds; margin ±1 pts), which includes 0 and reaches past the margin" in sentence
 
 
 def test_equivalent_cells_and_the_leader_word():
