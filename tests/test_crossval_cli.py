@@ -55,7 +55,8 @@ def test_layer_command_table_and_bad_backend(capsys):
     assert code == 0 and "numpy|torch" in out and "consistent" in out
     code, _, err = _run(["crossval", "layer", "--backends", "numpy,caffe"], capsys)
     assert code == 2
-    assert "unknown backend 'caffe'; valid backends: numpy, torch, torch-compile, onnxruntime, jax" in err
+    assert ("unknown backend 'caffe'; valid backends: numpy, torch, torch-compile, onnxruntime, jax, "
+            "torch-cuda") in err
     code, _, err = _run(["crossval", "layer", "--momentum", "fast"], capsys)
     assert code == 2 and "momentum must be a float in [0, 1] or 'none', got 'fast'" in err
 

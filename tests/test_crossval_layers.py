@@ -144,7 +144,8 @@ def test_missing_package_skips_the_backend_with_a_clear_message(monkeypatch):
     [
         (
             lambda: crossval_layer(LayerSpec(), "numpy,tensorflow"),
-            "unknown backend 'tensorflow'; valid backends: numpy, torch, torch-compile, onnxruntime, jax",
+            "unknown backend 'tensorflow'; valid backends: numpy, torch, torch-compile, onnxruntime, jax, "
+            "torch-cuda",
         ),
         (
             lambda: crossval_layer(

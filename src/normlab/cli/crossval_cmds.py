@@ -17,7 +17,8 @@ crossval_app = typer.Typer(
     help="Cross-backend validation (CRADLE): run a layer or model on several backends.", no_args_is_help=True
 )
 
-_BACKENDS_HELP = "comma-separated: numpy,torch,torch-compile,onnxruntime,jax (numpy is the float64 oracle)"
+_BACKENDS_HELP = ("comma-separated: numpy,torch,torch-compile,onnxruntime,jax,torch-cuda (numpy is the "
+                  "float64 oracle)")
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:

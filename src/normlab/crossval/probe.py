@@ -248,6 +248,7 @@ _PROBES = {
     "numpy": (probe_numpy, ()),
     "torch": (probe_torch, ("torch",)),
     "torch-compile": (probe_torch, ("torch",)),
+    "torch-cuda": (probe_torch, ("torch",)),
     "jax": (probe_flax, ("jax", "flax")),
     "onnxruntime": (probe_onnxruntime, ("onnx", "onnxruntime")),
 }
@@ -273,8 +274,9 @@ def probe_conventions(backends: str | list[str] = "numpy,torch,onnxruntime,jax")
         if reason:
             probe.skipped = reason
             continue
-        if name == "torch-compile":
-            probe.skipped = "same library defaults as 'torch' (compilation does not change BN semantics)"
+        if name in ("torch-compile", "torch-cuda"):
+            probe.skipped = (f"same library defaults as 'torch' ({name} runs torch's own modules, which "
+                             "compilation or the device does not change)")
             continue
         fn(probe)
     return results

@@ -1,4 +1,5 @@
-"""Backends by name: ``numpy`` (the oracle), ``torch``, ``torch-compile``, ``onnxruntime``, ``jax``."""
+"""Backends by name: ``numpy`` (the oracle), ``torch``, ``torch-compile``, ``onnxruntime``, ``jax``,
+``torch-cuda`` (skipped, with the reason, where CUDA is not available)."""
 
 from __future__ import annotations
 
@@ -49,9 +50,10 @@ def _register_builtin() -> None:
     from normlab.crossval.backends.jax_backend import JaxBackend
     from normlab.crossval.backends.numpy_backend import NumpyBackend
     from normlab.crossval.backends.onnx_backend import OnnxRuntimeBackend
-    from normlab.crossval.backends.torch_backend import TorchBackend, TorchCompileBackend
+    from normlab.crossval.backends.torch_backend import TorchBackend, TorchCompileBackend, TorchCudaBackend
 
-    for cls in (NumpyBackend, TorchBackend, TorchCompileBackend, OnnxRuntimeBackend, JaxBackend):
+    for cls in (NumpyBackend, TorchBackend, TorchCompileBackend, OnnxRuntimeBackend, JaxBackend,
+                TorchCudaBackend):
         register_backend(cls.name, cls)
 
 
