@@ -7,11 +7,12 @@ same run, and BN vs GN vs LN vs NF per step.
 On CUDA only (it says so and exits 2 elsewhere; ``--dry-run`` checks the script on the CPU). One training
 step is forward, cross-entropy, backward and an SGD + momentum update, under
 ``torch.autocast("cuda", dtype=torch.bfloat16)`` with the model and input in ``channels_last``. Models:
-normlab's VGG-16 (Santurkar et al.'s CIFAR net, 3 x 32 x 32, width 1) and a ResNet-50 (torchvision's ``resnet50``, 3 x 224 x 224, when torchvision is importable; else skipped with the
-reason). Each step time is the median of ``--rounds`` blocks of ``--steps`` steps between CUDA
-synchronizations, after warm-up. FLOPs of one step (forward + backward) are counted by
-``torch.utils.flop_counter.FlopCounterMode``; the ratio achieved / GEMM uses a bf16 8192^2 ``torch.mm``
-timed in the same run (the card's reachable dense rate, not its datasheet figure).
+normlab's VGG-16 (Santurkar et al.'s CIFAR net, 3 x 32 x 32, width 1) and a ResNet-50 (torchvision's
+``resnet50``, 3 x 224 x 224, when torchvision is importable; else skipped with the reason). Each step time
+is the median of ``--rounds`` blocks of ``--steps`` steps between CUDA synchronizations, after warm-up.
+FLOPs of one step (forward + backward) are counted by ``torch.utils.flop_counter.FlopCounterMode``; the
+ratio achieved / GEMM uses a bf16 8192^2 ``torch.mm`` timed in the same run (the card's reachable dense
+rate, not its datasheet figure).
 
 The per-norm table times the same VGG-16 and a ResNet-20 built by ``normlab.models.create_model`` with
 ``norm`` = bn, gn, ln and nf (NF: Scaled WS convs + AGC 0.01 in the step), as ratios against BN measured in
