@@ -3,7 +3,3 @@
 
 class NormlabError(ValueError):
     """Bad input to normlab: the message names what was given and what is allowed."""
-
-
-class DivergedError(RuntimeError):
-    """A training run produced a non-finite loss or a loss above its bound."""

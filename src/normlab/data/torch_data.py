@@ -90,10 +90,6 @@ def register_torch_data(
     return PREFIX + name
 
 
-def is_torch_data(name: str) -> bool:
-    return isinstance(name, str) and name.startswith(PREFIX)
-
-
 def load_torch_data(name: str) -> Dataset | StreamingDataset:
     """The registered data ``name`` (``torch:...``): a :class:`Dataset` or a :class:`StreamingDataset`."""
     entry = _entry(name)

@@ -134,11 +134,6 @@ def compare_report(
                         f"batch sizes {', '.join(map(str, batches))}")
 
 
-def best_mean(cell: Any) -> float:
-    best = cell.best if cell is not None else None
-    return _mean(best.accuracies) if best else math.nan
-
-
 def verdict_sentences(grid: dict, norms: list[str], batches: list[int], settle: Any = None,
                       margin: float = 0.01) -> list[str]:
     """Per batch size, the leading norm against each other norm (win / equivalent / unresolved /
@@ -209,14 +204,6 @@ def _mean(values: Sequence[float]) -> float:
 def _pct_ci(values: Sequence[float]) -> tuple[float, float]:
     mean, half = mean_ci(values)
     return round(100 * mean, 2), round(100 * half, 2)
-
-
-def _half(cell: Any) -> float:
-    return _pct_ci(cell.best.accuracies)[1] / 100 if cell is not None and cell.best else math.nan
-
-
-def _lr(value: float | None) -> str:
-    return "none" if value is None else f"{value:g}"
 
 
 def _accuracy_figure(out: Path, grid: dict, norms: list[str], batches: list[int]) -> Figure:

@@ -30,7 +30,6 @@ is new.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 from normlab.sweep.compare import CompareCell, run_name, summarize_compare
@@ -147,18 +146,3 @@ def bracket_lrs(
 
     results = list(run(configs, follow_up))
     return results, configs + added
-
-
-def bracketing_note(cell: CompareCell) -> str | None:
-    """Why a cell's lr is not bracketed, in words (None when it is)."""
-    edge = cell.best_edge
-    if cell.best is None:
-        return "no stable lr"
-    if edge is not None:
-        return f"best lr at the grid's {'top' if edge == 'high' else 'bottom'} ({cell.best.lr:.3g})"
-    return None
-
-
-def lr_ratio_text(factor: float) -> str:
-    """``x4`` for a grid of ratio 4 (rounded when it is nearly an integer)."""
-    return f"x{round(factor)}" if math.isclose(factor, round(factor), rel_tol=1e-6) else f"x{factor:.3g}"
