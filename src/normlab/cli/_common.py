@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import typer
 
 from normlab.errors import NormlabError
+from normlab.text import safe_text
 
 #: Version of the JSON that ``--json`` prints (docs/json.md): an object carries ``"schema": JSON_SCHEMA``.
 #: Raise it when a field is renamed or removed or changes meaning; adding a field keeps it.
@@ -67,18 +67,6 @@ def fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.{digits}g}"
     return escape(safe_text(str(value)))
-
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def safe_text(text: str) -> str:
-    """``text`` with terminal control characters (ESC sequences, BEL, CR...) written as ``\\xNN``.
-
-    Run names and errors come from the store, which anyone can write: printed raw, an escape sequence
-    could rewrite the terminal (clear it, retitle it, hide lines).
-    """
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def csv_list(text: str, kind: type, what: str) -> list:

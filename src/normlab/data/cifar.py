@@ -186,7 +186,7 @@ def read_batches(folder: Path, files: tuple[str, ...], label_key: bytes) -> tupl
             )
         try:
             y = np.asarray(labels, dtype=np.int64).reshape(-1)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: a label beyond int64 (2**64 - 1)
             y = None
         if y is None or labels is None or len(y) != len(data):
             raise NormlabError(

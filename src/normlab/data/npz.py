@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from normlab.data.dataset import Dataset
+from normlab.data.dataset import MAX_CLASSES, Dataset
 from normlab.errors import NormlabError
 
 PREFIX = "npz:"
@@ -38,6 +38,9 @@ def load_npz(name: str) -> Dataset:
                     f"(has {', '.join(archive.files) or 'none'})"
                 )
             arrays = {k: archive[k] for k in KEYS}
+        for key, value in arrays.items():  # a member saved without .npy is read as raw bytes
+            if not isinstance(value, np.ndarray):
+                raise NormlabError(f"dataset {name!r}: member {key!r} is not a .npy array")
     except NormlabError:
         raise
     except Exception as exc:  # not a zip, object arrays (pickle refused), truncated file
@@ -89,6 +92,11 @@ def _targets(
                 raise NormlabError(f"dataset {name!r}: {key} has shape {y.shape}; class labels are (N,)")
             if y.min() < 0:
                 raise NormlabError(f"dataset {name!r}: {key} has a negative label {int(y.min())}")
+            if int(y.max()) >= MAX_CLASSES:  # before the int64 cast: uint64's max would wrap to -1
+                raise NormlabError(
+                    f"dataset {name!r}: {key} holds label {int(y.max())}; labels are class indices below "
+                    f"{MAX_CLASSES}"
+                )
         num_classes = int(max(y_train.max(), y_test.max())) + 1
         if num_classes < 2:
             raise NormlabError(f"dataset {name!r}: labels have a single class; classification needs >= 2")

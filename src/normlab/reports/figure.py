@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.errors import NormlabError
+from normlab.files import atomic_open
 
 
 @dataclass
@@ -94,7 +95,8 @@ def save_matplotlib(fig: Any, directory: Path, name: str, caption: str, dpi: int
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     file = directory / f"{name}.png"
-    fig.savefig(file, dpi=dpi, bbox_inches="tight")
+    with atomic_open(file, "wb") as stream:  # a link at <name>.png is replaced, not written through
+        fig.savefig(stream, format="png", dpi=dpi, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)

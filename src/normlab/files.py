@@ -1,0 +1,72 @@
+"""Writing a file without following a link: every file normlab writes (reports, index pages, outcome.json,
+figures, exports, checkpoints) goes through :func:`atomic_open` / :func:`atomic_write`.
+
+The bytes go to a new temporary file in the target's own folder (``.<name>.<random>.tmp``, created with
+``O_EXCL``, so no link can sit at its name) and are moved over the target with ``os.replace``. A rename
+replaces a symlink at the target; it never writes through it, so a ``report.md`` linked to a shell start-up
+file is swapped for the report and the file it pointed at is untouched (issue 29). The move is atomic on
+POSIX and Windows: a crash mid-write leaves the previous file whole, and a failed write removes its temp file.
+The new file gets the permissions a plain ``open(path, "w")`` would give (0666 less the umask).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from normlab.errors import NormlabError
+
+_UMASK: int | None = None
+
+
+def _file_mode() -> int:
+    global _UMASK
+    if _UMASK is None:  # os.umask only reads by setting; done once, before any thread writes files
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return 0o666 & ~_UMASK
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, encoding: str = "utf-8",
+                newline: str | None = None, devices: bool = False) -> Iterator[IO]:
+    """``open(path, mode)`` for writing (``"w"`` or ``"wb"``) that replaces ``path`` only once the block
+    ends without an error, and replaces a link at ``path`` instead of writing through it.
+
+    ``devices``: a device or FIFO the user named (``runs export -o /dev/stdout``) is written in place; a
+    link to one is still replaced.
+
+    Raises:
+        NormlabError: ``path`` is a folder.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes with mode 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise NormlabError(f"{str(path)!r} is a folder; give a file path")
+    if devices and (path.is_char_device() or path.is_fifo()) and not path.is_symlink():
+        with open(path, mode, **({} if mode == "wb" else {"encoding": encoding, "newline": newline})) as out:
+            yield out
+        return
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, _file_mode())
+        text = {} if mode == "wb" else {"encoding": encoding, "newline": newline}
+        with os.fdopen(fd, mode, **text) as stream:
+            yield stream
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, *, encoding: str = "utf-8") -> Path:
+    """Write ``data`` (text or bytes) to ``path`` through :func:`atomic_open`; returns ``Path(path)``."""
+    with atomic_open(path, "wb" if isinstance(data, bytes) else "w", encoding=encoding) as stream:
+        stream.write(data)
+    return Path(path)
