@@ -85,6 +85,11 @@ def _describe(exc: Exception) -> tuple[str, int]:
 
     if isinstance(exc, NormlabError):
         return str(exc), 2
+    where = _user_frame(exc)
+    if where is not None and not os.environ.get("NORMLAB_TRACEBACK"):
+        # The user's model (--model file.py:f) raised it, not normlab: a mistake in their code (issue 29).
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        return f"your code {where} raised {type(exc).__name__}: {text}", 2
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc)
         where = f": {exc.filename}" if exc.filename else ""
@@ -108,6 +113,27 @@ def _describe(exc: Exception) -> tuple[str, int]:
         raise exc
     text = " ".join(str(exc).split())[:300]
     return f"internal error {type(exc).__name__}: {text} (a normlab bug; NORMLAB_TRACEBACK=1 shows where)", 1
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """``file.py:LINE (in FUNC)`` of the innermost traceback frame of ``exc`` in code that is neither
+    normlab's, the standard library's nor an installed package's (a user's model file), or None."""
+    import os
+    import sysconfig
+    from pathlib import Path
+
+    import normlab
+
+    ours = [str(Path(normlab.__file__).parent)]
+    ours += {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        file = tb.tb_frame.f_code.co_filename
+        if not file.startswith("<") and not any(file.startswith(root + os.sep) for root in ours):
+            found = f"{Path(file).name}:{tb.tb_lineno} (in {tb.tb_frame.f_code.co_name})"
+        tb = tb.tb_next
+    return found
 
 
 def _fail(message: str, args: list[str], code: int = 2) -> None:

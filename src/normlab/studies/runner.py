@@ -67,6 +67,9 @@ def run_study(
         raise NormlabError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise NormlabError(f"seeds must be a positive int, got {seeds!r}")
+    from normlab.sweep.compare import check_seeds
+
+    check_seeds(seeds, "seeds")
     study = get_study(name)
     if overrides:
         study = overridden(study, scale, overrides)
