@@ -102,6 +102,23 @@ def refuse_model_code_from(source: str, values: dict[str, Any], given_model: str
         )
 
 
+def refuse_paths_from(source: str, values: dict[str, Any], given: dict[str, Any]) -> None:
+    """A config read from ``source`` (a config file, a checkpoint) does not choose where normlab writes
+    (``checkpoint_dir``) or which data it reads (``data_root``, a ``npz:FILE`` dataset): such a field is
+    refused unless the command line (``given``) sets the same value (issue 29)."""
+    from normlab.data.npz import is_npz
+
+    for field, flag in (("checkpoint_dir", "--checkpoint-dir"), ("data_root", "--data-root"),
+                        ("dataset", "--dataset")):
+        named = values.get(field)
+        if named is None or (field == "dataset" and not is_npz(named)) or given.get(field) == named:
+            continue
+        raise NormlabError(
+            f"{source} sets {field} {named!r}; normlab reads and writes only where the command line says: "
+            f"add {flag} {named}"
+        )
+
+
 # -- checks before anything trains or is stored ----------------------------------------------------------
 
 FORCE_HELP = "run even when the memory/time estimate says it will not fit"
