@@ -11,6 +11,7 @@ exit code 1 (``NORMLAB_TRACEBACK=1`` shows the traceback).
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
@@ -42,11 +43,25 @@ def _register_all() -> None:
 
 _register_all()
 
+INTERRUPTED = "interrupted (Ctrl-C); finished runs are kept in the store"
+
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``normlab`` script."""
     click = _click()
     args = list(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings(record=True) as caught:
+        code = _run(click, args)
+    # Only a command that succeeded shows its warnings: on an error path the one-line message is all.
+    for warning in caught:
+        text = " ".join(str(warning.message).split())
+        typer.echo(f"warning: {warning.category.__name__}: {text}", err=True)
+    # As click's standalone mode did: the script always ends in SystemExit (0, or a command's exit code).
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _run(click, args: list[str]):
+    """The command's return value; every error ends here in :func:`_fail` (one line, its exit code)."""
     try:
         code = app(args=args, prog_name="normlab", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError:  # `normlab runs`: the help (already printed) is the answer
@@ -59,14 +74,15 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         _fail("aborted", args, code=130)
     except KeyboardInterrupt:
-        _fail("interrupted (Ctrl-C); finished runs are kept in the store", args, code=130)
+        _fail(INTERRUPTED, args, code=130)
     except click.exceptions.ClickException as exc:
         _fail(exc.format_message(), args, code=exc.exit_code)
     except Exception as exc:
         message, code = _describe(exc)
         _fail(message, args, code)
-    # As click's standalone mode did: the script always ends in SystemExit (0, or a command's exit code).
-    sys.exit(code if isinstance(code, int) else 0)
+    if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into a silent Exit(130); no command returns 130
+        _fail(INTERRUPTED, args, code=130)
+    return code
 
 
 def _click():
