@@ -84,8 +84,14 @@ def _note_skipped(folder: Path, skipped: list[Path]) -> None:
         return
     shown = ", ".join(f"{p.name} ({_what(p)})" for p in skipped[:5])
     more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-    print(f"note: skipped {len(skipped)} entries of {folder} that are not regular files or folders inside "
-          f"it: {shown}{more}", file=sys.stderr)
+    note = (f"note: skipped {len(skipped)} entries of {folder} that are not regular files or folders inside "
+            f"it: {shown}{more}")
+    if note not in _NOTED:  # once per process: a command may load its data twice (its checks, then training)
+        _NOTED.add(note)
+        print(note, file=sys.stderr)
+
+
+_NOTED: set[str] = set()
 
 
 def _what(path: Path) -> str:
