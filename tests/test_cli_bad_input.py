@@ -768,3 +768,28 @@ def test_train_twice_with_one_config_stores_two_finished_runs(hostile):
     with Store(hostile / "store.sqlite", readonly=True) as db:
         runs = db.runs()
     assert [r.status for r in runs] == ["finished", "finished"] and len({r.config_key for r in runs}) == 1
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["train", "--config", "fifo"], "config file 'fifo' is not a regular file (a FIFO, device or socket)"),
+    (["train", "--dataset", "npz:fifo", *TINY], "dataset 'npz:fifo': file 'fifo' is not a regular file"),
+    (["probe", "hessian", "--checkpoint", "fifo"], "checkpoint 'fifo' is not a regular file"),
+    (["train", "--dataset", "cifar10", "--data-root", "cifar", "--steps", "1"],
+     "CIFAR batch file 'cifar/cifar-10-batches-py/data_batch_1' is not a regular file"),
+])
+def test_a_fifo_where_a_file_is_read_is_refused_not_opened(hostile, argv, expected):
+    os.mkfifo(hostile / "fifo")
+    (hostile / "cifar" / "cifar-10-batches-py").mkdir(parents=True)
+    os.mkfifo(hostile / "cifar" / "cifar-10-batches-py" / "data_batch_1")
+    _one_line_exit_2(run_cli(argv), expected)
+
+
+def test_markdown_tables_and_captions_stay_on_one_line_without_control_characters():
+    from normlab.reports.document import Section, render_markdown
+    from normlab.reports.figure import Figure
+    from normlab.reports.table import Table
+
+    table = Table("t\n# h", ["a\nb"], [["x\x1b]0;owned\x07\ny|z"]])
+    md = render_markdown("T", [Section("s", tables=[table], figures=[Figure("f", "f.png", "cap\n<b>")])])
+    assert "\x1b" not in md and "\x07" not in md and "\n# h" not in md
+    assert "| x\\x1b]0;owned\\x07 y\\|z |" in md and "![cap &lt;b&gt;](f.png)" in md

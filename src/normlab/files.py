@@ -65,6 +65,14 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, encoding: str = "ut
         raise
 
 
+def refuse_special(path: str | os.PathLike, what: str) -> None:
+    """Refuse a FIFO, device or socket at ``path`` before it is read: opening a FIFO blocks until someone
+    writes to it, so ``open`` would hang (issue 29). A missing path is left for the caller to report."""
+    path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise NormlabError(f"{what} {str(path)!r} is not a regular file (a FIFO, device or socket)")
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes, *, encoding: str = "utf-8") -> Path:
     """Write ``data`` (text or bytes) to ``path`` through :func:`atomic_open`; returns ``Path(path)``."""
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w", encoding=encoding) as stream:

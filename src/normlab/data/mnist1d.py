@@ -18,7 +18,7 @@ import torch
 
 from normlab.data.dataset import Dataset, default_root, register_dataset
 from normlab.errors import NormlabError
-from normlab.files import atomic_open
+from normlab.files import atomic_open, refuse_special
 
 SEQ_LENGTH = 40
 
@@ -51,6 +51,7 @@ def cache_path(root: Path, num_samples: int) -> Path:
 
 
 def load_or_generate(path: Path, num_samples: int) -> dict[str, np.ndarray]:
+    refuse_special(path, "MNIST-1D cache")
     if path.exists():
         with np.load(path, allow_pickle=False) as cached:
             data = {key: cached[key] for key in cached.files}

@@ -15,6 +15,7 @@ import torch
 
 from normlab.data.dataset import MAX_CLASSES, Dataset
 from normlab.errors import NormlabError
+from normlab.files import refuse_special
 
 PREFIX = "npz:"
 KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -27,6 +28,7 @@ def is_npz(name: str) -> bool:
 def load_npz(name: str) -> Dataset:
     """The :class:`Dataset` in the archive ``name`` = ``npz:FILE`` (module docstring)."""
     path = Path(name[len(PREFIX):]).expanduser()
+    refuse_special(path, f"dataset {name!r}: file")
     if not path.is_file():
         raise NormlabError(f"dataset {name!r}: file {str(path)!r} does not exist")
     try:

@@ -20,6 +20,7 @@ from typing import Any
 
 from normlab.errors import NormlabError
 from normlab.files import atomic_open
+from normlab.text import one_line
 
 
 @dataclass
@@ -85,7 +86,7 @@ def _looks_like(suffix: str, content: bytes) -> bool:
 
 def _md_text(text: str) -> str:
     """Escape ``&``, ``<`` and ``>`` so raw HTML in a Markdown source renders as text, never as tags."""
-    return html.escape(str(text), quote=False)
+    return html.escape(one_line(text), quote=False)
 
 
 def save_matplotlib(fig: Any, directory: Path, name: str, caption: str, dpi: int = 110) -> Figure:

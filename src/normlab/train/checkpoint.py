@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from normlab.errors import NormlabError
-from normlab.files import atomic_open
+from normlab.files import atomic_open, refuse_special
 
 FORMAT = "normlab-checkpoint"
 VERSION = 1
@@ -43,6 +43,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise NormlabError(f"checkpoint {str(path)!r} is a folder, not a checkpoint file")
+    refuse_special(path, "checkpoint")
     if not path.is_file():
         raise NormlabError(f"checkpoint {str(path)!r} does not exist")
     try:
