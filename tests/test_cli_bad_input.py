@@ -11,6 +11,7 @@ import os
 import signal
 import struct
 import textwrap
+import threading
 import zlib
 from pathlib import Path
 
@@ -793,3 +794,24 @@ def test_markdown_tables_and_captions_stay_on_one_line_without_control_character
     md = render_markdown("T", [Section("s", tables=[table], figures=[Figure("f", "f.png", "cap\n<b>")])])
     assert "\x1b" not in md and "\x07" not in md and "\n# h" not in md
     assert "| x\\x1b]0;owned\\x07 y\\|z |" in md and "![cap &lt;b&gt;](f.png)" in md
+
+
+def test_export_to_a_stream_writes_into_it_and_keeps_the_link(hostile):
+    # `-o /dev/stdout` is a link to /proc/self/fd/1: replacing it (as a planted link is replaced) would turn
+    # the machine's /dev/stdout into a file. Here the same shape: a link to an open descriptor, and a FIFO.
+    with Store(hostile / "store.sqlite") as db:
+        db.finish_run(db.start_run({"model": "cnn"}, name="r", environment={}), "finished", summary={})
+    with open(hostile / "redirected.csv", "w+") as target:
+        (hostile / "stdout").symlink_to(f"/proc/self/fd/{target.fileno()}")
+        code, _, err = run_cli(["runs", "export", "-o", str(hostile / "stdout")])
+        assert code == 0, err
+    assert (hostile / "stdout").is_symlink()
+    assert (hostile / "redirected.csv").read_text().startswith("id,name,group,status")
+    os.mkfifo(hostile / "pipe")
+    received = []
+    reader = threading.Thread(target=lambda: received.append((hostile / "pipe").read_text()))
+    reader.start()
+    code, _, err = run_cli(["runs", "export", "-o", str(hostile / "pipe"), "--format", "json"])
+    reader.join(30)
+    assert code == 0, err
+    assert (hostile / "pipe").is_fifo() and json.loads(received[0])[0]["name"] == "r"

@@ -12,6 +12,7 @@ The new file gets the permissions a plain ``open(path, "w")`` would give (0666 l
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,8 +38,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, encoding: str = "ut
     """``open(path, mode)`` for writing (``"w"`` or ``"wb"``) that replaces ``path`` only once the block
     ends without an error, and replaces a link at ``path`` instead of writing through it.
 
-    ``devices``: a device or FIFO the user named (``runs export -o /dev/stdout``) is written in place; a
-    link to one is still replaced.
+    ``devices``: a device or FIFO the user named, or a link to one (``runs export -o /dev/stdout``, a link
+    to the process's stdout), is written in place, never replaced.
 
     Raises:
         NormlabError: ``path`` is a folder.
@@ -48,7 +49,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, encoding: str = "ut
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         raise NormlabError(f"{str(path)!r} is a folder; give a file path")
-    if devices and (path.is_char_device() or path.is_fifo()) and not path.is_symlink():
+    if devices and _is_stream(path):
         with open(path, mode, **({} if mode == "wb" else {"encoding": encoding, "newline": newline})) as out:
             yield out
         return
@@ -63,6 +64,25 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, encoding: str = "ut
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _is_stream(path: Path) -> bool:
+    """``path`` is a character device or FIFO, or a link to one or to an open file descriptor
+    (``/dev/stdout`` -> ``/proc/self/fd/1``, whatever the shell redirected it to): what the user wants
+    written, never replaced (replacing ``/dev/stdout`` would turn it into a file for everyone)."""
+    hop = path
+    for _ in range(40):  # follow the chain by hand: a hop through /proc/<pid>/fd is a descriptor
+        if not hop.is_symlink():
+            break
+        target = Path(os.readlink(hop))
+        hop = target if target.is_absolute() else hop.parent / target
+        if str(hop).startswith(("/proc/", "/dev/fd/")):
+            return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
 def refuse_special(path: str | os.PathLike, what: str) -> None:
