@@ -49,15 +49,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, encoding: str = "ut
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         raise NormlabError(f"{str(path)!r} is a folder; give a file path")
+    text = {} if mode == "wb" else {"encoding": encoding, "newline": newline}
     if devices and _is_stream(path):
-        with open(path, mode, **({} if mode == "wb" else {"encoding": encoding, "newline": newline})) as out:
+        with open(path, mode, **text) as out:
             yield out
         return
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, _file_mode())
-        text = {} if mode == "wb" else {"encoding": encoding, "newline": newline}
         with os.fdopen(fd, mode, **text) as stream:
             yield stream
         os.replace(tmp, path)
