@@ -162,7 +162,11 @@ def check_fits_cluster(ray: Any, cpus_per_run: float, gpus_per_run: float) -> No
     """Refuse resources no alive node of the cluster has (``--gpus-per-run 1`` on CPU nodes,
     ``--cpus-per-run 64`` on 2-core ones): Ray would queue such a task for ever, and with
     ``log_to_driver=False`` its "cannot be scheduled" warning never reaches the terminal."""
-    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive", True)]
+    try:
+        listed = ray.nodes()
+    except Exception:  # noqa: BLE001 - a Ray (Client) that cannot list its nodes: nothing to check against
+        return
+    nodes = [node.get("Resources", {}) for node in listed if node.get("Alive", True)]
     if any(r.get("CPU", 0) >= cpus_per_run and r.get("GPU", 0) >= gpus_per_run for r in nodes):
         return
     largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
