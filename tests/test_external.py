@@ -149,10 +149,12 @@ def test_code_named_in_a_checkpoint_or_config_file_is_not_imported(capsys, user)
     code, _, err = cli(capsys, "train", "--config", "run.toml", "--store", str(user / "s.sqlite"))
     assert code == 2 and "add --model evil.py:resnet" in err
     assert not (user / "imported").exists() and not (user / "s.sqlite").exists()
-    # The checkpoint of a trusted spec loads when --model names it.
-    code, out, err = cli(capsys, "probe", "landscape", "--checkpoint", str(checkpoint), "--model",
-                         "my_models.py:resnet", "--batch-size", "8", "--options", '{"num_points": 2}',
-                         "--json")  # fmt: skip
+    # The checkpoint of a trusted spec loads when --model names it (and --dataset the data file it names).
+    argv = ["probe", "landscape", "--checkpoint", str(checkpoint), "--model", "my_models.py:resnet",
+            "--batch-size", "8", "--options", '{"num_points": 2}', "--json"]
+    code, out, _ = cli(capsys, *argv)
+    assert code == 2 and "sets dataset 'npz:data.npz'; normlab reads and writes only where" in out
+    code, out, err = cli(capsys, *argv, "--dataset", "npz:data.npz")
     assert code == 0, err
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from normlab import files as files_module
 from normlab.errors import NormlabError
 from normlab.store import Owner, Store
 from normlab.sweep import InlineExecutor, run_sweep
@@ -175,7 +176,7 @@ def test_checkpoint_temp_files_are_unique_and_removed_when_the_disk_is_full(tmp_
     target = tmp_path / "run.pt"
     checkpoint_module.save_checkpoint(target, {"step": 1})
     seen: list[str] = []
-    real_save, real_mkstemp = torch.save, checkpoint_module.tempfile.mkstemp
+    real_save, real_mkstemp = torch.save, files_module.tempfile.mkstemp
 
     def mkstemp(*args, **kwargs):
         fd, name = real_mkstemp(*args, **kwargs)
@@ -186,7 +187,7 @@ def test_checkpoint_temp_files_are_unique_and_removed_when_the_disk_is_full(tmp_
         real_save(obj, f, *args, **kwargs)  # some bytes reach the temp file first
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(files_module.tempfile, "mkstemp", mkstemp)
     monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
     for _ in range(2):
         with pytest.raises(NormlabError, match=f"cannot write checkpoint '{target}': No space left on dev"):

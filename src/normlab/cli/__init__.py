@@ -11,6 +11,7 @@ exit code 1 (``NORMLAB_TRACEBACK=1`` shows the traceback).
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
@@ -42,11 +43,25 @@ def _register_all() -> None:
 
 _register_all()
 
+INTERRUPTED = "interrupted (Ctrl-C); finished runs are kept in the store"
+
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``normlab`` script."""
     click = _click()
     args = list(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings(record=True) as caught:
+        code = _run(click, args)
+    # Only a command that succeeded shows its warnings: on an error path the one-line message is all.
+    for warning in caught:
+        text = " ".join(str(warning.message).split())
+        typer.echo(f"warning: {warning.category.__name__}: {text}", err=True)
+    # As click's standalone mode did: the script always ends in SystemExit (0, or a command's exit code).
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _run(click, args: list[str]):
+    """The command's return value; every error ends here in :func:`_fail` (one line, its exit code)."""
     try:
         code = app(args=args, prog_name="normlab", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError:  # `normlab runs`: the help (already printed) is the answer
@@ -59,14 +74,15 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         _fail("aborted", args, code=130)
     except KeyboardInterrupt:
-        _fail("interrupted (Ctrl-C); finished runs are kept in the store", args, code=130)
+        _fail(INTERRUPTED, args, code=130)
     except click.exceptions.ClickException as exc:
         _fail(exc.format_message(), args, code=exc.exit_code)
     except Exception as exc:
         message, code = _describe(exc)
         _fail(message, args, code)
-    # As click's standalone mode did: the script always ends in SystemExit (0, or a command's exit code).
-    sys.exit(code if isinstance(code, int) else 0)
+    if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into a silent Exit(130); no command returns 130
+        _fail(INTERRUPTED, args, code=130)
+    return code
 
 
 def _click():
@@ -85,6 +101,11 @@ def _describe(exc: Exception) -> tuple[str, int]:
 
     if isinstance(exc, NormlabError):
         return str(exc), 2
+    where = _user_frame(exc)
+    if where is not None and not os.environ.get("NORMLAB_TRACEBACK"):
+        # The user's model (--model file.py:f) raised it, not normlab: a mistake in their code (issue 29).
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        return f"your code {where} raised {type(exc).__name__}: {text}", 2
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc)
         where = f": {exc.filename}" if exc.filename else ""
@@ -108,6 +129,27 @@ def _describe(exc: Exception) -> tuple[str, int]:
         raise exc
     text = " ".join(str(exc).split())[:300]
     return f"internal error {type(exc).__name__}: {text} (a normlab bug; NORMLAB_TRACEBACK=1 shows where)", 1
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """``file.py:LINE (in FUNC)`` of the innermost traceback frame of ``exc`` in code that is neither
+    normlab's, the standard library's nor an installed package's (a user's model file), or None."""
+    import os
+    import sysconfig
+    from pathlib import Path
+
+    import normlab
+
+    ours = [str(Path(normlab.__file__).parent)]
+    ours += {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        file = tb.tb_frame.f_code.co_filename
+        if not file.startswith("<") and not any(file.startswith(root + os.sep) for root in ours):
+            found = f"{Path(file).name}:{tb.tb_lineno} (in {tb.tb_frame.f_code.co_name})"
+        tb = tb.tb_next
+    return found
 
 
 def _fail(message: str, args: list[str], code: int = 2) -> None:

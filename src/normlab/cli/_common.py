@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import typer
 
 from normlab.errors import NormlabError
+from normlab.text import safe_text
 
 #: Version of the JSON that ``--json`` prints (docs/json.md): an object carries ``"schema": JSON_SCHEMA``.
 #: Raise it when a field is renamed or removed or changes meaning; adding a field keeps it.
@@ -69,18 +69,6 @@ def fmt(value: Any, digits: int = 4) -> str:
     return escape(safe_text(str(value)))
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def safe_text(text: str) -> str:
-    """``text`` with terminal control characters (ESC sequences, BEL, CR...) written as ``\\xNN``.
-
-    Run names and errors come from the store, which anyone can write: printed raw, an escape sequence
-    could rewrite the terminal (clear it, retitle it, hide lines).
-    """
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
 def csv_list(text: str, kind: type, what: str) -> list:
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items:
@@ -111,6 +99,23 @@ def refuse_model_code_from(source: str, values: dict[str, Any], given_model: str
         raise NormlabError(
             f"{source} names model code {named!r}; normlab imports user code only when it is given on the "
             f"command line: add --model {named}"
+        )
+
+
+def refuse_paths_from(source: str, values: dict[str, Any], given: dict[str, Any]) -> None:
+    """A config read from ``source`` (a config file, a checkpoint) does not choose where normlab writes
+    (``checkpoint_dir``) or which data it reads (``data_root``, a ``npz:FILE`` dataset): such a field is
+    refused unless the command line (``given``) sets the same value (issue 29)."""
+    from normlab.data.npz import is_npz
+
+    for field, flag in (("checkpoint_dir", "--checkpoint-dir"), ("data_root", "--data-root"),
+                        ("dataset", "--dataset")):
+        named = values.get(field)
+        if named is None or (field == "dataset" and not is_npz(named)) or given.get(field) == named:
+            continue
+        raise NormlabError(
+            f"{source} sets {field} {named!r}; normlab reads and writes only where the command line says: "
+            f"add {flag} {named}"
         )
 
 

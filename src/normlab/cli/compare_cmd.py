@@ -138,10 +138,10 @@ def compare_command(
     largest stable LR, steps/s and the train/eval gap.
     """
     from normlab.sweep import LocalPoolExecutor, compare_configs, run_sweep
+    from normlab.sweep.compare import check_seeds
     from normlab.sweep.lr_search import bracket_lrs
 
-    if seeds < 1:
-        raise NormlabError(f"--seeds must be >= 1, got {seeds}")
+    check_seeds(seeds)
     for name, value in (("--max-steps", max_steps), ("--epochs", epochs), ("--steps", steps)):
         if value is not None and value < 1:
             raise NormlabError(f"{name} must be >= 1, got {value}")

@@ -15,7 +15,12 @@ from typing import Any
 
 import typer
 
-from normlab.cli._common import FORCE_HELP, check_probe_budget, refuse_model_code_from
+from normlab.cli._common import (
+    FORCE_HELP,
+    check_probe_budget,
+    refuse_model_code_from,
+    refuse_paths_from,
+)
 from normlab.errors import NormlabError
 
 _GAP_EXAMPLES = 2048  # test examples for train_eval_gap (and up to 20 training batches for PreciseBN)
@@ -71,6 +76,15 @@ def _setup(checkpoint: str | None, overrides: dict[str, Any]):
             )
         values = dict(state["config"])
         refuse_model_code_from(f"checkpoint {checkpoint!r}", values, overrides.get("model"))
+        values.pop("checkpoint_dir", None)  # a probe writes no checkpoints
+        refuse_paths_from(f"checkpoint {checkpoint!r}", values, overrides)
+        for entry in ("model", "optimizer"):
+            if not isinstance(state.get(entry), dict):
+                kind = type(state.get(entry)).__name__
+                raise NormlabError(
+                    f"checkpoint {checkpoint!r}: its {entry!r} entry is a {kind}, not a state dict; it was "
+                    "not written by normlab's trainer"
+                )
         for name in ("model", "norm"):
             given = overrides.get(name)
             if given is not None and given != values.get(name):
@@ -87,8 +101,9 @@ def _setup(checkpoint: str | None, overrides: dict[str, Any]):
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise NormlabError(f"checkpoint {checkpoint!r} does not match its own config: {exc}") from None
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            text = " ".join(str(exc).split())[:200]
+            raise NormlabError(f"checkpoint {checkpoint!r} does not match its own config: {text}") from None
     return config, data, model, optimizer, loss_function(data.task)
 
 

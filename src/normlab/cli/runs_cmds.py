@@ -9,6 +9,7 @@ import typer
 
 from normlab.cli._common import STORE_HELP, check_file_target, console, existing_store, fmt, print_json
 from normlab.errors import NormlabError
+from normlab.files import atomic_open
 
 runs_app = typer.Typer(help="List, show and export the runs in the results store.", no_args_is_help=True)
 
@@ -125,7 +126,8 @@ def _export_metrics(db, output: str | None, format: str, **filters) -> None:
 
     runs = db.runs(**filters)
     with contextlib.ExitStack() as stack:
-        stream = sys.stdout if output is None else stack.enter_context(open(output, "w", newline=""))
+        stream = sys.stdout if output is None else stack.enter_context(
+            atomic_open(output, "w", newline="", devices=True))
         if format == "json":
             records = []
             for run in runs:

@@ -91,6 +91,10 @@ def study(
             raise NormlabError(f"--model-options must be a JSON object, got {model_options!r}")
     if workers < 1:
         raise NormlabError(f"--workers must be >= 1, got {workers!r}")
+    from normlab.sweep.compare import MAX_SEEDS, check_seeds
+
+    if seeds > MAX_SEEDS:  # before --all runs every study into an error row
+        check_seeds(seeds)
     if threads < 0:
         raise NormlabError(f"--threads must be >= 0 (0 = usable cores / workers), got {threads!r}")
     check_threads(threads or None)

@@ -22,6 +22,7 @@ from normlab.cli._common import (
     preflight,
     print_json,
     refuse_model_code_from,
+    refuse_paths_from,
 )
 from normlab.errors import NormlabError
 
@@ -152,6 +153,7 @@ def config_from_cli(config_file: Path | None, options: dict[str, Any]):
     values = TrainConfig.from_toml(config_file).to_dict() if config_file is not None else {}
     if config_file is not None:
         refuse_model_code_from(f"config file {str(config_file)!r}", values, options.get("model"))
+        refuse_paths_from(f"config file {str(config_file)!r}", values, options)
     values.update({k: parse_option(k, v) for k, v in options.items() if v is not None})
     return TrainConfig.from_dict(values)
 

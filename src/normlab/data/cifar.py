@@ -26,6 +26,7 @@ import torch
 from normlab.data import download as fetch
 from normlab.data.dataset import Dataset, default_root, register_dataset
 from normlab.errors import NormlabError
+from normlab.files import refuse_special
 
 URL = "https://www.cs.toronto.edu/~kriz/"
 
@@ -156,6 +157,7 @@ def load_batch(path: Path) -> dict:
     Raises:
         NormlabError: the file is not a pickled dict of the allowed content (the message names the file).
     """
+    refuse_special(path, "CIFAR batch file")
     try:
         with open(path, "rb") as f:
             batch = BatchUnpickler(f, encoding="bytes").load()
@@ -186,7 +188,7 @@ def read_batches(folder: Path, files: tuple[str, ...], label_key: bytes) -> tupl
             )
         try:
             y = np.asarray(labels, dtype=np.int64).reshape(-1)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: a label beyond int64 (2**64 - 1)
             y = None
         if y is None or labels is None or len(y) != len(data):
             raise NormlabError(

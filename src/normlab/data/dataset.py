@@ -15,6 +15,8 @@ import torch
 from normlab.errors import NormlabError
 
 TASKS = ("classification", "regression")
+MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a label near 2**64 is a corrupt file, not a class
+MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a label near 2**64 is a corrupt file, not a class
 
 
 @dataclass
@@ -58,12 +60,48 @@ class Dataset:
                 f"inputs and targets differ in length: train {len(self.x_train)} vs {len(self.y_train)}, "
                 f"test {len(self.x_test)} vs {len(self.y_test)}"
             )
+        check_values(self)
 
     def __repr__(self) -> str:
         return (
             f"Dataset(name={self.name!r}, task={self.task!r}, train={len(self.x_train)}, "
             f"test={len(self.x_test)}, input_shape={self.input_shape}, num_classes={self.num_classes})"
         )
+
+
+def check_values(data: Dataset) -> None:
+    """Refuse data the loss cannot train on, once, at load (issue 29): a bad value would otherwise end as a
+    C++ error deep in the loss, or be recorded as a diverged run (which compare reads as an unstable lr).
+
+    Classification: at least 2 (and at most ``MAX_CLASSES``) classes, integer labels in ``0..K-1``
+    (``-100``, cross-entropy's ``ignore_index``, is refused too: it would silently drop examples).
+    Regression: finite targets. Both: finite float inputs.
+    """
+    where = f"dataset {data.name!r}" + (f" ({data.meta['source']})" if data.meta.get("source") else "")
+    count = data.num_classes
+    classes_ok = not isinstance(count, bool) and isinstance(count, int) and 2 <= count <= MAX_CLASSES
+    if data.task == "classification" and not classes_ok:
+        raise NormlabError(f"{where} has {count!r} classes; classification needs 2 to {MAX_CLASSES}")
+    for split in ("train", "test"):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        if x.is_floating_point() and len(x) and not torch.isfinite(x).all():
+            raise NormlabError(f"{where}: x_{split} holds NaN or inf")
+        if data.task == "regression":
+            if y.is_floating_point() and len(y) and not torch.isfinite(y).all():
+                raise NormlabError(f"{where}: y_{split} (regression targets) holds NaN or inf")
+            continue
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise NormlabError(f"{where}: y_{split} has dtype {y.dtype}; class labels are integers")
+        if len(y) == 0:
+            continue
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= data.num_classes:
+            bad = low if low < 0 else high
+            hint = " (-100 is cross-entropy's ignore_index: normlab trains on every example)" * (bad == -100)
+            raise NormlabError(
+                f"{where}: y_{split} holds label {bad}, outside the {data.num_classes} classes "
+                f"0..{data.num_classes - 1}{hint}"
+            )
 
 
 _LOADERS: dict[str, Callable[..., Dataset]] = {}

@@ -4,12 +4,12 @@ then rename into place, so an interrupted or corrupted download never leaves a f
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import urllib.request
 from pathlib import Path
 
 from normlab.errors import NormlabError
+from normlab.files import atomic_open
 
 CHUNK = 1 << 20
 
@@ -40,24 +40,20 @@ def download(url: str, dest: Path, md5: str, *, progress: bool = True) -> Path:
         NormlabError: the download failed or its MD5 differs from ``md5`` (the partial file is removed).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
     digest = hashlib.md5(usedforsecurity=False)
-    try:
-        with urllib.request.urlopen(url) as response, open(part, "wb") as out:
+    try:  # atomic_open: the temp file is moved over dest only if the block ends without an error
+        with urllib.request.urlopen(url) as response, atomic_open(dest, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
             with _Progress(dest.name, total, enabled=progress) as bar:
                 for chunk in iter(lambda: response.read(CHUNK), b""):
                     out.write(chunk)
                     digest.update(chunk)
                     bar.advance(len(chunk))
+            got = digest.hexdigest()
+            if got != md5:
+                raise NormlabError(f"checksum mismatch for {url}: md5 {got}, expected {md5}; nothing saved")
     except OSError as exc:
-        part.unlink(missing_ok=True)
         raise NormlabError(f"could not download {url}: {exc}") from exc
-    got = digest.hexdigest()
-    if got != md5:
-        part.unlink(missing_ok=True)
-        raise NormlabError(f"checksum mismatch for {url}: md5 {got}, expected {md5}; nothing was saved")
-    os.replace(part, dest)
     return dest
 
 

@@ -13,11 +13,18 @@ deviation. Classes are the sorted folder names of ``train/``; y indexes them.
 
 A data folder is untrusted: a file that is not an image, a truncated one, or one larger than
 ``MAX_PIXELS`` (read from the header, before anything is decoded: a small PNG can claim a gigapixel) is
-refused with a one-line NormlabError naming it.
+refused with a one-line NormlabError naming it. Only regular files and folders inside the folder are read:
+a link (to a file or a whole class folder, in or out of the folder), a FIFO or a device named ``*.png`` is
+skipped, with one note on stderr naming what was skipped (a FIFO would block the reader, a link would pull
+in files from elsewhere). The images must fit in memory, checked before any is decoded (``image_size``
+squared is what each one costs), and there must be at least two classes.
 """
 
 from __future__ import annotations
 
+import os
+import stat
+import sys
 import warnings
 from pathlib import Path
 
@@ -34,13 +41,78 @@ SPLITS = ("train", "val")
 
 
 def list_images(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
-    """(path, class index) of every image in ``split_dir/<class>/``, in sorted order."""
-    items = []
+    """(path, class index) of every image in ``split_dir/<class>/``, in sorted order: regular files only
+    (links, FIFOs and devices are skipped with a note, :func:`class_folders`)."""
+    items, skipped = [], []
     for index, name in enumerate(classes):
         class_dir = split_dir / name
-        if class_dir.is_dir():
-            items += [(p, index) for p in sorted(class_dir.iterdir()) if p.suffix.lower() in EXTENSIONS]
+        if not _is_real(class_dir, stat.S_ISDIR):
+            continue
+        for p in sorted(class_dir.iterdir()):
+            if p.suffix.lower() not in EXTENSIONS:
+                continue
+            if _is_real(p, stat.S_ISREG):
+                items.append((p, index))
+            else:
+                skipped.append(p)
+    _note_skipped(split_dir, skipped)
     return items
+
+
+def class_folders(base: Path) -> list[str]:
+    """The sorted names of the class folders under ``base``; a link to a folder is skipped with a note."""
+    names, skipped = [], []
+    for p in sorted(base.iterdir()):
+        if _is_real(p, stat.S_ISDIR):
+            names.append(p.name)
+        elif p.is_dir():
+            skipped.append(p)
+    _note_skipped(base, skipped)
+    return names
+
+
+def _is_real(path: Path, kind) -> bool:
+    """``path`` itself (not what a link at it points to) is of ``kind`` (``stat.S_ISREG`` / ``S_ISDIR``)."""
+    try:
+        return kind(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _note_skipped(folder: Path, skipped: list[Path]) -> None:
+    if not skipped:
+        return
+    shown = ", ".join(f"{p.name} ({_what(p)})" for p in skipped[:5])
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    note = (f"note: skipped {len(skipped)} entries of {folder} that are not regular files or folders inside "
+            f"it: {shown}{more}")
+    if note not in _NOTED:  # once per process: a command may load its data twice (its checks, then training)
+        _NOTED.add(note)
+        print(note, file=sys.stderr)
+
+
+_NOTED: set[str] = set()
+
+
+def _what(path: Path) -> str:
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        return "a link"
+    return "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+
+
+def check_memory(count: int, size: int, where: Path) -> None:
+    """``count`` images of 3 x ``size`` x ``size`` (uint8 while loading, then float32) must fit in RAM."""
+    need = count * 3 * size * size * 5
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > ram:
+        raise NormlabError(
+            f"{count} images of {where} at image_size {size} need about {need / 2**30:.3g} GiB, more than "
+            f"this machine's {ram / 2**30:.3g} GiB; use a smaller --image-size"
+        )
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
@@ -105,6 +177,7 @@ def hold_out(items: list[tuple[Path, int]], fraction: float) -> tuple[list, list
 
 
 def load_items(items: list[tuple[Path, int]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    check_memory(len(items), size, items[0][0].parent.parent if items else Path("."))
     x = np.stack([load_image(path, size) for path, _ in items])
     y = np.array([label for _, label in items], dtype=np.int64)
     return torch.from_numpy(x).float().div_(255), torch.from_numpy(y)
@@ -134,10 +207,8 @@ def load_imagefolder(
             raise NormlabError(
                 f"{root / split} is not a folder; imagefolder expects {root}/train/<class>/ and val/<class>/"
             )
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    if not classes:
-        raise NormlabError(f"no class folders under {root / 'train'}")
-    extra = sorted({p.name for p in (root / "val").iterdir() if p.is_dir()} - set(classes))
+    classes = _two_classes(class_folders(root / "train"), root / "train")
+    extra = sorted(set(class_folders(root / "val")) - set(classes))
     if extra:
         raise NormlabError(f"val/ has classes that train/ lacks: {', '.join(extra)}")
     x_train, y_train = load_split(root / "train", classes, image_size)
@@ -152,9 +223,7 @@ def _held_out(root: Path, image_size: int, normalize: bool, fraction: float) -> 
     if not root.is_dir():
         raise NormlabError(f"{root} is not a folder; imagefolder expects {root}/<class>/ or train/<class>/")
     base = root / "train" if (root / "train").is_dir() else root
-    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
-    if not classes:
-        raise NormlabError(f"no class folders under {base}")
+    classes = _two_classes(class_folders(base), base)
     items = list_images(base, classes)
     if not items:
         raise NormlabError(f"no images ({', '.join(EXTENSIONS)}) under {base}/<class>/")
@@ -163,6 +232,14 @@ def _held_out(root: Path, image_size: int, normalize: bool, fraction: float) -> 
     x_test, y_test = load_items(test_items, image_size)
     meta = {"test_fraction": float(fraction), "test_files": [str(p.relative_to(base)) for p, _ in test_items]}
     return _dataset(root, classes, image_size, normalize, x_train, y_train, x_test, y_test, meta)
+
+
+def _two_classes(classes: list[str], base: Path) -> list[str]:
+    if not classes:
+        raise NormlabError(f"no class folders under {base}")
+    if len(classes) < 2:
+        raise NormlabError(f"{base} has one class folder ({classes[0]}); classification needs at least 2")
+    return classes
 
 
 def _dataset(root, classes, image_size, normalize, x_train, y_train, x_test, y_test, extra) -> Dataset:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import torch
 
 from normlab.data.dataset import Dataset, default_root, register_dataset
 from normlab.errors import NormlabError
+from normlab.files import atomic_open, refuse_special
 
 SEQ_LENGTH = 40
 
@@ -52,20 +51,22 @@ def cache_path(root: Path, num_samples: int) -> Path:
 
 
 def load_or_generate(path: Path, num_samples: int) -> dict[str, np.ndarray]:
+    refuse_special(path, "MNIST-1D cache")
     if path.exists():
-        with np.load(path) as cached:
-            return {key: cached[key] for key in cached.files}
+        with np.load(path, allow_pickle=False) as cached:
+            data = {key: cached[key] for key in cached.files}
+        wrong = [key for key in ("x", "y", "x_test", "y_test") if not isinstance(data.get(key), np.ndarray)]
+        if wrong:  # a member missing, or saved without .npy (read back as raw bytes)
+            raise NormlabError(
+                f"MNIST-1D cache {path} is not what normlab wrote: {', '.join(wrong)} not a .npy array; "
+                "delete it to regenerate"
+            )
+        return data
     data = generate(num_samples)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary file and rename, so a concurrent or interrupted run never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Temporary file + rename: a concurrent or interrupted run never sees half a file, a link is not followed.
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **data)
     return data
 
 

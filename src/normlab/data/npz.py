@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from normlab.data.dataset import Dataset
+from normlab.data.dataset import MAX_CLASSES, Dataset
 from normlab.errors import NormlabError
+from normlab.files import refuse_special
 
 PREFIX = "npz:"
 KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -23,6 +24,7 @@ KEYS = ("x_train", "y_train", "x_test", "y_test")
 def load_npz(name: str) -> Dataset:
     """The :class:`Dataset` in the archive ``name`` = ``npz:FILE`` (module docstring)."""
     path = Path(name[len(PREFIX):]).expanduser()
+    refuse_special(path, f"dataset {name!r}: file")
     if not path.is_file():
         raise NormlabError(f"dataset {name!r}: file {str(path)!r} does not exist")
     try:
@@ -34,6 +36,9 @@ def load_npz(name: str) -> Dataset:
                     f"(has {', '.join(archive.files) or 'none'})"
                 )
             arrays = {k: archive[k] for k in KEYS}
+        for key, value in arrays.items():  # a member saved without .npy is read as raw bytes
+            if not isinstance(value, np.ndarray):
+                raise NormlabError(f"dataset {name!r}: member {key!r} is not a .npy array")
     except NormlabError:
         raise
     except Exception as exc:  # not a zip, object arrays (pickle refused), truncated file
@@ -85,6 +90,11 @@ def _targets(
                 raise NormlabError(f"dataset {name!r}: {key} has shape {y.shape}; class labels are (N,)")
             if y.min() < 0:
                 raise NormlabError(f"dataset {name!r}: {key} has a negative label {int(y.min())}")
+            if int(y.max()) >= MAX_CLASSES:  # before the int64 cast: uint64's max would wrap to -1
+                raise NormlabError(
+                    f"dataset {name!r}: {key} holds label {int(y.max())}; labels are class indices below "
+                    f"{MAX_CLASSES}"
+                )
         num_classes = int(max(y_train.max(), y_test.max())) + 1
         if num_classes < 2:
             raise NormlabError(f"dataset {name!r}: labels have a single class; classification needs >= 2")

@@ -48,8 +48,9 @@ def build_external_model(
             kwargs["in_channels"] = in_channels
     try:
         model = factory(**kwargs)
-    except Exception as exc:
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    except (Exception, SystemExit) as exc:  # a factory's sys.exit() would end normlab without a word
+        message = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else \
+            (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0]
         raise NormlabError(f"model factory {spec!r} raised {message}") from None
     if not isinstance(model, nn.Module):
         raise NormlabError(f"model factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")

@@ -135,7 +135,7 @@ def _import_file(spec: str, where: str) -> ModuleType:
     sys.modules[name] = module  # before exec: dataclasses and pickling look the module up by name
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # sys.exit() in a user file: say so, not exit
         del sys.modules[name]
         raise NormlabError(f"model spec {spec!r}: importing {where} failed: {_describe(exc)}") from None
     return module
@@ -148,9 +148,11 @@ def _import_module(spec: str, where: str) -> ModuleType:
         raise NormlabError(
             f"model spec {spec!r}: no module named {exc.name or where!r} (is it on PYTHONPATH?)"
         ) from None
-    except Exception as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
         raise NormlabError(f"model spec {spec!r}: importing {where} failed: {_describe(exc)}") from None
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0]

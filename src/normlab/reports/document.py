@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from normlab.errors import NormlabError
+from normlab.files import atomic_write
 from normlab.reports.figure import Figure
 from normlab.reports.table import Table
+from normlab.text import one_line, relative_href
 
 
 @dataclass
@@ -111,8 +113,8 @@ def write_report(
     html_text = render_html(out, title, sections, subtitle=subtitle)
     md_text = render_markdown(title, sections, subtitle=subtitle)
     html_path, md_path = out / f"{stem}.html", out / f"{stem}.md"
-    html_path.write_text(html_text, encoding="utf-8")
-    md_path.write_text(md_text, encoding="utf-8")
+    atomic_write(html_path, html_text)  # never through a link at report.html / report.md (issue 29)
+    atomic_write(md_path, md_text)
     return ReportFiles(html=html_path, markdown=md_path, markdown_text=md_text)
 
 
@@ -128,7 +130,8 @@ def render_html(root: Path, title: str, sections: list[Section], *, subtitle: st
             parts.append(f'<div class="callout {section.callout_kind}">{esc(section.callout)}</div>')
         parts += [f"<p>{esc(p)}</p>" for p in section.text]
         if section.links:
-            items = "".join(f'<li><a href="{esc(h)}">{esc(label)}</a></li>' for label, h in section.links)
+            items = "".join(f'<li><a href="{esc(relative_href(h))}">{esc(label)}</a></li>'
+                            for label, h in section.links)
             parts.append(f"<ul>{items}</ul>")
         parts += [t.to_html() for t in section.tables]
         parts += [f.to_html(root) for f in section.figures]
@@ -157,7 +160,7 @@ def render_markdown(title: str, sections: list[Section], *, subtitle: str | None
         for p in section.text:
             lines += ["", md(p)]
         if section.links:
-            lines += [""] + [f"- [{md(label)}]({href})" for label, href in section.links]
+            lines += [""] + [f"- [{_md_label(label)}]({relative_href(h)})" for label, h in section.links]
         for t in section.tables:
             lines += ["", t.to_markdown()]
         for f in section.figures:
@@ -170,8 +173,14 @@ def render_markdown(title: str, sections: list[Section], *, subtitle: str | None
 
 
 def _md_text(text: str) -> str:
-    """Markdown text with ``&``, ``<``, ``>`` escaped: raw HTML (``<script>``) shows as text, not tags."""
-    return html.escape(str(text), quote=False)
+    """Markdown text with ``&``, ``<``, ``>`` escaped: raw HTML (``<script>``) shows as text, not tags; on one
+    line (:func:`normlab.text.one_line`): a title with a newline cannot start a line of its own."""
+    return html.escape(one_line(text), quote=False)
+
+
+def _md_label(text: str) -> str:
+    """A link's label: :func:`_md_text` with ``[`` and ``]`` escaped, so it cannot close the label."""
+    return _md_text(text).replace("[", "\\[").replace("]", "\\]")
 
 
 def _longest_backtick_run(text: str) -> int:

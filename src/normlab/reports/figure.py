@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from normlab.errors import NormlabError
+from normlab.files import atomic_open
+from normlab.text import one_line
 
 
 @dataclass
@@ -84,7 +86,7 @@ def _looks_like(suffix: str, content: bytes) -> bool:
 
 def _md_text(text: str) -> str:
     """Escape ``&``, ``<`` and ``>`` so raw HTML in a Markdown source renders as text, never as tags."""
-    return html.escape(str(text), quote=False)
+    return html.escape(one_line(text), quote=False)
 
 
 def save_matplotlib(fig: Any, directory: Path, name: str, caption: str, dpi: int = 110) -> Figure:
@@ -94,7 +96,8 @@ def save_matplotlib(fig: Any, directory: Path, name: str, caption: str, dpi: int
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     file = directory / f"{name}.png"
-    fig.savefig(file, dpi=dpi, bbox_inches="tight")
+    with atomic_open(file, "wb") as stream:  # a link at <name>.png is replaced, not written through
+        fig.savefig(stream, format="png", dpi=dpi, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from normlab.errors import NormlabError
+from normlab.text import one_line
 
 
 @dataclass
@@ -116,7 +117,7 @@ def format_cell(value: Any, digits: int = 4) -> str:
 
 def _md_escape(text: str) -> str:
     # html.escape: Markdown viewers render raw HTML, so a cell holding ``<script>`` must stay text.
-    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+    return html.escape(one_line(text), quote=False).replace("|", "\\|")
 
 
 def _jsonable(value: Any) -> Any:

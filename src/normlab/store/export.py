@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from normlab.errors import NormlabError
+from normlab.files import atomic_open
 from normlab.store.records import Run
 
 EXPORT_FORMATS = ("csv", "json")
@@ -56,7 +57,7 @@ def write_runs(runs: Iterable[Run], dest: str | Path | TextIO, format: str) -> N
         raise NormlabError(f"unknown export format {format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
     runs = list(runs)
     if isinstance(dest, (str, Path)):
-        with open(dest, "w", newline="") as stream:
+        with atomic_open(dest, "w", newline="", devices=True) as stream:
             _write(runs, stream, format)
     else:
         _write(runs, dest, format)

@@ -74,6 +74,11 @@ class Store:
         self.readonly = readonly
         if self.path.is_dir():
             raise NormlabError(f"store path {str(self.path)!r} is a folder; give the path of an SQLite file")
+        if self.path.exists() and not self.path.is_file():  # /dev/null, a FIFO: SQLite fails obscurely
+            raise NormlabError(
+                f"store path {str(self.path)!r} is not a regular file (a device or FIFO); give the path of "
+                "an SQLite file"
+            )
         if readonly:
             if not self.path.is_file():
                 raise NormlabError(f"no results store at {str(self.path)!r}")
@@ -424,7 +429,7 @@ class Store:
         rows = self._read(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,))
         if not rows:
             raise NormlabError(f"no run with id {run_id!r} in store {str(self.path)!r}")
-        return _run_from_row(rows[0])
+        return _run_from_row(rows[0], self.path)
 
     def runs(
         self,
@@ -470,7 +475,7 @@ class Store:
         sql += " ORDER BY id"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return [_run_from_row(row) for row in self._read(sql, params)]
+        return [_run_from_row(row, self.path) for row in self._read(sql, params)]
 
     def find_completed(self, key: str, statuses: Iterable[str] = ("finished",)) -> Run | None:
         """The latest run with config key ``key`` whose status is in ``statuses``, or None."""
@@ -588,19 +593,33 @@ def _float_or_none(value: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _run_from_row(row: tuple) -> Run:
+def _run_from_row(row: tuple, path: Path) -> Run:
     rid, name, group, config, key, status, error, started, finished, wall, env, summary = row
+
+    def json_object(text: Any, column: str) -> dict[str, Any]:
+        # Rows are untrusted (anyone can write the file): a column that is not a JSON object is one line.
+        try:
+            value = json.loads(text)
+        except (TypeError, ValueError):
+            value = text
+        if not isinstance(value, dict):
+            raise NormlabError(
+                f"store {str(path)!r}: run {rid}'s {column} is not a JSON object (got "
+                f"{type(value).__name__}); the row was not written by normlab"
+            )
+        return value
+
     return Run(
         id=rid,
         name=name,
         group=group,
-        config=json.loads(config),
+        config=json_object(config, "config"),
         config_key=key,
         status=status,
         error=error,
         started_at=started,
         finished_at=finished,
         wall_time=wall,
-        environment=json.loads(env),
-        summary=json.loads(summary),
+        environment=json_object(env, "environment"),
+        summary=json_object(summary, "summary"),
     )

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from normlab.errors import NormlabError
+from normlab.files import atomic_write
 from normlab.reports.document import ReportFiles, Section, write_report
 from normlab.studies.base import SCALES, Study, StudyContext, StudyOutcome
+from normlab.studies.outcome_file import read_outcome_file
 from normlab.studies.overrides import apply_overrides, override_flags
 from normlab.studies.recipe import validate_params
 from normlab.studies.registry import get_study
@@ -65,6 +67,9 @@ def run_study(
         raise NormlabError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise NormlabError(f"seeds must be a positive int, got {seeds!r}")
+    from normlab.sweep.compare import check_seeds
+
+    check_seeds(seeds, "seeds")
     study = get_study(name)
     if overrides:
         study = overridden(study, scale, overrides)
@@ -96,10 +101,8 @@ def run_study(
         )
     wall = time.perf_counter() - start
     meta = study_meta(study, ctx, wall)
-    (out_dir / OUTCOME_FILE).write_text(
-        json.dumps({"meta": meta, "outcome": outcome.to_dict()}, indent=1, default=_json_default),
-        encoding="utf-8",
-    )
+    atomic_write(out_dir / OUTCOME_FILE,
+                 json.dumps({"meta": meta, "outcome": outcome.to_dict()}, indent=1, default=_json_default))
     return outcome, write_study_report(out_dir, meta, outcome)
 
 
@@ -182,11 +185,7 @@ def render_study_folder(folder: str | Path) -> ReportFiles:
     file = folder / OUTCOME_FILE
     if not file.is_file():
         raise NormlabError(f"{folder} is not a study output folder: it has no {OUTCOME_FILE}")
-    try:
-        saved = json.loads(file.read_text(encoding="utf-8"))
-        meta, outcome = saved["meta"], StudyOutcome.from_dict(saved["outcome"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise NormlabError(f"{file} is not a valid study outcome: {exc}") from None
+    meta, outcome = read_outcome_file(file)
     return write_study_report(folder, meta, outcome)
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from normlab.errors import NormlabError
+from normlab.files import atomic_write
 from normlab.reports.document import ReportFiles, Section, write_report
 from normlab.reports.table import Table
 from normlab.studies._verdict import agreement_word
+from normlab.studies.outcome_file import read_outcome_file
 
 INDEX_FILE = "index.json"
 
@@ -79,23 +81,23 @@ def run_all(
 def rows_from_folder(out: str | Path) -> list[SuiteRow]:
     """The rows of the study reports already under ``out`` (each ``<out>/<name>/outcome.json``), in name
     order: the ``--all`` table of studies run one by one or an interrupted ``--all``. Files that are not
-    study outcomes are skipped (they are untrusted input: read as JSON, never executed)."""
+    study outcomes (:func:`~normlab.studies.outcome_file.read_outcome_file`) are skipped (they are untrusted
+    input: read as JSON, never executed)."""
     rows = []
     for file in sorted(Path(out).glob("*/outcome.json")):
         try:
-            saved = json.loads(file.read_text(encoding="utf-8"))
-            meta, outcome = saved["meta"], saved["outcome"]
-            rows.append(SuiteRow(
-                name=str(meta["name"]),
-                claim=str(meta.get("claim", "")),
-                verdict=agreement_word(outcome.get("agrees_with_paper")),
-                key_figures=str(outcome.get("key_figures", "")),
-                wall_time_s=float(meta.get("wall_time_s", float("nan"))),
-                report=f"{file.parent.name}/report.html",
-                sentence=str(outcome.get("verdict", "")),
-            ))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            meta, outcome = read_outcome_file(file)
+        except (NormlabError, OSError, UnicodeError):
             continue
+        rows.append(SuiteRow(
+            name=meta["name"],
+            claim=meta["claim"],
+            verdict=agreement_word(outcome.agrees_with_paper),
+            key_figures=outcome.key_figures,
+            wall_time_s=float(meta.get("wall_time_s", float("nan"))),
+            report=f"{file.parent.name}/report.html",
+            sentence=outcome.verdict,
+        ))
     return rows
 
 
@@ -107,10 +109,9 @@ def index_from_folder(out: str | Path) -> ReportFiles:
         raise NormlabError(f"{out} holds no study output folders (no */outcome.json)")
     scales, seeds = set(), set()
     for row in rows:
-        file = (Path(out) / row.report).with_name("outcome.json")
-        meta = json.loads(file.read_text(encoding="utf-8"))["meta"]
-        scales.add(str(meta.get("scale")))
-        seeds.add(len(meta.get("seeds", [])))
+        meta, _ = read_outcome_file((Path(out) / row.report).with_name("outcome.json"))
+        scales.add(meta["scale"])
+        seeds.add(len(meta["seeds"]))
     return write_index(out, rows, scale="/".join(sorted(scales)), seeds=max(seeds))
 
 
@@ -145,10 +146,8 @@ def write_index(out: str | Path, rows: Sequence[SuiteRow], *, scale: str, seeds:
     ``<out>/index.json`` (the rows)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / INDEX_FILE).write_text(
-        json.dumps({"scale": scale, "seeds": seeds, "rows": [r.to_dict() for r in rows]}, indent=1),
-        encoding="utf-8",
-    )
+    atomic_write(out / INDEX_FILE,
+                 json.dumps({"scale": scale, "seeds": seeds, "rows": [r.to_dict() for r in rows]}, indent=1))
     verdicts = Section(
         "Verdicts",
         text=[f"{r.name}: {r.sentence}" for r in rows if r.sentence],

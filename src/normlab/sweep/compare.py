@@ -50,6 +50,7 @@ def compare_configs(
             raise NormlabError(f"compare needs at least one value in {name}, got none")
     if len(set(norms)) != len(norms):
         raise NormlabError(f"norms repeat: {', '.join(norms)}")
+    check_grid(norms, batch_sizes, seeds, base_lrs)
     configs = []
     for norm in norms:
         for batch_size in batch_sizes:
@@ -70,6 +71,36 @@ def compare_configs(
                         )
                     )
     return configs
+
+
+MAX_RUNS = 1_000_000  # a grid's configs are built in memory before anything trains (~2 KB each)
+MAX_SEEDS = 10_000  # 3 seeds resolve most of the papers' effects; 10^4 is far past any t-interval's need
+
+
+def check_seeds(count: int, option: str = "--seeds") -> None:
+    """``count`` seeds: a positive int up to ``MAX_SEEDS`` (checked before ``range(count)`` is listed)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise NormlabError(f"{option} must be >= 1, got {count!r}")
+    if count > MAX_SEEDS:
+        raise NormlabError(f"{option} {count} is more than normlab runs ({MAX_SEEDS} at most)")
+
+
+def check_grid(norms: Sequence[str], batch_sizes: Sequence[int], seeds: Sequence[int],
+               base_lrs: Sequence[float]) -> None:
+    """Refuse a grid that cannot train or cannot be held: batch sizes positive ints, lrs positive and
+    finite (an lr of 0 never trains, and the lr search multiplies it without end), at most ``MAX_RUNS``."""
+    for batch_size in batch_sizes:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise NormlabError(f"--batch-sizes must be positive ints, got {batch_size!r}")
+    for lr in base_lrs:
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+            raise NormlabError(f"--lrs must be positive finite numbers, got {lr!r}")
+    runs = len(norms) * len(batch_sizes) * len(seeds) * len(base_lrs)
+    if runs > MAX_RUNS:
+        raise NormlabError(
+            f"the grid has {runs:.3g} runs ({len(norms)} norms x {len(batch_sizes)} batch sizes x "
+            f"{len(base_lrs)} lrs x {len(seeds)} seeds); normlab builds at most {MAX_RUNS} at once"
+        )
 
 
 def run_name(model: str, norm: str, batch_size: int, lr: float, seed: int) -> str:

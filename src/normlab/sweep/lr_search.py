@@ -111,6 +111,7 @@ def bracket_lrs(
     cell_results: dict[tuple[str, int], list[RunResult]] = {key: [] for key in by_cell}
     rounds = dict.fromkeys(by_cell, 0)
     added: list[TrainConfig] = []
+    queued = {c.key() for c in configs}  # a config is queued once: a repeated key would never end a round
 
     def follow_up(config: TrainConfig, result: RunResult) -> list[TrainConfig]:
         key = (config.norm, config.batch_size)
@@ -138,10 +139,12 @@ def bracket_lrs(
             bar = probe_bar(cell, stop_margin) if lr > top else None
             if bar is not None and all(c.budget == "auto" for c in templates):
                 changes["stop_below"] = round(bar, 6)  # rounded: the same bar (and key) on a rerun
-            new += [
-                c.replace(lr=lr, name=run_name(c.model, c.norm, c.batch_size, lr, c.seed), **changes)
-                for c in templates
-            ]
+            for c in templates:
+                name = run_name(c.model, c.norm, c.batch_size, lr, c.seed)
+                candidate = c.replace(lr=lr, name=name, **changes)
+                if candidate.key() not in queued:
+                    queued.add(candidate.key())
+                    new.append(candidate)
         return new
 
     results = list(run(configs, follow_up))

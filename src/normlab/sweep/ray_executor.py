@@ -101,6 +101,11 @@ class RayExecutor:
             num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=self.max_retries, retry_exceptions=False
         )
         self._pending: dict[Any, tuple[TrainConfig, Any]] = {}
+        try:
+            check_fits_cluster(self.ray, cpus_per_run, gpus_per_run)
+        except NormlabError:
+            self.shutdown()
+            raise
 
     def submit(
         self, config: TrainConfig, callbacks_factory: CallbacksFactory | None = None, *, store: Any = None
@@ -114,7 +119,10 @@ class RayExecutor:
         ray = self.ray
         try:
             while self._pending:
-                ready, _ = ray.wait(list(self._pending), num_returns=1)
+                ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=STALL_CHECK_S)
+                if not ready:  # Ray waits silently for resources that may never come: say so
+                    check_fits_cluster(ray, self.cpus_per_run, self.gpus_per_run)
+                    continue
                 ref = ready[0]
                 config, store = self._pending.pop(ref)
                 try:
@@ -145,6 +153,28 @@ class RayExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+STALL_CHECK_S = 30.0  # with no run done for this long, check that a node that fits a run is still alive
+
+
+def check_fits_cluster(ray: Any, cpus_per_run: float, gpus_per_run: float) -> None:
+    """Refuse resources no alive node of the cluster has (``--gpus-per-run 1`` on CPU nodes,
+    ``--cpus-per-run 64`` on 2-core ones): Ray would queue such a task for ever, and with
+    ``log_to_driver=False`` its "cannot be scheduled" warning never reaches the terminal."""
+    try:
+        listed = ray.nodes()
+    except Exception:  # noqa: BLE001 - a Ray (Client) that cannot list its nodes: nothing to check against
+        return
+    nodes = [node.get("Resources", {}) for node in listed if node.get("Alive", True)]
+    if any(r.get("CPU", 0) >= cpus_per_run and r.get("GPU", 0) >= gpus_per_run for r in nodes):
+        return
+    largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+    raise NormlabError(
+        f"no node of the Ray cluster can run a task of --cpus-per-run {cpus_per_run:g} --gpus-per-run "
+        f"{gpus_per_run:g}: {len(nodes)} alive node(s), the largest with {largest.get('CPU', 0):g} CPUs and "
+        f"{largest.get('GPU', 0):g} GPUs; lower them or add nodes"
+    )
 
 
 def init_ray(ray: Any, address: str | None, options: dict[str, Any]) -> None:

@@ -2,7 +2,8 @@
 
 A checkpoint is written to a temporary file of its own (``.<file>.<random>.tmp`` in the same folder, so two
 processes saving the same checkpoint never write into one temp file) and moved over ``<file>`` with
-``os.replace`` (atomic on POSIX and Windows): a crash while saving leaves the previous checkpoint intact, and
+``os.replace`` (:func:`normlab.files.atomic_open`: atomic on POSIX and Windows, a link at ``<file>`` is
+replaced, never written through): a crash while saving leaves the previous checkpoint intact, and
 a failed write (a full disk) removes its temp file before the error is raised. It is read with
 ``torch.load(weights_only=True)``: only tensors and plain containers, no arbitrary pickled code.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from normlab.errors import NormlabError
+from normlab.files import atomic_open, refuse_special
 
 FORMAT = "normlab-checkpoint"
 VERSION = 1
@@ -31,19 +32,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         raise NormlabError(f"checkpoint path {str(path)!r} is a folder; give a file path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with atomic_open(path, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
     except OSError as exc:
         raise NormlabError(f"cannot write checkpoint {str(path)!r}: {exc.strerror or exc}") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise NormlabError(f"cannot write checkpoint {str(path)!r}: {exc.strerror or exc}") from None
-        raise
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -51,6 +43,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise NormlabError(f"checkpoint {str(path)!r} is a folder, not a checkpoint file")
+    refuse_special(path, "checkpoint")
     if not path.is_file():
         raise NormlabError(f"checkpoint {str(path)!r} does not exist")
     try:

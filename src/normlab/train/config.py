@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.errors import NormlabError
+from normlab.files import refuse_special
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
@@ -175,6 +176,7 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
     except ImportError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
     path = Path(path)
+    refuse_special(path, "config file")
     try:
         with open(path, "rb") as stream:
             return tomllib.load(stream)
