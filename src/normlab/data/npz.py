@@ -21,6 +21,10 @@ PREFIX = "npz:"
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
+def is_npz(name: str) -> bool:
+    return isinstance(name, str) and name.startswith(PREFIX)
+
+
 def load_npz(name: str) -> Dataset:
     """The :class:`Dataset` in the archive ``name`` = ``npz:FILE`` (module docstring)."""
     path = Path(name[len(PREFIX):]).expanduser()
