@@ -214,13 +214,15 @@ def test_compare_report_sentences_follow_the_numbers(tmp_path):
     md = files.markdown_text
     # batch 16: gn 85.0 vs bn 80.0 on the same seeds with the same jitter: paired differences 5.0 exactly.
     assert "At batch 16, gn has the highest mean test accuracy among the conclusive cells" in md
-    assert "gn beats bn on test accuracy by +5.0 pts (95% CI +5.0 to +5.0 pts, paired t over 3 seeds)." in md
+    assert ("gn beats bn on test accuracy by +5.0 pts (95% CI +5.0 to +5.0 pts, paired t over 3 seeds; margin "
+            "±1 pts).") in md
     # batch 128: bn 90.0 vs gn 86.0, per-seed differences 4.5, 4.0, 3.5: a win by the paired interval.
-    assert "bn beats gn on test accuracy by +4.0 pts (95% CI +2.8 to +5.2 pts, paired t over 3 seeds)." in md
+    assert ("bn beats gn on test accuracy by +4.0 pts (95% CI +2.8 to +5.2 pts, paired t over 3 seeds; margin "
+            "±1 pts).") in md
     assert ("Unstable runs (diverged, failed or stalled at chance level): bn 4/18, gn 3/18. Largest stable "
             "lr at batch 128: bn 0.1, gn &gt;= 0.4 (top of grid).") in md
     assert ("Most sensitive to the batch size: bn (-10.0 pts from batch 128 to 16), the largest change whose "
-            "95% interval excludes 0.") in md
+            "95% interval excludes 0 and is not inside the margin.") in md
     assert ("Train/eval gap at batch 16 (pts): bn +3.00, gn +0.00. Largest gap: bn at batch 16, "
             "+3.00 pts.") in md
     assert ("Training steps/s at batch 128 relative to bn: bn 1.00x, gn 0.50x; fastest: bn "
@@ -228,7 +230,7 @@ def test_compare_report_sentences_follow_the_numbers(tmp_path):
     half = round(100 * stats_t975(2) * 0.01 / 3**0.5, 2)
     ci = f"80 ± {format_cell(half, 2)}"
     assert f"| bn | 16 | {ci} | {ci} | loss | 800-820 | 3/3 converged | 0.1 | 0.1 | 3/9 | 100 | 3 |" in md
-    assert "Rule: a difference is a win when the two-sided 95% t-interval" in md
+    assert "Rule: a difference is read against a margin of ±1 pts: equivalent when the two-sided 95%" in md
     page = files.html.read_text()
     # accuracy vs batch, accuracy vs lr, and one learning-curve figure per norm and batch size
     assert "cnn &lt;compare&gt;" in page and page.count("data:image/png;base64,") == 2 + 4
