@@ -56,7 +56,7 @@ class _Tracer(fx.Tracer):
 
     def __init__(self, leaf_types: tuple[type[nn.Module], ...] = ()) -> None:
         super().__init__()
-        self.stack: list[str] = []
+        self.failed_in: str | None = None
         self.leaf_types = leaf_types
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -64,11 +64,12 @@ class _Tracer(fx.Tracer):
                 or super().is_leaf_module(m, module_qualified_name))
 
     def call_module(self, m, forward, args, kwargs):
-        self.stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
-        finally:
-            self.stack.pop()
+        except Exception:
+            if self.failed_in is None:  # the innermost module: the first to see the error
+                self.failed_in = self.path_of_module(m)
+            raise
 
 
 def trace(model: nn.Module, leaf_types: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
@@ -82,7 +83,7 @@ def trace(model: nn.Module, leaf_types: tuple[type[nn.Module], ...] = ()) -> fx.
     try:
         graph = tracer.trace(model)
     except Exception as err:  # fx raises many types for untraceable code
-        where = tracer.stack[-1] if tracer.stack else "<root>"
+        where = tracer.failed_in or "<root>"
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         if "control flow" in reason:
             reason = "its forward branches on a tensor's value (tensor-dependent control flow)"
