@@ -213,4 +213,7 @@ def graph_points(model: nn.Module) -> GraphPoints:
         for node in gm.graph.nodes:
             if is_activation(gm, node):
                 outputs[node.target if node.op == "call_module" else node.name] = node
+        if not outputs:
+            raise NormlabError(f"cannot find residual blocks in {type(model).__name__}: its graph has no "
+                               "residual join and no activation to measure at")
     return GraphPoints(graph, stem, outputs, ends, contributions, shortcuts)
