@@ -86,8 +86,9 @@ def test_digits_crossval_model_and_layer_of_the_users_model(digits, monkeypatch,
                              "npz:digits.npz", "--backends", "numpy,torch", "--json"))
     assert report["target"] == "model styles.py:kw_net on npz:digits.npz (eval)"
     assert report["config"]["input_shape"] == [8, 1, 8, 8] and not report["inconsistent"]
-    layer = json.loads(_cli(capsys, "crossval", "layer", "--model", "styles.py:kw_net", "--layer", "units.1.n_a",
-                            "--dataset", "npz:digits.npz", "--backends", "numpy,torch", "--json"))
+    layer = json.loads(_cli(capsys, "crossval", "layer", "--model", "styles.py:kw_net", "--layer",
+                            "units.1.n_a", "--dataset", "npz:digits.npz", "--backends", "numpy,torch",
+                            "--json"))
     assert layer["config"]["shape"][1] == 16 and not layer["inconsistent"]  # units.1.n_a: 16 channels
     err = _cli_error(capsys, "crossval", "layer", "--model", "styles.py:kw_net", "--layer", "out")
     assert "--layer 'out' is not a norm layer of 'styles.py:kw_net'; its norm layers: entry.1" in err
@@ -98,8 +99,8 @@ def test_study_context_passes_only_the_fields_the_factory_takes():
     from normlab.studies.base import StudyContext
 
     def context(model):
-        return StudyContext(study=get_study("large-batch"), scale="tiny", params={}, seeds=[0], device="cpu", out_dir=Path("."),
-                            store=None, model=model, dataset="npz:x.npz")
+        return StudyContext(study=get_study("large-batch"), scale="tiny", params={}, seeds=[0], device="cpu",
+                            out_dir=Path("."), store=None, model=model, dataset="npz:x.npz")
 
     kw = context(f"{STYLES}:kw_net").config(width=16, depth=3, steps=1)
     assert kw.width is None and kw.depth is None and kw.dataset == "npz:x.npz"
@@ -110,8 +111,8 @@ def test_study_context_passes_only_the_fields_the_factory_takes():
 def test_study_whose_runs_all_fail_exits_2_with_the_first_error(tmp_path, monkeypatch, capsys):
     (tmp_path / "bad.py").write_text("def net(num_classes=10):\n    raise RuntimeError('broken factory')\n")
     monkeypatch.chdir(tmp_path)
-    err = _cli_error(capsys, "study", "large-batch", "--model", "bad.py:net", "--scale", "tiny", "--seeds", "1",
-                     "--out", str(tmp_path / "out"))
+    err = _cli_error(capsys, "study", "large-batch", "--model", "bad.py:net", "--scale", "tiny", "--seeds",
+                     "1", "--out", str(tmp_path / "out"))
     assert "every run of study large-batch failed (12 runs); the first: NormlabError: model factory " in err
     assert "raised RuntimeError: broken factory" in err
 

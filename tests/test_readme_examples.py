@@ -13,6 +13,7 @@ A command that names a missing example file, an option that does not exist or a 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 import subprocess
@@ -123,10 +124,8 @@ def test_every_readme_example_option_exists(command, capsys):
     args = shlex.split(command, comments=True)[1:]
     words = [a for a in args if not a.startswith("-")]
     path = words[:2] if words[0] in ("crossval",) else words[:1]
-    try:
+    with contextlib.suppress(SystemExit):
         main([*path, "--help"])
-    except SystemExit:
-        pass
     help_text = capsys.readouterr().out
     for option in (a.split("=")[0] for a in args if a.startswith("--")):
         assert option in help_text, (command, option)

@@ -5,8 +5,9 @@ and its weights and optimizer state are loaded) or is built fresh from ``--model
 is ``--batch-size`` training examples drawn with ``--seed``; ``train_eval_gap`` uses the test set,
 ``signal_propagation`` unit Gaussian input of the dataset's input shape. Probes that take an optimizer step
 (``landscape``, ``ics``) step at ``--lr``, else at the run's base (peak) lr the checkpoint records (not the
-optimizer's last lr, near 0 after a decaying schedule), else the config's lr; they print the lr used. ``--mode`` says whether BN uses
-batch statistics ("train", default) or running ones ("eval"); every result states it.
+optimizer's last lr, near 0 after a decaying schedule), else the config's lr; they print the lr used.
+``--mode`` says whether BN uses batch statistics ("train", default) or running ones ("eval"); every result
+states it.
 """
 
 from __future__ import annotations

@@ -45,7 +45,8 @@ def study(
         str | None, typer.Option(help="JSON object of options for --model's factory")
     ] = None,
     dataset: Annotated[str | None, typer.Option(
-        help="your data in place of the recipe's, in every run (as train --dataset: npz:FILE, imagefolder, ...)"
+        help="your data in place of the recipe's, in every run (as train --dataset: npz:FILE, "
+             "imagefolder, ...)"
     )] = None,
     data_root: Annotated[str | None, typer.Option(help="folder holding --dataset's data")] = None,
     set_: Annotated[list[str] | None, typer.Option(

@@ -3,8 +3,9 @@
 science.md section 4.
 
 **Residual networks of the common layouts** (torchvision ``BasicBlock`` / ``Bottleneck``: ``conv1``, ``bn1``,
-``conv2``, ``bn2`` [, ``conv3``, ``bn3``], ``downsample``; timm's ResNet blocks have the same names), when every residual join of the model's graph lies in such a
-block, become NF-ResNets: every block is restructured to a pre-activation NF block::
+``conv2``, ``bn2`` [, ``conv3``, ``bn3``], ``downsample``; timm's ResNet blocks have the same names), when
+every residual join of the model's graph lies in such a block, become NF-ResNets: every block is restructured
+to a pre-activation NF block::
 
     h   = act(x) * beta,                beta = 1 / sqrt(expected_var)
     out = shortcut + alpha * g * branch(h),   g a learnable scalar, init ``skip_gain_init`` (0: SkipInit)
@@ -70,12 +71,12 @@ from normlab.layers.kinds import is_norm
 from normlab.layers.residual_graph import (
     ResidualGraph,
     ResidualJoin,
-    owner,
     analyze,
     is_activation,
     is_norm_node,
     is_pass_node,
     is_weight_node,
+    owner,
 )
 from normlab.layers.skipinit import SkipInit
 from normlab.layers.std_conv import ScaledStdConv1d, ScaledStdConv2d, ScaledStdLinear

@@ -267,6 +267,6 @@ def _bits(mask: int) -> Iterable[int]:
 
 
 def owner(add: fx.Node) -> str:
-    """The module whose ``forward`` made the node (the addition of a join) (fx's ``nn_module_stack``), else the node's name."""
+    """The module whose ``forward`` made the node (fx's ``nn_module_stack``), else the node's name."""
     stack = add.meta.get("nn_module_stack") or {}
     return next(reversed(stack.values()))[0] if stack else add.name

@@ -109,7 +109,8 @@ def landscape(
 
     ``etas`` (absolute step lengths) overrides the grid ``eta_grid(lr, num_points, eta_range)``; ``lr``
     defaults to the first parameter group's lr of ``optimizer`` (a finished run's optimizer holds its
-    schedule's last lr: pass the run's base lr); the result's ``lr`` is the lr behind the grid. ``seed`` drives the random direction with
+    schedule's last lr: pass the run's base lr); the result's ``lr`` is the lr behind the grid. ``seed``
+    drives the random direction with
     a private generator (the global RNG is not consumed).
     """
     check_mode(mode)
