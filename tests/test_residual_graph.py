@@ -204,3 +204,21 @@ def test_what_the_conversion_cannot_place_is_refused_naming_the_module():
 
     with pytest.raises(NormlabError, match="join add normalizer-free: its branch end is call_function tanh"):
         to_normalizer_free(FunctionEnd())
+
+
+def test_convert_norm_refuses_a_norm_called_as_a_function_and_converts_user_names():
+    from normlab.layers import convert_norm
+
+    class FunctionalNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return F.batch_norm(self.bn(self.conv(x)), None, None, training=True)
+
+    with pytest.raises(NormlabError, match=r"FunctionalNorm.forward calls batch_norm as a function"):
+        convert_norm(FunctionalNorm(), "gn")
+    model = convert_norm(styles.named_blocks(), "gn")
+    assert isinstance(model.units[1].n_a, nn.GroupNorm) and not any(
+        isinstance(m, nn.BatchNorm2d) for m in model.modules())

@@ -76,7 +76,7 @@ from normlab.layers.residual_graph import (
     is_norm_node,
     is_pass_node,
     is_weight_node,
-    owner,
+    module_of,
 )
 from normlab.layers.skipinit import SkipInit
 from normlab.layers.std_conv import ScaledStdConv1d, ScaledStdConv2d, ScaledStdLinear
@@ -218,7 +218,7 @@ def _refuse_unplaceable(model: nn.Module, graph: ResidualGraph) -> None:
     gm = graph.graph_module
     for node in gm.graph.nodes:
         if node.op == "call_function" and (is_norm_node(gm, node) or is_weight_node(gm, node)):
-            where = owner(node)
+            where = module_of(node) or f"{type(model).__name__}.forward"
             what = "norm" if is_norm_node(gm, node) else "conv/linear"
             raise NormlabError(
                 f"cannot make {type(model).__name__} normalizer-free: {where} calls "

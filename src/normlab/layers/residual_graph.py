@@ -266,7 +266,12 @@ def _bits(mask: int) -> Iterable[int]:
         i += 1
 
 
-def owner(add: fx.Node) -> str:
+def owner(node: fx.Node) -> str:
     """The module whose ``forward`` made the node (fx's ``nn_module_stack``), else the node's name."""
-    stack = add.meta.get("nn_module_stack") or {}
-    return next(reversed(stack.values()))[0] if stack else add.name
+    return module_of(node) or node.name
+
+
+def module_of(node: fx.Node) -> str | None:
+    """The qualified name of the module whose ``forward`` made ``node``; None for the root's forward."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else None
