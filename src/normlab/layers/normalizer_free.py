@@ -15,8 +15,8 @@ to a pre-activation NF block::
 
 with ``expected_var = 1`` at the first block, ``+= alpha^2`` after each block and reset to ``1 + alpha^2``
 after a block with a projection shortcut (which re-normalizes the signal), as timm's ``nfnet.py`` and
-``normlab.models.nf_resnet``. Every conv after an activation is a Scaled WS conv (``ScaledStdConv2d``) with
-the activation's gain gamma folded in; the first conv of the model sees the data and gets gamma 1. Every norm
+``normlab.models.nf_resnet``. Every conv after an activation is a Scaled WS conv (``ScaledStdConv2d``, with a
+bias, zero where it had none) with the activation's gain gamma folded in; the first conv of the model sees the data and gets gamma 1. Every norm
 layer becomes ``nn.Identity``. At the top level of a torchvision / timm ResNet the stem's activation
 (``relu`` / ``act1``) is dropped (the first block's pre-activation applies it, as in timm's NF stems) and
 one activation is put before ``avgpool`` / ``global_pool`` (the pre-activation form ends un-activated; a
@@ -170,8 +170,9 @@ def to_normalizer_free(
         zero_init_classifier: zero the classifier's weight and bias (the NF papers' init).
 
     Raises:
-        NormlabError: a bad option, several kinds of activation and ``activation`` unset, or a residual block
-            with parts this conversion does not know (named in the message).
+        NormlabError: a bad option, several kinds of activation and ``activation`` unset, a residual block
+            with parts this conversion does not know, or what the module docstring lists as refused (each
+            named in the message).
     """
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise NormlabError(f"alpha must be a finite number > 0, got {alpha!r}")
