@@ -16,13 +16,13 @@ to a pre-activation NF block::
 with ``expected_var = 1`` at the first block, ``+= alpha^2`` after each block and reset to ``1 + alpha^2``
 after a block with a projection shortcut (which re-normalizes the signal), as timm's ``nfnet.py`` and
 ``normlab.models.nf_resnet``. Every conv after an activation is a Scaled WS conv (``ScaledStdConv2d``, with a
-bias, zero where it had none) with the activation's gain gamma folded in; the first conv of the model sees
-the data and gets gamma 1. Every norm layer becomes ``nn.Identity``. At the top level of a torchvision / timm
-ResNet the stem's activation (``relu`` / ``act1``) is dropped (the first block's pre-activation applies it, as in timm's NF stems) and
-one activation is put before ``avgpool`` / ``global_pool`` (the pre-activation form ends un-activated; a
-model that pools in ``forward`` has no such module and keeps its last block's output un-activated).
-The classifier (``classifier`` or ``fc`` or the last ``nn.Linear``) is zero-initialized, as in the NF paper,
-and stays a plain linear layer; train with AGC (``agc_clip``), which skips it.
+bias, zero where it had none) with the activation's gain gamma folded in; the first conv of the model sees the
+data and gets gamma 1. Every norm layer becomes ``nn.Identity``. At the top level of a torchvision / timm
+ResNet the stem's activation (``relu`` / ``act1``) is dropped (the first block's pre-activation applies it, as
+in timm's NF stems) and one activation is put before ``avgpool`` / ``global_pool`` (the pre-activation form
+ends un-activated; a model that pools in ``forward`` has no such module and keeps its last block's output
+un-activated). The classifier (``classifier`` or ``fc`` or the last ``nn.Linear``) is zero-initialized, as in
+the NF paper, and stays a plain linear layer; train with AGC (``agc_clip``), which skips it.
 
 **Every other model** is converted in place from its graph (:mod:`normlab.layers.residual_graph`: each
 residual join ``branch + shortcut`` that torch.fx traces, in-place ``out += self.shortcut(x)`` included,
