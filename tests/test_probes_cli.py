@@ -43,9 +43,10 @@ def test_probe_from_checkpoint_json(checkpoint, capsys):
     # The CLI loaded the trained weights: the same batch through the trained model gives the same numbers.
     x, y = trainer.data.x_train, trainer.data.y_train
     index = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:16]
-    direct = landscape(trainer.model, (x[index], y[index]), optimizer=trainer.optimizer, num_points=3)
+    # It steps at the run's base lr the checkpoint records, not the optimizer's last (scheduled) one.
+    direct = landscape(trainer.model, (x[index], y[index]), lr=trainer.config.lr, num_points=3)
     assert out["loss"] == pytest.approx(direct.loss, rel=1e-6)
-    assert out["etas"] == pytest.approx(direct.etas)
+    assert out["lr"] == trainer.config.lr and out["etas"] == pytest.approx(direct.etas)
     evald = json.loads(_run(capsys, "ics", "--checkpoint", str(path), "--mode", "eval", "--json"))
     assert evald["mode"] == "eval" and set(evald["l2"]) == set(evald["cos"])
 

@@ -106,7 +106,7 @@ def test_ics_includes_norm_layers_on_request():
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
     result = ics(model, opt, (x, y), include_norm=True)
     assert list(result.l2) == ["0", "1", "3", "4", "6"]
-    assert set(result.to_dict()) == {"mode", "l2", "cos", "grad_norm"}
+    assert set(result.to_dict()) == {"mode", "l2", "cos", "grad_norm", "lr"} and result.lr == 0.1
 
 
 def test_ics_bad_input():

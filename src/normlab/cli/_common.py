@@ -144,6 +144,9 @@ def check_device(name: str):
 
     try:
         return resolve_device(name)
+    except NormlabError as err:  # a valid name this machine lacks: say what is missing
+        raise NormlabError(str(err).replace(f"device={name!r}", f"--device {name}")
+                           .replace("use device='cpu' or 'auto'", "use --device cpu or auto")) from None
     except (RuntimeError, ValueError, TypeError):
         allowed = "cpu, cuda, cuda:N, mps, auto"
         raise NormlabError(f"--device {name!r} is not a device; allowed: {allowed}") from None

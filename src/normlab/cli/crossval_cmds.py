@@ -100,7 +100,14 @@ def layer(
     layout: str = typer.Option("channels_first", help="channels_first or channels_last"),
     steps: int = typer.Option(1, help="training steps before the measured pass"),
     groups: int = typer.Option(2, help="GroupNorm groups (gn)"),
-    shape: str = typer.Option("8,4,5,5", help="input shape N,C,... (channels-first)"),
+    shape: str = typer.Option("8,4,5,5", help="input shape N,C,... (channels-first); with --dataset only N "
+                              "counts (the batch)"),
+    model_spec: str = typer.Option(None, "--model", help="your model (file.py:factory, module:factory): "
+                                   "check its own norm layer (--layer) on the input that reaches it"),
+    layer_name: str = typer.Option(None, "--layer", help="which norm layer of --model (default: the first "
+                                   "one called)"),
+    dataset: str = typer.Option(None, "--dataset", help="inputs from this data set (as train --dataset)"),
+    data_root: str = typer.Option(None, "--data-root", help="folder holding --dataset's data"),
     seed: int = typer.Option(0),
     t_mad: float = T_MAD,
     t_class: float = T_CLASS,
@@ -110,33 +117,149 @@ def layer(
     as_json: bool = JSON,
 ) -> None:
     """Cross-check one normalization layer (outputs and running statistics) against the numpy oracle."""
-    from normlab.crossval import LayerSpec, crossval_layer
+    import numpy as np
 
-    _check_run(seed, steps, math.prod(_ints(shape, "shape")))
+    from normlab.crossval import LayerSpec, crossval_layer
+    from normlab.crossval.spec import from_channels_first, make_layer_inputs
+
+    if layer_name is not None and model_spec is None:
+        raise NormlabError("--layer needs --model")
+    dims = _ints(shape, "shape")
+    data = _data(dataset, data_root)
+    _check_run(seed, steps, math.prod(dims) if data is None else dims[0] * math.prod(data.input_shape))
+    params = batches = None
+    if data is not None:
+        batches = _data_batches(data, dims[0], steps + 1)
+    if model_spec is not None:
+        if batches is None:
+            rng = np.random.default_rng(seed)
+            batches = [rng.normal(size=dims).astype(np.float32) for _ in range(steps + 1)]
+        classes = data.num_classes if data is not None and data.task == "classification" else 10
+        net = _user_model(model_spec, "bn", classes, batches[0].shape[1], batches[0][:2])
+        kind, eps, momentum, affine, groups, params, batches = _model_layer(net, model_spec, layer_name,
+                                                                            batches)
     spec = LayerSpec(
         kind=kind,
         eps=eps,
-        momentum=_momentum(momentum),
+        momentum=momentum if model_spec is not None else _momentum(momentum),
         affine=affine,
         mode=mode,
         layout=layout,
         steps=steps,
         groups=groups,
     )
+    if batches is not None:
+        if params is None:  # seeded gamma, beta and running statistics for the data's channels
+            params = make_layer_inputs(spec, batches[0].shape, seed=seed)[0]
+        batches = [from_channels_first(b, layout) for b in batches]
     report = crossval_layer(
         spec,
         backends,
-        shape=_ints(shape, "shape"),
+        shape=dims,
         seed=seed,
+        params=params,
+        batches=batches,
         thresholds=_thresholds(t_mad, t_class, p, rtol, atol),
     )
     _finish(report, as_json)
 
 
+def _model_layer(net, spec: str, name: str | None, batches: list):
+    """``(kind, eps, momentum, affine, groups, params, inputs)`` of a BatchNorm / GroupNorm of the user's
+    model: its settings and state, and the input it receives on each batch (eval-mode forward)."""
+    import torch
+    from torch import nn
+
+    from normlab.crossval.spec import LayerParams
+    from normlab.layers.kinds import is_norm
+
+    norms = [(n, m) for n, m in net.named_modules() if is_norm(m)]
+    if not norms:
+        raise NormlabError(f"model {spec!r} has no normalization layer to check")
+    inputs: dict[str, list] = {}
+    handles = [m.register_forward_pre_hook(
+        lambda _m, args, n=n: inputs.setdefault(n, []).append(args[0].detach().numpy().copy()))
+        for n, m in norms]
+    net.eval()
+    try:
+        with torch.no_grad():
+            for b in batches:
+                net(torch.from_numpy(b))
+    finally:
+        for handle in handles:
+            handle.remove()
+    called = [n for n, _ in norms if n in inputs]
+    if name is None:
+        name = called[0] if called else norms[0][0]
+    layers = dict(norms)
+    if name not in layers:
+        raise NormlabError(f"--layer {name!r} is not a norm layer of {spec!r}; its norm layers: "
+                           f"{', '.join(n for n, _ in norms[:8])}")
+    layer = layers[name]
+    if type(layer) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and layer.track_running_stats:
+        kind, groups, momentum = "bn", 2, layer.momentum
+        mean, var = layer.running_mean, layer.running_var
+    elif type(layer) is nn.GroupNorm:
+        kind, groups, momentum = "gn", layer.num_groups, 0.1
+        mean, var = torch.zeros(layer.num_channels), torch.ones(layer.num_channels)
+    else:
+        raise NormlabError(f"--layer {name} of {spec!r} is a {type(layer).__name__}; crossval layer checks "
+                           "torch BatchNorm (with running statistics) and GroupNorm layers")
+    if name not in inputs or len(inputs[name]) != len(batches):
+        raise NormlabError(f"norm layer {name} of {spec!r} is not called once per forward pass")
+    affine = layer.weight is not None
+    params = LayerParams(
+        weight=layer.weight.detach().numpy().copy() if affine else None,
+        bias=layer.bias.detach().numpy().copy() if affine else None,
+        running_mean=mean.detach().numpy().copy(), running_var=var.detach().numpy().copy(),
+    )
+    return kind, layer.eps, momentum, affine, groups, params, inputs[name]
+
+
+def _data(dataset: str | None, data_root: str | None):
+    """The dataset ``--dataset`` names (train's syntax), or None."""
+    if dataset is None:
+        if data_root is not None:
+            raise NormlabError("--data-root needs --dataset")
+        return None
+    from normlab.data import load_dataset
+
+    return load_dataset(dataset, root=data_root)
+
+
+def _data_batches(data, batch: int, count: int) -> list:
+    """``count`` batches of ``batch`` examples: training examples, then the measured one from the test set."""
+    import numpy as np
+
+    x_train, x_test = data.x_train.float().numpy(), data.x_test.float().numpy()
+    if batch > min(len(x_train), len(x_test)):
+        raise NormlabError(f"batch {batch} is larger than the data ({len(x_train)} training, {len(x_test)} "
+                           "test examples)")
+    if (count - 1) * batch > len(x_train):
+        raise NormlabError(f"{count - 1} training batches of {batch} need more than the {len(x_train)} "
+                           "training examples")
+    train = [x_train[i * batch:(i + 1) * batch] for i in range(count - 1)]
+    return [np.ascontiguousarray(b, np.float32) for b in [*train, x_test[:batch]]]
+
+
+def _user_model(spec: str, norm: str, num_classes: int, in_channels: int, sample):
+    """The user's model of ``spec`` (``file.py:factory`` / ``module:factory``) with ``norm`` applied."""
+    import torch
+
+    from normlab.external import build_external_model
+
+    return build_external_model(spec, norm=norm, norm_options={}, options={}, outputs=num_classes,
+                                in_channels=in_channels, sample=torch.from_numpy(sample))
+
+
 @crossval_app.command("model")
 def model(
-    model_name: str = typer.Option("resnet20", "--model", help="a normlab model name"),
+    model_name: str = typer.Option("resnet20", "--model", help="a normlab model name, or your code "
+                                   "(file.py:factory, module:factory)"),
     norm: str = typer.Option("bn", help="normalization of the model"),
+    dataset: str = typer.Option(None, "--dataset", help="inputs from this data set (as train --dataset); "
+                                "sets in_channels, classes and the input shape"),
+    data_root: str = typer.Option(None, "--data-root", help="folder holding --dataset's data"),
     backends: str = typer.Option("numpy,torch,onnxruntime,jax", help=_BACKENDS_HELP),
     num_classes: int = typer.Option(10),
     in_channels: int = typer.Option(3),
@@ -164,32 +287,47 @@ def model(
 
     from normlab.crossval import crossval_model
     from normlab.crossval.state import randomize_norm_state
+    from normlab.external import is_model_spec
     from normlab.models import create_model
 
     if batch < 1 or steps < 0:
         raise NormlabError(f"batch must be >= 1 and steps >= 0, got batch={batch}, steps={steps}")
+    data = _data(dataset, data_root)
+    if data is not None:
+        if input_shape:
+            raise NormlabError("--input-shape goes without --dataset (the data set's shape is used)")
+        in_channels, dims, shape = data.in_channels, data.dims, tuple(data.input_shape)
+        num_classes = data.num_classes if data.task == "classification" else num_classes
     default_shape = (in_channels, 32 * 32 if dims == 2 else 40)
     per_input = _ints(input_shape, "input_shape") if input_shape else default_shape
+    if data is not None:
+        per_input = shape
     _check_run(seed, steps, batch * math.prod(per_input))
+    if data is None:
+        shape = (
+            _ints(input_shape, "input_shape")
+            if input_shape
+            else (in_channels, *((32, 32) if dims == 2 else (40,)))
+        )
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(batch, *shape)).astype(np.float32)
+        train_batches = [rng.normal(size=(batch, *shape)).astype(np.float32) for _ in range(steps)]
+    else:
+        *train_batches, x = _data_batches(data, batch, steps + 1)
     torch.manual_seed(seed)
-    net = create_model(model_name, norm=norm, num_classes=num_classes, in_channels=in_channels, dims=dims)
+    if is_model_spec(model_name):
+        net = _user_model(model_name, norm, num_classes, in_channels, x[:2])
+    else:
+        net = create_model(model_name, norm=norm, num_classes=num_classes, in_channels=in_channels, dims=dims)
     if randomize_norms:
         randomize_norm_state(net, seed)
-    shape = (
-        _ints(input_shape, "input_shape")
-        if input_shape
-        else (in_channels, *((32, 32) if dims == 2 else (40,)))
-    )
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch, *shape)).astype(np.float32)
-    train_batches = [rng.normal(size=(batch, *shape)).astype(np.float32) for _ in range(steps)]
     report = crossval_model(
         net,
         x,
         backends,
         mode=mode,
         train_batches=train_batches,
-        name=model_name,
+        name=model_name if dataset is None else f"{model_name} on {dataset}",
         thresholds=_thresholds(t_mad, t_class, p, rtol, atol),
     )
     _finish(report, as_json)

@@ -3,13 +3,17 @@
 The model comes from ``--checkpoint`` (a file written by the trainer: its config names model, norm and data,
 and its weights and optimizer state are loaded) or is built fresh from ``--model`` / ``--norm``. The batch
 is ``--batch-size`` training examples drawn with ``--seed``; ``train_eval_gap`` uses the test set,
-``signal_propagation`` unit Gaussian input of the dataset's input shape. ``--mode`` says whether BN uses
-batch statistics ("train", default) or running ones ("eval"); every result states it.
+``signal_propagation`` unit Gaussian input of the dataset's input shape. Probes that take an optimizer step
+(``landscape``, ``ics``) step at ``--lr``, else at the run's base (peak) lr the checkpoint records (not the
+optimizer's last lr, near 0 after a decaying schedule), else the config's lr; they print the lr used.
+``--mode`` says whether BN uses batch statistics ("train", default) or running ones ("eval"); every result
+states it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +63,11 @@ def check_options(name: str, options: dict[str, Any]) -> None:
         )
 
 
+STEPPING = ("landscape", "ics")  # probes whose measurement takes a step of some lr
+
+
 def _setup(checkpoint: str | None, overrides: dict[str, Any]):
-    """(config, data, model, optimizer, loss_fn) from a checkpoint or from the overrides alone."""
+    """(config, data, model, optimizer, loss_fn, base lr) from a checkpoint or from the overrides alone."""
     from normlab.train import TrainConfig, load_checkpoint
     from normlab.train.build import build_model, load_data, loss_function
     from normlab.train.optimizer import build_optimizer
@@ -104,7 +111,11 @@ def _setup(checkpoint: str | None, overrides: dict[str, Any]):
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
             text = " ".join(str(exc).split())[:200]
             raise NormlabError(f"checkpoint {checkpoint!r} does not match its own config: {text}") from None
-    return config, data, model, optimizer, loss_function(data.task)
+    base_lr = state.get("base_lr", config.lr) if state is not None else config.lr
+    if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not 0 < base_lr < float("inf"):
+        raise NormlabError(f"checkpoint {checkpoint!r}: its 'base_lr' entry is {base_lr!r}, not a positive "
+                           "number; it was not written by normlab's trainer")
+    return config, data, model, optimizer, loss_function(data.task), float(base_lr)
 
 
 def _batch(x, y, size: int, seed: int):
@@ -207,6 +218,8 @@ def probe_command(
     seed: int = typer.Option(0, "--seed", help="seed of the batch draw and of random directions / units"),
     options: str | None = typer.Option(None, "--options", help='JSON object of probe arguments, e.g. '
                                        '\'{"num_points": 4}\'; train_eval_gap takes {"precise_bn": true}'),
+    lr: float | None = typer.Option(None, "--lr", help="lr of the step landscape / ics take (default: the "
+                                    "run's base lr from the checkpoint, or the config's)"),
     json_output: bool = typer.Option(False, "--json", help="print the result as JSON only"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
@@ -231,8 +244,14 @@ def probe_command(
         overrides["model_options"] = parse_option("model_options", model_options)
     if data_root is not None and not Path(data_root).is_dir():
         raise NormlabError(f"--data-root {data_root!r} is not a folder")
-    config, data, net, optimizer, loss_fn = _setup(checkpoint, overrides)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise NormlabError(f"--lr must be a finite number > 0, got {lr}")
+    config, data, net, optimizer, loss_fn, base_lr = _setup(checkpoint, overrides)
     check_options(name, probe_options)
+    if name in STEPPING and "etas" not in probe_options:
+        if lr is not None and "lr" in probe_options:
+            raise NormlabError("give the lr once: --lr or --options '{\"lr\": ...}', not both")
+        probe_options.setdefault("lr", lr if lr is not None else base_lr)
     check_probe_budget(name, probe_options, config, data, force=force)
     result = run_probe(name, config=config, data=data, model=net, optimizer=optimizer, loss_fn=loss_fn,
                        mode=mode, seed=seed, options=probe_options)
@@ -242,6 +261,8 @@ def probe_command(
         document = {"schema": JSON_SCHEMA, "probe": name, **result.to_dict()}
         typer.echo(json.dumps(json_ready(document), indent=2, allow_nan=False))
         return
+    if name in STEPPING and getattr(result, "lr", None) is not None:
+        typer.echo(f"{name} stepped at lr {result.lr:.6g}")
     _table(name, result)
 
 

@@ -44,6 +44,11 @@ def study(
     model_options: Annotated[
         str | None, typer.Option(help="JSON object of options for --model's factory")
     ] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="your data in place of the recipe's, in every run (as train --dataset: npz:FILE, "
+             "imagefolder, ...)"
+    )] = None,
+    data_root: Annotated[str | None, typer.Option(help="folder holding --dataset's data")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", metavar="FIELD=VALUE",
         help="change a field of the scale table (repeatable), e.g. --set steps=6000 or "
@@ -77,6 +82,8 @@ def study(
         raise NormlabError("--model-options needs --model")
     if model is not None and all_:
         raise NormlabError("--model goes with one study, not --all (some studies sweep their own models)")
+    if (dataset is not None or data_root is not None) and all_:
+        raise NormlabError("--dataset goes with one study, not --all")
     if set_ and all_:
         raise NormlabError("--set goes with one study, not --all (each study has its own scale table)")
     from normlab.studies.overrides import parse_overrides
@@ -130,6 +137,8 @@ def study(
             model=model,
             model_options=factory_options,
             overrides=overrides,
+            dataset=dataset,
+            data_root=data_root,
         )
     finally:
         if executor is not None:

@@ -38,14 +38,10 @@ def build_external_model(
     """
     factory = load_factory(spec)
     kwargs = dict(options)
-    signature = call_signature(factory)
-    if signature is not None:
-        params = signature.parameters
-        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        if "num_classes" not in kwargs and ("num_classes" in params or takes_kwargs):
-            kwargs["num_classes"] = outputs
-        if "in_channels" not in kwargs and "in_channels" in params:
-            kwargs["in_channels"] = in_channels
+    if "num_classes" not in kwargs and takes_option(factory, "num_classes"):
+        kwargs["num_classes"] = outputs
+    if "in_channels" not in kwargs and takes_option(factory, "in_channels", var_keyword=False):
+        kwargs["in_channels"] = in_channels
     try:
         model = factory(**kwargs)
     except (Exception, SystemExit) as exc:  # a factory's sys.exit() would end normlab without a word
@@ -57,6 +53,19 @@ def build_external_model(
     model = apply_norm(model, norm, norm_options, spec)
     check_outputs(model, sample, outputs, spec)
     return model
+
+
+def takes_option(factory: Any, name: str, *, var_keyword: bool = True) -> bool:
+    """Whether ``factory`` (a callable or a spec) has a parameter ``name`` (keyword-only included), or
+    takes ``**kwargs`` when ``var_keyword``; False when its signature cannot be read (nothing is passed)."""
+    if isinstance(factory, str):
+        factory = load_factory(factory)
+    signature = call_signature(factory)
+    if signature is None:
+        return False
+    params = signature.parameters
+    named = name in params and params[name].kind is not inspect.Parameter.POSITIONAL_ONLY
+    return named or (var_keyword and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()))
 
 
 def apply_norm(model: nn.Module, norm: str, norm_options: dict[str, Any], what: str) -> nn.Module:

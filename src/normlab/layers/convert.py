@@ -33,9 +33,14 @@ def convert_norm(model: nn.Module, to: str, **options) -> nn.Module:
     - ``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked`` are copied where both
       layers have them with the same shape; the new layer gets the source's device, dtype and train flag.
 
+    A norm the model calls as a function (``F.batch_norm`` in a ``forward``) has no module to swap: the
+    model's traced graph (:mod:`normlab.layers.residual_graph`) is read first and such a model refused, so a
+    conversion is never partial (a model torch.fx cannot trace is converted module by module).
+
     Raises:
         NormlabError: unknown ``to`` or option; a layer that cannot be mapped (its qualified name is in the
-            message), e.g. a LayerNorm over several dimensions or a group count that does not divide C.
+            message), e.g. a LayerNorm over several dimensions or a group count that does not divide C; a
+            norm called as a function.
     """
     valid = norm_options(to)
     unknown = sorted(set(options) - set(valid))
@@ -44,12 +49,29 @@ def convert_norm(model: nn.Module, to: str, **options) -> nn.Module:
                            f"{', '.join(valid) or 'none'}")
     if is_norm(model):
         return _convert_one(model, "<root>", to, options)
+    _refuse_functional_norms(model, to)
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if is_norm(child):
                 qualified = f"{parent_name}.{child_name}" if parent_name else child_name
                 setattr(parent, child_name, _convert_one(child, qualified, to, options))
     return model
+
+
+def _refuse_functional_norms(model: nn.Module, to: str) -> None:
+    from normlab.layers.residual_graph import is_norm_node, module_of, trace
+
+    try:
+        gm = trace(model)
+    except NormlabError:
+        return  # untraceable: every norm module is still swapped; nothing else can be checked
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and is_norm_node(gm, node):
+            raise NormlabError(
+                f"cannot convert {type(model).__name__}'s norms to {to!r}: "
+                f"{module_of(node) or type(model).__name__ + '.forward'} calls "
+                f"{getattr(node.target, '__name__', node.target)} as a function, which has no module to swap"
+            )
 
 
 def _num_channels(layer: nn.Module, qualified: str) -> int:

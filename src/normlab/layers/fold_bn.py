@@ -55,15 +55,19 @@ def folded_weights(
     return w.to(weight.dtype), (s * (b - mean) + beta).to(weight.dtype)
 
 
-def fold_bn(model: nn.Module) -> torch.fx.GraphModule:
-    """A new module computing ``model`` with every foldable BN folded into its conv/linear; input untouched.
+def fold_bn(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` computing the same function with every foldable BN folded into its conv/linear;
+    ``model`` is untouched.
 
-    Traced with ``torch.fx``: a BN node (torch BN with running statistics, FrozenBatchNorm, normlab's ghost /
-    renorm layers, noisy BN with eval_expectation=False, EvalNorm with a = b = 0) is folded when its only
-    input is a call of an
-    ``nn.Conv1d/2d/3d`` or ``nn.Linear`` (exact types; its output channels = BN's channels) that has no other
-    user and is called once in the graph. Other BNs (pre-activation BN, BN after an addition) stay. A Linear
-    followed by BN is folded on the reading that BN normalizes the Linear's last dim, true for (N, C) input.
+    The copy keeps the user's module class, attributes and submodule names (``model.units[1].conv``): each
+    folded conv/linear gets the folded weight and bias in place and its BN becomes ``nn.Identity`` at the
+    same name; nothing is rewritten into a GraphModule. Pairs are found in the graph traced by ``torch.fx``
+    (only to read how modules connect): a BN node (torch BN with running statistics, FrozenBatchNorm,
+    normlab's ghost / renorm layers, noisy BN with eval_expectation=False, EvalNorm with a = b = 0) is folded
+    when it is called once and its only input is the single call of an ``nn.Conv1d/2d/3d`` or ``nn.Linear``
+    (exact types; its output channels = BN's channels) that has no other user. Other BNs (pre-activation BN,
+    BN after an addition, a BN module called twice) stay. A Linear followed by BN is folded on the reading
+    that BN normalizes the Linear's last dim, true for (N, C) input.
 
     Raises:
         NormlabError: the model or one of its BN layers is in training mode (call ``model.eval()``), or the
@@ -78,23 +82,23 @@ def fold_bn(model: nn.Module) -> torch.fx.GraphModule:
         )
     model = copy.deepcopy(model)
     try:
-        gm = torch.fx.GraphModule(model, _LeafNormTracer().trace(model), type(model).__name__)
+        graph = _LeafNormTracer().trace(model)
     except Exception as err:  # fx raises many types for untraceable code
         raise NormlabError(f"fold_bn could not trace {type(model).__name__} with torch.fx: {err}") from err
-    modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not _is_foldable_bn(modules[node.target]):
+    for node in list(graph.nodes):
+        if node.op != "call_module" or calls[node.target] != 1:
             continue
-        if len(node.args) != 1 or node.kwargs:
+        bn = model.get_submodule(node.target)
+        if not _is_foldable_bn(bn) or len(node.args) != 1 or node.kwargs:
             continue
         prev = node.args[0]
         if not isinstance(prev, torch.fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
             continue
-        layer, bn = modules[prev.target], modules[node.target]
+        layer = model.get_submodule(prev.target)
         if type(layer) not in _FOLD_INTO or calls[prev.target] != 1:
             continue
         if layer.weight.shape[0] != bn.num_features:
@@ -103,9 +107,6 @@ def fold_bn(model: nn.Module) -> torch.fx.GraphModule:
         weight, bias = folded_weights(layer.weight.detach(), old_bias, bn)
         layer.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
         layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
-        node.replace_all_uses_with(prev)
-        gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
+        parent, _, child = node.target.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+    return model

@@ -1,16 +1,19 @@
 """Where the residual blocks of a model are, for the probes that measure per block (signal propagation,
 residual scale, example similarity).
 
-Found in this order:
+Found in this order (the first that applies):
 
 1. the normlab contract (``normlab.models.blocks``): ``model.stem`` and ``model.blocks()``;
 2. blocks with ``branch``, ``skip_scale`` and ``shortcut`` anywhere in the model (the same contract on a
    block, e.g. what :func:`normlab.layers.to_normalizer_free` puts in a torchvision ResNet);
-3. torchvision / timm ResNet blocks (``BasicBlock``, ``Bottleneck``): a module with ``conv1``, ``conv2`` and a
-   ``downsample`` attribute; the branch ends at ``bn3`` / ``bn2`` (``conv3`` / ``conv2`` when it has no norm),
-   the shortcut is ``downsample`` or the block's input;
-4. timm / torchvision names (``layer1.0``, ``stages.0.0``, ``stages.0.blocks.0``, ``blocks.0``) with a
-   ``bn3`` / ``bn2`` / ``conv3`` / ``conv2`` child.
+3. the model's graph (:func:`graph_points`, :mod:`normlab.layers.residual_graph`): every residual join
+   traced by torch.fx, whatever the modules are called (``c_a``, ``proj``, an ``nn.Sequential``), with
+   in-place adds; the stem is the first block's input;
+4. a model fx cannot trace: torchvision / timm ResNet blocks (``BasicBlock``, ``Bottleneck``): a module with
+   ``conv1``, ``conv2`` and a ``downsample`` attribute; the branch ends at ``bn3`` / ``bn2`` (``conv3`` /
+   ``conv2`` when it has no norm), the shortcut is ``downsample`` or the block's input; then timm /
+   torchvision names (``layer1.0``, ``stages.0.0``, ``stages.0.blocks.0``, ``blocks.0``) with a ``bn3`` /
+   ``bn2`` / ``conv3`` / ``conv2`` child.
 
 ``names=`` (the user's list of block module names) overrides the search; each named block must still match
 one of the layouts, so the probe knows where its branch ends. The stem is ``model.stem`` or the first of
@@ -22,9 +25,15 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 
+import torch.fx as fx
 from torch import nn
 
 from normlab.errors import NormlabError
+from normlab.layers.normalizer_free import NFSkipGain
+from normlab.layers.residual_graph import ResidualGraph, analyze, is_activation
+from normlab.layers.skipinit import SkipInit
+
+_GAINS = (NFSkipGain, SkipInit)
 
 _BLOCK_PATTERNS = ("layer?.?", "layer?.??", "stages.?.?", "stages.?.??", "stages.?.blocks.?",
                    "stages.?.blocks.??", "blocks.?", "blocks.??")
@@ -136,3 +145,75 @@ def _stem(model: nn.Module) -> tuple[str, nn.Module]:
             f"{', '.join(_STEM)}"
         )
     return stem
+
+
+@dataclasses.dataclass
+class GraphPoints:
+    """Where a model's per-block statistics are read when its blocks come from its graph
+    (:mod:`normlab.layers.residual_graph`): node per name of the stem (the first block's input), each block
+    output, branch end (before a skip gain), contribution (what is added) and shortcut. A model without
+    residual joins (a plain CNN, an ``nn.Sequential``) has one point per activation output instead."""
+
+    graph: ResidualGraph
+    stem: tuple[str, fx.Node] | None
+    outputs: dict[str, fx.Node]
+    branch_ends: dict[str, fx.Node]
+    contributions: dict[str, fx.Node]
+    shortcuts: dict[str, fx.Node]
+
+    def capture(self, x) -> dict[str, dict[str, object]]:
+        """The values of every point on input ``x``, by kind ("stem", "output", "branch", ...)."""
+        kinds = {"output": self.outputs, "branch": self.branch_ends, "contribution": self.contributions,
+                 "shortcut": self.shortcuts}
+        wanted = {f"{kind}/{name}": node for kind, points in kinds.items() for name, node in points.items()}
+        if self.stem is not None:
+            wanted["stem"] = self.stem[1]
+        values = self.graph.capture(x, wanted)
+        out: dict[str, dict[str, object]] = {kind: {} for kind in kinds}
+        for key, value in values.items():
+            kind, _, name = key.partition("/")
+            if kind == "stem":
+                out["stem"] = {self.stem[0]: value}
+            else:
+                out[kind][name] = value
+        return out
+
+
+def graph_first(model: nn.Module, names: list[str] | None) -> GraphPoints | None:
+    """The graph's points, unless ``names`` are given, the model has normlab contract blocks (orders 1-2),
+    or it cannot be traced (then the name search, orders 3-4, is the fallback)."""
+    if names is not None or _contract(model) or any(_is_contract(m) for m in model.modules()):
+        return None
+    try:
+        return graph_points(model)
+    except NormlabError:
+        return None
+
+
+def graph_points(model: nn.Module) -> GraphPoints:
+    """The residual joins of ``model``'s traced graph as probe points (NormlabError: untraceable)."""
+    graph = analyze(model, leaf_types=(SkipInit,))
+    gm = graph.graph_module
+    outputs, ends, contributions, shortcuts = {}, {}, {}, {}
+    for join in graph.joins:
+        name, k = join.name, 1
+        while name in outputs:
+            k += 1
+            name = f"{join.name}@{k}"
+        end = join.branch_out
+        if isinstance(graph.module(end), _GAINS) and end.all_input_nodes:
+            end = end.all_input_nodes[0]  # before the skip gain
+        outputs[name], ends[name] = join.output, end
+        contributions[name], shortcuts[name] = join.branch_out, join.shortcut_out
+    stem = None
+    if graph.joins:
+        node = graph.stem
+        stem = (node.target if node.op == "call_module" else node.name, node)
+    else:
+        for node in gm.graph.nodes:
+            if is_activation(gm, node):
+                outputs[node.target if node.op == "call_module" else node.name] = node
+        if not outputs:
+            raise NormlabError(f"cannot find residual blocks in {type(model).__name__}: its graph has no "
+                               "residual join and no activation to measure at")
+    return GraphPoints(graph, stem, outputs, ends, contributions, shortcuts)

@@ -21,7 +21,7 @@ def captured(modules: list[tuple[str, nn.Module]]) -> Iterator[dict[str, torch.T
 
         def hook(_m, _inputs, output, name=name):
             if name not in out and isinstance(output, torch.Tensor):
-                out[name] = output.detach()
+                out[name] = output.detach().clone()  # clone: a later in-place add may change it
 
         handles.append(module.register_forward_hook(hook))
     try:

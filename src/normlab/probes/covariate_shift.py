@@ -48,6 +48,7 @@ class ICS(ProbeResult):
     l2: dict[str, float]
     cos: dict[str, float]
     grad_norm: dict[str, float]
+    lr: float = math.nan
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -68,6 +69,7 @@ def ics(
     mode: str = "train",
     include_norm: bool = False,
     grad_transform: Callable[[nn.Module], None] | None = None,
+    lr: float | None = None,
 ) -> ICS:
     """ICS (Santurkar et al. 2018, Def. 2.1) of every layer of ``model`` for one step of ``optimizer``.
 
@@ -77,11 +79,16 @@ def ics(
         mode: "train" (BN uses batch statistics, the default) or "eval".
         grad_transform: applied to the copied model between backward and ``optimizer.step()`` when the
             training loop does so too (e.g. AGC or gradient clipping), so that W^{t+1} is the real update.
+        lr: the step's learning rate (every parameter group of the copied optimizer); None = the
+            optimizer's own. A finished run's optimizer holds its schedule's last lr (near 0 after a cosine
+            decay): give the run's base lr. The result's ``lr`` is the lr the step took.
 
     The model, its buffers, the optimizer (state and hyper-parameters) and the RNG are left untouched: the
     step is taken on deep copies.
     """
     check_mode(mode)
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise NormlabError(f"lr must be a finite number > 0, got {lr!r}")
     x, y = unpack(batch)
     if y is None:
         raise NormlabError("ics needs a batch (x, y) with targets to compute the loss, got x only")
@@ -97,6 +104,9 @@ def ics(
     with rng_preserved():
         # One deepcopy of the pair keeps the optimizer's references pointing at the copied parameters.
         net, opt = copy.deepcopy((model, optimizer))
+        if lr is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr
         set_mode(net, mode)
         rng = torch.get_rng_state()
         modules = dict(net.named_modules())
@@ -124,7 +134,7 @@ def ics(
             for n in order:
                 for p, w in zip(own_parameters(modules[n]), w_t[n], strict=True):
                     p.copy_(w)
-        result = ICS(mode=mode, l2={}, cos={}, grad_norm={})
+        result = ICS(mode=mode, l2={}, cos={}, grad_norm={}, lr=float(opt.param_groups[0]["lr"]))
         moved = 0  # order[:moved] already hold W^{t+1}
         for name in reported:
             position = order.index(name)

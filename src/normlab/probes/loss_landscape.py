@@ -49,6 +49,7 @@ class Landscape(ProbeResult):
     loss_min: float
     loss_max: float
     beta_smoothness: float
+    lr: float | None = None
 
 
 def eta_grid(lr: float, num_points: int = 8, eta_range: tuple[float, float] = (0.5, 4.0)) -> list[float]:
@@ -107,7 +108,9 @@ def landscape(
     """Loss variation, gradient predictiveness and effective beta-smoothness along ``W - eta * d``.
 
     ``etas`` (absolute step lengths) overrides the grid ``eta_grid(lr, num_points, eta_range)``; ``lr``
-    defaults to the first parameter group's lr of ``optimizer``. ``seed`` drives the random direction with
+    defaults to the first parameter group's lr of ``optimizer`` (a finished run's optimizer holds its
+    schedule's last lr: pass the run's base lr); the result's ``lr`` is the lr behind the grid. ``seed``
+    drives the random direction with
     a private generator (the global RNG is not consumed).
     """
     check_mode(mode)
@@ -119,6 +122,8 @@ def landscape(
         if lr is None:
             raise NormlabError("landscape needs lr=, optimizer= or an explicit etas= grid; none was given")
         etas = eta_grid(lr, num_points, eta_range)
+    else:
+        lr = None  # an explicit grid: no lr behind it
     etas = check_etas(etas)
     x, y = unpack(batch)
     if y is None:
@@ -160,6 +165,7 @@ def landscape(
             if d_norm > 0:
                 beta = max(beta, change / (eta * d_norm))
     return Landscape(
+        lr=lr,
         mode=mode,
         direction=direction,
         loss=loss0,

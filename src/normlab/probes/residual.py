@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.probes._blocks import find_blocks
+from normlab.probes._blocks import find_blocks, graph_first
 from normlab.probes._hooks import captured, captured_inputs, probe_input
 from normlab.probes._result import ProbeResult
 from normlab.probes._state import check_batch_for_mode, check_mode, preserved, set_mode
@@ -49,8 +49,12 @@ def residual_scale(
     """Branch-to-shortcut std ratio of every residual block of ``model`` on ``x`` (or N(0, 1) input of
     ``input_shape``). Blocks: the normlab contract (``skip_scale``, ``shortcut``), torchvision/timm ResNet
     blocks (branch = ``bn2``/``bn3`` output, shortcut = ``downsample`` output or the block's input), or the
-    module names in ``blocks`` (:mod:`normlab.probes._blocks`)."""
+    module names in ``blocks``, or else the residual joins of the traced graph (:mod:`normlab.probes._blocks`:
+    branch = the added branch, shortcut = the other operand)."""
     check_mode(mode)
+    points = graph_first(model, blocks)
+    if points is not None:
+        return _from_graph(points, model, x, input_shape, batch_size, mode, seed)
     try:
         _, found = find_blocks(model, blocks)
     except NormlabError:
@@ -58,7 +62,7 @@ def residual_scale(
             raise
         raise NormlabError(
             "residual_scale needs a residual model (model.stem + model.blocks() of normlab.models.blocks, "
-            f"torchvision/timm ResNet blocks, or blocks=[module names]); {type(model).__name__} has none"
+            f"residual joins in its graph, or blocks=[module names]); {type(model).__name__} has none"
         ) from None
     x, source = probe_input(model, x, input_shape, batch_size, seed)
     check_batch_for_mode(model, x.shape[0], mode)
@@ -71,10 +75,30 @@ def residual_scale(
         set_mode(model, mode)
         model(x)
     out.update(block_inputs)
+    return _ratios(mode, source, [b.name for b in found], out)
+
+
+def _ratios(mode: str, source: str, names: list[str], out: dict[str, torch.Tensor]) -> ResidualScale:
     result = ResidualScale(mode=mode, input=source, ratio={}, branch_std={}, shortcut_std={})
-    for name in (b.name for b in found):
+    for name in names:
         branch = out[f"{name}/branch"].double().std(unbiased=False).item()
         shortcut = out[f"{name}/shortcut"].double().std(unbiased=False).item()
         result.branch_std[name], result.shortcut_std[name] = branch, shortcut
         result.ratio[name] = branch / shortcut if shortcut > 0 else math.nan
     return result
+
+
+def _from_graph(points, model, x, input_shape, batch_size, mode, seed) -> ResidualScale:
+    if not points.contributions:
+        raise NormlabError(
+            "residual_scale needs a residual model (a branch added to a shortcut in its graph, or "
+            f"model.stem + model.blocks()); {type(model).__name__} has none"
+        )
+    x, source = probe_input(model, x, input_shape, batch_size, seed)
+    check_batch_for_mode(model, x.shape[0], mode)
+    with torch.no_grad(), preserved(model, parameters=False):
+        set_mode(model, mode)
+        values = points.capture(x)
+    out = {f"{n}/branch": v for n, v in values["contribution"].items()}
+    out.update({f"{n}/shortcut": v for n, v in values["shortcut"].items()})
+    return _ratios(mode, source, list(points.contributions), out)

@@ -20,6 +20,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from normlab.probes._blocks import graph_first
 from normlab.probes._hooks import captured, channel_moments, probe_input, residual_points
 from normlab.probes._result import ProbeResult
 from normlab.probes._state import check_batch_for_mode, check_mode, preserved, set_mode
@@ -55,9 +56,13 @@ def signal_propagation(
 ) -> SignalPropagation:
     """SPP statistics of a residual ``model`` on ``x`` or on N(0, 1) input of ``input_shape`` (one forward
     pass, no gradient). Blocks come from ``model.blocks()`` (normlab.models.blocks), torchvision/timm
-    ResNet blocks or names, or the module names in ``blocks`` (:mod:`normlab.probes._blocks`); a model
-    with none raises NormlabError."""
+    ResNet blocks or names, the module names in ``blocks``, or else the residual joins of the model's
+    traced graph (:mod:`normlab.probes._blocks`), so any block names and ``nn.Sequential`` models work; a
+    model without residual joins is measured at every activation output (``res_avg_var`` empty)."""
     check_mode(mode)
+    points = graph_first(model, blocks)
+    if points is not None:
+        return _from_graph(points, model, x, input_shape, batch_size, mode, unbiased, seed)
     stem, blocks = residual_points(model, blocks)
     x, source = probe_input(model, x, input_shape, batch_size, seed)
     check_batch_for_mode(model, x.shape[0], mode)
@@ -70,4 +75,18 @@ def signal_propagation(
         result.avg_sq_mean[name], result.avg_var[name] = spp_stats(out[name], unbiased=unbiased)
     for name, _, _ in blocks:
         result.res_avg_var[name] = spp_stats(out[f"{name}/branch"], unbiased=unbiased)[1]
+    return result
+
+
+def _from_graph(points, model, x, input_shape, batch_size, mode, unbiased, seed) -> SignalPropagation:
+    x, source = probe_input(model, x, input_shape, batch_size, seed)
+    check_batch_for_mode(model, x.shape[0], mode)
+    with torch.no_grad(), preserved(model, parameters=False):
+        set_mode(model, mode)
+        values = points.capture(x)
+    result = SignalPropagation(mode=mode, input=source, avg_sq_mean={}, avg_var={}, res_avg_var={})
+    for name, value in [*values.get("stem", {}).items(), *values["output"].items()]:
+        result.avg_sq_mean[name], result.avg_var[name] = spp_stats(value, unbiased=unbiased)
+    for name, value in values["branch"].items():
+        result.res_avg_var[name] = spp_stats(value, unbiased=unbiased)[1]
     return result

@@ -145,7 +145,12 @@ class StudyContext:
         progress: ``progress(message)``, a one-line status reporter (the CLI prints it).
         model: a user model (a factory, or a ``module:factory`` / ``file.py:factory`` spec) that replaces
             the recipe's model in every training run (:class:`normlab.train.TrainConfig` ``model``); None:
-            the recipe's. ``model_options`` go to its factory.
+            the recipe's. ``model_options`` go to its factory, and of the recipe's ``width`` / ``depth``
+            only those its signature takes (a named parameter or ``**kwargs``).
+        dataset: a dataset (``train --dataset`` syntax: ``npz:FILE``, ``imagefolder``, a registered name)
+            in place of the recipe's in every run; ``data_root`` its folder.
+        results: every RunResult :meth:`train_grid` returned, in order (the runner checks that not all
+            failed).
         overrides: the fields of ``params`` changed from the recipe's (``--set``; dotted path -> value),
             already applied to ``params``; recorded so the report says what was changed.
     """
@@ -162,6 +167,9 @@ class StudyContext:
     model: Any = None
     model_options: dict[str, Any] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    dataset: str | None = None
+    data_root: str | None = None
+    results: list[Any] = field(default_factory=list)
 
     def param(self, name: str, kind: type | tuple[type, ...] | None = None) -> Any:
         """``params[name]``, or a NormlabError naming the recipe, scale and field when it is missing/wrong."""
@@ -186,8 +194,16 @@ class StudyContext:
         fields.setdefault("device", self.device)
         fields.setdefault("group", f"study/{self.study.name}")
         if self.model is not None:  # the user's model in place of the recipe's, in every run
+            from normlab.external import takes_option
+
             fields["model"] = self.model
             fields["model_options"] = dict(self.model_options or {})
+            for name in ("width", "depth"):  # the recipe's knobs, only where the factory has them
+                if fields.get(name) is not None and not takes_option(self.model, name):
+                    fields.pop(name)
+        if self.dataset is not None:  # the user's data in place of the recipe's
+            fields["dataset"] = self.dataset
+            fields["data_root"] = self.data_root
         return TrainConfig(**fields)
 
     def builtin_models_only(self, why: str) -> None:
@@ -209,7 +225,7 @@ class StudyContext:
 
         configs = list(configs)
         self.progress(f"{self.study.name}: {len(configs)} runs")
-        return list(
+        results = list(
             run_sweep(
                 configs,
                 store=self.store,
@@ -217,6 +233,8 @@ class StudyContext:
                 callbacks_factory=callbacks_factory,
             )
         )
+        self.results.extend(results)
+        return results
 
     def save_figure(self, fig: Any, name: str, caption: str) -> Figure:
         """Save matplotlib ``fig`` as ``<out_dir>/<name>.png``, close it, and return the :class:`Figure`."""

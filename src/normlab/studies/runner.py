@@ -46,6 +46,8 @@ def run_study(
     model: Any = None,
     model_options: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
+    dataset: str | None = None,
+    data_root: str | None = None,
 ) -> tuple[StudyOutcome, ReportFiles]:
     """Run study ``name`` (a built-in name or a recipe path) and write its report under ``<out>/<name>``.
 
@@ -55,13 +57,17 @@ def run_study(
         store: a :class:`normlab.store.Store`, a path to one, or None for ``<out>/<name>/runs.sqlite``.
         model: your model (a factory returning an ``nn.Module``, or a ``module:factory`` / ``file.py:factory``
             spec) in place of the recipe's in every training run; studies that sweep their own
-            architectures (mean-shift, residual, cost) refuse it. ``model_options`` go to the factory.
+            architectures (mean-shift, residual, cost) refuse it. ``model_options`` go to the factory, and
+            the recipe's ``width`` / ``depth`` only where its signature takes them.
+        dataset: a dataset in place of the recipe's in every run (``train --dataset`` syntax), with
+            ``data_root``. The report's subtitle, configuration and ``outcome.json`` name model and data.
         overrides: fields of the scale table to change (dotted path -> value, ``--set``; see
             :mod:`normlab.studies.overrides`), e.g. ``{"steps": 6000}`` for a longer budget.
 
     Raises:
         NormlabError: unknown study or scale, ``seeds < 1``, an output folder that is a file, a bad recipe,
-            an override of a field the scale table does not have or of another type.
+            an override of a field the scale table does not have or of another type; every run of the
+            study failed (the first run's error, in one line).
     """
     if scale not in SCALES:
         raise NormlabError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
@@ -91,6 +97,8 @@ def run_study(
         model=model,
         model_options=model_options,
         overrides=dict(overrides or {}),
+        dataset=dataset,
+        data_root=data_root,
     )
     start = time.perf_counter()
     outcome = study.load_module().run(ctx)
@@ -99,6 +107,11 @@ def run_study(
             f"study module {study.module_name}.run returned {type(outcome).__name__}, "
             "expected StudyOutcome"
         )
+    failed = [r for r in ctx.results if getattr(r, "status", None) == "failed"]
+    if ctx.results and len(failed) == len(ctx.results):
+        first = (failed[0].error or "no error recorded").strip().splitlines()
+        raise NormlabError(f"every run of study {study.name} failed ({len(failed)} runs); the first: "
+                           f"{first[-1] if first else ''}")
     wall = time.perf_counter() - start
     meta = study_meta(study, ctx, wall)
     atomic_write(out_dir / OUTCOME_FILE,
@@ -139,6 +152,9 @@ def study_meta(study: Study, ctx: StudyContext, wall_time: float) -> dict[str, A
         "device": ctx.device,
         "params": ctx.params,
         "overrides": ctx.overrides,
+        "model": _model_name(ctx.model),
+        "model_options": ctx.model_options,
+        "dataset": ctx.dataset,
         "store": str(getattr(ctx.store, "path", ctx.store)),
         "wall_time_s": round(wall_time, 2),
         "environment": environment_info(ctx.device),
@@ -169,14 +185,37 @@ def write_study_report(out_dir: Path, meta: dict[str, Any], outcome: StudyOutcom
     run_info = {k: meta[k] for k in ("scale", "seeds", "device", "store", "wall_time_s")}
     flags = override_flags(meta.get("overrides") or {})
     changed = f", changed by {flags}" if flags else ""
+    user = user_flags(meta)
+    on = ", on " + " and ".join(
+        f"{what} {meta[key]!r}" for what, key in (("your model", "model"), ("your data", "dataset"))
+        if meta.get(key)) if user else ""
     sections += [
-        Section("Configuration", text=[f"Scale {meta['scale']!r} of recipe {meta['name']!r}{changed}."],
-                data={**run_info, "params": meta["params"]}),
+        Section("Configuration", text=[f"Scale {meta['scale']!r} of recipe {meta['name']!r}{on}{changed}."],
+                data={**run_info, **{k: meta[k] for k in ("model", "dataset") if meta.get(k)},
+                      "params": meta["params"]}),
         Section("Environment", data=meta["environment"]),
     ]
     subtitle = f"normlab study {meta['name']} --scale {meta['scale']} --seeds {len(meta['seeds'])}"
+    subtitle += f" {user}" if user else ""
     subtitle += f" {flags}" if flags else ""
     return write_report(out_dir, meta["title"], sections, subtitle=subtitle)
+
+
+def user_flags(meta: dict[str, Any]) -> str:
+    """``--model X --dataset Y`` of a study run on the user's model / data ("" for the recipe's)."""
+    parts = [f"--{key} {meta[key]}" for key in ("model", "dataset") if meta.get(key)]
+    return " ".join(parts)
+
+
+def _model_name(model: Any) -> str | None:
+    if model is None or isinstance(model, str):
+        return model
+    from normlab.external import spec_of
+
+    try:
+        return spec_of(model)
+    except NormlabError:
+        return getattr(model, "__qualname__", repr(model))
 
 
 def render_study_folder(folder: str | Path) -> ReportFiles:

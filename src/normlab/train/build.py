@@ -28,6 +28,9 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise NormlabError(f"device={name!r} but CUDA is not available here; use device='cpu' or 'auto'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise NormlabError(f"device={name!r} but CUDA has {torch.cuda.device_count()} device(s) here; use "
+                           "device='cpu' or 'auto'")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise NormlabError(f"device={name!r} but MPS is not available here; use device='cpu' or 'auto'")
     return device

@@ -459,6 +459,9 @@ class Trainer:
             {
                 "config": self.config.to_dict(),
                 "key": self.config.key(),
+                # The run's base (peak) lr: the optimizer's lr is the schedule's current one, near 0 at the
+                # end of a cosine run, so probes that step read this one.
+                "base_lr": self.config.lr,
                 "step": self.step,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
