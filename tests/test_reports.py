@@ -214,11 +214,11 @@ def test_compare_report_sentences_follow_the_numbers(tmp_path):
     md = files.markdown_text
     # batch 16: gn 85.0 vs bn 80.0 on the same seeds with the same jitter: paired differences 5.0 exactly.
     assert "At batch 16, gn has the highest mean test accuracy among the conclusive cells" in md
-    assert ("gn beats bn on test accuracy by +5.0 pts (95% CI +5.0 to +5.0 pts, paired t over 3 seeds; margin "
-            "±1 pts).") in md
+    assert ("gn beats bn on test accuracy by +5.0 pts (95% CI +5.0 to +5.0 pts, paired t over 3 seeds; "
+            "margin ±1 pts).") in md
     # batch 128: bn 90.0 vs gn 86.0, per-seed differences 4.5, 4.0, 3.5: a win by the paired interval.
-    assert ("bn beats gn on test accuracy by +4.0 pts (95% CI +2.8 to +5.2 pts, paired t over 3 seeds; margin "
-            "±1 pts).") in md
+    assert ("bn beats gn on test accuracy by +4.0 pts (95% CI +2.8 to +5.2 pts, paired t over 3 seeds; "
+            "margin ±1 pts).") in md
     assert ("Unstable runs (diverged, failed or stalled at chance level): bn 4/18, gn 3/18. Largest stable "
             "lr at batch 128: bn 0.1, gn &gt;= 0.4 (top of grid).") in md
     assert ("Most sensitive to the batch size: bn (-10.0 pts from batch 128 to 16), the largest change whose "
