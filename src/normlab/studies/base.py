@@ -148,6 +148,8 @@ class StudyContext:
             the recipe's. ``model_options`` go to its factory.
         overrides: the fields of ``params`` changed from the recipe's (``--set``; dotted path -> value),
             already applied to ``params``; recorded so the report says what was changed.
+        on_result: ``on_result(config, result)`` as each run of :meth:`train_grid` completes (the
+            experiment trackers, :class:`normlab.track.SweepLog`); None: nothing.
     """
 
     study: Study
@@ -162,6 +164,7 @@ class StudyContext:
     model: Any = None
     model_options: dict[str, Any] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    on_result: Callable[[Any, Any], None] | None = None
 
     def param(self, name: str, kind: type | tuple[type, ...] | None = None) -> Any:
         """``params[name]``, or a NormlabError naming the recipe, scale and field when it is missing/wrong."""
@@ -214,6 +217,7 @@ class StudyContext:
                 configs,
                 store=self.store,
                 executor=self.executor,
+                on_result=self.on_result,
                 callbacks_factory=callbacks_factory,
             )
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ def run_study(
     model: Any = None,
     model_options: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
+    trackers: Sequence[Any] = (),
 ) -> tuple[StudyOutcome, ReportFiles]:
     """Run study ``name`` (a built-in name or a recipe path) and write its report under ``<out>/<name>``.
 
@@ -60,6 +61,9 @@ def run_study(
     Raises:
         NormlabError: unknown study or scale, ``seeds < 1``, an output folder that is a file, a bad recipe,
             an override of a field the scale table does not have or of another type.
+
+    ``trackers`` (:mod:`normlab.track`) get every run of the study as it completes, grouped under a
+    session ``study-<name>-<time>``, then the study's settings, verdict and report files.
     """
     if scale not in SCALES:
         raise NormlabError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
@@ -73,6 +77,11 @@ def run_study(
 
     if store is None or isinstance(store, (str, Path)):
         store = Store(Path(store) if store is not None else out_dir / "runs.sqlite")
+    tracking = None
+    if trackers:
+        from normlab.track import SweepLog, session_name
+
+        tracking = SweepLog(trackers, store, session_name("study", study.name))
     ctx = StudyContext(
         study=study,
         scale=scale,
@@ -86,6 +95,7 @@ def run_study(
         model=model,
         model_options=model_options,
         overrides=dict(overrides or {}),
+        on_result=tracking.on_result if tracking is not None else None,
     )
     start = time.perf_counter()
     outcome = study.load_module().run(ctx)
@@ -100,7 +110,12 @@ def run_study(
         json.dumps({"meta": meta, "outcome": outcome.to_dict()}, indent=1, default=_json_default),
         encoding="utf-8",
     )
-    return outcome, write_study_report(out_dir, meta, outcome)
+    files = write_study_report(out_dir, meta, outcome)
+    if tracking is not None:
+        settings = {k: meta[k] for k in ("name", "scale", "seeds", "device", "params", "overrides")}
+        verdicts = [outcome.verdict, *(text for text in (outcome.key_figures, outcome.discrepancy) if text)]
+        tracking.summary(f"study {study.name}", settings, verdicts, out_dir)
+    return outcome, files
 
 
 def overridden(study: Study, scale: str, overrides: dict[str, Any]) -> Study:
