@@ -121,3 +121,14 @@ def test_probe_names_intervals_and_bad_input(capsys, tmp_path):
         code, _, err = cli(capsys, *base, "--probe", probe)
         assert code == 2 and err.startswith(message) and len(err.splitlines()) == 1, err
     assert not (tmp_path / "d").exists()
+
+
+def test_the_lightning_callback_without_lightning_names_the_extra(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)  # what an absent package looks like
+    monkeypatch.delitem(sys.modules, "normlab.probes.lightning", raising=False)
+    with pytest.raises(NormlabError, match=r"^normlab.probes.lightning needs Lightning: pip install "
+                                           r"'normlab\[lightning\]'$"):
+        importlib.import_module("normlab.probes.lightning")
