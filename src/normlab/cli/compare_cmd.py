@@ -130,7 +130,7 @@ def compare_command(
     report: bool = typer.Option(True, "--report/--no-report", help="write the HTML/Markdown report"),
     json_output: bool = typer.Option(False, "--json", help="print JSON only"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-    log: Annotated[list[str] | None, typer.Option("--log", help=LOG_HELP)] = None,
+    log: Annotated[list[str] | None, typer.Option("--log", metavar="TRACKER", help=LOG_HELP)] = None,
     log_dir: str = typer.Option(DEFAULT_LOG_DIR, "--log-dir", help=LOG_DIR_HELP),
 ) -> None:
     """One model under several norms and batch sizes, side by side (parallel, resumable).

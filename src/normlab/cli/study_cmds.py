@@ -62,7 +62,7 @@ def study(
     address: Annotated[str | None, typer.Option("--address", help=ADDRESS_HELP)] = None,
     cpus_per_run: Annotated[float, typer.Option("--cpus-per-run", help=CPUS_HELP)] = 1,
     gpus_per_run: Annotated[float, typer.Option("--gpus-per-run", help=GPUS_HELP)] = 0,
-    log: Annotated[list[str] | None, typer.Option("--log", help=LOG_HELP)] = None,
+    log: Annotated[list[str] | None, typer.Option("--log", metavar="TRACKER", help=LOG_HELP)] = None,
     log_dir: Annotated[str, typer.Option("--log-dir", help=LOG_DIR_HELP)] = DEFAULT_LOG_DIR,
 ) -> None:
     """Run a study: train its variants, measure, and write OUT/NAME/report.html + report.md."""

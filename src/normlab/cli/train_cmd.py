@@ -152,7 +152,7 @@ def _train_signature() -> inspect.Signature:
                                                         help="ghost batch of --bn-sync ghost")),
         ("force", bool, typer.Option(False, "--force", help=FORCE_HELP)),
         ("probe", list[str] | None, typer.Option(None, "--probe", metavar="NAME[:EVERY]", help=PROBE_HELP)),
-        ("log", list[str] | None, typer.Option(None, "--log", help=LOG_HELP)),
+        ("log", list[str] | None, typer.Option(None, "--log", metavar="TRACKER", help=LOG_HELP)),
         ("log_dir", str, typer.Option(DEFAULT_LOG_DIR, "--log-dir", help=LOG_DIR_HELP)),
     ]
     keyword = inspect.Parameter.KEYWORD_ONLY
