@@ -218,17 +218,15 @@ def compare_command(
     settle = _settle(fixed, max_steps, lr_extensions)
     summary = compare_summary(results, wall, configs[0], settle=settle)
     files = _write_compare_report(out, results, configs[0], settings, histories, settle) if report else None
-    if tracking is not None:
-        tracking.summary(f"compare {model} on {dataset}", settings, summary["verdicts"],
-                         files.html.parent if files else None)
-        close_trackers(trackers)
     if json_output:
         summary["report"] = str(files.html) if files else None
+        _finish_tracking(tracking, f"compare {model} on {dataset}", settings, summary, files)
         print_json(summary)
         return
     _print_compare(summary, model, dataset, seeds)
     if files is not None:
         console().print(f"report: {files.html}")
+    _finish_tracking(tracking, f"compare {model} on {dataset}", settings, summary, files)
     print_trackers(trackers)
 
 
@@ -239,6 +237,14 @@ def _sweep_log(trackers, db, model: str, dataset: str):
     from normlab.track import SweepLog, session_name
 
     return SweepLog(trackers, db, session_name("compare", model, dataset))
+
+
+def _finish_tracking(tracking, name: str, settings: dict[str, Any], summary: dict[str, Any], files) -> None:
+    """The session's record in each tracker (settings, verdict sentences, report files), then close them."""
+    if tracking is None:
+        return
+    tracking.summary(name, settings, summary["verdicts"], files.html.parent if files else None)
+    close_trackers(tracking.trackers)
 
 
 def _lr_scaling(choice: str, optimizer: str) -> str:
