@@ -175,10 +175,10 @@ def train_command(**kwargs: Any) -> None:
     """Train one model and record it in the results store."""
     from normlab.train import Trainer
 
+    probes, log, log_dir = kwargs.pop("probe"), kwargs.pop("log"), kwargs.pop("log_dir")
     store_path, resume, threads = kwargs.pop("store"), kwargs.pop("resume"), kwargs.pop("threads")
     progress, as_json, force = kwargs.pop("progress"), kwargs.pop("json_output"), kwargs.pop("force")
     nproc, bn_sync, vbs = kwargs.pop("nproc"), kwargs.pop("bn_sync"), kwargs.pop("virtual_batch_size")
-    probes, log, log_dir = kwargs.pop("probe"), kwargs.pop("log"), kwargs.pop("log_dir")
     config = config_from_cli(kwargs.pop("config"), kwargs)
     check_threads(threads)
     check_store_target(store_path)
@@ -195,28 +195,17 @@ def train_command(**kwargs: Any) -> None:
         if callbacks:
             raise NormlabError("--probe works for one process only; drop it or --nproc")
         result = _train_data_parallel(config, nproc, bn_sync, store_path, resume, progress, vbs)
-        trackers = open_cli_trackers(log, log_dir)
-        if trackers:  # the ranks trained elsewhere: the run is sent from the store
-            from normlab.track import log_stored_run
-
-            with open_store(store_path) as store:
-                try:
-                    log_stored_run(trackers, store, result.run_id)
-                finally:
-                    close_trackers(trackers)
+        _send_stored_run(log, log_dir, store_path, result.run_id, quiet=as_json)
     else:
         # Build everything (data, model, checkpoint) before opening the store: bad input leaves it untouched.
+        # The trackers get the run live; its end (Trainer's end_run, failed runs too) closes what they wrote.
         trainer = Trainer(config, progress=None if progress else False, resume=True if resume else None,
-                          callbacks=callbacks)
-        trackers = trainer.trackers = open_cli_trackers(log, log_dir)
-        try:
-            with open_store(store_path) as store:
-                trainer.store = store
-                result = trainer.fit()
-        finally:
-            close_trackers(trackers)
-    if not as_json:
-        print_trackers(trackers)
+                          callbacks=callbacks, trackers=open_cli_trackers(log, log_dir))
+        if not as_json:
+            print_trackers(trainer.trackers)  # before training: the dashboard can follow the run
+        with open_store(store_path) as store:
+            trainer.store = store
+            result = trainer.fit()
     if as_json:
         print_json(result.to_dict())
         return
@@ -233,6 +222,22 @@ def train_command(**kwargs: Any) -> None:
         if value is not None:
             table.add_row(name, fmt(value))
     console().print(table)
+
+
+def _send_stored_run(log: list[str] | None, log_dir: str, store_path, run_id: int | None, quiet: bool) -> None:
+    """``--log`` of a data-parallel run: its ranks trained elsewhere, so it is sent from the store."""
+    trackers = open_cli_trackers(log, log_dir)
+    if not trackers or run_id is None:
+        return
+    from normlab.track import log_stored_run
+
+    with open_store(store_path) as store:
+        try:
+            log_stored_run(trackers, store, run_id)
+        finally:
+            close_trackers(trackers)
+    if not quiet:
+        print_trackers(trackers)
 
 
 def _probe_schedule(probes: list[str] | None) -> list:
