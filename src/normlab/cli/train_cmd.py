@@ -224,7 +224,8 @@ def train_command(**kwargs: Any) -> None:
     console().print(table)
 
 
-def _send_stored_run(log: list[str] | None, log_dir: str, store_path, run_id: int | None, quiet: bool) -> None:
+def _send_stored_run(log: list[str] | None, log_dir: str, store_path, run_id: int | None,
+                     quiet: bool) -> None:
     """``--log`` of a data-parallel run: its ranks trained elsewhere, so it is sent from the store."""
     trackers = open_cli_trackers(log, log_dir)
     if not trackers or run_id is None:
