@@ -100,6 +100,7 @@ def test_tensorboard_events_hold_the_stored_metrics_probes_and_hparams(tmp_path)
     ).session_start_info
     assert start.hparams["lr"].number_value == 0.1 and start.hparams["norm"].string_value == "bn"
     assert start.hparams["status"].string_value == "finished"
+    assert start.hparams["convergence"].string_value == result.convergence != ""
     assert start.hparams["norm_options"].string_value == "{}"
     config = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert json.loads(textwrap.dedent(config))["subset"] == 128
@@ -119,6 +120,7 @@ def test_mlflow_run_holds_the_stored_metrics_params_and_status(tmp_path, no_mlfl
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == f"run{run_id}-mlp-bn-bs16-lr0.1-seed0" and run.info.status == "FINISHED"
     assert run.data.tags["normlab.status"] == "finished"
+    assert run.data.tags["normlab.convergence"] == result.convergence != ""
     assert run.data.params["lr"] == "0.1" and run.data.params["dataset"] == "synthetic"
     assert run.data.params["subset"] == "128" and run.data.params["val_fraction"] == "0.0"
     for name, series in _stored(store, run_id).items():
@@ -187,6 +189,7 @@ def test_wandb_offline_run_holds_the_stored_metrics_config_and_summary(tmp_path,
     for name, series in _stored(store, run_id).items():
         assert [(s, row[name]) for s, row in sorted(history.items()) if name in row] == series, name
     assert summary["final_test_acc"] == result.final_test_acc and summary["normlab_status"] == "finished"
+    assert summary["normlab_convergence"] == result.convergence != ""
     store.close()
 
 

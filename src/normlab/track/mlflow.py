@@ -9,8 +9,9 @@ store MLflow recommends, and a ``file:`` URI still works where that variable is 
 A sweep's runs are nested under a parent run named after the session (tag ``mlflow.parentRunId``), which
 gets the command's settings as params, the verdicts as ``verdicts.md`` and the report's files under
 ``report/``. The config goes in as params (flattened, ``norm_options.groups``), metrics keep the store's
-names, the final numbers are metrics ``final/<name>`` at the run's last step, and the normlab status is the
-tag ``normlab.status`` (a diverged run is FINISHED in MLflow: it trained to its outcome; failed is FAILED).
+names, the final numbers are metrics ``final/<name>`` at the run's last step, and normlab's status and
+convergence are the tags ``normlab.status`` and ``normlab.convergence`` (a diverged run is FINISHED in
+MLflow: it trained to its outcome; a failed one is FAILED).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class MlflowTracker(Tracker):
         self._write(self.last_step, {f"final/{k}": v for k, v in final_numbers(summary).items()})
         self._send()
         self.client.set_tag(self._run, "normlab.status", status)
+        self.client.set_tag(self._run, "normlab.convergence", str(summary.get("convergence", "")))
         self.client.set_terminated(self._run, "FAILED" if status == "failed" else "FINISHED")
         self._run = None
 

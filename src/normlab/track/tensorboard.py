@@ -50,7 +50,8 @@ class TensorBoardTracker(Tracker):
 
     def _end(self, status: str, summary: dict[str, Any]) -> None:
         numbers = {f"final/{key}": value for key, value in final_numbers(summary).items()}
-        _hparams(self._writer, {**hyperparameters(self._config), "status": status}, numbers, self.last_step)
+        outcome = {"status": status, "convergence": str(summary.get("convergence", ""))}
+        _hparams(self._writer, {**hyperparameters(self._config), **outcome}, numbers, self.last_step)
         self._writer.close()
         self._writer = None
 
