@@ -5,7 +5,8 @@ needs an account or a network. A sweep's runs share the W&B group named after th
 session's own record is one more run of that group (``job_type="summary"``) with the command's settings as
 its config, the verdicts in its summary and as ``verdicts.md``, and the report's files copied into its
 ``files/report/`` (what ``wandb sync`` uploads). The config is the run's config (nested dicts kept), each
-step's metrics one history row at that step, the final numbers the run's summary with ``normlab_status`` and ``normlab_convergence``.
+step's metrics one history row at that step, the final numbers the run's summary with ``normlab_status``
+and ``normlab_convergence``.
 """
 
 from __future__ import annotations
