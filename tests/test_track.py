@@ -12,6 +12,7 @@ import json
 import struct
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -135,13 +136,29 @@ def test_mlflow_run_holds_the_stored_metrics_params_and_status(tmp_path, no_mlfl
 # -- W&B --------------------------------------------------------------------------------------------------
 
 
-def _wandb_records(run_dir: Path):
-    """The protobuf records of an offline run's ``run-<id>.wandb``: W&B's 7-byte header, then LevelDB log
-    blocks of 32 KiB, each record a CRC, a length and a type (full / first / middle / last)."""
+def _wandb_records(run_dir: Path, timeout: float = 60.0):
+    """The protobuf records of an offline run's ``run-<id>.wandb``, once W&B's writer has written its last
+    (``exit``) record: ``run.finish()`` returns before the W&B service has flushed the file (seen on a
+    loaded machine), so it is read again until it is whole."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = _parse_wandb_log(next(run_dir.glob("run-*.wandb")).read_bytes())
+            if records and records[-1].WhichOneof("record_type") == "exit":
+                return records
+        except (StopIteration, struct.error, DecodeError):  # not written yet, or cut mid-record
+            pass
+        assert time.monotonic() < deadline, f"{run_dir}: W&B never finished writing its run log"
+        time.sleep(0.2)
+
+
+def _parse_wandb_log(data: bytes):
+    """W&B's 7-byte header, then LevelDB log blocks of 32 KiB, each record a CRC, a length and a type
+    (full / first / middle / last), each whole record a ``wandb_internal_pb2.Record``."""
     from wandb.proto import wandb_internal_pb2
 
-    (path,) = run_dir.glob("run-*.wandb")
-    data = path.read_bytes()
     assert data[:4] == b":W&B"
     records, pending, pos = [], b"", 7
     while pos + 7 <= len(data):
