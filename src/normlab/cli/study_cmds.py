@@ -138,11 +138,11 @@ def study(
             out=out,
             store=store,
             executor=executor,
+            trackers=trackers,
             progress=lambda message: err.print(f"[dim]{message}[/dim]"),
             model=model,
             model_options=factory_options,
             overrides=overrides,
-            trackers=trackers,
         )
     finally:
         close_trackers(trackers)

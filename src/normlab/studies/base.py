@@ -142,14 +142,14 @@ class StudyContext:
         out_dir: this study's output folder ``<out>/<name>`` (figures are saved here).
         store: the :class:`normlab.store.Store` every run is recorded in (resumable).
         executor: a :class:`normlab.sweep.Executor` or None for the sweep's default (local).
+        on_result: ``on_result(config, result)`` as each run of :meth:`train_grid` completes (the
+            experiment trackers, :class:`normlab.track.SweepLog`); None: nothing.
         progress: ``progress(message)``, a one-line status reporter (the CLI prints it).
         model: a user model (a factory, or a ``module:factory`` / ``file.py:factory`` spec) that replaces
             the recipe's model in every training run (:class:`normlab.train.TrainConfig` ``model``); None:
             the recipe's. ``model_options`` go to its factory.
         overrides: the fields of ``params`` changed from the recipe's (``--set``; dotted path -> value),
             already applied to ``params``; recorded so the report says what was changed.
-        on_result: ``on_result(config, result)`` as each run of :meth:`train_grid` completes (the
-            experiment trackers, :class:`normlab.track.SweepLog`); None: nothing.
     """
 
     study: Study
@@ -160,11 +160,11 @@ class StudyContext:
     out_dir: Path
     store: Any
     executor: Any = None
+    on_result: Callable[[Any, Any], None] | None = None
     progress: Callable[[str], None] = field(default=lambda message: None)
     model: Any = None
     model_options: dict[str, Any] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
-    on_result: Callable[[Any, Any], None] | None = None
 
     def param(self, name: str, kind: type | tuple[type, ...] | None = None) -> Any:
         """``params[name]``, or a NormlabError naming the recipe, scale and field when it is missing/wrong."""

@@ -40,17 +40,19 @@ def run_study(
     out: str | Path = "normlab-results",
     store: Any = None,
     executor: Any = None,
+    trackers: Sequence[Any] = (),
     progress: Callable[[str], None] | None = None,
     model: Any = None,
     model_options: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
-    trackers: Sequence[Any] = (),
 ) -> tuple[StudyOutcome, ReportFiles]:
     """Run study ``name`` (a built-in name or a recipe path) and write its report under ``<out>/<name>``.
 
     Args:
         scale: ``tiny`` (tests), ``quick`` (CPU minutes) or ``paper`` (the paper's settings).
         seeds: number of seeds (0 ... seeds-1) every configuration is repeated with.
+        trackers: experiment trackers (:mod:`normlab.track`): every run of the study as it completes,
+            grouped under a session ``study-<name>-<time>``, then the study's settings, verdict and report.
         store: a :class:`normlab.store.Store`, a path to one, or None for ``<out>/<name>/runs.sqlite``.
         model: your model (a factory returning an ``nn.Module``, or a ``module:factory`` / ``file.py:factory``
             spec) in place of the recipe's in every training run; studies that sweep their own
@@ -61,9 +63,6 @@ def run_study(
     Raises:
         NormlabError: unknown study or scale, ``seeds < 1``, an output folder that is a file, a bad recipe,
             an override of a field the scale table does not have or of another type.
-
-    ``trackers`` (:mod:`normlab.track`) get every run of the study as it completes, grouped under a
-    session ``study-<name>-<time>``, then the study's settings, verdict and report files.
     """
     if scale not in SCALES:
         raise NormlabError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
@@ -91,11 +90,11 @@ def run_study(
         out_dir=out_dir,
         store=store,
         executor=executor,
+        on_result=tracking.on_result if tracking is not None else None,
         progress=progress or (lambda message: None),
         model=model,
         model_options=model_options,
         overrides=dict(overrides or {}),
-        on_result=tracking.on_result if tracking is not None else None,
     )
     start = time.perf_counter()
     outcome = study.load_module().run(ctx)
