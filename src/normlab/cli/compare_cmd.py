@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -22,6 +22,15 @@ from normlab.cli._common import (
     print_json,
 )
 from normlab.cli._executor import ADDRESS_HELP, CPUS_HELP, EXECUTOR_HELP, GPUS_HELP, make_executor
+from normlab.cli._track import (
+    DEFAULT_LOG_DIR,
+    LOG_DIR_HELP,
+    LOG_HELP,
+    check_trackers,
+    close_trackers,
+    open_cli_trackers,
+    print_trackers,
+)
 from normlab.cli.train_cmd import parse_option
 from normlab.errors import NormlabError
 
@@ -127,6 +136,8 @@ def compare_command(
     report: bool = typer.Option(True, "--report/--no-report", help="write the HTML/Markdown report"),
     json_output: bool = typer.Option(False, "--json", help="print JSON only"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    log: Annotated[list[str] | None, typer.Option("--log", metavar="TRACKER", help=LOG_HELP)] = None,
+    log_dir: str = typer.Option(DEFAULT_LOG_DIR, "--log-dir", help=LOG_DIR_HELP),
 ) -> None:
     """One model under several norms and batch sizes, side by side (parallel, resumable).
 
@@ -185,6 +196,7 @@ def compare_command(
         **length,
     )
     _check_before_training(configs, store, out if report else None, force)
+    check_trackers(log, log_dir)
     _check_buildable(configs[0])
     # Validates --workers / --executor / --address before the store is opened.
     if executor_kind == "local" and address is None:
@@ -193,9 +205,13 @@ def compare_command(
         executor = make_executor(executor_kind, workers, address=address, cpus_per_run=cpus_per_run,
                                  gpus_per_run=gpus_per_run)
     started = time.perf_counter()
+    trackers = open_cli_trackers(log, log_dir)
     with open_store(store) as db, executor:
+        tracking = _sweep_log(trackers, db, model, dataset)
+        on_result = tracking.on_result if tracking is not None else None
         results, configs = bracket_lrs(
-            configs, lambda todo, follow_up: run_sweep(todo, db, executor, batch=batch, follow_up=follow_up),
+            configs, lambda todo, follow_up: run_sweep(todo, db, executor, batch=batch, follow_up=follow_up,
+                                                       on_result=on_result),
             max_extra=lr_extensions,
             stop_margin=probe_margin, on_round=None if json_output else _announce_round,
         )  # fmt: skip
@@ -215,11 +231,31 @@ def compare_command(
              if report else None)
     if json_output:
         summary["report"] = str(files.html) if files else None
+        _finish_tracking(tracking, f"compare {model} on {dataset}", settings, summary, files)
         print_json(summary)
         return
     _print_compare(summary, model, dataset, seeds)
     if files is not None:
         console().print(f"report: {files.html}")
+    _finish_tracking(tracking, f"compare {model} on {dataset}", settings, summary, files)
+    print_trackers(trackers)
+
+
+def _sweep_log(trackers, db, model: str, dataset: str):
+    """The trackers of ``--log`` over this compare's runs (each sent from the store as it completes)."""
+    if not trackers:
+        return None
+    from normlab.track import SweepLog, session_name
+
+    return SweepLog(trackers, db, session_name("compare", model, dataset))
+
+
+def _finish_tracking(tracking, name: str, settings: dict[str, Any], summary: dict[str, Any], files) -> None:
+    """The session's record in each tracker (settings, verdict sentences, report files), then close them."""
+    if tracking is None:
+        return
+    tracking.summary(name, settings, summary["verdicts"], files.html.parent if files else None)
+    close_trackers(tracking.trackers)
 
 
 def _lr_scaling(choice: str, optimizer: str) -> str:

@@ -10,6 +10,15 @@ import typer
 
 from normlab.cli._common import check_file_target, check_folder_target, check_threads, print_json
 from normlab.cli._executor import ADDRESS_HELP, CPUS_HELP, EXECUTOR_HELP, GPUS_HELP, make_executor
+from normlab.cli._track import (
+    DEFAULT_LOG_DIR,
+    LOG_DIR_HELP,
+    LOG_HELP,
+    check_trackers,
+    close_trackers,
+    open_cli_trackers,
+    print_trackers,
+)
 from normlab.errors import NormlabError
 
 
@@ -58,6 +67,8 @@ def study(
     address: Annotated[str | None, typer.Option("--address", help=ADDRESS_HELP)] = None,
     cpus_per_run: Annotated[float, typer.Option("--cpus-per-run", help=CPUS_HELP)] = 1,
     gpus_per_run: Annotated[float, typer.Option("--gpus-per-run", help=GPUS_HELP)] = 0,
+    log: Annotated[list[str] | None, typer.Option("--log", metavar="TRACKER", help=LOG_HELP)] = None,
+    log_dir: Annotated[str, typer.Option("--log-dir", help=LOG_DIR_HELP)] = DEFAULT_LOG_DIR,
 ) -> None:
     """Run a study: train its variants, measure, and write OUT/NAME/report.html + report.md."""
     from rich.console import Console
@@ -108,6 +119,7 @@ def study(
     check_folder_target(out, "--out")
     if store is not None:
         check_file_target(store, "--store")
+    check_trackers(log, log_dir)
     from normlab.train.threads import fit_threads, set_threads
 
     # On a shared machine, oversubscribed intra-op threads can slow training by an order of magnitude.
@@ -117,12 +129,16 @@ def study(
     err = Console(stderr=True)
     executor = make_executor(executor_kind, workers, address=address, cpus_per_run=cpus_per_run,
                              gpus_per_run=gpus_per_run, threads=threads or None)
+    trackers = open_cli_trackers(log, log_dir)
     if all_:
         try:
-            _run_all(console, err, scale, seeds, device, out, store, executor, json_)
+            _run_all(console, err, scale, seeds, device, out, store, executor, json_, trackers)
         finally:
+            close_trackers(trackers)
             if executor is not None:
                 executor.shutdown()
+        if not json_:
+            print_trackers(trackers)
         return
     try:
         outcome, files = run_study(
@@ -133,6 +149,7 @@ def study(
             out=out,
             store=store,
             executor=executor,
+            trackers=trackers,
             progress=lambda message: err.print(f"[dim]{message}[/dim]"),
             model=model,
             model_options=factory_options,
@@ -141,6 +158,7 @@ def study(
             data_root=data_root,
         )
     finally:
+        close_trackers(trackers)
         if executor is not None:
             executor.shutdown()
     if json_:
@@ -153,16 +171,17 @@ def study(
         return
     _print_markdown(console, files.markdown_text)
     console.print(f"report: {files.html}")
+    print_trackers(trackers)
 
 
-def _run_all(console, err, scale, seeds, device, out, store, executor, as_json: bool) -> None:
+def _run_all(console, err, scale, seeds, device, out, store, executor, as_json: bool, trackers) -> None:
     """``--all``: every study in turn, one table, ``OUT/index.html``."""
     from normlab.studies import registry
     from normlab.studies.suite import run_all, suite_table, write_index
 
     rows = run_all(
         registry.list_studies(), out=out, scale=scale, seeds=seeds, device=device, store=store,
-        executor=executor, progress=lambda message: err.print(f"[dim]{message}[/dim]"),
+        executor=executor, progress=lambda message: err.print(f"[dim]{message}[/dim]"), trackers=trackers,
     )
     files = write_index(out, rows, scale=scale, seeds=seeds)
     if as_json:

@@ -24,7 +24,19 @@ from normlab.cli._common import (
     refuse_model_code_from,
     refuse_paths_from,
 )
+from normlab.cli._track import (
+    DEFAULT_LOG_DIR,
+    LOG_DIR_HELP,
+    LOG_HELP,
+    check_trackers,
+    close_trackers,
+    open_cli_trackers,
+    print_trackers,
+)
 from normlab.errors import NormlabError
+
+PROBE_HELP = ("run a probe during training (repeatable): NAME every EVERY steps (default 100), e.g. "
+              "--probe ics:200; its numbers go to the store as probe/NAME/... (see `normlab probe --help`)")
 
 _FIELD_HELP = {
     "model": "model name (see `normlab models`), or your code: package.module:factory or file.py:factory",
@@ -140,6 +152,9 @@ def _train_signature() -> inspect.Signature:
         ("virtual_batch_size", int | None, typer.Option(None, "--virtual-batch-size",
                                                         help="ghost batch of --bn-sync ghost")),
         ("force", bool, typer.Option(False, "--force", help=FORCE_HELP)),
+        ("probe", list[str] | None, typer.Option(None, "--probe", metavar="NAME[:EVERY]", help=PROBE_HELP)),
+        ("log", list[str] | None, typer.Option(None, "--log", metavar="TRACKER", help=LOG_HELP)),
+        ("log_dir", str, typer.Option(DEFAULT_LOG_DIR, "--log-dir", help=LOG_DIR_HELP)),
     ]
     keyword = inspect.Parameter.KEYWORD_ONLY
     params += [inspect.Parameter(n, keyword, default=d, annotation=a) for n, a, d in extra]
@@ -162,12 +177,15 @@ def train_command(**kwargs: Any) -> None:
     """Train one model and record it in the results store."""
     from normlab.train import Trainer
 
+    probes, log, log_dir = kwargs.pop("probe"), kwargs.pop("log"), kwargs.pop("log_dir")
     store_path, resume, threads = kwargs.pop("store"), kwargs.pop("resume"), kwargs.pop("threads")
     progress, as_json, force = kwargs.pop("progress"), kwargs.pop("json_output"), kwargs.pop("force")
     nproc, bn_sync, vbs = kwargs.pop("nproc"), kwargs.pop("bn_sync"), kwargs.pop("virtual_batch_size")
     config = config_from_cli(kwargs.pop("config"), kwargs)
     check_threads(threads)
     check_store_target(store_path)
+    callbacks = _probe_schedule(probes)
+    check_trackers(log, log_dir)
     preflight(config, force=force)  # paths, device, data shape, memory/time: before anything is stored
     from normlab.train.threads import fit_threads, set_threads
 
@@ -176,10 +194,17 @@ def train_command(**kwargs: Any) -> None:
     if vbs is not None and bn_sync != "ghost":
         raise NormlabError("--virtual-batch-size goes with --bn-sync ghost")
     if nproc != 1 or bn_sync != "local":
+        if callbacks:
+            raise NormlabError("--probe works for one process only; drop it or --nproc")
         result = _train_data_parallel(config, nproc, bn_sync, store_path, resume, progress, vbs)
+        _send_stored_run(log, log_dir, store_path, result.run_id, quiet=as_json)
     else:
         # Build everything (data, model, checkpoint) before opening the store: bad input leaves it untouched.
-        trainer = Trainer(config, progress=None if progress else False, resume=True if resume else None)
+        # The trackers get the run live; its end (Trainer's end_run, failed runs too) closes what they wrote.
+        trainer = Trainer(config, progress=None if progress else False, resume=True if resume else None,
+                          callbacks=callbacks, trackers=open_cli_trackers(log, log_dir))
+        if not as_json:
+            print_trackers(trainer.trackers)  # before training: the dashboard can follow the run
         with open_store(store_path) as store:
             trainer.store = store
             result = trainer.fit()
@@ -199,6 +224,33 @@ def train_command(**kwargs: Any) -> None:
         if value is not None:
             table.add_row(name, fmt(value))
     console().print(table)
+
+
+def _send_stored_run(log: list[str] | None, log_dir: str, store_path, run_id: int | None,
+                     quiet: bool) -> None:
+    """``--log`` of a data-parallel run: its ranks trained elsewhere, so it is sent from the store."""
+    trackers = open_cli_trackers(log, log_dir)
+    if not trackers or run_id is None:
+        return
+    from normlab.track import log_stored_run
+
+    with open_store(store_path) as store:
+        try:
+            log_stored_run(trackers, store, run_id)
+        finally:
+            close_trackers(trackers)
+    if not quiet:
+        print_trackers(trackers)
+
+
+def _probe_schedule(probes: list[str] | None) -> list:
+    """``--probe NAME[:EVERY]`` as one :class:`~normlab.probes.ProbeSchedule` (or no callbacks)."""
+    if not probes:
+        return []
+    from normlab.probes import ProbeSchedule
+    from normlab.probes.watcher import probe_intervals
+
+    return [ProbeSchedule(probe_intervals(probes))]
 
 
 def _train_data_parallel(config, nproc: int, bn_sync: str, store_path, resume: bool, progress: bool,

@@ -6,7 +6,9 @@ layers normalize with batch statistics (dropout is active too, with the same mas
 probe); ``mode="eval"`` uses ``model.eval()`` and the running estimates. ``train_eval_gap`` compares the two
 with only the BN-like layers switched (mode "train_vs_eval"). No probe changes the model's parameters,
 buffers (BN running statistics), train/eval flags, ``.grad``, RNG state or an optimizer's state.
-:class:`ProbeSchedule` runs probes from the trainer's callback point.
+:class:`ProbeSchedule` runs probes from the trainer's callback point; :func:`watch` runs it from your own
+loop (``watch.step(batch)`` after each optimizer step), :class:`normlab.probes.lightning.ProbeCallback`
+from a Lightning ``Trainer``.
 """
 
 from normlab.probes._result import ProbeResult
@@ -26,6 +28,7 @@ from normlab.probes.residual import ResidualScale, residual_scale
 from normlab.probes.schedule import DEFAULT_PROBES, PROBES, ProbeSchedule
 from normlab.probes.signal_prop import SignalPropagation, signal_propagation
 from normlab.probes.similarity import ExampleSimilarity, example_similarity
+from normlab.probes.watcher import Watch, watch
 
 __all__ = [
     "DEFAULT_PROBES",
@@ -45,6 +48,7 @@ __all__ = [
     "SignalPropagation",
     "TrainEvalGap",
     "TrainEvalGapCurve",
+    "Watch",
     "activation_stats",
     "batch_dependence",
     "example_similarity",
@@ -55,4 +59,5 @@ __all__ = [
     "signal_propagation",
     "train_eval_gap",
     "train_eval_gap_curve",
+    "watch",
 ]

@@ -21,10 +21,11 @@ _BASE_COLUMNS = (
 
 
 def flatten(prefix: str, value: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"prefix.a.b": 1}``; lists are kept whole (JSON text in CSV)."""
+    """``{"a": {"b": 1}}`` -> ``{"prefix.a.b": 1}`` (``"a.b"`` for an empty prefix); lists are kept whole
+    (JSON text in CSV)."""
     out: dict[str, Any] = {}
     for key, item in value.items():
-        name = f"{prefix}.{key}"
+        name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(item, Mapping) and item:
             out.update(flatten(name, item))
         else:

@@ -142,6 +142,8 @@ class StudyContext:
         out_dir: this study's output folder ``<out>/<name>`` (figures are saved here).
         store: the :class:`normlab.store.Store` every run is recorded in (resumable).
         executor: a :class:`normlab.sweep.Executor` or None for the sweep's default (local).
+        on_result: ``on_result(config, result)`` as each run of :meth:`train_grid` completes (the
+            experiment trackers, :class:`normlab.track.SweepLog`); None: nothing.
         progress: ``progress(message)``, a one-line status reporter (the CLI prints it).
         model: a user model (a factory, or a ``module:factory`` / ``file.py:factory`` spec) that replaces
             the recipe's model in every training run (:class:`normlab.train.TrainConfig` ``model``); None:
@@ -163,6 +165,7 @@ class StudyContext:
     out_dir: Path
     store: Any
     executor: Any = None
+    on_result: Callable[[Any, Any], None] | None = None
     progress: Callable[[str], None] = field(default=lambda message: None)
     model: Any = None
     model_options: dict[str, Any] | None = None
@@ -230,6 +233,7 @@ class StudyContext:
                 configs,
                 store=self.store,
                 executor=self.executor,
+                on_result=self.on_result,
                 callbacks_factory=callbacks_factory,
             )
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ def run_study(
     out: str | Path = "normlab-results",
     store: Any = None,
     executor: Any = None,
+    trackers: Sequence[Any] = (),
     progress: Callable[[str], None] | None = None,
     model: Any = None,
     model_options: dict[str, Any] | None = None,
@@ -54,6 +55,8 @@ def run_study(
     Args:
         scale: ``tiny`` (tests), ``quick`` (CPU minutes) or ``paper`` (the paper's settings).
         seeds: number of seeds (0 ... seeds-1) every configuration is repeated with.
+        trackers: experiment trackers (:mod:`normlab.track`): every run of the study as it completes,
+            grouped under a session ``study-<name>-<time>``, then the study's settings, verdict and report.
         store: a :class:`normlab.store.Store`, a path to one, or None for ``<out>/<name>/runs.sqlite``.
         model: your model (a factory returning an ``nn.Module``, or a ``module:factory`` / ``file.py:factory``
             spec) in place of the recipe's in every training run; studies that sweep their own
@@ -84,6 +87,11 @@ def run_study(
 
     if store is None or isinstance(store, (str, Path)):
         store = Store(Path(store) if store is not None else out_dir / "runs.sqlite")
+    tracking = None
+    if trackers:
+        from normlab.track import SweepLog, session_name
+
+        tracking = SweepLog(trackers, store, session_name("study", study.name))
     ctx = StudyContext(
         study=study,
         scale=scale,
@@ -93,6 +101,7 @@ def run_study(
         out_dir=out_dir,
         store=store,
         executor=executor,
+        on_result=tracking.on_result if tracking is not None else None,
         progress=progress or (lambda message: None),
         model=model,
         model_options=model_options,
@@ -116,7 +125,12 @@ def run_study(
     meta = study_meta(study, ctx, wall)
     atomic_write(out_dir / OUTCOME_FILE,
                  json.dumps({"meta": meta, "outcome": outcome.to_dict()}, indent=1, default=_json_default))
-    return outcome, write_study_report(out_dir, meta, outcome)
+    files = write_study_report(out_dir, meta, outcome)
+    if tracking is not None:
+        settings = {k: meta[k] for k in ("name", "scale", "seeds", "device", "params", "overrides")}
+        verdicts = [outcome.verdict, *(text for text in (outcome.key_figures, outcome.discrepancy) if text)]
+        tracking.summary(f"study {study.name}", settings, verdicts, out_dir)
+    return outcome, files
 
 
 def overridden(study: Study, scale: str, overrides: dict[str, Any]) -> Study:

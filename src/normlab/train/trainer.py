@@ -60,6 +60,9 @@ class Trainer:
         progress: show a progress bar: True, False, or None = only when stderr is a terminal.
         resume: a checkpoint file to continue from, or True for this config's checkpoint in
             ``config.checkpoint_dir`` when there is one.
+        trackers: experiment trackers (:mod:`normlab.track`) that receive the run as it trains: its
+            config at the start, every metric :meth:`log` records (probes' included), its status and
+            summary at the end.
 
     Building the trainer loads the data and the model: bad names or values raise NormlabError here,
     before the store is touched.
@@ -72,6 +75,7 @@ class Trainer:
         callbacks: Iterable[Any] = (),
         progress: bool | None = None,
         resume: str | os.PathLike | bool | None = None,
+        trackers: Iterable[Any] = (),
     ) -> None:
         if not isinstance(config, TrainConfig):
             raise NormlabError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -80,6 +84,7 @@ class Trainer:
         self.store = store
         self.progress = progress
         self.callbacks = normalize_callbacks(callbacks)
+        self.trackers = list(trackers)
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.device = resolve_device(config.device)
 
@@ -241,6 +246,8 @@ class Trainer:
             self._pending.append((self.run_id, step, name, value))
             if len(self._pending) >= _FLUSH_ROWS:
                 self._flush()
+        for tracker in self.trackers:
+            tracker.log_metric(step, name, value)
 
     def _context(self, x: torch.Tensor, y: torch.Tensor) -> StepContext:
         return StepContext(
@@ -415,6 +422,15 @@ class Trainer:
     # -- store --------------------------------------------------------------------------------------
 
     def _open_run(self) -> None:
+        self._open_store_run()
+        if self.trackers:
+            from normlab.track import run_name
+
+            for tracker in self.trackers:
+                tracker.start_run(run_name(self.config.to_dict(), self.run_id), self.config.to_dict(),
+                                  group=self.config.group)
+
+    def _open_store_run(self) -> None:
         if self.store is None:
             return
         from normlab.store import environment_info
@@ -433,6 +449,8 @@ class Trainer:
         )
 
     def _close_run(self, status: str, *, error: str | None, summary: dict, wall: float | None = None) -> None:
+        for tracker in self.trackers:
+            tracker.end_run(status, summary)
         if self.store is None or self.run_id is None:
             return
         if wall is None:
@@ -536,9 +554,11 @@ def train_model(
     callbacks: Iterable[Any] = (),
     progress: bool | None = None,
     resume: str | os.PathLike | bool | None = None,
+    trackers: Iterable[Any] = (),
 ) -> TrainOutput:
     """Train ``config`` like :func:`train` and also return the trained model (:class:`TrainOutput`)."""
-    trainer = Trainer(config, store=store, callbacks=callbacks, progress=progress, resume=resume)
+    trainer = Trainer(config, store=store, callbacks=callbacks, progress=progress, resume=resume,
+                      trackers=trackers)
     result = trainer.fit()
     return TrainOutput(result=result, model=trainer.model.eval())
 
@@ -549,7 +569,9 @@ def train(
     callbacks: Iterable[Any] = (),
     progress: bool | None = None,
     resume: str | os.PathLike | bool | None = None,
+    trackers: Iterable[Any] = (),
 ) -> RunResult:
     """Train ``config`` and return its :class:`RunResult` (see :class:`Trainer` for the arguments); the
     trained model: :func:`train_model`, or ``Trainer(config).fit()`` then ``trainer.model``."""
-    return Trainer(config, store=store, callbacks=callbacks, progress=progress, resume=resume).fit()
+    return Trainer(config, store=store, callbacks=callbacks, progress=progress, resume=resume,
+                   trackers=trackers).fit()
