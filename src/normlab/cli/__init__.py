@@ -135,12 +135,13 @@ def _user_frame(exc: BaseException) -> str | None:
     """``file.py:LINE (in FUNC)`` of the innermost traceback frame of ``exc`` in code that is neither
     normlab's, the standard library's nor an installed package's (a user's model file), or None."""
     import os
+    import site
     import sysconfig
     from pathlib import Path
 
     import normlab
 
-    ours = [str(Path(normlab.__file__).parent)]
+    ours = [str(Path(normlab.__file__).parent), site.getusersitepackages(), *site.getsitepackages()]
     ours += {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
     found = None
     tb = exc.__traceback__
