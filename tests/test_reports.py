@@ -133,9 +133,8 @@ def _chromium() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_chromium() is None, reason="chromium not installed (apt-get install -y chromium)")
-def test_report_renders_in_headless_chromium(tmp_path):
-    files = _report(tmp_path)
+def _render(page: Path, shot: Path) -> str:
+    """The DOM of ``page`` after headless Chromium loaded it (scripts run), and its screenshot in ``shot``."""
     chromium = _chromium()
     with tempfile.TemporaryDirectory() as profile:
         flags = [
@@ -143,15 +142,26 @@ def test_report_renders_in_headless_chromium(tmp_path):
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             f"--user-data-dir={profile}", "--virtual-time-budget=5000",
         ]  # fmt: skip
-        url = files.html.resolve().as_uri()
+        url = page.resolve().as_uri()
         dom = subprocess.run(
             [*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
         ).stdout
-        shot = tmp_path / "screenshot.png"
         subprocess.run(
-            [*flags, f"--screenshot={shot}", "--window-size=1100,1400", url],
+            [*flags, f"--screenshot={shot}", "--window-size=1280,2000", url],
             capture_output=True, timeout=120, check=True,
         )  # fmt: skip
+    return dom
+
+
+needs_chromium = pytest.mark.skipif(_chromium() is None, reason="chromium not installed (apt-get install -y "
+                                    "chromium; .ci/run does)")
+
+
+@needs_chromium
+def test_report_renders_in_headless_chromium(tmp_path):
+    files = _report(tmp_path)
+    shot = tmp_path / "screenshot.png"
+    dom = _render(files.html, shot)
     # The page's script marks <body> once every <img> decoded with naturalWidth > 0.
     assert 'data-figures-loaded="1/1"' in dom
     assert "Accuracy" in dom
@@ -270,6 +280,18 @@ def test_compare_report_needs_results(tmp_path):
 
     with pytest.raises(NormlabError, match="compare_report needs at least one run result, got none"):
         compare_report(tmp_path, [])
+
+
+@needs_chromium
+def test_compare_report_every_figure_loads_in_headless_chromium(tmp_path):
+    from normlab.reports import compare_report
+
+    files = compare_report(tmp_path, _compare_results(), histories=_curves())
+    dom = _render(files.html, tmp_path / "shot.png")
+    # accuracy vs batch, accuracy vs lr and 4 learning-curve figures, each decoded by the browser
+    assert 'data-figures-loaded="6/6"' in dom
+    headings = re.findall(r"<h2>([^<]+)</h2>", dom)
+    assert headings[:4] == ["Summary", "Figures", "Learning curves", "Verdicts"]
 
 
 def stats_t975(df):

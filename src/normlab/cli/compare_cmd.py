@@ -175,6 +175,7 @@ def compare_command(
         depth=depth,
         optimizer=optimizer,
         device=device,
+        log_every=0,  # curves from the run's length: a short fixed budget still draws ~50 points
         **_data_and_model_options(model_options, image_size, test_fraction),
         **length,
     )

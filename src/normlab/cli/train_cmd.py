@@ -67,7 +67,8 @@ _FIELD_HELP = {
     "eval_batch_size": "batch size of evaluation",
     "eval_train_samples": "training examples evaluated at the end",
     "divergence_bound": "a loss above this (or non-finite) stops the run as diverged",
-    "log_every": "log training metrics every N steps",
+    "log_every": "log training metrics every N steps (0: about 50 times over the run, at least every 10 "
+                 "steps)",
     "checkpoint_dir": "folder for checkpoints",
     "checkpoint_every": "checkpoint every N steps (0: at the end only, if checkpoint_dir is set)",
     "name": "run name",

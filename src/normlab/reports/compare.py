@@ -1,12 +1,13 @@
 """The report of ``normlab compare``: one model under several norms, batch sizes, an lr grid and seeds.
 
-Sections: the verdicts (every sentence that ranks norms or batch sizes goes through the one rule,
-:mod:`normlab.sweep.compare_verdicts` over :func:`normlab.stats.compare_arms`, and the rule is stated),
-accuracy at each norm's best stable lr (mean ± 95% t-interval over seeds) with each cell's steps,
-convergence and verdict word, learning curves (one figure per norm and batch size: training loss and
-held-out accuracy against steps, each seed a thin line), stability (largest stable lr, or ">= top of grid"),
-batch-size sensitivity, train/eval gap, and cost. The lr reading is :func:`normlab.sweep.summarize_compare`'s,
-so the report and the terminal table agree.
+Summary first: the table of accuracy at each norm's best stable lr (mean ± 95% t-interval over seeds) with
+each cell's verdict word, steps and convergence; then the figures (accuracy against batch size and over the
+lr grid, intervals cut at 0 and 100%), the learning curves (one figure per norm and batch size: training
+loss and held-out accuracy against steps, each seed a thin line); then the sentences: the verdicts (every
+sentence that ranks norms or batch sizes goes through the one rule, :mod:`normlab.sweep.compare_verdicts`
+over :func:`normlab.stats.compare_arms`, and the rule is stated), stability (largest stable lr, or ">= top
+of grid"), batch-size sensitivity, train/eval gap, and cost. The lr reading is
+:func:`normlab.sweep.summarize_compare`'s, so the report and the terminal table agree.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from normlab.reports.bars import clipped_yerr
 from normlab.reports.document import ReportFiles, Section, write_report
 from normlab.reports.figure import Figure, save_matplotlib
 from normlab.reports.stats import mean_ci
@@ -51,7 +53,7 @@ def compare_report(
     from normlab.errors import NormlabError
     from normlab.stats import RULE
     from normlab.sweep import summarize_compare
-    from normlab.sweep.compare_verdicts import Settle, cell_words
+    from normlab.sweep.compare_verdicts import Settle, cell_words, rank_batch
 
     if not results:
         raise NormlabError("compare_report needs at least one run result, got none")
@@ -104,11 +106,12 @@ def compare_report(
     if groups and "gn" in norms:
         selection_note += (f" gn is Group Norm with {', '.join(map(str, groups))} groups in its norm layers "
                            "(the largest divisor of C up to 32 that leaves at least 2 channels per group).")
+
+    # Summary first: the verdict table, then the figures, then the sentences behind them.
     sections = [
-        Section("Verdicts", text=verdict_sentences(grid, norms, batches, settle),
-                callout=f"Rule: {RULE.format(min_seeds=3)}.", callout_kind="info"),
-        Section("Accuracy", text=[selection_note], tables=[accuracy],
-                figures=[_accuracy_figure(out, grid, norms, batches)]),
+        Section("Summary", text=[selection_note], tables=[accuracy]),
+        Section("Figures", figures=[_accuracy_figure(out, grid, norms, batches),
+                                    _lr_figure(out, grid, norms, batches)]),
     ]
     curves = _learning_curve_figures(out, grid, norms, batches)
     if curves:
@@ -117,9 +120,10 @@ def compare_report(
             "seed: a converged run's curves are flat before its end (an auto budget then cools the lr "
             "down)."],
             figures=curves))
+    ranking = [line for b in batches for line in rank_batch(grid, norms, b, settle).sentences()]
     sections += [
-        Section("Stability", text=[stability_sentence(grid, norms, batches)],
-                figures=[_lr_figure(out, grid, norms, batches)]),
+        Section("Verdicts", text=ranking, callout=f"Rule: {RULE.format(min_seeds=3)}.", callout_kind="info"),
+        Section("Stability", text=[stability_sentence(grid, norms, batches)]),
         Section("Batch-size sensitivity", text=sensitivity_sentences(grid, norms, batches, settle)),
         Section("Train/eval gap", text=[gap_sentence(grid, norms, batches)]),
         Section("Cost", text=[cost_sentence(grid, norms, batches)]),
@@ -225,7 +229,8 @@ def _accuracy_figure(out: Path, grid: dict, norms: list[str], batches: list[int]
     for n in norms:
         cis = [_pct_ci(grid[(n, b)].best.accuracies) if (n, b) in grid and grid[(n, b)].best else
                (math.nan, math.nan) for b in batches]
-        ax.errorbar(batches, [c[0] for c in cis], yerr=[0 if math.isnan(c[1]) else c[1] for c in cis],
+        means = [c[0] for c in cis]
+        ax.errorbar(batches, means, yerr=clipped_yerr(means, [c[1] for c in cis], 0.0, 100.0),
                     marker="o", capsize=3, label=n)
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])
@@ -254,7 +259,8 @@ def _lr_figure(out: Path, grid: dict, norms: list[str], batches: list[int]) -> F
             lrs_shown += lrs
             cis = [_pct_ci(o.accuracies) for o in cell.lrs]
             (line,) = ax.plot([], [])
-            ax.errorbar(lrs, [c[0] for c in cis], yerr=[0 if math.isnan(c[1]) else c[1] for c in cis],
+            means = [c[0] for c in cis]
+            ax.errorbar(lrs, means, yerr=clipped_yerr(means, [c[1] for c in cis], 0.0, 100.0),
                         marker="o", capsize=3, label=n, color=line.get_color())
             stopped = [(o.lr, c[0]) for o, c in zip(cell.lrs, cis, strict=True) if o.stopped_below]
             if stopped:

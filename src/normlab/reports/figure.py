@@ -87,6 +87,18 @@ def _md_text(text: str) -> str:
     return html.escape(str(text), quote=False)
 
 
+# A report page is at most 1100 px wide: figures are drawn about 990 px wide (at save_matplotlib's 110 dpi),
+# readable on a laptop screen without zooming; fonts keep their point size, so the plot area grows.
+MIN_WIDTH_IN = 9.0
+
+
+def fit_width(fig: Any, min_width: float = MIN_WIDTH_IN) -> None:
+    """Scale a narrower ``fig`` up to ``min_width`` inches wide, keeping its aspect ratio."""
+    width, height = fig.get_size_inches()
+    if width < min_width:
+        fig.set_size_inches(min_width, height * min_width / width)
+
+
 def save_matplotlib(fig: Any, directory: Path, name: str, caption: str, dpi: int = 110) -> Figure:
     """Save matplotlib ``fig`` as ``<directory>/<name>.png``, close it and return its :class:`Figure`."""
     if not name or any(c in name for c in "/\\") or name.startswith("."):
@@ -94,6 +106,7 @@ def save_matplotlib(fig: Any, directory: Path, name: str, caption: str, dpi: int
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     file = directory / f"{name}.png"
+    fit_width(fig)
     fig.savefig(file, dpi=dpi, bbox_inches="tight")
     import matplotlib.pyplot as plt
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from normlab.errors import NormlabError
-from normlab.train.budget import RunBudget, eval_every
+from normlab.train.budget import RunBudget, eval_every, log_every
 from normlab.train.build import build_model, load_data, loss_function, resolve_device
 from normlab.train.checkpoint import (
     load_checkpoint,
@@ -111,6 +111,7 @@ class Trainer:
         self.total_steps = self.budget.cap  # the most steps the budget may take (the progress bar's length)
         # The convergence rule needs the held-out curve: eval_every=0 spreads evaluations over the run.
         self.eval_every = eval_every(config, self.budget, EVALUATIONS)
+        self.log_every = log_every(config, self.budget)  # log_every=0: from the run's length
         # Streamed data (normlab.data.StreamingDataset) evaluates the test set through its loader; the
         # tensors here are then its first examples, for the train/eval gap.
         if self.streaming:
@@ -199,7 +200,7 @@ class Trainer:
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
+                log_now = (self.step + 1) % self.log_every == 0 or self.step + 1 == self.total_steps
                 grad_norm = _grad_norm(params) if log_now else math.nan
                 if self.agc_params is not None:
                     self._clip(self.agc_params, cfg.agc_clip, cfg.agc_eps)
