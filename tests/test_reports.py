@@ -240,9 +240,9 @@ def test_compare_report_sentences_follow_the_numbers(tmp_path):
     assert f"| bn | 16 | {ci} | {ci} | loss | 800-820 | 3/3 converged | 0.1 | 0.1 | 3/9 | 100 | 3 |" in md
     assert "Rule: a difference is a win when the two-sided 95% t-interval" in md
     page = files.html.read_text()
-    # accuracy vs batch, accuracy vs lr, and one learning-curve figure per norm and batch size
-    assert "cnn &lt;compare&gt;" in page and page.count("data:image/png;base64,") == 2 + 4
-    assert (tmp_path / "curves_gn_bs128.png").is_file()
+    # accuracy vs batch, accuracy vs lr, and one learning-curve figure per batch size (norms overlaid)
+    assert "cnn &lt;compare&gt;" in page and page.count("data:image/png;base64,") == 2 + 2
+    assert (tmp_path / "curves_bs128.png").is_file()
 
 
 def test_compare_report_flips_with_the_data(tmp_path):
@@ -288,8 +288,8 @@ def test_compare_report_every_figure_loads_in_headless_chromium(tmp_path):
 
     files = compare_report(tmp_path, _compare_results(), histories=_curves())
     dom = _render(files.html, tmp_path / "shot.png")
-    # accuracy vs batch, accuracy vs lr and 4 learning-curve figures, each decoded by the browser
-    assert 'data-figures-loaded="6/6"' in dom
+    # accuracy vs batch, accuracy vs lr and 2 learning-curve figures, each decoded by the browser
+    assert 'data-figures-loaded="4/4"' in dom
     headings = re.findall(r"<h2>([^<]+)</h2>", dom)
     assert headings[:4] == ["Summary", "Figures", "Learning curves", "Verdicts"]
 

@@ -22,7 +22,7 @@ from normlab.reports.document import ReportFiles, Section, write_report
 from normlab.reports.figure import Figure, save_matplotlib
 from normlab.reports.stats import mean_ci
 from normlab.reports.table import Table
-from normlab.reports.ticks import set_log_ticks
+from normlab.reports.ticks import plain_log_axis, set_log_ticks
 
 
 def compare_report(
@@ -69,8 +69,9 @@ def compare_report(
     accuracy = Table(
         "Final test accuracy (%) at the best stable lr, mean ± 95% CI over seeds",
         ["norm", "batch", "test acc (%)", "val acc (%)", "verdict", "steps", "convergence", "best lr",
-         "largest stable lr", "diverged/failed/stalled runs", "steps/s", "train/eval gap (pts)"],
-        notes=["Stable lr: no seed diverged, failed or stalled at chance level; best: the stable lr with the "
+         "largest stable lr", "unstable runs", "steps/s", "train/eval gap (pts)"],
+        notes=["Stable lr: no seed diverged, failed or stalled at chance level (unstable runs: those that "
+               "did, over every lr of the cell); best: the stable lr with the "
                "highest mean " + ("validation" if on_validation else "test") + " accuracy.",
                "Verdict: against the best conclusive norm at the same batch size (win / tie / loss / "
                "inconclusive), by the rule below.",
@@ -225,7 +226,7 @@ def _accuracy_figure(out: Path, grid: dict, norms: list[str], batches: list[int]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(9.0, 3.8))
     for n in norms:
         cis = [_pct_ci(grid[(n, b)].best.accuracies) if (n, b) in grid and grid[(n, b)].best else
                (math.nan, math.nan) for b in batches]
@@ -248,7 +249,8 @@ def _lr_figure(out: Path, grid: dict, norms: list[str], batches: list[int]) -> F
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.6), squeeze=False, sharey=True)
+    width = max(9.0, 4.5 * len(batches))
+    fig, axes = plt.subplots(1, len(batches), figsize=(width, 3.8), squeeze=False, sharey=True)
     for ax, b in zip(axes[0], batches, strict=True):
         lrs_shown = []
         for n in norms:
@@ -283,44 +285,53 @@ def _lr_figure(out: Path, grid: dict, norms: list[str], batches: list[int]) -> F
 
 
 def _learning_curve_figures(out: Path, grid: dict, norms: list[str], batches: list[int]) -> list[Figure]:
-    """One figure per (norm, batch size) with curves: training loss (log scale) and held-out accuracy
-    against steps at the best lr, one thin line per seed."""
+    """One figure per batch size: training loss (log scale) and held-out accuracy against steps at each
+    norm's best lr, the norms in their colours on the same axes, one thin line per seed (dashed: the seed
+    did not converge)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     figures = []
-    for n in norms:
-        for b in batches:
-            cell = grid.get((n, b))
-            best = cell.best if cell is not None else None
-            if best is None or not best.histories:
-                continue
-            fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(8.0, 3.0))
-            for seed, history, status in zip(best.seeds, best.histories, best.convergences, strict=False):
+    for b in batches:
+        drawn = [(n, grid[(n, b)].best) for n in norms if (n, b) in grid and grid[(n, b)].best is not None
+                 and grid[(n, b)].best.histories]
+        if not drawn:
+            continue
+        fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10.0, 3.8))
+        handles, which, any_loss = [], "validation", False
+        for k, (n, best) in enumerate(drawn):
+            color = f"C{k % 10}"
+            which = "validation" if best.selects_on_validation else "test"
+            for history, status in zip(best.histories, best.convergences, strict=False):
                 loss = history.get("train/loss") or []
                 heldout = history.get("val/acc") or history.get("test/acc") or []
-                style = dict(linewidth=0.8, alpha=0.8, linestyle="-" if status == "converged" else "--")
+                style = dict(color=color, linewidth=0.9, alpha=0.8,
+                             linestyle="-" if status == "converged" else "--")
                 if loss:
-                    loss_ax.plot(*zip(*loss, strict=True), label=f"seed {seed} ({status})", **style)
+                    loss_ax.plot(*zip(*loss, strict=True), **style)
+                    any_loss = True
                 if heldout:
                     acc_ax.plot(*zip(*[(s, 100 * v) for s, v in heldout], strict=True), **style)
-            loss_ax.set_yscale("log")
-            loss_ax.set_xlabel("step")
-            loss_ax.set_ylabel("training loss (batch)")
-            loss_ax.grid(alpha=0.3)
-            loss_ax.legend(fontsize=7)
-            which = "validation" if best.selects_on_validation else "test"
-            acc_ax.set_xlabel("step")
-            acc_ax.set_ylabel(f"{which} accuracy (%)")
-            acc_ax.grid(alpha=0.3)
-            fig.suptitle(f"{n}, batch {b}, lr {best.lr:.3g}", fontsize=10)
-            figures.append(save_matplotlib(
-                fig, out, f"curves_{_stem(n)}_bs{b}",
-                f"{n} at batch {b}, lr {best.lr:.3g}: training loss and {which} accuracy per seed "
-                "(dashed: did not converge).",
-            ))
+            handles.append(Line2D([], [], color=color, label=f"{n} (lr {best.lr:.3g})"))
+        if any_loss:
+            plain_log_axis(loss_ax)
+        loss_ax.set_xlabel("step")
+        loss_ax.set_ylabel("training loss (batch)")
+        loss_ax.grid(alpha=0.3)
+        acc_ax.set_xlabel("step")
+        acc_ax.set_ylabel(f"{which} accuracy (%)")
+        acc_ax.grid(alpha=0.3)
+        handles.append(Line2D([], [], color="gray", linestyle="--", label="did not converge"))
+        acc_ax.legend(handles=handles, fontsize=8, loc="lower right")
+        fig.suptitle(f"batch {b}: each norm at its best lr", fontsize=10)
+        figures.append(save_matplotlib(
+            fig, out, f"curves_bs{b}",
+            f"Batch {b}: training loss and {which} accuracy per seed at each norm's best lr (dashed: did "
+            "not converge).",
+        ))
     return figures
 
 
@@ -328,10 +339,6 @@ def _unstable_runs(outcome: Any) -> int:
     """Runs of an lr that diverged, failed or stalled at chance level."""
     return sum(status != "finished" or conv in ("stalled", "diverged", "failed")
                for status, conv in zip(outcome.statuses, outcome.convergences, strict=True))
-
-
-def _stem(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
 def _steps_text(steps: Sequence[int]) -> str:
