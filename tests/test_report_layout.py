@@ -108,3 +108,27 @@ def test_short_run_logs_every_step_with_log_every_zero():
     trainer = Trainer(config, progress=False)
     trainer.fit()
     assert [step for step, _ in trainer.history["train/loss"]] == list(range(1, 13))
+
+
+def test_study_report_puts_verdict_tables_and_figures_before_the_words(tmp_path):
+    from normlab.reports import Table
+    from normlab.studies.base import StudyOutcome
+    from normlab.studies.runner import write_study_report
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([1, 2], [3, 4])
+    figure = save_matplotlib(fig, tmp_path, "curve", "a curve")
+    outcome = StudyOutcome([Table("Accuracy", ["norm", "acc"], [["bn", 0.9]])], [figure],
+                           verdict="BN wins by 2 pts.", agrees_with_paper=False, discrepancy="smaller data",
+                           key_figures="bn 90, gn 88")
+    meta = {"paper": "Ioffe 2015", "claim": "BN helps", "scale": "tiny", "seeds": [0, 1, 2], "device": "cpu",
+            "store": "s", "wall_time_s": 1.0, "params": {}, "name": "x", "environment": {}, "title": "T"}
+    md = write_study_report(tmp_path, meta, outcome).markdown_text
+    heads = [line for line in md.splitlines() if line.startswith("## ")]
+    assert heads == ["## Summary", "## Figures", "## The claim", "## Configuration", "## Environment"]
+    summary = md[md.index("## Summary"):md.index("## Figures")]
+    assert summary.index("> BN wins by 2 pts.") < summary.index("Disagrees with the paper.") < summary.index(
+        "**Accuracy**")
+    claim = md[md.index("## The claim"):md.index("## Configuration")]
+    assert "Paper's claim (Ioffe 2015): BN helps" in claim and "Discrepancy: smaller data" in claim
+    assert "Key figures: bn 90, gn 88" in claim
