@@ -208,7 +208,7 @@ def train_command(**kwargs: Any) -> None:
         with open_store(store_path) as store:
             trainer.store = store
             result = trainer.fit()
-    checkpoint = _checkpoint_written(config, result)
+    checkpoint = _checkpoint_written(config)
     if as_json:
         print_json({**result.to_dict(), "checkpoint": checkpoint})
         return
@@ -245,12 +245,12 @@ def _stored_config(run_id: int | None, store_path: str | None, config_file, opti
     return run.config
 
 
-def _checkpoint_written(config, result) -> str | None:
-    """The checkpoint file the run wrote (``<checkpoint_dir>/<config key>.pt``), if it wrote one."""
-    if config.checkpoint_dir is None:
-        return None
-    path = Path(config.checkpoint_dir) / f"{config.key()}.pt"
-    return str(path) if path.is_file() else None
+def _checkpoint_written(config) -> str | None:
+    """The checkpoint file the run wrote, if it wrote one."""
+    from normlab.train.checkpoint import checkpoint_file
+
+    path = checkpoint_file(config)
+    return str(path) if path is not None and path.is_file() else None
 
 
 def _train_data_parallel(config, nproc: int, bn_sync: str, store_path, resume: bool, progress: bool,

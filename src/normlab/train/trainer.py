@@ -30,6 +30,7 @@ from normlab.errors import NormlabError
 from normlab.train.budget import RunBudget, eval_every, log_every
 from normlab.train.build import build_model, load_data, loss_function, resolve_device
 from normlab.train.checkpoint import (
+    checkpoint_file,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -140,10 +141,8 @@ class Trainer:
 
     @property
     def checkpoint_path(self) -> Path | None:
-        """``<checkpoint_dir>/<config key>.pt``: one file per distinct run, so sweeps can share a folder."""
-        if self.config.checkpoint_dir is None:
-            return None
-        return Path(self.config.checkpoint_dir) / f"{self.config.key()}.pt"
+        """``<checkpoint_dir>/<config key>.pt`` (:func:`normlab.train.checkpoint.checkpoint_file`)."""
+        return checkpoint_file(self.config)
 
     # -- the loop -----------------------------------------------------------------------------------
 
