@@ -151,7 +151,7 @@ def write_study_report(out_dir: Path, meta: dict[str, Any], outcome: StudyOutcom
     else:
         kind, agreement = "warn", "Disagrees with the paper"
     # Summary first: the verdict and the result tables, then the figures, then the claim in words.
-    sections = [Section("Summary", text=[f"{agreement}."], tables=outcome.tables, callout=outcome.verdict,
+    sections = [Section("Summary", tables=outcome.tables, callout=f"{agreement}. {outcome.verdict}",
                         callout_kind=kind)]
     if outcome.figures:
         sections.append(Section("Figures", figures=outcome.figures))
