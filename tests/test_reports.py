@@ -237,7 +237,8 @@ def test_compare_report_sentences_follow_the_numbers(tmp_path):
             "(50.0 steps/s).") in md
     half = round(100 * stats_t975(2) * 0.01 / 3**0.5, 2)
     ci = f"80 ± {format_cell(half, 2)}"
-    assert f"| bn | 16 | {ci} | {ci} | loss | 800-820 | 3/3 converged | 0.1 | 0.1 | 3/9 | 100 | 3 |" in md
+    assert f"| bn | 16 | {ci} | {ci} | loss | 800-820 | 3/3 | 0.1 | 0.1 | 3/9 | 100 | 3 |" in md
+    assert "| gn | 128 | 86 ± 2.5 | 86 ± 2.5 | loss | 800-820 | 3/3 | 0.1 | &gt;= 0.4 | 0/9 | 25 | 0 |" in md
     assert "Rule: a difference is a win when the two-sided 95% t-interval" in md
     page = files.html.read_text()
     # accuracy vs batch, accuracy vs lr, and one learning-curve figure per batch size (norms overlaid)

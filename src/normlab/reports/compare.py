@@ -68,15 +68,16 @@ def compare_report(
 
     accuracy = Table(
         "Final test accuracy (%) at the best stable lr, mean ± 95% CI over seeds",
-        ["norm", "batch", "test acc (%)", "val acc (%)", "verdict", "steps", "convergence", "best lr",
+        ["norm", "batch", "test acc (%)", "val acc (%)", "verdict", "steps", "converged", "best lr",
          "largest stable lr", "unstable runs", "steps/s", "train/eval gap (pts)"],
         notes=["Stable lr: no seed diverged, failed or stalled at chance level (unstable runs: those that "
                "did, over every lr of the cell); best: the stable lr with the "
                "highest mean " + ("validation" if on_validation else "test") + " accuracy.",
                "Verdict: against the best conclusive norm at the same batch size (win / tie / loss / "
                "inconclusive), by the rule below.",
-               "Steps: optimizer steps each seed took (min-max); convergence: seeds that met the plateau "
-               "rule.",
+               "Steps: optimizer steps each seed took (min-max); converged: seeds that met the plateau rule "
+               "(with the others' state); best lr (top) / (bottom): at the edge of the lr grid, so the "
+               "optimum may lie beyond it; largest stable lr >= x: x, the top of the grid, was still stable.",
                "Train/eval gap: test accuracy with batch statistics at the training batch size - eval mode."],
     )
     for norm in norms:
@@ -92,7 +93,7 @@ def compare_report(
                 _pct_ci(best.val_accuracies) if best and best.selects_on_validation else None,
                 words.get((norm, b), "-"), _steps_text(best.steps) if best else None,
                 _convergence_text(best) if best else None,
-                _lr_text(cell) if best else None, cell.largest_stable_text(), f"{bad}/{total}",
+                _lr_text(cell) if best else None, _largest_stable_text(cell), f"{bad}/{total}",
                 round(_mean(best.steps_per_s), 1) if best else None,
                 round(100 * _mean(best.gaps), 2) if best else None,
             )
@@ -348,13 +349,18 @@ def _steps_text(steps: Sequence[int]) -> str:
     return str(low) if low == high else f"{low}-{high}"
 
 
+# The summary table's cells are short (its notes say what they mean), so the table fits a laptop's width.
 def _convergence_text(outcome: Any) -> str:
     converged = sum(c == "converged" for c in outcome.convergences)
-    text = f"{converged}/{len(outcome.convergences)} converged"
+    text = f"{converged}/{len(outcome.convergences)}"
     return text if converged == len(outcome.convergences) else f"{text} ({outcome.convergence})"
 
 
 def _lr_text(cell: Any) -> str:
     edge = cell.best_edge
     text = f"{cell.best.lr:.3g}"
-    return f"{text} (at the grid's {'top' if edge == 'high' else 'bottom'})" if edge else text
+    return f"{text} ({'top' if edge == 'high' else 'bottom'})" if edge else text
+
+
+def _largest_stable_text(cell: Any) -> str:
+    return cell.largest_stable_text().replace(" (top of grid)", "")
