@@ -141,7 +141,7 @@ def test_compare_json_statistics_and_resume(capsys, db, tmp_path):
     with Store(db) as store:
         assert len(store.runs()) == 4
     code, out, _ = cli(capsys, *args[:-1])
-    assert code == 0 and "bn" in out and "max stable LR" in out and not math.isnan(report["wall_time"])
+    assert code == 0 and "bn" in out and "max lr" in out and not math.isnan(report["wall_time"])
 
 
 def test_compare_gn_json_shows_its_groups_and_bad_budget_flags(capsys, db, tmp_path):

@@ -45,6 +45,8 @@ PROBES = {
     "landscape": lambda m, o, x, y: probes.landscape(m, (x, y), optimizer=o, num_points=2),
     "landscape_random": lambda m, o, x, y: probes.landscape(m, (x, y), lr=0.1, direction="random"),
     "hessian": lambda m, o, x, y: probes.hessian(m, (x, y), max_iter=3, trace_samples=2, per_layer=True),
+    "hessian_density": lambda m, o, x, y: probes.hessian_density(m, (x, y), iterations=3, runs=2),
+    "landscape_2d": lambda m, o, x, y: probes.landscape_2d(m, (x, y), num_points=2),
     "signal_propagation": lambda m, o, x, y: probes.signal_propagation(m, x),
     "example_similarity": lambda m, o, x, y: probes.example_similarity(m, x),
     "residual_scale": lambda m, o, x, y: probes.residual_scale(m, x),

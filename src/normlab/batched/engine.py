@@ -154,7 +154,7 @@ class _Group:
             total.backward()
         after = [m.trainer.step + 1 for m in alive]
         log_now = [
-            s % cfg.log_every == 0 or m.policy.done(s, m.trainer.history)
+            s % m.trainer.log_every == 0 or m.policy.done(s, m.trainer.history)
             for s, m in zip(after, alive, strict=True)
         ]
         grad_norms = member_grad_norms(stack.params).tolist() if any(log_now) else None

@@ -22,8 +22,34 @@ app = typer.Typer(
     help="Batch Normalization, or not? Measure what BN does and train the alternatives side by side.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    # Plain click help: wraps at the terminal's width without cutting option names, and text in brackets
+    # ("[default: 0.1]", "pip install 'normlab[ray]'") is shown as written, never read as rich markup.
+    rich_markup_mode=None,
 )
+
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from normlab import __version__
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    typer.echo(f"normlab {__version__} (torch {torch_version}, Python {platform.python_version()})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print normlab's version (with torch's and Python's) and exit"),
+) -> None:
+    """Batch Normalization, or not? Measure what BN does and train the alternatives side by side."""
 
 
 def _register_all() -> None:
@@ -64,7 +90,8 @@ def _run(click, args: list[str]):
     """The command's return value; every error ends here in :func:`_fail` (one line, its exit code)."""
     try:
         code = app(args=args, prog_name="normlab", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError:  # `normlab runs`: the help (already printed) is the answer
+    except click.exceptions.NoArgsIsHelpError as exc:  # `normlab runs`: the help is the answer
+        typer.echo(exc.ctx.get_help())
         sys.exit(2)
     except click.exceptions.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx is not None else "normlab"

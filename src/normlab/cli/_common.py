@@ -195,7 +195,7 @@ def check_store_target(path: str | None) -> None:
 
 
 PROBE_SIZE_OPTIONS = ("num_points", "max_iter", "top_k", "trace_samples", "num_examples", "units_per_layer",
-                      "batch_size")  # fmt: skip
+                      "batch_size", "iterations", "runs")  # fmt: skip
 PROBE_MAX_S = 86400.0
 
 

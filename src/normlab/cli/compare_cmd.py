@@ -134,6 +134,9 @@ def compare_command(
         "normlab-results/compare", "--out", help="folder for report.html + report.md + figures"
     ),
     report: bool = typer.Option(True, "--report/--no-report", help="write the HTML/Markdown report"),
+    wide: bool = typer.Option(False, "--wide", help="the table with every column (steps, convergence "
+                              "reasons, steps/s, train/eval gap); default: the columns that fit 80 "
+                              "characters, with a legend"),
     json_output: bool = typer.Option(False, "--json", help="print JSON only"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     log: Annotated[list[str] | None, typer.Option("--log", metavar="TRACKER", help=LOG_HELP)] = None,
@@ -192,6 +195,7 @@ def compare_command(
         depth=depth,
         optimizer=optimizer,
         device=device,
+        log_every=0,  # curves from the run's length: a short fixed budget still draws ~50 points
         **_data_and_model_options(model_options, image_size, test_fraction),
         **length,
     )
@@ -234,7 +238,7 @@ def compare_command(
         _finish_tracking(tracking, f"compare {model} on {dataset}", settings, summary, files)
         print_json(summary)
         return
-    _print_compare(summary, model, dataset, seeds)
+    _print_compare(summary, model, dataset, seeds, wide)
     if files is not None:
         console().print(f"report: {files.html}")
     _finish_tracking(tracking, f"compare {model} on {dataset}", settings, summary, files)
@@ -384,41 +388,72 @@ def _gn_groups(example) -> list[int]:
     return [m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)]
 
 
-def _print_compare(summary: dict[str, Any], model: str, dataset: str, seeds: int) -> None:
+def _print_compare(summary: dict[str, Any], model: str, dataset: str, seeds: int, wide: bool = False) -> None:
+    """The cell table (fewer columns, with a legend, unless ``wide``), the verdicts and the run counts."""
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
     budget = (f"auto budget (cap {summary['cap_steps']} steps)" if summary["budget"] == "auto"
               else f"fixed budget ({summary['cap_steps'] or summary['epochs']} "
                    f"{'steps' if summary['cap_steps'] else 'epochs'})")
-    table = Table(title=f"{model} on {dataset}: {budget}, {seeds} seeds, {summary['runs']} runs")
-    columns = ("norm", "batch", "test acc (95% CI)", "verdict", "steps", "convergence", "best LR",
-               "max stable LR", "steps/s", "train/eval gap")
+    table = Table(title=f"{model} on {dataset}: {budget}, {seeds} seeds, {summary['runs']} runs",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    if wide:
+        columns = ("norm", "batch", "test acc (95% CI)", "verdict", "steps", "convergence", "best LR",
+                   "max stable LR", "steps/s", "train/eval gap")
+    else:  # fits 80 columns; the legend below names what each short heading means
+        columns = ("norm", "bs", "test acc %", "verdict", "conv", "best lr", "max lr")
+    left = ("norm", "verdict", "convergence", "conv")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("norm", "verdict", "convergence") else "right")
+        table.add_column(column, justify="left" if column in left else "right", no_wrap=not wide)
+    edge = False
     for row in summary["rows"]:
-        norm = row["norm"] + (f" ({row['gn_groups'][0]} groups)" if row.get("gn_groups") else "")
+        norm = row["norm"] + (f" ({row['gn_groups'][0]} groups)" if wide and row.get("gn_groups") else "")
+        verdict = row["verdict"] or "-"
         if row["best_lr"] is None:
-            table.add_row(norm, str(row["batch_size"]), "no stable LR", row["verdict"] or "-", "-", "-", "-",
-                          row["largest_stable_lr_text"], "-", "-")
+            cells = [escape(norm), str(row["batch_size"]), "no stable LR", verdict]
+            rest = ["-", "-", "-", row["largest_stable_lr_text"], "-", "-"] if wide else ["-", "-", "none"]
+            table.add_row(*cells, *rest)
             continue
         mean, half = row["test_acc_mean"], row["test_acc_ci95"]
-        ci = f"{100 * mean:.1f} ± {100 * half:.1f}%" if math.isfinite(half) else f"{100 * mean:.1f}%"
         conv = row["convergences"]
         converged = sum(c == "converged" for c in conv)
-        conv_text = f"{converged}/{len(conv)} converged"
-        if converged < len(conv):
-            conv_text += f" ({row['convergence']})"
         best_lr = fmt(row["best_lr"], 3)
+        if wide:
+            ci = f"{100 * mean:.1f} ± {100 * half:.1f}%" if math.isfinite(half) else f"{100 * mean:.1f}%"
+            conv_text = f"{converged}/{len(conv)} converged"
+            if converged < len(conv):
+                conv_text += f" ({row['convergence']})"
+            if row["best_lr_at_edge"]:
+                best_lr += f" (edge: {row['best_lr_at_edge']})"
+            table.add_row(
+                escape(norm), str(row["batch_size"]), ci, verdict, _steps_text(row["steps"]),
+                conv_text, best_lr, row["largest_stable_lr_text"], fmt(row["steps_per_s"], 4),
+                f"{100 * row['train_eval_gap']:+.1f} pts",
+            )  # fmt: skip
+            continue
+        ci = f"{100 * mean:.1f}±{100 * half:.1f}" if math.isfinite(half) else f"{100 * mean:.1f}"
         if row["best_lr_at_edge"]:
-            best_lr += f" (edge: {row['best_lr_at_edge']})"
-        table.add_row(
-            escape(norm), str(row["batch_size"]), ci, row["verdict"] or "-", _steps_text(row["steps"]),
-            conv_text, best_lr, row["largest_stable_lr_text"], fmt(row["steps_per_s"], 4),
-            f"{100 * row['train_eval_gap']:+.1f} pts",
-        )  # fmt: skip
+            best_lr += "*"
+            edge = True
+        top = row["largest_stable_lr_text"].replace(" (top of grid)", "").replace(">= ", ">=")
+        table.add_row(escape(norm), str(row["batch_size"]), ci, verdict, f"{converged}/{len(conv)}", best_lr,
+                      top)
     out = console()
     out.print(table)
+    if not wide:
+        groups = next((r["gn_groups"] for r in summary["rows"] if r.get("gn_groups")), None)
+        legend = [
+            "bs: batch size; test acc %: mean ± 95% t-interval over seeds; verdict: against the best norm at "
+            "that batch size; conv: seeds converged; best lr: highest mean validation accuracy among stable "
+            "lrs" + ("; * at the edge of the lr grid" if edge else "") + "; max lr: largest stable lr "
+            "(>=: the top of the grid was still stable)",
+            *([f"gn: {groups[0]} groups per layer"] if groups else []),
+            "--wide: every column (steps taken, convergence reasons, steps/s, train/eval gap)",
+        ]
+        for line in legend:
+            out.print(escape(line), style="dim")
     for line in summary["verdicts"]:
         out.print(escape(line))
     counts, conv = summary["statuses"], summary["convergence"]

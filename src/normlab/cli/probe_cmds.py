@@ -45,6 +45,7 @@ def _parse_options(text: str | None) -> dict[str, Any]:
 # Arguments the command sets itself; --options may set the probe's other keyword arguments.
 _SET_BY_CLI = {
     "model", "x", "y", "batch", "optimizer", "loss_fn", "mode", "seed", "recalibrate", "input_shape",
+    "through", "directions",
 }
 
 
@@ -152,6 +153,10 @@ def run_probe(name: str, *, config, data, model, optimizer, loss_fn, mode: str, 
         return probes.landscape(model, (x, y), loss_fn, optimizer=optimizer, mode=mode, seed=seed, **options)
     if name == "hessian":
         return probes.hessian(model, (x, y), loss_fn, mode=mode, seed=seed, **options)
+    if name == "hessian_density":
+        return probes.hessian_density(model, (x, y), loss_fn, mode=mode, seed=seed, **options)
+    if name == "landscape_2d":
+        return probes.landscape_2d(model, (x, y), loss_fn, mode=mode, seed=seed, **options)
     if name == "signal_propagation":
         options.setdefault("batch_size", batch_size)
         shape = tuple(data.input_shape)
@@ -204,7 +209,8 @@ def _table(name: str, result) -> None:
 
 def probe_command(
     name: str = typer.Argument(..., help="probe: activation_stats, batch_dependence, example_similarity, "
-                               "hessian, ics, landscape, residual_scale, signal_propagation, train_eval_gap"),
+                               "hessian, hessian_density, ics, landscape, landscape_2d, residual_scale, "
+                               "signal_propagation, train_eval_gap"),
     model: str | None = typer.Option(None, "--model", help="model name or your code (module:factory, "
                                      "file.py:factory); default: the checkpoint's, or cnn"),
     norm: str | None = typer.Option(None, "--norm", help="normalization (default: the checkpoint's, or bn)"),
@@ -220,6 +226,11 @@ def probe_command(
                                        '\'{"num_points": 4}\'; train_eval_gap takes {"precise_bn": true}'),
     lr: float | None = typer.Option(None, "--lr", help="lr of the step landscape / ics take (default: the "
                                     "run's base lr from the checkpoint, or the config's)"),
+    through: list[str] | None = typer.Option(  # noqa: B008 (a repeatable option is a list)
+        None, "--through", help="landscape_2d: a checkpoint the plane passes through; give it twice (A, B)"
+    ),
+    figure: str | None = typer.Option(None, "--figure", help="landscape_2d, hessian_density: draw the "
+                                      "result into this .png or .svg file"),
     json_output: bool = typer.Option(False, "--json", help="print the result as JSON only"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
@@ -246,6 +257,11 @@ def probe_command(
         raise NormlabError(f"--data-root {data_root!r} is not a folder")
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise NormlabError(f"--lr must be a finite number > 0, got {lr}")
+    _check_figure(name, figure)
+    if through and name != "landscape_2d":
+        raise NormlabError(f"--through goes with probe landscape_2d, not {name}")
+    if through and len(through) != 2:
+        raise NormlabError(f"--through needs exactly two checkpoints (A and B), got {len(through)}")
     config, data, net, optimizer, loss_fn, base_lr = _setup(checkpoint, overrides)
     check_options(name, probe_options)
     if name in STEPPING and "etas" not in probe_options:
@@ -253,8 +269,14 @@ def probe_command(
             raise NormlabError("give the lr once: --lr or --options '{\"lr\": ...}', not both")
         probe_options.setdefault("lr", lr if lr is not None else base_lr)
     check_probe_budget(name, probe_options, config, data, force=force)
+    if through:
+        probe_options["through"] = tuple(_weights_of(path, config) for path in through)
     result = run_probe(name, config=config, data=data, model=net, optimizer=optimizer, loss_fn=loss_fn,
                        mode=mode, seed=seed, options=probe_options)
+    if figure is not None:
+        from normlab.reports.probe_figures import probe_figure
+
+        probe_figure(name, result, figure)
     if json_output:
         from normlab.cli._common import JSON_SCHEMA
 
@@ -264,6 +286,39 @@ def probe_command(
     if name in STEPPING and getattr(result, "lr", None) is not None:
         typer.echo(f"{name} stepped at lr {result.lr:.6g}")
     _table(name, result)
+    if figure is not None:
+        typer.echo(f"figure: {figure}")
+
+
+def _check_figure(name: str, figure: str | None) -> None:
+    if figure is None:
+        return
+    from normlab.cli._common import check_file_target
+    from normlab.reports.probe_figures import FIGURES
+
+    if name not in FIGURES:
+        raise NormlabError(f"--figure draws {', '.join(sorted(FIGURES))}; probe {name} has no figure")
+    if Path(figure).suffix.lower() not in (".png", ".svg"):
+        raise NormlabError(f"--figure {figure!r} must end in .png or .svg")
+    check_file_target(figure, "--figure")
+
+
+def _weights_of(path: str, config) -> dict:
+    """The model weights of checkpoint ``path``, which must hold the same model as the probed one."""
+    from normlab.train import load_checkpoint
+
+    state = load_checkpoint(path)
+    values = state.get("config") if isinstance(state, dict) else None
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(values, dict) or not isinstance(weights, dict):
+        raise NormlabError(f"--through {path!r} is not a trainer checkpoint (no config and model weights)")
+    for field in ("model", "norm"):
+        if values.get(field) != getattr(config, field):
+            raise NormlabError(
+                f"--through {path!r} holds a {values.get(field)!r} {field}, the probed model a "
+                f"{getattr(config, field)!r}; the plane needs checkpoints of the same model"
+            )
+    return weights
 
 
 def register(app: typer.Typer) -> None:

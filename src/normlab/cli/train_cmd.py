@@ -58,6 +58,9 @@ _FIELD_HELP = {
     "steps": "optimizer steps (overrides --epochs); the cap of --budget auto",
     "budget": "fixed: --steps/--epochs; auto: until the plateau rule holds (cap: --steps/--epochs)",
     "cooldown": "auto budget: linear lr decay to 0 over this fraction of the steps taken",
+    "stop_below": "auto budget: end the run (as unconverged) at a held-out evaluation after the first "
+                  "tenth of the cap where its best held-out accuracy is still below this (0-1; compare's lr "
+                  "search sets it on lrs above a cell's best)",
     "val_fraction": "training data held out as a validation split for the plateau rule (0: none)",
     "optimizer": "sgd or adamw",
     "lr": "peak learning rate",
@@ -77,13 +80,26 @@ _FIELD_HELP = {
     "eval_batch_size": "batch size of evaluation",
     "eval_train_samples": "training examples evaluated at the end",
     "divergence_bound": "a loss above this (or non-finite) stops the run as diverged",
-    "log_every": "log training metrics every N steps",
+    "log_every": "log training metrics every N steps (0: about 50 times over the run, at least every 10 "
+                 "steps)",
     "checkpoint_dir": "folder for checkpoints",
     "checkpoint_every": "checkpoint every N steps (0: at the end only, if checkpoint_dir is set)",
     "name": "run name",
     "group": "run group / study tag",
-    "compile": "torch.compile the step (same numbers; pays only for long runs of large models)",
+    "compile": "torch.compile the step (same numbers); unset: only where it pays (long runs of large "
+               "models)",
 }
+
+
+def _default_text(default: Any) -> str:
+    """How ``--help`` shows a TrainConfig default: unset for None, on/off for booleans, JSON for tables."""
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, (dict, list)):
+        return json.dumps(default)
+    return str(default)
 
 
 def _option_type(name: str, annotation: str) -> type:
@@ -122,15 +138,22 @@ def _train_signature() -> inspect.Signature:
             inspect.Parameter.KEYWORD_ONLY,
             default=typer.Option(None, "--config", "-c", help="TOML file of TrainConfig fields"),
             annotation=Path | None,
-        )
+        ),
+        inspect.Parameter(
+            "like",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--like", metavar="RUN_ID", help="train the stored run RUN_ID's "
+                                 "config again (e.g. a compare cell; `normlab runs` lists ids); options "
+                                 "given beside it change that config"),
+            annotation=int | None,
+        ),
     ]
     for f in dataclasses.fields(TrainConfig):
         default = getattr(defaults, f.name)
         kind = _option_type(f.name, str(f.type))
         flag = "--" + f.name.replace("_", "-")
         decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
-        shown = json.dumps(default) if isinstance(default, (dict, list)) else default
-        help_text = f"{_FIELD_HELP.get(f.name, f.name)} [default: {shown}]"
+        help_text = f"{_FIELD_HELP.get(f.name, f.name)} [default: {_default_text(default)}]"
         params.append(
             inspect.Parameter(
                 f.name,
@@ -161,14 +184,17 @@ def _train_signature() -> inspect.Signature:
     return inspect.Signature(params)
 
 
-def config_from_cli(config_file: Path | None, options: dict[str, Any]):
-    """A TrainConfig from an optional TOML file with the given options (not None) applied on top."""
+def config_from_cli(config_file: Path | None, options: dict[str, Any], like: dict[str, Any] | None = None):
+    """A TrainConfig from an optional TOML file (or a stored run's config, ``like``) with the given options
+    (not None) applied on top."""
     from normlab.train import TrainConfig
 
     values = TrainConfig.from_toml(config_file).to_dict() if config_file is not None else {}
     if config_file is not None:
         refuse_model_code_from(f"config file {str(config_file)!r}", values, options.get("model"))
         refuse_paths_from(f"config file {str(config_file)!r}", values, options)
+    if like is not None:
+        values = dict(like)
     values.update({k: parse_option(k, v) for k, v in options.items() if v is not None})
     return TrainConfig.from_dict(values)
 
@@ -181,7 +207,8 @@ def train_command(**kwargs: Any) -> None:
     store_path, resume, threads = kwargs.pop("store"), kwargs.pop("resume"), kwargs.pop("threads")
     progress, as_json, force = kwargs.pop("progress"), kwargs.pop("json_output"), kwargs.pop("force")
     nproc, bn_sync, vbs = kwargs.pop("nproc"), kwargs.pop("bn_sync"), kwargs.pop("virtual_batch_size")
-    config = config_from_cli(kwargs.pop("config"), kwargs)
+    config_file, like = kwargs.pop("config"), kwargs.pop("like")
+    config = config_from_cli(config_file, kwargs, _stored_config(like, store_path, config_file, kwargs))
     check_threads(threads)
     check_store_target(store_path)
     callbacks = _probe_schedule(probes)
@@ -208,8 +235,9 @@ def train_command(**kwargs: Any) -> None:
         with open_store(store_path) as store:
             trainer.store = store
             result = trainer.fit()
+    checkpoint = _checkpoint_written(config)
     if as_json:
-        print_json(result.to_dict())
+        print_json({**result.to_dict(), "checkpoint": checkpoint})
         return
     from rich.table import Table
 
@@ -224,6 +252,32 @@ def train_command(**kwargs: Any) -> None:
         if value is not None:
             table.add_row(name, fmt(value))
     console().print(table)
+    if checkpoint is not None:
+        typer.echo(f"checkpoint: {checkpoint}")
+
+
+def _stored_config(run_id: int | None, store_path: str | None, config_file, options: dict[str, Any]):
+    """The config of run ``run_id`` of the store (``--like``), refusing model code it names."""
+    if run_id is None:
+        return None
+    if config_file is not None:
+        raise NormlabError("give --config or --like, not both")
+    from normlab.cli._common import existing_store
+
+    with existing_store(store_path) as store:
+        run = store.get_run(run_id)
+    if not isinstance(run.config, dict) or not run.config:
+        raise NormlabError(f"run {run_id} has no stored config to train again")
+    refuse_model_code_from(f"run {run_id} of the store", run.config, options.get("model"))
+    return run.config
+
+
+def _checkpoint_written(config) -> str | None:
+    """The checkpoint file the run wrote, if it wrote one."""
+    from normlab.train.checkpoint import checkpoint_file
+
+    path = checkpoint_file(config)
+    return str(path) if path is not None and path.is_file() else None
 
 
 def _send_stored_run(log: list[str] | None, log_dir: str, store_path, run_id: int | None,

@@ -22,7 +22,9 @@ from normlab.probes.activations import (
 from normlab.probes.batch_coupling import BatchDependence, batch_dependence
 from normlab.probes.covariate_shift import ICS, ics
 from normlab.probes.eval_gap import TrainEvalGap, TrainEvalGapCurve, train_eval_gap, train_eval_gap_curve
+from normlab.probes.hessian_density import HessianDensity, hessian_density
 from normlab.probes.hessian_spectrum import Hessian, hessian
+from normlab.probes.landscape_2d import Landscape2D, landscape_2d
 from normlab.probes.loss_landscape import Landscape, landscape
 from normlab.probes.residual import ResidualScale, residual_scale
 from normlab.probes.schedule import DEFAULT_PROBES, PROBES, ProbeSchedule
@@ -42,7 +44,9 @@ __all__ = [
     "BatchDependence",
     "ExampleSimilarity",
     "Hessian",
+    "HessianDensity",
     "Landscape",
+    "Landscape2D",
     "ProbeResult",
     "ResidualScale",
     "SignalPropagation",
@@ -53,8 +57,10 @@ __all__ = [
     "batch_dependence",
     "example_similarity",
     "hessian",
+    "hessian_density",
     "ics",
     "landscape",
+    "landscape_2d",
     "residual_scale",
     "signal_propagation",
     "train_eval_gap",

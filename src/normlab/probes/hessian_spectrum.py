@@ -72,12 +72,12 @@ def hvp_operator(loss: torch.Tensor, params: list[torch.Tensor], grads=None) -> 
     return apply
 
 
-def lanczos(op: Operator, n: int, k: int, max_iter: int, generator: torch.Generator, like: torch.Tensor):
-    """The k largest Ritz values of a symmetric ``op`` on R^n after ``max_iter`` Lanczos steps."""
-    q = torch.randn(n, generator=generator, dtype=torch.float64).to(like)
-    q = q / q.norm()
+def lanczos_tridiagonal(op: Operator, q: torch.Tensor, steps: int) -> tuple[list[float], list[float]]:
+    """``alphas`` (diagonal) and ``betas`` (off-diagonal) of the Lanczos tridiagonal T of a symmetric
+    ``op`` from the unit start vector ``q``, after at most ``steps`` steps (fewer when the Krylov space
+    closes: then T's eigenvalues are exact eigenvalues of ``op``)."""
     basis, alphas, betas = [], [], []
-    for _ in range(min(max_iter, n)):
+    for _ in range(min(steps, q.numel())):
         w = op(q)
         alpha = torch.dot(w, q)
         basis.append(q)
@@ -87,14 +87,24 @@ def lanczos(op: Operator, n: int, k: int, max_iter: int, generator: torch.Genera
         for _ in range(2):
             w = w - Q.T @ (Q @ w)
         beta = w.norm()
-        if beta <= 1e-10 * max(1.0, abs(alphas[-1])):
+        if len(alphas) == steps or beta <= 1e-10 * max(1.0, abs(alphas[-1])):
             break
         betas.append(beta.item())
         q = w / beta
+    return alphas, betas[: len(alphas) - 1]
+
+
+def tridiagonal(alphas: list[float], betas: list[float]) -> torch.Tensor:
     T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
-    T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    return torch.linalg.eigvalsh(T).flip(0)[:k].tolist()
+    off = torch.tensor(betas, dtype=torch.float64)
+    return T + torch.diag(off, 1) + torch.diag(off, -1)
+
+
+def lanczos(op: Operator, n: int, k: int, max_iter: int, generator: torch.Generator, like: torch.Tensor):
+    """The k largest Ritz values of a symmetric ``op`` on R^n after ``max_iter`` Lanczos steps."""
+    q = torch.randn(n, generator=generator, dtype=torch.float64).to(like)
+    alphas, betas = lanczos_tridiagonal(op, q / q.norm(), max_iter)
+    return torch.linalg.eigvalsh(tridiagonal(alphas, betas)).flip(0)[:k].tolist()
 
 
 def power_iteration(op: Operator, n: int, k: int, max_iter: int, tol: float, generator: torch.Generator,

@@ -72,17 +72,25 @@ def check_etas(etas: Sequence[float]) -> list[float]:
     return etas
 
 
+def filter_normalize(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Li et al. (2018) Sec. 4: each filter d_i (slice along dim 0) rescaled to ``||W_i||``; a 1-D ``w``
+    (bias, norm affine) gets 0, Li et al.'s ``ignore='biasbn'`` default."""
+    if w.dim() <= 1:
+        return torch.zeros_like(w)
+    d_norm = d.flatten(1).norm(dim=1).clamp_min(1e-12)
+    w_norm = w.detach().flatten(1).norm(dim=1)
+    return d * (w_norm / d_norm).view(-1, *([1] * (w.dim() - 1)))
+
+
 def filter_normalized_direction(params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
-    """Li et al. (2018) Sec. 4: Gaussian d, each filter d_i scaled to ||W_i||; 1-D parameters get 0."""
+    """A Gaussian direction drawn from ``generator``, filter-normalized against ``params``."""
     out = []
     for w in params:
         if w.dim() <= 1:
             out.append(torch.zeros_like(w))
             continue
         d = torch.randn(w.shape, generator=generator, dtype=w.dtype, device="cpu").to(w.device)
-        d_norm = d.flatten(1).norm(dim=1).clamp_min(1e-12)
-        w_norm = w.detach().flatten(1).norm(dim=1)
-        out.append(d * (w_norm / d_norm).view(-1, *([1] * (w.dim() - 1))))
+        out.append(filter_normalize(d, w))
     return out
 
 

@@ -31,7 +31,9 @@ from normlab.probes.activations import ActivationTracker
 from normlab.probes.batch_coupling import batch_dependence
 from normlab.probes.covariate_shift import ics
 from normlab.probes.eval_gap import train_eval_gap
+from normlab.probes.hessian_density import hessian_density
 from normlab.probes.hessian_spectrum import hessian
+from normlab.probes.landscape_2d import landscape_2d
 from normlab.probes.loss_landscape import landscape
 from normlab.probes.residual import residual_scale
 from normlab.probes.signal_prop import signal_propagation
@@ -68,6 +70,15 @@ def _hessian(ctx, mode, options, schedule):
     return hessian(ctx.model, ctx.batch, ctx.loss_fn, mode=mode, **{**defaults, **options})
 
 
+def _hessian_density(ctx, mode, options, schedule):
+    defaults = {"iterations": 20}
+    return hessian_density(ctx.model, ctx.batch, ctx.loss_fn, mode=mode, **{**defaults, **options})
+
+
+def _landscape_2d(ctx, mode, options, schedule):
+    return landscape_2d(ctx.model, ctx.batch, ctx.loss_fn, mode=mode, **options)
+
+
 def _on_input(probe):
     def run(ctx, mode, options, schedule):
         return probe(ctx.model, ctx.batch[0], mode=mode, **options)
@@ -80,8 +91,10 @@ PROBES: dict[str, Runner] = {
     "batch_dependence": _on_input(batch_dependence),
     "example_similarity": _on_input(example_similarity),
     "hessian": _hessian,
+    "hessian_density": _hessian_density,
     "ics": _ics,
     "landscape": _landscape,
+    "landscape_2d": _landscape_2d,
     "residual_scale": _on_input(residual_scale),
     "signal_propagation": _on_input(signal_propagation),
     "train_eval_gap": _train_eval_gap,

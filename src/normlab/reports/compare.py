@@ -1,12 +1,13 @@
 """The report of ``normlab compare``: one model under several norms, batch sizes, an lr grid and seeds.
 
-Sections: the verdicts (every sentence that ranks norms or batch sizes goes through the one rule,
-:mod:`normlab.sweep.compare_verdicts` over :func:`normlab.stats.compare_arms`, and the rule is stated),
-accuracy at each norm's best stable lr (mean ± 95% t-interval over seeds) with each cell's steps,
-convergence and verdict word, learning curves (one figure per norm and batch size: training loss and
-held-out accuracy against steps, each seed a thin line), stability (largest stable lr, or ">= top of grid"),
-batch-size sensitivity, train/eval gap, and cost. The lr reading is :func:`normlab.sweep.summarize_compare`'s,
-so the report and the terminal table agree.
+Summary first: the table of accuracy at each norm's best stable lr (mean ± 95% t-interval over seeds) with
+each cell's verdict word, steps and convergence; then the figures (accuracy against batch size and over the
+lr grid, intervals cut at 0 and 100%), the learning curves (one figure per norm and batch size: training
+loss and held-out accuracy against steps, each seed a thin line); then the sentences: the verdicts (every
+sentence that ranks norms or batch sizes goes through the one rule, :mod:`normlab.sweep.compare_verdicts`
+over :func:`normlab.stats.compare_arms`, and the rule is stated), stability (largest stable lr, or ">= top
+of grid"), batch-size sensitivity, train/eval gap, and cost. The lr reading is
+:func:`normlab.sweep.summarize_compare`'s, so the report and the terminal table agree.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from normlab.reports.bars import clipped_yerr
 from normlab.reports.document import ReportFiles, Section, write_report
 from normlab.reports.figure import Figure, save_matplotlib
 from normlab.reports.stats import mean_ci
 from normlab.reports.table import Table
-from normlab.reports.ticks import set_log_ticks
+from normlab.reports.ticks import plain_log_axis, set_log_ticks
 
 
 def compare_report(
@@ -53,7 +55,7 @@ def compare_report(
     from normlab.errors import NormlabError
     from normlab.stats import rule_text
     from normlab.sweep import summarize_compare
-    from normlab.sweep.compare_verdicts import Settle, cell_words
+    from normlab.sweep.compare_verdicts import Settle, cell_words, rank_batch
 
     if not results:
         raise NormlabError("compare_report needs at least one run result, got none")
@@ -68,14 +70,16 @@ def compare_report(
 
     accuracy = Table(
         "Final test accuracy (%) at the best stable lr, mean ± 95% CI over seeds",
-        ["norm", "batch", "test acc (%)", "val acc (%)", "verdict", "steps", "convergence", "best lr",
-         "largest stable lr", "diverged/failed/stalled runs", "steps/s", "train/eval gap (pts)"],
-        notes=["Stable lr: no seed diverged, failed or stalled at chance level; best: the stable lr with the "
+        ["norm", "batch", "test acc (%)", "val acc (%)", "verdict", "steps", "converged", "best lr",
+         "largest stable lr", "unstable runs", "steps/s", "train/eval gap (pts)"],
+        notes=["Stable lr: no seed diverged, failed or stalled at chance level (unstable runs: those that "
+               "did, over every lr of the cell); best: the stable lr with the "
                "highest mean " + ("validation" if on_validation else "test") + " accuracy.",
                "Verdict: against the best conclusive norm at the same batch size (win / loss / equivalent /"
                " unresolved / inconclusive), by the rule below.",
-               "Steps: optimizer steps each seed took (min-max); convergence: seeds that met the plateau "
-               "rule.",
+               "Steps: optimizer steps each seed took (min-max); converged: seeds that met the plateau rule "
+               "(with the others' state); best lr (top) / (bottom): at the edge of the lr grid, so the "
+               "optimum may lie beyond it; largest stable lr >= x: x, the top of the grid, was still stable.",
                "Train/eval gap: test accuracy with batch statistics at the training batch size - eval mode."],
     )
     for norm in norms:
@@ -91,7 +95,7 @@ def compare_report(
                 _pct_ci(best.val_accuracies) if best and best.selects_on_validation else None,
                 words.get((norm, b), "-"), _steps_text(best.steps) if best else None,
                 _convergence_text(best) if best else None,
-                _lr_text(cell) if best else None, cell.largest_stable_text(), f"{bad}/{total}",
+                _lr_text(cell) if best else None, _largest_stable_text(cell), f"{bad}/{total}",
                 round(_mean(best.steps_per_s), 1) if best else None,
                 round(100 * _mean(best.gaps), 2) if best else None,
             )
@@ -106,11 +110,12 @@ def compare_report(
     if groups and "gn" in norms:
         selection_note += (f" gn is Group Norm with {', '.join(map(str, groups))} groups in its norm layers "
                            "(the largest divisor of C up to 32 that leaves at least 2 channels per group).")
+
+    # Summary first: the verdict table, then the figures, then the sentences behind them.
     sections = [
-        Section("Verdicts", text=verdict_sentences(grid, norms, batches, settle, margin),
-                callout=f"Rule: {rule_text(margin)}.", callout_kind="info"),
-        Section("Accuracy", text=[selection_note], tables=[accuracy],
-                figures=[_accuracy_figure(out, grid, norms, batches)]),
+        Section("Summary", text=[selection_note], tables=[accuracy]),
+        Section("Figures", figures=[_accuracy_figure(out, grid, norms, batches),
+                                    _lr_figure(out, grid, norms, batches)]),
     ]
     curves = _learning_curve_figures(out, grid, norms, batches)
     if curves:
@@ -119,9 +124,10 @@ def compare_report(
             "seed: a converged run's curves are flat before its end (an auto budget then cools the lr "
             "down)."],
             figures=curves))
+    ranking = [line for b in batches for line in rank_batch(grid, norms, b, settle, margin).sentences()]
     sections += [
-        Section("Stability", text=[stability_sentence(grid, norms, batches)],
-                figures=[_lr_figure(out, grid, norms, batches)]),
+        Section("Verdicts", text=ranking, callout=f"Rule: {rule_text(margin)}.", callout_kind="info"),
+        Section("Stability", text=[stability_sentence(grid, norms, batches)]),
         Section("Batch-size sensitivity", text=sensitivity_sentences(grid, norms, batches, settle, margin)),
         Section("Train/eval gap", text=[gap_sentence(grid, norms, batches)]),
         Section("Cost", text=[cost_sentence(grid, norms, batches)]),
@@ -212,11 +218,12 @@ def _accuracy_figure(out: Path, grid: dict, norms: list[str], batches: list[int]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(9.0, 3.8))
     for n in norms:
         cis = [_pct_ci(grid[(n, b)].best.accuracies) if (n, b) in grid and grid[(n, b)].best else
                (math.nan, math.nan) for b in batches]
-        ax.errorbar(batches, [c[0] for c in cis], yerr=[0 if math.isnan(c[1]) else c[1] for c in cis],
+        means = [c[0] for c in cis]
+        ax.errorbar(batches, means, yerr=clipped_yerr(means, [c[1] for c in cis], 0.0, 100.0),
                     marker="o", capsize=3, label=n)
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])
@@ -234,7 +241,8 @@ def _lr_figure(out: Path, grid: dict, norms: list[str], batches: list[int]) -> F
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.6), squeeze=False, sharey=True)
+    width = max(9.0, 4.5 * len(batches))
+    fig, axes = plt.subplots(1, len(batches), figsize=(width, 3.8), squeeze=False, sharey=True)
     for ax, b in zip(axes[0], batches, strict=True):
         lrs_shown = []
         for n in norms:
@@ -245,7 +253,8 @@ def _lr_figure(out: Path, grid: dict, norms: list[str], batches: list[int]) -> F
             lrs_shown += lrs
             cis = [_pct_ci(o.accuracies) for o in cell.lrs]
             (line,) = ax.plot([], [])
-            ax.errorbar(lrs, [c[0] for c in cis], yerr=[0 if math.isnan(c[1]) else c[1] for c in cis],
+            means = [c[0] for c in cis]
+            ax.errorbar(lrs, means, yerr=clipped_yerr(means, [c[1] for c in cis], 0.0, 100.0),
                         marker="o", capsize=3, label=n, color=line.get_color())
             stopped = [(o.lr, c[0]) for o, c in zip(cell.lrs, cis, strict=True) if o.stopped_below]
             if stopped:
@@ -268,44 +277,53 @@ def _lr_figure(out: Path, grid: dict, norms: list[str], batches: list[int]) -> F
 
 
 def _learning_curve_figures(out: Path, grid: dict, norms: list[str], batches: list[int]) -> list[Figure]:
-    """One figure per (norm, batch size) with curves: training loss (log scale) and held-out accuracy
-    against steps at the best lr, one thin line per seed."""
+    """One figure per batch size: training loss (log scale) and held-out accuracy against steps at each
+    norm's best lr, the norms in their colours on the same axes, one thin line per seed (dashed: the seed
+    did not converge)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     figures = []
-    for n in norms:
-        for b in batches:
-            cell = grid.get((n, b))
-            best = cell.best if cell is not None else None
-            if best is None or not best.histories:
-                continue
-            fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(8.0, 3.0))
-            for seed, history, status in zip(best.seeds, best.histories, best.convergences, strict=False):
+    for b in batches:
+        drawn = [(n, grid[(n, b)].best) for n in norms if (n, b) in grid and grid[(n, b)].best is not None
+                 and grid[(n, b)].best.histories]
+        if not drawn:
+            continue
+        fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10.0, 3.8))
+        handles, which, any_loss = [], "validation", False
+        for k, (n, best) in enumerate(drawn):
+            color = f"C{k % 10}"
+            which = "validation" if best.selects_on_validation else "test"
+            for history, status in zip(best.histories, best.convergences, strict=False):
                 loss = history.get("train/loss") or []
                 heldout = history.get("val/acc") or history.get("test/acc") or []
-                style = dict(linewidth=0.8, alpha=0.8, linestyle="-" if status == "converged" else "--")
+                style = dict(color=color, linewidth=0.9, alpha=0.8,
+                             linestyle="-" if status == "converged" else "--")
                 if loss:
-                    loss_ax.plot(*zip(*loss, strict=True), label=f"seed {seed} ({status})", **style)
+                    loss_ax.plot(*zip(*loss, strict=True), **style)
+                    any_loss = True
                 if heldout:
                     acc_ax.plot(*zip(*[(s, 100 * v) for s, v in heldout], strict=True), **style)
-            loss_ax.set_yscale("log")
-            loss_ax.set_xlabel("step")
-            loss_ax.set_ylabel("training loss (batch)")
-            loss_ax.grid(alpha=0.3)
-            loss_ax.legend(fontsize=7)
-            which = "validation" if best.selects_on_validation else "test"
-            acc_ax.set_xlabel("step")
-            acc_ax.set_ylabel(f"{which} accuracy (%)")
-            acc_ax.grid(alpha=0.3)
-            fig.suptitle(f"{n}, batch {b}, lr {best.lr:.3g}", fontsize=10)
-            figures.append(save_matplotlib(
-                fig, out, f"curves_{_stem(n)}_bs{b}",
-                f"{n} at batch {b}, lr {best.lr:.3g}: training loss and {which} accuracy per seed "
-                "(dashed: did not converge).",
-            ))
+            handles.append(Line2D([], [], color=color, label=f"{n} (lr {best.lr:.3g})"))
+        if any_loss:
+            plain_log_axis(loss_ax)
+        loss_ax.set_xlabel("step")
+        loss_ax.set_ylabel("training loss (batch)")
+        loss_ax.grid(alpha=0.3)
+        acc_ax.set_xlabel("step")
+        acc_ax.set_ylabel(f"{which} accuracy (%)")
+        acc_ax.grid(alpha=0.3)
+        handles.append(Line2D([], [], color="gray", linestyle="--", label="did not converge"))
+        acc_ax.legend(handles=handles, fontsize=8, loc="lower right")
+        fig.suptitle(f"batch {b}: each norm at its best lr", fontsize=10)
+        figures.append(save_matplotlib(
+            fig, out, f"curves_bs{b}",
+            f"Batch {b}: training loss and {which} accuracy per seed at each norm's best lr (dashed: did "
+            "not converge).",
+        ))
     return figures
 
 
@@ -315,10 +333,6 @@ def _unstable_runs(outcome: Any) -> int:
                for status, conv in zip(outcome.statuses, outcome.convergences, strict=True))
 
 
-def _stem(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-
-
 def _steps_text(steps: Sequence[int]) -> str:
     if not steps:
         return "-"
@@ -326,13 +340,18 @@ def _steps_text(steps: Sequence[int]) -> str:
     return str(low) if low == high else f"{low}-{high}"
 
 
+# The summary table's cells are short (its notes say what they mean), so the table fits a laptop's width.
 def _convergence_text(outcome: Any) -> str:
     converged = sum(c == "converged" for c in outcome.convergences)
-    text = f"{converged}/{len(outcome.convergences)} converged"
+    text = f"{converged}/{len(outcome.convergences)}"
     return text if converged == len(outcome.convergences) else f"{text} ({outcome.convergence})"
 
 
 def _lr_text(cell: Any) -> str:
     edge = cell.best_edge
     text = f"{cell.best.lr:.3g}"
-    return f"{text} (at the grid's {'top' if edge == 'high' else 'bottom'})" if edge else text
+    return f"{text} ({'top' if edge == 'high' else 'bottom'})" if edge else text
+
+
+def _largest_stable_text(cell: Any) -> str:
+    return cell.largest_stable_text().replace(" (top of grid)", "")

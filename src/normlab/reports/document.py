@@ -63,12 +63,13 @@ class ReportFiles:
 _CALLOUT_KINDS = ("info", "ok", "warn")
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;
 padding:0 1em;color:#1d1d1f;line-height:1.45}
 h1{font-size:1.7em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 .subtitle{color:#555;margin-top:0}
-table{border-collapse:collapse;margin:1em 0;font-size:.92em}caption{font-weight:600;text-align:left;
-padding:.3em 0}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}th{background:#f3f3f5}
+table{border-collapse:collapse;margin:1em 0;font-size:.92em;display:block;overflow-x:auto;max-width:100%}
+caption{font-weight:600;text-align:left;padding:.3em 0}th,td{border:1px solid #ccc;padding:.3em .5em;
+text-align:right}td{white-space:nowrap}th{background:#f3f3f5}
 td:first-child,th:first-child{text-align:left}ul.notes{font-size:.88em;color:#444}
 figure{margin:1em 0}figure img,figure svg{max-width:100%;height:auto}figcaption{font-size:.9em;color:#444}
 .callout{padding:.7em 1em;border-left:5px solid #4a7bd0;background:#eef3fb;margin:1em 0}

@@ -89,6 +89,19 @@ def _md_text(text: str) -> str:
     return html.escape(one_line(text), quote=False)
 
 
+# A report page is at most 1100 px wide: figures are drawn about 990 px wide (at save_matplotlib's 110 dpi),
+# readable on a laptop screen without zooming; fonts keep their point size, so the plot area grows.
+MIN_WIDTH_IN = 9.0
+
+
+def fit_width(fig: Any, min_width: float = MIN_WIDTH_IN) -> None:
+    """Widen a narrower ``fig`` to ``min_width`` inches; its height grows by the square root of that factor
+    (the full factor would make a small 5.5 x 3.6 figure fill a laptop screen's height)."""
+    width, height = fig.get_size_inches()
+    if width < min_width:
+        fig.set_size_inches(min_width, height * (min_width / width) ** 0.5)
+
+
 def save_matplotlib(fig: Any, directory: Path, name: str, caption: str, dpi: int = 110) -> Figure:
     """Save matplotlib ``fig`` as ``<directory>/<name>.png``, close it and return its :class:`Figure`."""
     if not name or any(c in name for c in "/\\") or name.startswith("."):
@@ -96,6 +109,7 @@ def save_matplotlib(fig: Any, directory: Path, name: str, caption: str, dpi: int
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     file = directory / f"{name}.png"
+    fit_width(fig)
     with atomic_open(file, "wb") as stream:  # a link at <name>.png is replaced, not written through
         fig.savefig(stream, format="png", dpi=dpi, bbox_inches="tight")
     import matplotlib.pyplot as plt

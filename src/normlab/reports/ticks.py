@@ -29,3 +29,15 @@ def set_log_ticks(ax: Any, values: Sequence[float], axis: str = "x", base: float
         ax.set_xticks(ticks, labels, rotation=45 if len(ticks) > 4 else 0)
     else:
         ax.set_yticks(ticks, labels)
+
+
+def plain_log_axis(ax: Any, axis: str = "y") -> None:
+    """Log-scale ``axis`` labelled with plain numbers at 1, 2 and 5 of every decade (``0.2  0.5  1  2``),
+    never ``2x10^0``; no minor labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(FuncFormatter(lambda value, _: tick_label(value)))
+    target.set_minor_formatter(NullFormatter())

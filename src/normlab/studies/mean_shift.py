@@ -333,6 +333,8 @@ def _depth_figure(ctx: StudyContext, summary: dict, variants: list[str], depths:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from normlab.reports.bars import clipped_yerr
+
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for variant in variants:
         label = VARIANT_LABELS.get(variant, variant)
@@ -340,7 +342,11 @@ def _depth_figure(ctx: StudyContext, summary: dict, variants: list[str], depths:
             means = [summary[variant][d][key][0] for d in depths]
             halves = [summary[variant][d][key][1] for d in depths]
             halves = [0.0 if not math.isfinite(h) else h for h in halves]
-            ax.errorbar(depths, means, yerr=halves, marker="o", ms=4, capsize=3, label=label)
+            # Each metric's range: a squared mean is >= 0 (and drawn on a log axis), a cosine and a share of
+            # predictions lie in [-1, 1] and [0, 1].
+            bounds = {"sq_mean": (0.0, None), "cosine": (-1.0, 1.0), "collapse": (0.0, 1.0)}[key]
+            ax.errorbar(depths, means, yerr=clipped_yerr(means, halves, *bounds), marker="o", ms=4, capsize=3,
+                        label=label)
     axes[0].set_yscale("log")
     for ax, title in zip(
         axes,

@@ -233,12 +233,15 @@ def _plot(cells: dict, p: dict[str, Any]) -> Any:
 
     g = p["global_batch"]
     batches = [g // r for r in p["replicas"]]
+    from normlab.reports.bars import clipped_yerr
+
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     for variant in p["variants"]:
         stats = [_acc(cells[(variant, r)]) for r in p["replicas"]]
         means = [100 * m for m, _ in stats]
         halves = [100 * h if math.isfinite(h) else 0.0 for _, h in stats]
-        ax.errorbar(batches, means, yerr=halves, marker="o", capsize=3, label=LABELS[variant])
+        ax.errorbar(batches, means, yerr=clipped_yerr(means, halves, 0.0, 100.0), marker="o", capsize=3,
+                    label=LABELS[variant])
     ax.set_xscale("log", base=2)
     ax.invert_xaxis()
     ax.set_xlabel(f"per-replica batch (global batch {g})")

@@ -183,19 +183,17 @@ def write_study_report(out_dir: Path, meta: dict[str, Any], outcome: StudyOutcom
         kind, agreement = "ok", "Agrees with the paper"
     else:
         kind, agreement = "warn", "Disagrees with the paper"
-    verdict = Section(
-        "Verdict",
-        text=[f"Paper's claim ({meta['paper']}): {meta['claim']}", f"{agreement}."],
-        callout=outcome.verdict,
-        callout_kind=kind,
-    )
-    if outcome.key_figures:
-        verdict.text.append(f"Key figures: {outcome.key_figures}")
-    if outcome.discrepancy:
-        verdict.text.append(f"Discrepancy: {outcome.discrepancy}")
-    sections = [verdict, Section("Results", tables=outcome.tables)]
+    # Summary first: the verdict and the result tables, then the figures, then the claim in words.
+    sections = [Section("Summary", tables=outcome.tables, callout=f"{agreement}. {outcome.verdict}",
+                        callout_kind=kind)]
     if outcome.figures:
         sections.append(Section("Figures", figures=outcome.figures))
+    reading = [f"Paper's claim ({meta['paper']}): {meta['claim']}"]
+    if outcome.key_figures:
+        reading.append(f"Key figures: {outcome.key_figures}")
+    if outcome.discrepancy:
+        reading.append(f"Discrepancy: {outcome.discrepancy}")
+    sections.append(Section("The claim", text=reading))
     run_info = {k: meta[k] for k in ("scale", "seeds", "device", "store", "wall_time_s")}
     flags = override_flags(meta.get("overrides") or {})
     changed = f", changed by {flags}" if flags else ""

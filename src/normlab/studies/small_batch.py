@@ -348,13 +348,15 @@ def _plot(errors: dict[str, dict[int, tuple[float, float]]], batches: list[int])
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from normlab.reports.bars import clipped_yerr
+
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     xs = sorted(batches)
     for variant, errs in errors.items():
         ax.errorbar(
             xs,
             [errs[b][0] for b in xs],
-            yerr=[0.0 if math.isnan(errs[b][1]) else errs[b][1] for b in xs],
+            yerr=clipped_yerr([errs[b][0] for b in xs], [errs[b][1] for b in xs], 0.0, 100.0),
             marker="o",
             capsize=3,
             label=LABELS.get(variant, variant),

@@ -297,6 +297,19 @@ def from_config(config: Any, steps_per_epoch: int, *, heldout: str = "val/acc",
                        milestones=config.milestones, gamma=config.gamma)
 
 
+LOG_POINTS = 50  # training-metric points over a run when config.log_every is 0 (auto)
+LOG_EVERY_MAX = 10  # ... logged at least this often, as the default log_every
+
+
+def log_every(config: Any, budget: FixedBudget | AutoBudget) -> int:
+    """Steps between training-metric logs: ``config.log_every``, or when 0 (auto) about ``LOG_POINTS``
+    over the budget's cap and at least every ``LOG_EVERY_MAX`` steps (a 20-step run logs every step, not
+    twice; a 12000-step one every 10)."""
+    if config.log_every:
+        return config.log_every
+    return max(1, min(LOG_EVERY_MAX, budget.cap // LOG_POINTS))
+
+
 def eval_every(config: Any, budget: FixedBudget | AutoBudget, fixed_evaluations: int) -> int:
     """Steps between held-out evaluations: ``config.eval_every``, or when 0 (auto) ``fixed_evaluations``
     over a fixed run and ``EVALUATIONS_AUTO`` over an auto budget's cap (the plateau is judged at

@@ -25,6 +25,13 @@ FORMAT = "normlab-checkpoint"
 VERSION = 1
 
 
+def checkpoint_file(config: Any) -> Path | None:
+    """``<checkpoint_dir>/<config key>.pt``: one file per distinct run, so sweeps can share a folder."""
+    if config.checkpoint_dir is None:
+        return None
+    return Path(config.checkpoint_dir) / f"{config.key()}.pt"
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write ``state`` (plus format tag and version) to ``path`` atomically."""
     path = Path(path)

@@ -229,7 +229,7 @@ _RULES: dict[str, tuple[str, bool, float | None, float | None, tuple | None]] = 
     "eval_batch_size": (_INT, False, 1, None, None),
     "eval_train_samples": (_INT, False, 0, None, None),
     "divergence_bound": (_FLOAT, False, 1e-12, None, None),
-    "log_every": (_INT, False, 1, None, None),
+    "log_every": (_INT, False, 0, None, None),
     "checkpoint_dir": (_STR, True, None, None, None),
     "checkpoint_every": (_INT, False, 0, None, None),
     "name": (_STR, True, None, None, None),

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from normlab.errors import NormlabError
-from normlab.train.budget import RunBudget, eval_every
+from normlab.train.budget import RunBudget, eval_every, log_every
 from normlab.train.build import build_model, load_data, loss_function, resolve_device
 from normlab.train.checkpoint import (
+    checkpoint_file,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -116,6 +117,7 @@ class Trainer:
         self.total_steps = self.budget.cap  # the most steps the budget may take (the progress bar's length)
         # The convergence rule needs the held-out curve: eval_every=0 spreads evaluations over the run.
         self.eval_every = eval_every(config, self.budget, EVALUATIONS)
+        self.log_every = log_every(config, self.budget)  # log_every=0: from the run's length
         # Streamed data (normlab.data.StreamingDataset) evaluates the test set through its loader; the
         # tensors here are then its first examples, for the train/eval gap.
         if self.streaming:
@@ -144,10 +146,8 @@ class Trainer:
 
     @property
     def checkpoint_path(self) -> Path | None:
-        """``<checkpoint_dir>/<config key>.pt``: one file per distinct run, so sweeps can share a folder."""
-        if self.config.checkpoint_dir is None:
-            return None
-        return Path(self.config.checkpoint_dir) / f"{self.config.key()}.pt"
+        """``<checkpoint_dir>/<config key>.pt`` (:func:`normlab.train.checkpoint.checkpoint_file`)."""
+        return checkpoint_file(self.config)
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -204,7 +204,7 @@ class Trainer:
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
+                log_now = (self.step + 1) % self.log_every == 0 or self.step + 1 == self.total_steps
                 grad_norm = _grad_norm(params) if log_now else math.nan
                 if self.agc_params is not None:
                     self._clip(self.agc_params, cfg.agc_clip, cfg.agc_eps)
