@@ -123,7 +123,7 @@ def test_digits_study_on_the_users_model_and_data_names_them(digits, monkeypatch
     """``study --model --dataset`` on a factory without ``width`` (the recipe's width=16 is not passed)."""
     monkeypatch.chdir(digits)
     out = json.loads(_cli(capsys, "study", "large-batch", "--model", "styles.py:kw_net", "--dataset",
-                          "npz:digits.npz", "--scale", "tiny", "--seeds", "1", "--set", "subset=64", "--out",
+                          "npz:digits.npz", "--scale", "tiny", "--seeds", "1", "--set", "subset=128", "--out",
                           str(digits / "results"), "--json"))
     assert out["study"] == "large-batch"
     saved = json.loads((digits / "results" / "large-batch" / "outcome.json").read_text())
