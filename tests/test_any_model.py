@@ -73,7 +73,8 @@ def test_digits_end_to_end_train_checkpoint_and_probes_at_the_runs_lr(digits, mo
     assert ics["lr"] == 0.003 and set(ics["l2"]) >= {"units.0.c_a", "out"}
     assert min(ics["cos"].values()) < 0.9999  # a real step, not the ~0 lr at the cosine's end
     assert "ics stepped at lr 0.01" in _cli(capsys, "probe", "ics", *common, "--lr", "0.01")
-    hessian = json.loads(_cli(capsys, "probe", "hessian", *common, "--json", "--options", '{"iters": 3}'))
+    hessian = json.loads(_cli(capsys, "probe", "hessian", *common, "--json", "--options",
+                              '{"max_iter": 5, "top_k": 1}'))
     assert hessian["mode"] == "train"
     spp = json.loads(_cli(capsys, "probe", "signal_propagation", *common, "--json"))
     assert list(spp["avg_var"]) == ["entry.2", "units.0", "units.1", "units.2"]
@@ -122,7 +123,7 @@ def test_digits_study_on_the_users_model_and_data_names_them(digits, monkeypatch
     """``study --model --dataset`` on a factory without ``width`` (the recipe's width=16 is not passed)."""
     monkeypatch.chdir(digits)
     out = json.loads(_cli(capsys, "study", "large-batch", "--model", "styles.py:kw_net", "--dataset",
-                          "npz:digits.npz", "--scale", "tiny", "--seeds", "1", "--set", "subset=64", "--out",
+                          "npz:digits.npz", "--scale", "tiny", "--seeds", "1", "--set", "subset=128", "--out",
                           str(digits / "results"), "--json"))
     assert out["study"] == "large-batch"
     saved = json.loads((digits / "results" / "large-batch" / "outcome.json").read_text())

@@ -3,7 +3,7 @@
 to a few steps so the test stays fast:
 
 - ``--epochs N`` -> ``--steps 2``; compare also gets ``--seeds 1 --batch-sizes 16 --lr-extensions 0``;
-- study gets ``--scale tiny --seeds 1 --set subset=32`` (the slow tier: a tiny study is still tens of
+- study gets ``--scale tiny --seeds 1 --set subset=128`` (the slow tier: a tiny study is still tens of
   CPU seconds); train ``--eval-train-samples 64``;
 - every normlab command on ``examples/my_models.py:resnet`` without ``--model-options`` gets
   ``--model-options '{"width": 4, "depth": 10}'`` (ResNet-10 at width 4), probes ``--batch-size 16``.
@@ -52,7 +52,7 @@ def _tiny(args: list[str]) -> list[str]:
     if command == "compare":
         args += ["--seeds", "1", "--batch-sizes", "16", "--lr-extensions", "0", "--no-report"]
     if command == "study":
-        args += ["--scale", "tiny", "--seeds", "1", "--set", "subset=32"]
+        args += ["--scale", "tiny", "--seeds", "1", "--set", "subset=128"]
     if command == "probe":
         args += ["--batch-size", "16"]
     if "examples/my_models.py:resnet" in args and "--model-options" not in args:
