@@ -46,8 +46,14 @@ def test_decide_paired_interval_and_winner():
     assert verdict.word == "win" and verdict.winner == "bn"
     assert verdict.diff == pytest.approx(sum(diffs) / 3)
     assert verdict.high - verdict.low == pytest.approx(2 * half)
-    tie = _verdict.decide("bn", runs(0.90, 0.80, 0.95), "gn", runs(0.85, 0.90, 0.88))
-    assert tie.word == "tie"
+    spread = _verdict.decide("bn", runs(0.90, 0.80, 0.95), "gn", runs(0.85, 0.90, 0.88))
+    assert spread.word == "unresolved" and spread.seeds is not None and spread.seeds > 3
+    assert spread.settle == f"--seeds {spread.seeds}"
+    # Differences +0.2, +0.4, +0.3 pts: the interval excludes 0 yet lies inside the 1-point margin.
+    close = _verdict.decide("bn", runs(0.902, 0.914, 0.923), "gn", runs(0.90, 0.91, 0.92))
+    assert close.word == "equivalent" and close.low > 0 and close.high < 0.01
+    assert _verdict.decide("bn", runs(0.902, 0.914, 0.923), "gn", runs(0.90, 0.91, 0.92),
+                           margin=0.004).word == "win"
 
 
 def test_decide_refuses_an_arm_that_did_not_train():
@@ -246,6 +252,24 @@ def test_small_batch_compares_error_rise_over_table_2_range():
     cells, metrics = {k: v[0] for k, v in spec.items()}, {k: v[1] for k, v in spec.items()}
     _, agrees, discrepancy, _ = small_batch.judge(cells, metrics, ["bn", "gn"], [2, 32, 128])
     assert agrees is False and "does not exceed GN's" in discrepancy
+    # Equal rises (both +10 pts, per seed): equivalent within the margin, while Table 2's own effect over
+    # 32 -> 2 is 11.1 pts: a disagreement.
+    spec[("gn", 2)] = cell(0.70)
+    cells, metrics = {k: v[0] for k, v in spec.items()}, {k: v[1] for k, v in spec.items()}
+    sentence, agrees, discrepancy, _ = small_batch.judge(cells, metrics, ["bn", "gn"], [2, 32, 128])
+    assert agrees is False and "are equivalent on error rise (batch 32 -> 2) within ±1 pts" in sentence
+    # Over 32 -> 8, Table 2's effect (BN +1.2 minus GN -0.1 = 1.3 pts) is past a 1-point margin but inside
+    # a 2-point one: equivalence there cannot test the claim.
+    spec8 = {("bn", 8): cell(0.70), ("bn", 32): cell(0.80), ("gn", 8): cell(0.70), ("gn", 32): cell(0.80)}
+    cells8, metrics8 = {k: v[0] for k, v in spec8.items()}, {k: v[1] for k, v in spec8.items()}
+    assert small_batch.judge(cells8, metrics8, ["bn", "gn"], [8, 32])[1] is False
+    sentence, agrees, _, _ = small_batch.judge(cells8, metrics8, ["bn", "gn"], [8, 32], margin=0.02)
+    assert agrees is None and "lies inside the margin (±2 pts)" in sentence
+    # Rises that spread across the margin: unresolved, inconclusive with the seeds that would resolve it.
+    spread = {**spec, ("gn", 2): ([run(a) for a in (0.70, 0.74, 0.66)], [(a, a) for a in (0.70, 0.74, 0.66)])}
+    cells, metrics = {k: v[0] for k, v in spread.items()}, {k: v[1] for k, v in spread.items()}
+    sentence, agrees, _, _ = small_batch.judge(cells, metrics, ["bn", "gn"], [2, 32, 128])
+    assert agrees is None and "is unresolved" in sentence and "to settle it: --seeds " in sentence
 
 
 def lr_summary(best, largest, accs, convergence="converged", diverged=0):
@@ -255,15 +279,23 @@ def lr_summary(best, largest, accs, convergence="converged", diverged=0):
 
 
 def test_normalizer_free_matches_bn_by_the_rule():
-    good = {"bn": lr_summary(0.2, 0.8, (0.90, 0.91, 0.89)), "nf": lr_summary(0.8, 3.2, (0.905, 0.90, 0.895)),
+    good = {"bn": lr_summary(0.2, 0.8, (0.90, 0.91, 0.89)), "nf": lr_summary(0.8, 3.2, (0.902, 0.911, 0.891)),
             "none": lr_summary(0.05, 0.2, (0.85, 0.84, 0.86), diverged=6)}
     sentence, agrees, discrepancy, key = normalizer_free.judge(good)
     assert agrees is True and discrepancy is None
-    assert "NF+AGC and BN tie on test accuracy" in sentence and sentence.endswith("stable up to lr 3.2.")
-    assert key.startswith("BN-ResNet 90.0 ± 2.5% at lr 0.2; NF-ResNet+AGC 90.0 ± 1.2% at lr 0.8")
+    assert "NF+AGC and BN are equivalent on test accuracy within ±1 pts" in sentence
+    assert sentence.endswith("stable up to lr 3.2.")
+    assert key.startswith("BN-ResNet 90.0 ± 2.5% at lr 0.2; NF-ResNet+AGC 90.1 ± 2.5% at lr 0.8")
     short = {**good, "nf": lr_summary(0.8, 3.2, (0.60, 0.61, 0.59))}
     _, agrees, discrepancy, _ = normalizer_free.judge(short)
-    assert agrees is False and "falls short of BN's beyond the seeds' spread" in discrepancy
+    assert agrees is False and "falls short of BN's beyond the margin of ±1 pts" in discrepancy
+    # Differences +0.5, -1.0, +0.5 pts: the interval crosses 0 and reaches past 1 point: unresolved, so
+    # inconclusive with the seeds that would resolve it (never "matches" nor "falls short").
+    spread = {**good, "nf": lr_summary(0.8, 3.2, (0.905, 0.90, 0.895))}
+    sentence, agrees, _, _ = normalizer_free.judge(spread)
+    assert agrees is None and "is unresolved" in sentence and "to settle it: --seeds " in sentence
+    # A wider margin makes the same seeds equivalent.
+    assert normalizer_free.judge(spread, margin=0.03)[1] is True
     # The issue's 120-step NF arm: not converged, so no "falls short" verdict.
     budget = {**good, "nf": lr_summary(0.8, 3.2, (0.589, 0.59, 0.58), convergence="unconverged")}
     sentence, agrees, _, _ = normalizer_free.judge(budget)
@@ -394,10 +426,9 @@ def test_mean_shift_growth_is_compared_on_a_log_scale():
     assert agrees is True, discrepancy
 
 
-def test_small_batch_tie_within_table_2_range_says_why():
-    """Recalibrated variants trained at the smallest batch only (recalibrate_batches); a tie over 32 -> 8,
-    where Table 2's own effect (1.3 pts) is below the seeds' spread, is inconclusive and says why with both
-    figures."""
+def test_small_batch_unresolved_within_table_2_range_gives_the_seeds():
+    """Recalibrated variants trained at the smallest batch only (recalibrate_batches); rises over 32 -> 8
+    whose interval crosses 0 and the margin are unresolved: inconclusive with the seeds that resolve them."""
     def cell(acc: float, spread: float):
         rs = [run(acc + d, "converged") for d in (0.0, spread, -spread)]
         return rs, [(r.final_test_acc, r.final_test_acc) for r in rs]
@@ -408,11 +439,11 @@ def test_small_batch_tie_within_table_2_range_says_why():
     cells, metrics = {k: v[0] for k, v in spec.items()}, {k: v[1] for k, v in spec.items()}
     variants = ["bn", "gn", "evalnorm", "precise_bn"]
     sentence, agrees, discrepancy, key = small_batch.judge(cells, metrics, variants, [8, 16, 32])
-    # The paper's effect over this range is below what 3 seeds resolve: inconclusive, not a disagreement.
+    # The interval (±5 pts) crosses 0 and the margin: unresolved, inconclusive with the seeds to resolve it.
     assert agrees is None and discrepancy is None and key.startswith("test error batch 32 -> 8")
-    assert sentence.startswith("Inconclusive at this scale (over batch 32 -> 8 the paper's own effect (BN's "
-                               "rise minus GN's, 1.3 pts) is smaller than the 95% interval's half-width")
-    assert "to settle it: batch sizes down to 2-4 and more seeds (--scale paper)" in sentence
+    assert sentence.startswith("Inconclusive at this scale (BN vs GN on error rise is unresolved: difference "
+                               "+0.0 pts (95% CI -5.0 to +5.0 pts")
+    assert "to settle it: --seeds " in sentence
 
 
 def test_regularization_tie_with_a_fitted_training_set_says_why():

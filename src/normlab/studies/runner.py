@@ -25,7 +25,7 @@ from normlab.errors import NormlabError
 from normlab.reports.document import ReportFiles, Section, write_report
 from normlab.studies.base import SCALES, Study, StudyContext, StudyOutcome
 from normlab.studies.overrides import apply_overrides, override_flags
-from normlab.studies.recipe import validate_params
+from normlab.studies.recipe import check_margin, validate_params
 from normlab.studies.registry import get_study
 
 OUTCOME_FILE = "outcome.json"
@@ -44,6 +44,7 @@ def run_study(
     model: Any = None,
     model_options: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
+    margin: float | None = None,
 ) -> tuple[StudyOutcome, ReportFiles]:
     """Run study ``name`` (a built-in name or a recipe path) and write its report under ``<out>/<name>``.
 
@@ -56,15 +57,20 @@ def run_study(
             architectures (mean-shift, residual, cost) refuse it. ``model_options`` go to the factory.
         overrides: fields of the scale table to change (dotted path -> value, ``--set``; see
             :mod:`normlab.studies.overrides`), e.g. ``{"steps": 6000}`` for a longer budget.
+        margin: the equivalence margin of every verdict, in the recipe's ``margin_unit`` (``--margin``);
+            None: the recipe's ``margin``. outcome.json and the report state the margin used.
 
     Raises:
         NormlabError: unknown study or scale, ``seeds < 1``, an output folder that is a file, a bad recipe,
-            an override of a field the scale table does not have or of another type.
+            an override of a field the scale table does not have or of another type, a margin that is
+            not a positive number.
     """
     if scale not in SCALES:
         raise NormlabError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise NormlabError(f"seeds must be a positive int, got {seeds!r}")
+    if margin is not None:
+        margin = check_margin(margin)
     study = get_study(name)
     if overrides:
         study = overridden(study, scale, overrides)
@@ -86,6 +92,7 @@ def run_study(
         model=model,
         model_options=model_options,
         overrides=dict(overrides or {}),
+        margin=study.margin if margin is None else margin,
     )
     start = time.perf_counter()
     outcome = study.load_module().run(ctx)
@@ -96,6 +103,7 @@ def run_study(
         )
     wall = time.perf_counter() - start
     meta = study_meta(study, ctx, wall)
+    meta["margin_source"] = "recipe" if margin is None else "--margin"
     (out_dir / OUTCOME_FILE).write_text(
         json.dumps({"meta": meta, "outcome": outcome.to_dict()}, indent=1, default=_json_default),
         encoding="utf-8",
@@ -136,6 +144,8 @@ def study_meta(study: Study, ctx: StudyContext, wall_time: float) -> dict[str, A
         "device": ctx.device,
         "params": ctx.params,
         "overrides": ctx.overrides,
+        "margin": ctx.margin,
+        "margin_unit": study.margin_unit,
         "store": str(getattr(ctx.store, "path", ctx.store)),
         "wall_time_s": round(wall_time, 2),
         "environment": environment_info(ctx.device),
@@ -158,6 +168,10 @@ def write_study_report(out_dir: Path, meta: dict[str, Any], outcome: StudyOutcom
     )
     if outcome.key_figures:
         verdict.text.append(f"Key figures: {outcome.key_figures}")
+    if "margin" in meta:  # outcome.json written before margins existed has none
+        source = "set by --margin" if meta.get("margin_source") == "--margin" else "the recipe's"
+        verdict.text.append(f"Margin: ±{meta['margin']:.4g} ({meta.get('margin_unit', '')}; {source}): "
+                            "every difference is read against it (science.md section 8).")
     if outcome.discrepancy:
         verdict.text.append(f"Discrepancy: {outcome.discrepancy}")
     sections = [verdict, Section("Results", tables=outcome.tables)]
@@ -173,6 +187,7 @@ def write_study_report(out_dir: Path, meta: dict[str, Any], outcome: StudyOutcom
     ]
     subtitle = f"normlab study {meta['name']} --scale {meta['scale']} --seeds {len(meta['seeds'])}"
     subtitle += f" {flags}" if flags else ""
+    subtitle += f" --margin {meta['margin']:g}" if meta.get("margin_source") == "--margin" else ""
     return write_report(out_dir, meta["title"], sections, subtitle=subtitle)
 
 
