@@ -133,8 +133,8 @@ def test_cost_verdict_by_the_rule():
     cpu_ratios = {"bn": _ratios(1.0, 1.0, (0.7, 0.05)), "gn": _ratios(0.97, 1.4, half=0.01)}
     sentence, agrees, discrepancy = cost.judge(cpu_ratios, cpu, device="cpu")
     assert agrees is True and discrepancy is None
-    assert sentence.endswith("The training-step part is not decidable on this cpu: the papers' training costs "
-                             "are accelerator costs (--device cuda decides it).")
+    assert sentence.endswith("The training-step part is not decidable on this cpu: the papers' training "
+                             "costs are accelerator costs (--device cuda decides it).")
     # The same on CUDA disagrees on the training step, and names the part that holds.
     _, agrees, discrepancy = cost.judge(cpu_ratios, cpu, device="cuda")
     assert agrees is False and discrepancy.endswith("The other part holds: folded BN infers faster than GN.")

@@ -240,7 +240,8 @@ def run(ctx: StudyContext) -> StudyOutcome:
     figure = ctx.save_figure(_plot(ratios), "cost_ratios", caption)
     data = {"ratios": {n: {k: list(v) for k, v in r.items()} for n, r in ratios.items()},
             "per_seed": per_seed}
-    key_figures = f"inference vs unfolded BN: BN folded {_ratio_text(ratios['bn']['infer_folded'])}, " + ", ".join(
+    folded_text = _ratio_text(ratios["bn"]["infer_folded"])
+    key_figures = f"inference vs unfolded BN: BN folded {folded_text}, " + ", ".join(
         f"{n} {_ratio_text(r['infer'])}" for n, r in ratios.items() if n in ("gn", "ln")
     ) + "; per training step: " + ", ".join(
         f"{n} {_ratio_text(r['train'])}" for n, r in ratios.items() if n != "bn"
