@@ -1,6 +1,6 @@
 """Study ``replicas``: tiny scale writes its report; the arms map to the configs proven equivalent in
-tests/test_distributed.py; the trend test (local BN's slope per log2 step of the per-replica batch against the margin) flips
-with the numbers."""
+tests/test_distributed.py; the trend test (local BN's slope per log2 step of the per-replica batch,
+against the margin) flips with the numbers."""
 
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ def test_trend_decides_with_the_margin_per_log2_step():
     rising = _cells(lambda b: 0.70 + 0.02 * math.log2(b))  # 2 pts per doubling
     sentence, agrees, discrepancy = judge(rising, [1, 2, 4, 8, 16, 32], 64)
     assert agrees is True and discrepancy is None
-    assert "local BN's slope beats no dependence on accuracy per doubling of the per-replica batch (batch 2 " \
-           "to 64) by +2.0 pts" in sentence and "margin ±1 pts" in sentence
+    assert ("local BN's slope beats no dependence on accuracy per doubling of the per-replica batch "
+            "(batch 2 to 64) by +2.0 pts") in sentence and "margin ±1 pts" in sentence
     # The same 2 pts per doubling (no spread over seeds) inside a 3-point margin: equivalent.
     assert trend(rising, [1, 2, 4, 8, 16, 32], 64, margin=0.03).word == "equivalent"
     # 0.2 pts per doubling: inside the 1-point margin per log2 step, so equivalent: the claim disagrees.

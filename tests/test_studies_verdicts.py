@@ -302,17 +302,39 @@ def test_normalizer_free_matches_bn_by_the_rule():
     assert agrees is None and sentence.startswith("Inconclusive at this scale (3 run(s) of NF+AGC")
 
 
-def test_large_batch_by_the_rule():
-    ok = {("bn", 512): lr_summary(1.0, 3.0, (0.90, 0.91, 0.89)),
-          ("none", 512): lr_summary(0.1, 0.3, (0.80, 0.81, 0.79)),
-          ("nf", 512): lr_summary(0.3, 1.0, (0.90, 0.905, 0.89))}
-    sentence, agrees, discrepancy, _ = large_batch.judge(ok, 512)
-    assert agrees is True and discrepancy is None and "NF+AGC and BN tie on test accuracy" in sentence
-    bad = {**ok, ("none", 512): lr_summary(1.0, 10.0, (0.80, 0.81, 0.79)),
-           ("nf", 512): lr_summary(0.3, 1.0, (0.70, 0.71, 0.69))}
-    _, agrees, discrepancy, _ = large_batch.judge(bad, 512)
-    assert agrees is False and "stable up to lr 10, above BN's 3" in discrepancy
-    assert "NF+AGC's best accuracy falls short of BN's" in discrepancy
+def test_large_batch_decides_stability_and_accuracy_equivalence():
+    def cell(best, largest, accs, top=6.4):
+        return {**lr_summary(best, largest, accs), "grid_top": top}
+
+    # NF+AGC stable to 1.6 like BN, NF without AGC only to 0.4; accuracies within +-1 pt: agrees.
+    ok = {("bn", 1024): cell(1.6, 1.6, (0.90, 0.91, 0.89)),
+          ("nf", 1024): cell(0.4, 1.6, (0.902, 0.911, 0.891)),
+          ("nf_noagc", 1024): cell(0.4, 0.4, (0.88, 0.89, 0.87))}
+    sentence, agrees, discrepancy, key = large_batch.judge(ok, 1024)
+    assert agrees is True and discrepancy is None
+    assert "NF+AGC and BN are equivalent on test accuracy within ±1 pts" in sentence
+    assert key.startswith("batch 1024: BN largest stable lr 1.6, 90.0 ± 2.5%; NF+AGC largest stable lr 1.6")
+    # AGC changes nothing: NF with and without it stable to the same lr: the stability claim disagrees.
+    same = {**ok, ("nf_noagc", 1024): cell(0.4, 1.6, (0.88, 0.89, 0.87))}
+    _, agrees, discrepancy, _ = large_batch.judge(same, 1024)
+    assert agrees is False
+    assert discrepancy == "NF+AGC is stable up to lr 1.6, NF without AGC up to 1.6 (see acc_vs_lr)."
+    # NF+AGC below BN's stability, and BN's accuracy beyond the margin: both named.
+    bad = {**ok, ("nf", 1024): cell(0.4, 0.4, (0.80, 0.81, 0.79)),
+           ("nf_noagc", 1024): cell(0.1, 0.1, (0.8,) * 3)}
+    _, agrees, discrepancy, _ = large_batch.judge(bad, 1024)
+    assert agrees is False and "NF+AGC is stable up to lr 0.4, BN up to 1.6" in discrepancy
+    assert "NF+AGC's best accuracy falls short of BN's beyond the margin of ±1 pts" in discrepancy
+    # Both NF arms stable at the top of the grid: the grid never reached instability, no stability verdict.
+    top = {**ok, ("nf", 1024): cell(0.4, 6.4, (0.902, 0.911, 0.891)),
+           ("nf_noagc", 1024): cell(0.4, 6.4, (0.88, 0.89, 0.87)), ("bn", 1024): cell(1.6, 6.4, (0.9,) * 3)}
+    sentence, agrees, _, _ = large_batch.judge(top, 1024)
+    assert agrees is None and "both at or above the top of the grid (>= 6.4 (top of grid)" in sentence
+    # Accuracies that spread across the margin: unresolved, inconclusive with the seeds.
+    spread = {**ok, ("nf", 1024): cell(0.4, 1.6, (0.905, 0.90, 0.895))}
+    sentence, agrees, _, _ = large_batch.judge(spread, 1024)
+    assert agrees is None and "is unresolved" in sentence and "to settle it: --seeds " in sentence
+    assert large_batch.judge({("bn", 1024): ok[("bn", 1024)]}, 1024)[1] is None
 
 
 # -- measurement studies (no training: every value is a result) --------------------------------------

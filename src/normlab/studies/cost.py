@@ -305,7 +305,7 @@ def judge(
                      "training costs are accelerator costs (--device cuda decides it).")
     verdicts = [*fold.values(), *(train.values() if on_accelerator else ())]
     undecided = [v.reason for v in verdicts if v.word == INCONCLUSIVE]
-    undecided += [v.sentence("log time", 1.0, "") for v in verdicts if v.word == UNRESOLVED]
+    undecided += [v.sentence("log time", 100.0, "% (log ratio)") for v in verdicts if v.word == UNRESOLVED]
     if undecided:
         return f"Inconclusive ({undecided[0]}). " + sentence, None, None
     problems, held = [], []
