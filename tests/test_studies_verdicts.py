@@ -1,5 +1,5 @@
-"""Every study's verdict from constructed per-seed results: the shared win / tie / inconclusive rule
-(``normlab.stats.compare_arms``) decides, an arm that did not converge makes the study inconclusive, and
+"""Every study's verdict from constructed per-seed results: the shared rule against a margin (win /
+equivalent / unresolved / inconclusive, ``normlab.stats.compare_arms``) decides, an arm that did not converge makes the study inconclusive, and
 the sentence quotes the numbers. No training here: the results are built by hand."""
 
 from __future__ import annotations
@@ -212,27 +212,56 @@ def test_landscape_verdict_follows_the_rule():
 # -- grid studies ----------------------------------------------------------------------------------
 
 
-def test_regularization_compares_gap_growth_per_seed():
-    def cell(gap: float, convergence: str = "converged"):
-        return [run(0.8, convergence, final_train_acc=0.8 + gap + d) for d in (0.0, 0.01, -0.01)]
+def gap_runs(test: float, spread=(0.0, 0.002, -0.002), convergence: str = "converged", train: float = 1.0):
+    return [run(test + d, convergence, final_train_acc=train) for d in spread]
 
-    cells = {("bn", 16): cell(0.02), ("bn", 256): cell(0.10), ("gn", 16): cell(0.03), ("gn", 256): cell(0.04)}
-    sentence, agrees, discrepancy, key = regularization.judge(cells, ["bn", "gn"], [16, 256])
+
+def test_regularization_decides_on_the_statistics_batch():
+    # Gaps 4.0 pts at statistics batch 8, 6.0 at 256 (paired seeds, same spread): a 2-point win.
+    chosen = {"BN/8": gap_runs(0.96), "BN/32": gap_runs(0.95), "BN/256": gap_runs(0.94), "GN": gap_runs(0.95)}
+    sentence, agrees, discrepancy, key = regularization.judge(chosen, "gn")
     assert agrees is True and discrepancy is None
-    assert key.startswith("gap growth from batch 16 to 256: bn 8.0 ± 0.0 pts, gn 1.0 ± 0.0 pts")
-    flipped = {**cells, ("bn", 16): cell(0.10), ("bn", 256): cell(0.02)}
-    _, agrees, discrepancy, _ = regularization.judge(flipped, ["bn", "gn"], [16, 256])
-    assert agrees is False and "does not exceed gn's" in discrepancy
-    # Underfitting at the large batch (the issue's none 46% / GN 62% at batch 256) is not a result.
-    under = {**cells, ("gn", 256): cell(0.04, "unconverged")}
-    sentence, agrees, _, _ = regularization.judge(under, ["bn", "gn"], [16, 256])
-    assert agrees is None and "3 run(s) of gn had not converged" in sentence
-    # An arm that stalled at chance (the unnormalized CNN at batch 16, dying after ~10,000 steps) needs a
-    # smaller lr, and the sentence says so rather than asking for more steps.
-    dead = {**cells, ("gn", 16): cell(0.0, "stalled")}
-    sentence, agrees, _, _ = regularization.judge(dead, ["bn", "gn"], [16, 256])
-    assert agrees is None
-    assert "3 run(s) of gn stalled at chance level); to settle it: a smaller learning rate" in sentence
+    assert key == ("train/test gap: BN/8 4.0 ± 0.5 pts, BN/32 5.0 ± 0.5 pts, BN/256 6.0 ± 0.5 pts, "
+                   "GN 5.0 ± 0.5 pts")
+    assert ("BN/256 beats BN/8 on train/test gap (the larger: less regularized; statistics batch 256 vs 8) "
+            "by +2.0 pts") in sentence
+    # Equal gaps within the margin: equivalent, the win claim disagrees.
+    flat = {**chosen, "BN/256": gap_runs(0.958)}
+    _, agrees, discrepancy, _ = regularization.judge(flat, "gn")
+    assert agrees is False and "are equal within the margin (±1 pts" in discrepancy
+    # The reverse (the small statistics batch generalizes worse): disagrees, named.
+    reverse = {**chosen, "BN/8": gap_runs(0.92)}
+    _, agrees, discrepancy, _ = regularization.judge(reverse, "gn")
+    assert agrees is False and "larger at the small statistics batch" in discrepancy
+    # Seeds that spread across 0 and the margin: unresolved, inconclusive with the seeds.
+    spread = {**chosen, "BN/256": gap_runs(0.955, spread=(0.02, -0.02, 0.0))}
+    sentence, agrees, _, _ = regularization.judge(spread, "gn")
+    assert agrees is None and "is unresolved" in sentence and "to settle it: --seeds " in sentence
+    # An unconverged BN arm is not a result.
+    under = {**chosen, "BN/256": gap_runs(0.94, convergence="unconverged")}
+    sentence, agrees, _, _ = regularization.judge(under, "gn")
+    assert agrees is None and "3 run(s) of BN/256 had not converged" in sentence
+
+
+def test_regularization_stalled_control_never_blocks_the_verdict():
+    chosen = {"BN/8": gap_runs(0.96), "BN/256": gap_runs(0.94),
+              "GN": gap_runs(0.1, convergence="stalled", train=0.1)}
+    sentence, agrees, discrepancy, _ = regularization.judge(chosen, "gn")
+    assert agrees is True and discrepancy is None
+    assert "GN, without batch statistics, has 0.0 ± 0.5 pts (GN: 3 stalled of 3 run(s)" in sentence
+    assert "a control: reported, not gating)." in sentence
+    assert regularization.judge({"BN/8": gap_runs(0.96), "GN": gap_runs(0.9)})[1] is None
+
+
+def test_regularization_arms_and_bad_statistics_batches():
+    from normlab.errors import NormlabError
+
+    ghost = {"norm": "ghost_bn", "norm_options": {"virtual_batch_size": 8}}
+    assert regularization.stat_fields(8, 256) == ghost
+    assert regularization.stat_fields(256, 256) == {"norm": "bn"}
+    with pytest.raises(NormlabError, match=r"stat_batches \[8, 48\] must be two or more divisors \(>= 2\) "
+                                           r"of batch_size 256; bad: \[48\]"):
+        regularization.check_params({"stat_batches": [8, 48], "batch_size": 256, "lrs": [0.1]})
 
 
 def test_small_batch_compares_error_rise_over_table_2_range():
@@ -466,17 +495,3 @@ def test_small_batch_unresolved_within_table_2_range_gives_the_seeds():
     assert sentence.startswith("Inconclusive at this scale (BN vs GN on error rise is unresolved: difference "
                                "+0.0 pts (95% CI -5.0 to +5.0 pts")
     assert "to settle it: --seeds " in sentence
-
-
-def test_regularization_tie_with_a_fitted_training_set_says_why():
-    """Every cell at 100% train accuracy: the gap is the test error; BN's growth tying GN's is explained."""
-    def cell(test: float):
-        return [run(test + d, "converged", final_train_acc=1.0) for d in (0.0, 0.01, -0.01)]
-
-    cells = {("bn", 16): cell(0.94), ("bn", 256): cell(0.915),
-             ("gn", 16): cell(0.935), ("gn", 256): cell(0.91)}
-    _, agrees, discrepancy, _ = regularization.judge(cells, ["bn", "gn"], [16, 256])
-    assert agrees is False
-    assert ("Why: every cell fits its training set (mean train accuracy >= 100.0%), so the gap is the test "
-            "error") in discrepancy
-    assert "BN's growth (2.5 ± 0.0 pts) matches gn's (2.5 ± 0.0 pts)" in discrepancy
