@@ -1,6 +1,7 @@
 """Every study's verdict from constructed per-seed results: the shared rule against a margin (win /
-equivalent / unresolved / inconclusive, ``normlab.stats.compare_arms``) decides, an arm that did not converge makes the study inconclusive, and
-the sentence quotes the numbers. No training here: the results are built by hand."""
+equivalent / unresolved / inconclusive, ``normlab.stats.compare_arms``) decides, an arm that did not
+converge makes the study inconclusive, and the sentence quotes the numbers. No training here: the results
+are built by hand."""
 
 from __future__ import annotations
 
