@@ -235,7 +235,7 @@ def judge(cells: dict, replicas: list[int], g: int, margin: float = DEFAULT_MARG
     if verdicts and (r, "sync") in verdicts:
         sentence += " At per-replica batch " + f"{b_lo}: " + verdicts[(r, "sync")].sentence()
     if found.word == INCONCLUSIVE:
-        return inconclusive_text([found.reason], "", found.settle), None, None
+        return inconclusive_text([found.reason], key_figures(cells, replicas, g), found.settle), None, None
     if found.word == UNRESOLVED:
         return sentence + " Inconclusive at this scale: " + (
             f"{found.seeds} seeds ({found.settle}) would resolve the slope." if found.seeds
