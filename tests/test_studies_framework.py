@@ -134,10 +134,10 @@ def test_validate_params_checks_every_scale_and_list_items():
 
 def test_builtin_recipe_with_wrong_typed_param_is_refused(tmp_path):
     source = Path(get_study("regularization").path).read_text()
-    bad = source.replace("batch_sizes = [8, 64]", 'batch_sizes = [8, "64"]')
+    bad = source.replace("stat_batches = [8, 32]", 'stat_batches = [8, "32"]')
     path = tmp_path / "regularization.toml"
     path.write_text(bad)
-    with pytest.raises(NormlabError, match=r"scale.tiny.batch_sizes\[1\] must be int, got str '64'"):
+    with pytest.raises(NormlabError, match=r"scale.tiny.stat_batches\[1\] must be int, got str '32'"):
         get_study(path)
 
 
