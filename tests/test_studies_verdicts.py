@@ -426,10 +426,15 @@ def test_largest_stable_lr_at_the_top_of_the_grid_is_a_lower_bound():
     assert largest_text({"largest_stable_lr": 0.4, "grid_top": 1.6}) == "0.4"
     assert largest_text({"largest_stable_lr": None, "grid_top": 1.6}) == "none"
     top = {("bn", 512): {**lr_summary(1.0, 3.0, (0.90, 0.91, 0.89)), "grid_top": 3.0},
+           ("nf", 512): {**lr_summary(1.0, 3.0, (0.902, 0.911, 0.891)), "grid_top": 3.0},
+           ("nf_noagc", 512): {**lr_summary(0.1, 0.3, (0.80, 0.81, 0.79)), "grid_top": 3.0},
            ("none", 512): {**lr_summary(0.1, 0.3, (0.80, 0.81, 0.79)), "grid_top": 3.0}}
-    sentence, _, _, _ = large_batch.judge(top, 512)
+    sentence, agrees, _, _ = large_batch.judge(top, 512)
     assert "BN largest stable lr >= 3 (top of grid)" in sentence
     assert "no norm largest stable lr 0.3" in sentence
+    # NF+AGC at the top, NF without AGC below it: ordered (AGC helps); NF+AGC and BN both at the top:
+    # no order, so the stability half cannot decide.
+    assert agrees is None and "NF+AGC's and BN's largest stable lrs are both at or above the top" in sentence
 
 
 # -- noisy-bn's eval: the expected training-time layer ---------------------------------------------
