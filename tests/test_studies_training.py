@@ -12,7 +12,6 @@ import torch
 from normlab.studies import (
     batch_coupling,
     cost,
-    regularization,
     run_study,
     small_batch,
 )
@@ -49,23 +48,6 @@ def test_study_quick_scale(name, tmp_path):
 
 
 # -- helpers (the verdicts: tests/test_studies_verdicts.py) -------------------------------------------
-
-
-def test_regularization_underfit_note():
-    from types import SimpleNamespace as R
-
-    done = "finished"
-    cells = {("bn", 256): [R(status=done, final_train_acc=0.95)],
-             ("gn", 256): [R(status=done, final_train_acc=0.70), R(status=done, final_train_acc=0.74)]}
-    assert regularization.underfit_note(cells, ["bn", "gn"], 256) == (
-        "Train accuracy at batch 256 below 90% (gn 72.0%): these gaps mix regularization with underfitting."
-    )
-    assert regularization.underfit_note(cells, ["bn"], 256) is None
-
-
-def test_regularization_lr_scaling():
-    params = {"lr": 0.05, "base_batch": 32, "lr_power": 0.5}
-    assert regularization.scaled_lr(params, 128) == pytest.approx(0.1)
 
 
 def test_small_batch_reference_is_group_norm_table_2():
@@ -183,9 +165,11 @@ def test_quick_budgets_give_every_arm_its_training():
         assert get_study(name).params("quick")["steps"] >= 500, name
     # ...or each run until its own plateau (auto budget), capped in epochs (equal epochs or equal steps
     # would decide a batch-size comparison by the budget).
-    for name in ("small-batch", "regularization"):
-        params = get_study(name).params("quick")
-        assert params["budget"] == "auto" and "steps" not in params and params["epochs"] >= 100, name
+    params = get_study("small-batch").params("quick")
+    assert params["budget"] == "auto" and "steps" not in params and params["epochs"] >= 100
+    # Regularization holds one SGD batch (only BN's statistics batch varies): a step cap is fair there.
+    params = get_study("regularization").params("quick")
+    assert params["budget"] == "auto" and isinstance(params["batch_size"], int) and params["steps"] >= 1000
     # Small batch reaches batch 2, where Table 2's effect is (+11.1 pts; over 32 -> 8 it is 1.3 pts, below
     # what 3 seeds resolve), and recalibrates there.
     params = get_study("small-batch").params("quick")
