@@ -139,10 +139,12 @@ FLOOR = "(floor) normal_ + uniform_ fills of x"
 WORDS = "(floor) random_ int32 words, x's size"
 
 
-def print_noise_floor(times: dict[str, list[float]], goal: float = 1.3) -> None:
+def print_noise_floor(times: dict[str, list[float]]) -> None:
     """Per-position noisy BN (Alg. 1) needs two random tensors of x's size per step, so its time is at least
     BN's plus those two fills: print that floor, its ratio to BN, per round then median (each round's fills
-    and BN were timed next to each other), and what is left of noisy BN once the fills are taken off."""
+    and BN were timed next to each other), and what is left of noisy BN once the fills are taken off.
+    These are measured figures, not a target: the earlier 1.3x-BN goal is withdrawn (issue 26: the
+    generator's raw output alone is ~0.45-0.5x BN, and no hand-written RNG kernel is wanted)."""
     bn, fills, noisy = times["nn.BatchNorm2d (baseline)"], times[FLOOR], times["noisy_bn"]
     fill_ratio = statistics.median(f / b for f, b in zip(fills, bn, strict=True))
     noisy_ratio = statistics.median(n / b for n, b in zip(noisy, bn, strict=True))
@@ -154,10 +156,6 @@ def print_noise_floor(times: dict[str, list[float]], goal: float = 1.3) -> None:
     print(f"  the generator's raw output alone, 1.5 32-bit words per activation (two 24-bit draws), takes "
           f"{words:.2f}x BN's forward+backward: noisy_bn >= {1 + words:.2f}x BN even if turning bits into "
           "noise and applying it cost nothing.")
-    if 1 + fill_ratio > goal:
-        print(f"  the {goal}x goal would need the fills <= {goal - 1:.2f}x BN: out of reach with torch's "
-              "CPU generator (one mt19937 draw per value, serial)"
-              + (", whose raw bits alone exceed that." if 1 + words > goal else "."))
 
 
 def bench_ws_conv(repeat: int) -> None:

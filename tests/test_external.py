@@ -543,7 +543,7 @@ def test_run_study_trains_the_users_model_and_depth_sweeps_refuse_it(tmp_path):
     with Store(tmp_path / "out" / "large-batch" / "runs.sqlite", readonly=True) as store:
         runs = store.runs()
     assert runs and {r.config["model"] for r in runs} == {spec}
-    assert {r.config["norm"] for r in runs} == {"bn", "none", "nf"}  # none/nf: the user's net converted
+    assert {r.config["norm"] for r in runs} == {"bn", "nf"}  # nf with and without AGC: the net converted
     refused = "study mean-shift sweeps the depth of its own ResNets; it does not take a user model"
     with pytest.raises(NormlabError, match=refused):
         run_study("mean-shift", scale="tiny", seeds=1, out=tmp_path / "out", model=spec)

@@ -134,10 +134,10 @@ def test_validate_params_checks_every_scale_and_list_items():
 
 def test_builtin_recipe_with_wrong_typed_param_is_refused(tmp_path):
     source = Path(get_study("regularization").path).read_text()
-    bad = source.replace("batch_sizes = [8, 64]", 'batch_sizes = [8, "64"]')
+    bad = source.replace("stat_batches = [8, 32]", 'stat_batches = [8, "32"]')
     path = tmp_path / "regularization.toml"
     path.write_text(bad)
-    with pytest.raises(NormlabError, match=r"scale.tiny.batch_sizes\[1\] must be int, got str '64'"):
+    with pytest.raises(NormlabError, match=r"scale.tiny.stat_batches\[1\] must be int, got str '32'"):
         get_study(path)
 
 
@@ -275,7 +275,7 @@ def test_interrupted_study_resumes_from_the_store(tmp_path, monkeypatch):
     outcome, _ = run_study("regularization", scale="tiny", seeds=1, out=tmp_path)
     after = store.runs()
     finished = [r for r in after if r.status == "finished"]
-    assert len(finished) == 6  # 3 norms x 2 batch sizes x 1 seed
+    assert len(finished) == 6  # 3 arms (BN/8, BN/32, GN) x 2 lrs x 1 seed
     assert len({r.config_key for r in finished}) == 6  # nothing trained twice
     for run_id, run in before.items():  # the finished runs were read back, not retrained
         if run.status == "finished":
@@ -403,3 +403,59 @@ def test_report_of_a_results_folder_writes_the_index(demo_recipe, tmp_path, caps
     assert '<a href="demo/report.html">' in page and "disagrees" in page
     assert "normlab study --all --scale tiny --seeds 3" in page
     assert json.loads((out / "index.json").read_text())["rows"][0]["name"] == "demo"
+
+
+# -- the margin: stated by the recipe, overridden by --margin, recorded ------------------------------------
+
+ALL_MINE = [*MINE, "mean-shift", "residual", "replicas"]
+
+
+def test_my_recipes_state_their_margin_and_its_unit():
+    margins = {name: (get_study(name).margin, get_study(name).margin_unit) for name in ALL_MINE}
+    assert margins["regularization"][0] == 0.01 and "accuracy" in margins["regularization"][1]
+    assert margins["cost"][0] == pytest.approx(math.log(1.1), abs=1e-4) and "log ratio" in margins["cost"][1]
+    assert margins["batch-coupling"][0] == 1e-6
+    for name in ALL_MINE:
+        text = (Path(get_study(name).path)).read_text()
+        assert "\nmargin = " in text and "\nmargin_unit = " in text, name
+
+
+def test_recipe_margin_is_checked(tmp_path):
+    base = 'name = "demo"\ntitle = "t"\nclaim = "c"\npaper = "p"\nmodule = "demo"\n'
+    scales = "[scale.tiny]\n[scale.quick]\n[scale.paper]\n"
+    path = _toml(tmp_path, base + "margin = -0.5\n" + scales)
+    expected = (rf"recipe {re.escape(str(path))}: field 'margin' must be a positive number \(the "
+                r"equivalence margin\), got -0.5")
+    with pytest.raises(NormlabError, match=expected):
+        load_recipe(path)
+    path = _toml(tmp_path, base + 'margin = "1pt"\n' + scales)
+    with pytest.raises(NormlabError, match=r"field 'margin' must be float, got str '1pt'"):
+        load_recipe(path)
+    study = load_recipe(_toml(tmp_path, base + 'margin = 0.02\nmargin_unit = "accuracy"\n' + scales))
+    assert (study.margin, study.margin_unit) == (0.02, "accuracy")
+    assert load_recipe(_toml(tmp_path, base + scales)).margin == 0.01  # the default: 1 point
+
+
+def test_outcome_and_report_state_the_margin(demo_recipe, tmp_path):
+    _, files = run_study(demo_recipe, scale="tiny", seeds=2, out=tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "demo" / "outcome.json").read_text())["meta"]
+    assert (meta["margin"], meta["margin_source"]) == (0.01, "recipe")
+    assert "Margin: ±0.01 (accuracy (0.01 = 1 point); the recipe's)" in files.markdown_text
+    _, files = run_study(demo_recipe, scale="tiny", seeds=2, out=tmp_path / "b", margin=0.025)
+    meta = json.loads((tmp_path / "b" / "demo" / "outcome.json").read_text())["meta"]
+    assert (meta["margin"], meta["margin_source"]) == (0.025, "--margin")
+    assert "Margin: ±0.025 (accuracy (0.01 = 1 point); set by --margin)" in files.markdown_text
+    assert "--seeds 2 --margin 0.025" in files.markdown_text
+    for bad in (0, -1.0, math.inf, True):
+        with pytest.raises(NormlabError, match=r"--margin must be a positive number"):
+            run_study(demo_recipe, scale="tiny", seeds=1, out=tmp_path / "c", margin=bad)
+
+
+def test_cli_margin_positive_and_not_with_all(demo_recipe, tmp_path, capsys):
+    assert _cli(["study", str(demo_recipe), "--scale", "tiny", "--margin", "0", "--out", str(tmp_path)]) == 2
+    assert "--margin must be a positive number (the equivalence margin), got 0.0" in capsys.readouterr().err
+    assert _cli(["study", "--all", "--margin", "0.02", "--out", str(tmp_path)]) == 2
+    assert "--margin goes with one study, not --all" in capsys.readouterr().err
+    assert _cli(["study", str(demo_recipe), "--scale", "tiny", "--seeds", "1", "--margin", "0.03",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "demo" / "outcome.json").read_text())["meta"]["margin"] == 0.03

@@ -1,5 +1,6 @@
 """Study ``replicas``: tiny scale writes its report; the arms map to the configs proven equivalent in
-tests/test_distributed.py; the verdict rule (win / tie / inconclusive) and the claim flip with the numbers."""
+tests/test_distributed.py; the trend test (local BN's slope per log2 step of the per-replica batch,
+against the margin) flips with the numbers."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import html
 import pytest
 
 from normlab.studies import run_study
-from normlab.studies._verdict import decide
-from normlab.studies.replicas import arm_fields, judge, word
+from normlab.studies.replicas import arm_fields, judge, slope_records, trend
 from normlab.train import RunResult
 
 P = {"global_batch": 64, "gn_groups": 4}
@@ -27,59 +27,56 @@ def _runs(accs, status="finished", gap=0.0):
             for i, a in enumerate(accs)]
 
 
-def compare_arms(a, b, both_converged: bool):
-    status = "converged" if both_converged else "unconverged"
-    for run in (*a, *b):
-        run.convergence = status
-    return word(decide("local BN", a, "sync BN", b))
+def _cells(acc_of_batch, replicas=(1, 2, 4, 8, 16, 32), g=64, noise=(0.0, 0.002, -0.002), status="converged"):
+    """local BN at every R with test accuracy ``acc_of_batch(b) + noise[seed]``; sync BN the same at R = 1."""
+    cells = {}
+    for r in replicas:
+        cells[("local", r)] = _runs([acc_of_batch(g // r) + n for n in noise], gap=-0.01)
+        cells[("sync", r)] = _runs([acc_of_batch(g) + n for n in noise])
+        for run in (*cells[("local", r)], *cells[("sync", r)]):
+            run.convergence = status
+    return cells
 
 
-def test_compare_arms_win_tie_inconclusive():
-    outcome, (mean, half) = compare_arms(_runs([0.80, 0.81, 0.82]), _runs([0.70, 0.72, 0.71]), True)
-    assert outcome == "win"
-    assert mean == pytest.approx(0.1)
-    # Paired t over 3 seeds: differences 0.10, 0.09, 0.11 -> sd 0.01, t_{0.975,2} = 4.302653.
-    assert half == pytest.approx(4.302653 * 0.01 / 3**0.5, rel=1e-5)
-    assert compare_arms(_runs([0.70, 0.72, 0.71]), _runs([0.80, 0.81, 0.82]), True)[0] == "loss"
-    assert compare_arms(_runs([0.80, 0.70, 0.75]), _runs([0.75, 0.75, 0.76]), True)[0] == "tie"
-    assert compare_arms(_runs([0.80, 0.81]), _runs([0.70, 0.71]), True)[0] == "inconclusive"  # two seeds
-    assert compare_arms(_runs([0.80, 0.81, 0.82]), _runs([0.70, 0.72, 0.71]), False)[0] == "inconclusive"
+def test_slope_is_least_squares_per_seed_against_log2_batch():
+    import math
+
+    # Seed 0: accuracy 0.70 + 0.02 * log2(b) exactly; the other seeds add a constant: the same slope.
+    cells = _cells(lambda b: 0.70 + 0.02 * math.log2(b))
+    slopes = [rec["slope"] for rec in slope_records(cells, [1, 2, 4, 8, 16, 32], 64)]
+    assert slopes == pytest.approx([0.02, 0.02, 0.02], abs=1e-12)
+    # A hand-computed case: b = 64, 32, 16 (x = 6, 5, 4) with accuracies 0.9, 0.8, 0.8: slope = 0.05.
+    three = {("local", r): _runs([a] * 3) for r, a in ((1, 0.9), (2, 0.8), (4, 0.8))}
+    assert slope_records(three, [1, 2, 4], 64)[0]["slope"] == pytest.approx(0.05)
 
 
-def test_judge_flips_with_the_numbers():
-    cells = {("local", 4): _runs([0.70, 0.72, 0.71], gap=-0.05), ("sync", 4): _runs([0.80, 0.81, 0.82]),
-             ("local", 1): _runs([0.80, 0.81, 0.82], gap=-0.01)}
-    sentence, agrees, discrepancy = judge(cells, {(4, "sync"): "loss"}, [1, 4], 64)
+def test_trend_decides_with_the_margin_per_log2_step():
+    import math
+
+    rising = _cells(lambda b: 0.70 + 0.02 * math.log2(b))  # 2 pts per doubling
+    sentence, agrees, discrepancy = judge(rising, [1, 2, 4, 8, 16, 32], 64)
     assert agrees is True and discrepancy is None
-    assert sentence == ("With global batch 64 over 4 replicas (per-replica batch 16), local BN reaches 71.0% "
-                        "and sync BN 81.0% (-10.0 pts, local - sync); local BN's train/eval gap goes from "
-                        "-1.0 pts at per-replica batch 64 to -5.0 pts at 16: synchronizing BN's statistics "
-                        "helps at this per-replica batch, as claimed.")
-    _, agrees, discrepancy = judge(cells, {(4, "sync"): "win"}, [1, 4], 64)
-    assert agrees is False and "beat the global batch's" in discrepancy
-    tie, agrees, _ = judge(cells, {(4, "sync"): "tie"}, [1, 4], 64)
-    # A tie at per-replica batch 16, where Table 2's own rise of BN's error (32 -> 16) is 0.1 pts: the
-    # scale cannot resolve the claim, so inconclusive, with the paper's figure.
-    assert agrees is None
-    assert tie.endswith(": a tie (the 95% interval of the difference contains 0), inconclusive at this "
-                        "scale. Wu & He's own rise of BN's error from per-GPU batch 32 to 16 is 0.1 pts "
-                        "(Table 2), below what 3 seeds resolve here; per-replica batches of 2-4 (where Table "
-                        "2's rise is 3.7-11.1 pts) settle it.")
-    assert "inconclusive" in judge(cells, {(4, "sync"): "inconclusive"}, [1, 4], 64)[0]
-    # The same tie with our half-width known and larger than Table 2's 0.1 pts: still inconclusive...
-    assert judge(cells, {(4, "sync"): "tie"}, [1, 4], 64, {(4, "sync"): 0.004})[1] is None
-    # ...but at per-replica batch 2 Table 2's rise (11.1 pts) exceeds a 1.2-pt half-width: the tie disagrees.
-    cells2 = {("local", 32): _runs([0.955, 0.957, 0.956]), ("sync", 32): _runs([0.96, 0.962, 0.964]),
-              ("local", 1): _runs([0.96, 0.962, 0.964])}
-    tie, agrees, discrepancy = judge(cells2, {(32, "sync"): "tie"}, [1, 32], 64, {(32, "sync"): 0.012})
-    assert agrees is False
-    assert tie.endswith(": a tie (95% interval half-width 1.2 pts), although Table 2's rise of BN's error "
-                        "from per-GPU batch 32 to 2 (11.1 pts) is larger.")
-    assert discrepancy.startswith("Wu & He's BN loses 11.1 pts from per-GPU batch 32 to 2 (Table 2); here "
-                                  "local BN over 32 replicas of batch 2 ties sync BN within 1.2 pts over 3 "
-                                  "seeds. Table 2 shrinks the total batch with the per-GPU one (8 GPUs x 2)")
-    # Without the half-width (a caller that has none), a tie stays inconclusive.
-    assert judge(cells2, {(32, "sync"): "tie"}, [1, 32], 64)[1] is None
+    assert ("local BN's slope beats no dependence on accuracy per doubling of the per-replica batch "
+            "(batch 2 to 64) by +2.0 pts") in sentence and "margin ±1 pts" in sentence
+    # The same 2 pts per doubling (no spread over seeds) inside a 3-point margin: equivalent.
+    assert trend(rising, [1, 2, 4, 8, 16, 32], 64, margin=0.03).word == "equivalent"
+    # 0.2 pts per doubling: inside the 1-point margin per log2 step, so equivalent: the claim disagrees.
+    flat = _cells(lambda b: 0.90 + 0.002 * math.log2(b))
+    sentence, agrees, discrepancy = judge(flat, [1, 2, 4, 8, 16, 32], 64)
+    assert agrees is False and "is flat within the margin (±1 pts per doubling)" in discrepancy
+    assert "equivalent on accuracy per doubling" in sentence
+    # Seeds whose slopes spread across 0 and the margin: unresolved, inconclusive with the seeds.
+    spread = _cells(lambda b: 0.90, noise=(0.0, 0.0, 0.0))
+    for seed, slope in enumerate((0.03, -0.02, 0.0)):
+        for r in (1, 2, 4, 8, 16, 32):
+            spread[("local", r)][seed].final_test_acc = 0.8 + slope * math.log2(64 // r)
+    sentence, agrees, _ = judge(spread, [1, 2, 4, 8, 16, 32], 64)
+    assert agrees is None and "is unresolved" in sentence and "would resolve the slope" in sentence
+    # A run that did not converge: inconclusive, with what settles it.
+    sentence, agrees, _ = judge(_cells(lambda b: 0.9, status="unconverged"), [1, 2, 4, 8, 16, 32], 64)
+    assert agrees is None and sentence.startswith("Inconclusive at this scale (3 run(s) of local BN's slope")
+    # Two replica counts are no trend.
+    assert judge(rising, [1, 32], 64)[1] is None
 
 
 def test_tiny_scale_writes_its_report(tmp_path):
@@ -100,8 +97,8 @@ def test_recipe_has_every_scale_and_quick_fits_the_budget():
     study = get_study("replicas")
     assert set(study.scales) == {"tiny", "quick", "paper"}
     quick = study.params("quick")
-    # 5 distinct configs (local at R = 2, 4, 8; BN; GN) x 3 seeds: about 3 minutes on one core.
-    assert quick["replicas"] == [1, 2, 4, 8] and quick["global_batch"] // max(quick["replicas"]) == 8
+    # Down to per-replica batch 2 (Table 2's sharp rise is at 4-2): R = 16 and 32 of global batch 64.
+    assert quick["replicas"] == [1, 2, 4, 8, 16, 32] and quick["global_batch"] // max(quick["replicas"]) == 2
 
 
 @pytest.mark.slow

@@ -63,6 +63,10 @@ def study(
         help="change a field of the scale table (repeatable), e.g. --set steps=6000 or "
              "--set nets.vgg.steps=10000: a longer budget where a study is inconclusive at this scale",
     )] = None,
+    margin: Annotated[float | None, typer.Option(
+        help="equivalence margin of every verdict, in the recipe's margin_unit (accuracy as a fraction: "
+             "0.01 = 1 point; timings as a log ratio); default: the recipe's margin. One study only",
+    )] = None,
     executor_kind: Annotated[str, typer.Option("--executor", help=EXECUTOR_HELP)] = "local",
     address: Annotated[str | None, typer.Option("--address", help=ADDRESS_HELP)] = None,
     cpus_per_run: Annotated[float, typer.Option("--cpus-per-run", help=CPUS_HELP)] = 1,
@@ -97,6 +101,13 @@ def study(
         raise NormlabError("--dataset goes with one study, not --all")
     if set_ and all_:
         raise NormlabError("--set goes with one study, not --all (each study has its own scale table)")
+    if margin is not None and all_:
+        raise NormlabError("--margin goes with one study, not --all (each study's margin is in its own "
+                           "units: accuracy, log ratios of timings; the recipes set them)")
+    if margin is not None:
+        from normlab.studies.recipe import check_margin
+
+        check_margin(margin)
     from normlab.studies.overrides import parse_overrides
 
     overrides = parse_overrides(set_ or [])
@@ -156,6 +167,7 @@ def study(
             overrides=overrides,
             dataset=dataset,
             data_root=data_root,
+            margin=margin,
         )
     finally:
         close_trackers(trackers)

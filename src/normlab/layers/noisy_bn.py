@@ -26,8 +26,8 @@ Speed floor (CPU). Per-position noise needs two random tensors of x's size every
 one ``uniform_`` fill (one serial mt19937 draw per value in torch's CPU generator; ``normal_`` is a
 ``uniform_`` fill plus a vectorized Box-Muller pass). Those fills alone take 1.0-1.25x of
 ``nn.BatchNorm2d``'s forward+backward at (128, 64, 32, 32) float32 (benchmarks/layers.py prints the ratio,
-measured in the same run), so this layer cannot come below ~2-2.25x BN's time whatever it fuses, and a
-1.3x target is out of reach without a faster generator: the generator's raw output alone (``random_`` on
+measured in the same run), so this layer cannot come below ~2-2.25x BN's time whatever it fuses; the
+earlier 1.3x goal is withdrawn (issue 26), since the generator's raw output alone (``random_`` on
 int32, 1.5 words per activation for two 24-bit draws) is ~0.5x BN's forward+backward. The other generators
 in reach are slower still (one thread, 8.4M float32 values: numpy's PCG64 / SFC64 uniform 15 ms but
 normal 67-78 ms; jax's threefry 87 ms each; torch ``uniform_`` 24 ms, ``normal_`` 40 ms; inductor's

@@ -2,8 +2,9 @@
 per-cell statistics over seeds.
 
 A *variant* is a label in a recipe's ``norms`` / ``variants`` list. Most are a norm name (``bn``, ``gn``...)
-and train that norm with its options from the recipe's ``norm_options.<name>`` table. Three are more:
-``nf`` = the model's normalizer-free form (Scaled WS) trained with AGC (``agc_clip``); ``skipinit`` = the
+and train that norm with its options from the recipe's ``norm_options.<name>`` table. Four are more:
+``nf`` = the model's normalizer-free form (Scaled WS) trained with AGC (``agc_clip``); ``nf_noagc`` = the
+same normalizer-free form without AGC (Brock et al. 2021b's ablation); ``skipinit`` = the
 unnormalized model with a SkipInit scalar (init 0) on every residual branch; ``precise_bn`` = BN training
 whose population statistics are recomputed after training (the study does the recomputation).
 """
@@ -56,6 +57,8 @@ def variant_fields(name: str, params: dict[str, Any]) -> dict[str, Any]:
     """TrainConfig fields of variant ``name`` (see the module docstring)."""
     if name == "nf":
         return {"norm": "nf", "agc_clip": float(params["agc_clip"])}
+    if name == "nf_noagc":
+        return {"norm": "nf"}
     if name == "skipinit":
         return {"norm": "none", "model_options": {"skipinit": True}}
     if name == "precise_bn":

@@ -20,6 +20,7 @@ from normlab.errors import NormlabError
 from normlab.reports.figure import Figure, save_matplotlib
 from normlab.reports.stats import mean_ci, t_quantile_975
 from normlab.reports.table import Table
+from normlab.stats import DEFAULT_MARGIN
 
 __all__ = [
     "SCALES",
@@ -39,7 +40,9 @@ SCALES = ("tiny", "quick", "paper")
 class Study:
     """A loaded, validated recipe ``src/normlab/studies/recipes/<name>.toml``.
 
-    ``scales`` maps each of ``tiny`` / ``quick`` / ``paper`` to its parameter table.
+    ``scales`` maps each of ``tiny`` / ``quick`` / ``paper`` to its parameter table. ``margin`` is the
+    equivalence margin every verdict of the study reads its differences against (science.md section 8), in
+    ``margin_unit`` (a fraction of accuracy by default; a log ratio for timings and other ratios).
     """
 
     name: str
@@ -49,6 +52,8 @@ class Study:
     module: str
     scales: dict[str, dict[str, Any]]
     path: Path | None = None
+    margin: float = DEFAULT_MARGIN
+    margin_unit: str = "accuracy (0.01 = 1 point)"
 
     def params(self, scale: str) -> dict[str, Any]:
         """The ``[scale.<scale>]`` table (a copy)."""
@@ -155,6 +160,8 @@ class StudyContext:
             failed).
         overrides: the fields of ``params`` changed from the recipe's (``--set``; dotted path -> value),
             already applied to ``params``; recorded so the report says what was changed.
+        margin: the equivalence margin of every verdict (the recipe's ``margin``, or ``--margin``), in the
+            recipe's ``margin_unit``; pass it as ``margin=`` to every :mod:`normlab.studies._verdict` call.
     """
 
     study: Study
@@ -173,6 +180,7 @@ class StudyContext:
     dataset: str | None = None
     data_root: str | None = None
     results: list[Any] = field(default_factory=list)
+    margin: float = DEFAULT_MARGIN
 
     def param(self, name: str, kind: type | tuple[type, ...] | None = None) -> Any:
         """``params[name]``, or a NormlabError naming the recipe, scale and field when it is missing/wrong."""

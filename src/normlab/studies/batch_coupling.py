@@ -8,7 +8,8 @@ The expectation comes from the layers, independently of the probe: a model is *e
 examples in train mode exactly when it contains a layer that normalizes with batch statistics
 (:func:`normlab.layers.kinds.has_batch_stats`), and no model couples them in eval mode (Ioffe & Szegedy
 2015 Sec. 3; Wu & He 2018 Sec. 3). The claim holds when the measured couplings match that expectation
-(coupled: > ``1e-6``).
+(coupled: above the recipe's ``margin``, a coupling ratio, default ``1e-6``: the Jacobian blocks are exact,
+deterministic computations, so the margin separates float rounding from a real dependence).
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
             coupling[norm].update(train_trained=cells[2][0], eval_trained=cells[3][0])
         shown = cells if trained_cols else cells[:2]
         table.add_row(norm, expected[norm], *[_sci(c) if math.isfinite(c[0]) else None for c in shown])
-    verdict, agrees, discrepancy = judge(coupling, expected)
+    verdict, agrees, discrepancy = judge(coupling, expected, ctx.margin)
     figure = ctx.save_figure(_plot(coupling), "coupling", "Cross-example dependence per norm at "
                              "initialization, train vs eval mode (log scale; exact zeros drawn at 1e-12).")
     data = {"coupling": coupling, "expected": expected, "errors": errors}
@@ -161,10 +162,11 @@ def run(ctx: StudyContext) -> StudyOutcome:
 
 
 def judge(
-    coupling: dict[str, dict[str, float]], expected: dict[str, bool]
+    coupling: dict[str, dict[str, float]], expected: dict[str, bool], margin: float = COUPLED
 ) -> tuple[str, bool | None, str | None]:
     """Which norms couple examples in train mode (all measured couplings, init and trained) and whether any
-    couples them in eval mode, against the expectation from the layer types."""
+    couples them in eval mode, against the expectation from the layer types; a coupling above ``margin``
+    couples."""
     if not coupling:
         return "Inconclusive: no norm could be measured.", None, None
 
@@ -172,16 +174,16 @@ def judge(
         found = [v for k, v in values.items() if k.startswith(prefix) and math.isfinite(v)]
         return max(found, default=math.nan)
 
-    coupled = sorted(n for n, v in coupling.items() if worst(v, "train") > COUPLED)
+    coupled = sorted(n for n, v in coupling.items() if worst(v, "train") > margin)
     independent = sorted(n for n in coupling if n not in coupled)
-    eval_coupled = sorted(n for n, v in coupling.items() if worst(v, "eval") > COUPLED)
+    eval_coupled = sorted(n for n, v in coupling.items() if worst(v, "eval") > margin)
     wrong = sorted(n for n in coupling if (n in coupled) != expected[n])
     largest = max(coupled, key=lambda n: coupling[n]["train"]) if coupled else None
     sentence = (
         f"In train mode {len(coupled)} of {len(coupling)} norms couple the examples of a batch "
         f"({', '.join(coupled) or 'none'}"
         + (f"; largest {largest} at {coupling[largest]['train']:.3g}" if largest else "")
-        + f") and {', '.join(independent) or 'none'} keep them independent (coupling <= {COUPLED:g}); "
+        + f") and {', '.join(independent) or 'none'} keep them independent (coupling <= {margin:g}); "
         + (f"in eval mode {', '.join(eval_coupled)} still couple them." if eval_coupled
            else "in eval mode none does.")
     )

@@ -1,13 +1,20 @@
-"""Study ``large-batch``: final accuracy and largest stable learning rate over a batch-size x lr grid for
-BN, no normalization, and the normalizer-free form with AGC.
+"""Study ``large-batch``: the largest stable learning rate and the final accuracy over a batch-size x lr
+grid for BN, the normalizer-free form with AGC (``nf``) and without it (``nf_noagc``), and optionally no
+normalization (``none``).
 
 De & Smith (2020) find BN's benefit is mostly that it allows larger learning rates, which matters at large
-batch; Brock et al. (2021b) add AGC to normalizer-free nets to recover that stability at large batch
-(science.md sections 3 and 4). For every (variant, batch size) the study trains each lr of the grid for
-the same epochs and reports the best stable lr with its test accuracy and the largest stable lr (stable:
-every seed finished and the mean test accuracy reaches ``min_acc``; see :func:`~normlab.studies._grid.
-lr_summary`). The claim holds when, at the largest batch, BN's largest stable lr is at least that of the
-unnormalized net and NF+AGC's best accuracy is not beaten by BN's by the shared rule (:func:`judge`).
+batch; Brock et al. (2021b, Sec. 4 and Fig. 1) add AGC to normalizer-free nets because without it they
+become unstable at large batch (1024 and up, where their lambda = 0.01 is set) and large learning rates
+(science.md sections 3 and 4). For every (variant, batch size) the study trains each lr of the grid and
+reports the best stable lr with its test accuracy and the largest stable lr (stable: every seed finished,
+none stalled, and the mean test accuracy reaches ``min_acc``; :func:`~normlab.studies._grid.lr_summary`).
+The claim, at the largest batch (:func:`judge`):
+- stability (grid outcomes, not an interval): NF+AGC is stable at a larger lr of the grid than NF without
+  AGC, and at least as large as BN's; a largest stable lr at the top of the grid is ">= top" (the grid
+  never reached instability), which decides only where it is the larger one;
+- accuracy (an equivalence claim, "matches"): NF+AGC's and BN's accuracy at their best stable lrs are
+  equivalent within the recipe's margin by the shared rule (an NF win agrees too), a BN win disagrees, an
+  unresolved comparison is inconclusive with the seeds that would resolve it.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import math
 from typing import Any
 
 from normlab.errors import NormlabError
-from normlab.stats import INCONCLUSIVE, WIN
+from normlab.stats import DEFAULT_MARGIN, INCONCLUSIVE, UNRESOLVED, WIN
 from normlab.studies._grid import (
     base_fields,
     budget_fields,
@@ -49,7 +56,7 @@ PARAMS = {
     "min_acc": float,
 }
 
-LABELS = {"bn": "BN", "none": "no norm", "nf": "NF+AGC"}
+LABELS = {"bn": "BN", "nf": "NF+AGC", "nf_noagc": "NF without AGC", "none": "no norm"}
 
 
 def batch_lrs(params: dict[str, Any]) -> dict[int, list[float]]:
@@ -90,7 +97,8 @@ def run(ctx: StudyContext) -> StudyOutcome:
             f"{len(ctx.seeds)} seeds; {budget_text(p)}; lr grid "
             + "; ".join(f"batch {b}: {', '.join(map(lr_text, g))}" for b, g in grids.items()) + ".",
             f"Stable lr: every seed finished and mean test accuracy >= {pct(p['min_acc'], 0)}.",
-            f"NF+AGC: normalizer-free {p['model']} (Scaled WS) with AGC clip {p['agc_clip']:g}.",
+            f"NF+AGC: normalizer-free {p['model']} (Scaled WS) with AGC clip {p['agc_clip']:g}; NF without "
+            "AGC: the same net, unclipped.",
         ],
     )
     for variant in p["variants"]:
@@ -106,7 +114,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 largest_text(s),
                 f"{s['diverged']}/{s['runs']}",
             )
-    verdict, agrees, discrepancy, key_figures = judge(summaries, max(p["batch_sizes"]))
+    verdict, agrees, discrepancy, key_figures = judge(summaries, max(p["batch_sizes"]), ctx.margin)
     figure = ctx.save_figure(
         _plot(cells, p, grids), "acc_vs_lr",
         "Final test accuracy vs learning rate per batch size (mean over seeds; x = a seed diverged).",
@@ -120,48 +128,67 @@ def run(ctx: StudyContext) -> StudyOutcome:
 
 
 def judge(
-    summaries: dict[tuple[str, int], dict[str, Any]], batch: int
+    summaries: dict[tuple[str, int], dict[str, Any]], batch: int, margin: float = DEFAULT_MARGIN
 ) -> tuple[str, bool | None, str | None, str]:
-    """Verdict at the largest batch: BN's largest stable lr vs no-norm's (grid outcome: every seed stable),
-    and NF+AGC's accuracy vs BN's at their best stable lrs by the shared rule (:func:`normlab.stats.
-    compare_arms`): a tie or an NF win recovers BN's accuracy. Returns ``(sentence, agrees, discrepancy,
-    key figures)``."""
-    bn, none, nf = (summaries.get((v, batch)) for v in ("bn", "none", "nf"))
-    if bn is None or bn["best_lr"] is None:
-        return f"Inconclusive: BN has no stable learning rate at batch {batch}.", None, None, ""
-
-    def stable_lr(s: dict[str, Any] | None) -> float:
-        return -math.inf if s is None or s["largest_stable_lr"] is None else s["largest_stable_lr"]
+    """The verdict at batch ``batch`` (module docstring). Returns ``(sentence, agrees, discrepancy, key
+    figures)``."""
+    bn, nf, noagc = (summaries.get((v, batch)) for v in ("bn", "nf", "nf_noagc"))
+    if bn is None or nf is None or noagc is None:
+        return (f"Inconclusive: the recipe needs bn, nf and nf_noagc at batch {batch}.", None, None, "")
 
     def acc(s: dict[str, Any]) -> str:
-        return ci_text([r.final_test_acc for r in s["best_runs"]])
+        return ci_text([r.final_test_acc for r in s["best_runs"]]) if s["best_runs"] else "n/a"
 
-    present = {name: s for name, s in (("BN", bn), ("no norm", none), ("NF+AGC", nf)) if s is not None}
+    present = {LABELS[v]: summaries[(v, batch)] for v in LABELS if (v, batch) in summaries}
     key = f"batch {batch}: " + "; ".join(
-        f"{name} {acc(s) if s['best_runs'] else 'n/a'}, largest stable lr {largest_text(s)}"
-        for name, s in present.items()
-    )
+        f"{name} largest stable lr {largest_text(s)}, {acc(s)}" for name, s in present.items())
     sentence = f"At batch {batch}: " + "; ".join(
-        f"{name} largest stable lr {largest_text(s)}, best test accuracy "
-        f"{acc(s) if s['best_runs'] else 'n/a'}" for name, s in present.items()
-    ) + "."
-    problems = []
-    if none is not None and bn["largest_stable_lr"] < stable_lr(none):
-        problems.append(
-            f"the unnormalized net is stable up to lr {largest_text(none)}, above BN's {largest_text(bn)}"
-        )
-    if nf is not None:
-        if not nf["best_runs"]:
-            problems.append("NF+AGC has no stable lr")
-        else:
-            found = decide("NF+AGC", nf["best_runs"], "BN", bn["best_runs"])
-            sentence += " " + found.sentence()
-            if found.word == INCONCLUSIVE:
-                return inconclusive_text([found.reason], key, found.settle), None, None, key
-            if found.word == WIN and found.winner == "BN":
-                problems.append("NF+AGC's best accuracy falls short of BN's beyond the seeds' spread")
-    discrepancy = "; ".join(problems) + " (see acc_vs_lr)." if problems else None
-    return sentence, not problems, discrepancy, key
+        f"{name} largest stable lr {largest_text(s)}, best test accuracy {acc(s)}"
+        for name, s in present.items()) + "."
+    undecided, problems = [], []
+    # Stability: NF+AGC above NF without AGC, and not below BN.
+    for other, label in ((noagc, "NF without AGC"), (bn, "BN")):
+        strict = other is noagc
+        order = _stable_order(nf, other)
+        if order == "unknown":
+            undecided.append(f"NF+AGC's and {label}'s largest stable lrs are both at or above the top of the "
+                             f"grid ({largest_text(nf)}, {largest_text(other)})")
+        elif order == "below" or (strict and order == "equal"):
+            problems.append(f"NF+AGC is stable up to lr {largest_text(nf)}, {label} up to "
+                            f"{largest_text(other)}")
+    if bn["best_runs"] and nf["best_runs"]:
+        found = decide("NF+AGC", nf["best_runs"], "BN", bn["best_runs"], margin=margin)
+        sentence += " " + found.sentence()
+        if found.word == INCONCLUSIVE:
+            undecided.append(found.reason)
+        elif found.word == UNRESOLVED:
+            undecided.append(found.sentence())
+        elif found.word == WIN and found.winner == "BN":
+            problems.append(f"NF+AGC's best accuracy falls short of BN's beyond the margin of "
+                            f"±{100 * margin:.3g} pts")
+        settle = found.settle
+    else:
+        problems.append("NF+AGC or BN has no stable lr")
+        settle = None
+    if problems:
+        return sentence, False, "; ".join(problems) + " (see acc_vs_lr).", key
+    if undecided:
+        settle = settle or "an lr grid that reaches instability (--set lrs=[...])"
+        return inconclusive_text(undecided, key, settle), None, None, key
+    return sentence + " AGC restores the stability BN gives, at BN's accuracy, as claimed.", True, None, key
+
+
+def _stable_order(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """``above`` / ``equal`` / ``below`` for a's largest stable lr against b's on the batch's grid (every
+    variant shares it), ``unknown`` when both are the top of the grid: neither grid reached instability,
+    so both are lower bounds. One at the top and the other below it is ordered: the other one's grid did
+    reach instability."""
+    top = a.get("grid_top", math.inf)
+    la = -math.inf if a["largest_stable_lr"] is None else a["largest_stable_lr"]
+    lb = -math.inf if b["largest_stable_lr"] is None else b["largest_stable_lr"]
+    if la >= top and lb >= top:
+        return "unknown"
+    return "above" if la > lb else "equal" if la == lb else "below"
 
 
 def _plot(cells: dict, p: dict[str, Any], grids: dict[int, list[float]]) -> Any:

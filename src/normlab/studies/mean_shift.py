@@ -36,10 +36,13 @@ from typing import Any
 
 import torch
 
-from normlab.stats import INCONCLUSIVE, WIN
+from normlab.stats import INCONCLUSIVE, UNRESOLVED, WIN
 from normlab.studies._series import ci
 from normlab.studies._verdict import decide_values
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
+
+#: The default margin of the three comparisons: a log ratio of 10% (the recipe sets its own).
+LOG_MARGIN = math.log(1.1)
 
 PARAMS: dict[str, Any] = {
     "model": str,
@@ -125,7 +128,8 @@ def summarize(results: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, 
 
 
 def verdict(
-    summary: dict[str, dict[int, dict[str, Any]]], results: dict[str, dict[int, list[dict[str, Any]]]]
+    summary: dict[str, dict[int, dict[str, Any]]], results: dict[str, dict[int, list[dict[str, Any]]]],
+    margin: float = LOG_MARGIN,
 ) -> tuple[str, bool | None, str | None, str]:
     """The verdict sentence from the summary table and the per-seed ``results``: ``(sentence, agrees,
     discrepancy, key figures)``, agreement with Brock et al. 2021a.
@@ -134,8 +138,9 @@ def verdict(
     training, so every value is a result): the unnormalized net's last-block ``avg_sq_mean`` is larger at
     the deepest than at the shallowest depth (Welch on its logarithm: it grows multiplicatively), and at
     the deepest depth its mean-shift share and its last-block cross-example cosine are above BN's (paired
-    by seed). Agrees when all three are wins;
-    a tie or a reverse win disagrees; fewer than 3 seeds is inconclusive.
+    by seed). All three are ratios, compared on a log scale against ``margin`` (a log ratio: log(1.1) =
+    10%). Agrees when all three are wins; an equivalence or a reverse win disagrees; an unresolved
+    comparison (with the seeds that would resolve it) or fewer than 3 seeds is inconclusive.
     """
     if "none" not in summary or "bn" not in summary:
         return (
@@ -183,12 +188,15 @@ def verdict(
         f"the unnormalized net's mean shift grows from depth {lo} to {hi}": decide_values(
             f"none depth {hi}", [_log(r["avg_sq_mean"][-1]) for r in none_runs[hi]],
             f"none depth {lo}", [_log(r["avg_sq_mean"][-1]) for r in none_runs[lo]], paired=False,
+            margin=margin,
         ),
         "the unnormalized net's mean-shift share is above BN's": decide_values(
-            "none", [share(r) for r in none_runs[hi]], "BN", [share(r) for r in bn_runs[hi]]
+            "none", [_log(share(r)) for r in none_runs[hi]], "BN", [_log(share(r)) for r in bn_runs[hi]],
+            margin=margin,
         ),
         "the unnormalized net's activations are more alike across examples than BN's": decide_values(
-            "none", [r["final_cosine"] for r in none_runs[hi]], "BN", [r["final_cosine"] for r in bn_runs[hi]]
+            "none", [_log(r["final_cosine"]) for r in none_runs[hi]], "BN",
+            [_log(r["final_cosine"]) for r in bn_runs[hi]], margin=margin,
         ),
     }
     if len(depths) == 1:
@@ -199,6 +207,8 @@ def verdict(
         f"{ci(none_hi['cosine'])} vs BN {ci(bn_hi['cosine'])}"
     )
     undecided = [f"{text}: {v.reason}" for text, v in found.items() if v.word == INCONCLUSIVE]
+    undecided += [f"{text}: {v.sentence('log ratio', 1.0, '')}" for text, v in found.items()
+                  if v.word == UNRESOLVED]
     if undecided:
         return f"Inconclusive ({undecided[0]}). " + sentence, None, None, key
     failed = [f"not shown that {text} ({v.word})" for text, v in found.items()
@@ -238,7 +248,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
                     )
                 )
     summary = summarize(results)
-    sentence, agrees, discrepancy, key_figures = verdict(summary, results)
+    sentence, agrees, discrepancy, key_figures = verdict(summary, results, ctx.margin)
     table = Table(
         "Signal propagation and cross-example similarity at initialization (train mode)",
         [

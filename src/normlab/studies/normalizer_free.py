@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from normlab.errors import NormlabError
-from normlab.stats import INCONCLUSIVE, WIN
+from normlab.stats import DEFAULT_MARGIN, INCONCLUSIVE, UNRESOLVED, WIN
 from normlab.studies._grid import (
     base_fields,
     budget_fields,
@@ -107,7 +107,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
             largest_text(s),
             f"{s['diverged']}/{s['runs']}",
         )
-    verdict, agrees, discrepancy, key_figures = judge(summaries)
+    verdict, agrees, discrepancy, key_figures = judge(summaries, ctx.margin)
     if discrepancy and "falls short" in discrepancy:
         # Why, as far as this scale can say: the runs converged, so the gap is not a budget artifact.
         discrepancy += (
@@ -127,9 +127,13 @@ def run(ctx: StudyContext) -> StudyOutcome:
     return StudyOutcome([table], [figure], verdict, agrees, discrepancy, data, key_figures)
 
 
-def judge(summaries: dict[str, dict[str, Any]]) -> tuple[str, bool | None, str | None, str]:
+def judge(
+    summaries: dict[str, dict[str, Any]], margin: float = DEFAULT_MARGIN
+) -> tuple[str, bool | None, str | None, str]:
     """NF+AGC's accuracy vs BN's, each at its best stable lr, by the shared rule (:func:`normlab.stats.
-    compare_arms`, paired over seeds): a tie or an NF win "matches", a BN win "falls short"; and NF+AGC's
+    compare_arms`, paired over seeds, against ``margin`` in accuracy units). "Matches" is an equivalence
+    claim: equivalent within the margin agrees (an NF win too: it does not fall short), a BN win "falls
+    short", an unresolved comparison is inconclusive with the seeds that would resolve it; and NF+AGC's
     largest stable lr vs the unnormalized net's. Returns ``(sentence, agrees, discrepancy, key figures)``.
     """
     bn, nf = summaries.get("bn"), summaries.get("nf")
@@ -140,7 +144,7 @@ def judge(summaries: dict[str, dict[str, Any]]) -> tuple[str, bool | None, str |
              for v, s in summaries.items()]
     key = "; ".join(f"{LABELS.get(v, v)} {ci_text([r.final_test_acc for r in s['best_runs']])} at lr "
                     f"{lr_text(s['best_lr'])}" for v, s in summaries.items())
-    found = decide("NF+AGC", nf["best_runs"], "BN", bn["best_runs"])
+    found = decide("NF+AGC", nf["best_runs"], "BN", bn["best_runs"], margin=margin)
     sentence = "Test accuracy at each variant's best stable lr: " + "; ".join(parts) + ". " + found.sentence()
     none = summaries.get("none")
 
@@ -156,9 +160,12 @@ def judge(summaries: dict[str, dict[str, Any]]) -> tuple[str, bool | None, str |
                     f"{largest_text(none)})."
     if found.word == INCONCLUSIVE:
         return inconclusive_text([found.reason], key, found.settle), None, None, key
+    if found.word == UNRESOLVED:
+        return inconclusive_text([found.sentence()], key, found.settle), None, None, key
     problems = []
     if found.word == WIN and found.winner == "BN":
-        problems.append("NF+AGC's accuracy falls short of BN's beyond the seeds' spread (see acc_vs_lr)")
+        problems.append(f"NF+AGC's accuracy falls short of BN's beyond the margin of ±{100 * margin:.3g} pts "
+                        "(see acc_vs_lr)")
     if not stable:
         problems.append("NF+AGC's largest stable lr is below the unnormalized net's")
     return sentence, not problems, ("; ".join(problems) + ".") if problems else None, key

@@ -8,6 +8,9 @@ Recipe layout::
     paper = "Luo et al. 2019, ..."     # str, citation
     module = "regularization"          # str, normlab/studies/<module>.py defines run(ctx), or
                                        # "plugin:<name>", entry point <name> of group "normlab.studies"
+    margin = 0.01                      # optional float > 0: the equivalence margin of every verdict
+                                       # (science.md section 8), in margin_unit; default 0.01
+    margin_unit = "accuracy (0.01 = 1 point)"   # optional str: what the margin is measured in
     [scale.tiny]                       # fast-tier tests (seconds)
     [scale.quick]                      # CPU minutes (default)
     [scale.paper]                      # the paper's settings, for a GPU user
@@ -27,6 +30,8 @@ from normlab.errors import NormlabError
 from normlab.studies.base import SCALES, Study
 
 _FIELDS: dict[str, type] = {"name": str, "title": str, "claim": str, "paper": str, "module": str}
+# Optional top-level fields: the margin is part of the claim, not of a scale, so it sits beside it.
+_OPTIONAL: dict[str, type | tuple[type, ...]] = {"margin": float, "margin_unit": str}
 
 
 def load_recipe(path: str | Path) -> Study:
@@ -61,12 +66,15 @@ def parse_recipe(raw: dict[str, Any], source: str = "<recipe>", path: Path | Non
         raise NormlabError(
             f"recipe {source}: unknown scale(s) {', '.join(extra)}; allowed: {', '.join(SCALES)}"
         )
-    unknown = sorted(set(raw) - set(_FIELDS) - {"scale"})
+    unknown = sorted(set(raw) - set(_FIELDS) - set(_OPTIONAL) - {"scale"})
     if unknown:
         raise NormlabError(
             f"recipe {source}: unknown field(s) {', '.join(unknown)}; "
-            f"allowed: {', '.join([*_FIELDS, 'scale'])}"
+            f"allowed: {', '.join([*_FIELDS, *_OPTIONAL, 'scale'])}"
         )
+    optional = {name: _check(raw, name, kind, source) for name, kind in _OPTIONAL.items() if name in raw}
+    if "margin" in optional:
+        optional["margin"] = check_margin(optional["margin"], f"recipe {source}: field 'margin'")
     _refuse_model_code(scales, source)
     return Study(
         name=raw["name"],
@@ -76,7 +84,17 @@ def parse_recipe(raw: dict[str, Any], source: str = "<recipe>", path: Path | Non
         module=raw["module"],
         scales=scales,
         path=path,
+        **optional,
     )
+
+
+def check_margin(value: Any, where: str = "--margin") -> float:
+    """``value`` as a float when it is a finite number > 0, else NormlabError naming ``where``."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise NormlabError(f"{where} must be a positive number (the equivalence margin), got {value!r}")
+    return float(value)
 
 
 def validate_params(study: Study, spec: dict[str, Any]) -> None:

@@ -16,12 +16,16 @@ How the replicas are run: simulated in one process, which is exact for training.
   runs do not depend on R and are trained once; ``gn`` likewise.
 Run real processes with ``normlab train --nproc R --bn-sync local|sync``.
 
-Verdicts (science.md section 8), per R > 1, on the final test accuracy, paired over seeds (every arm uses
-the same seeds), by the studies' shared rule (:func:`normlab.studies._verdict.decide`): the difference
-``local - sync`` (and ``local - GN``) is a win / loss only when its 95% t-interval over >= 3 seeds excludes 0,
-else a tie; "inconclusive" when a run of an arm did not converge (``RunResult.convergence``: unconverged,
-stalled, diverged or failed). The claim holds when sync BN wins over local BN at the smallest per-replica
-batch.
+Verdict (science.md section 8): a trend test. Per seed, the least-squares slope of local BN's final test
+accuracy against ``log2(b)`` over every R of the recipe (accuracy per doubling of the per-replica batch;
+R = 1 is plain BN), read by the shared rule (:func:`normlab.stats.compare_arms`: the slopes over seeds
+against 0) with the recipe's ``margin`` *per log2 step* (0.01: 1 point of accuracy per doubling). The
+claim holds when the slope is positive beyond the margin (local BN loses accuracy as b shrinks); an
+equivalence (the slope's interval inside +-margin: no dependence worth a point per doubling) or a negative
+slope disagrees; an unresolved slope is inconclusive with the seeds that would resolve it; a run that did
+not converge (``RunResult.convergence``) makes it inconclusive. Sync BN and GN are one set of runs for
+every R (their slope is 0 by construction). Beside the trend, per R > 1, ``local - sync`` and
+``local - GN`` by the same rule and margin (reported, not deciding).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import math
 from typing import Any
 
 from normlab.errors import NormlabError
-from normlab.stats import EQUIVALENT, INCONCLUSIVE, UNRESOLVED, Verdict
+from normlab.stats import DEFAULT_MARGIN, EQUIVALENT, INCONCLUSIVE, UNRESOLVED, WIN, Verdict, rule_text
 from normlab.studies._grid import (
     base_fields,
     budget_fields,
@@ -41,7 +45,14 @@ from normlab.studies._grid import (
     pct_cell,
     pts,
 )
-from normlab.studies._verdict import decide, training_gate
+from normlab.studies._verdict import (
+    ci_text,
+    compare_records,
+    decide,
+    inconclusive_text,
+    record,
+    training_gate,
+)
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 from normlab.studies.small_batch import REFERENCE
 
@@ -119,36 +130,36 @@ def run(ctx: StudyContext) -> StudyOutcome:
                       pct_cell(gap), "yes" if converged[(variant, r)] else "no")
 
     comparisons = Table(
-        "Differences in test accuracy (pts, paired over seeds; win only if the 95% CI excludes 0)",
+        "Differences in test accuracy (pts, paired over seeds) against the margin",
         ["replicas R", "per-replica batch", "comparison", "difference", "verdict"],
-        notes=["A win needs >= 3 seeds and a 95% t-interval on the per-seed differences that excludes 0; "
-               "otherwise a tie. Inconclusive: an arm did not converge at this budget."],
+        notes=[f"The shared rule: {rule_text(ctx.margin)}."],
     )
-    verdicts: dict[tuple[int, str], str] = {}
-    halves: dict[tuple[int, str], float] = {}  # half-width of each difference's 95% interval
+    verdicts: dict[tuple[int, str], Verdict] = {}
     for r in p["replicas"]:
         if r == 1 or "local" not in p["variants"]:
             continue
         for other in ("sync", "gn"):
             if other not in p["variants"]:
                 continue
-            a, b = ("local", r), (other, r)
-            outcome, diff = word(decide(LABELS["local"], cells[a], LABELS[other], cells[b]))
-            verdicts[(r, other)], halves[(r, other)] = outcome, diff[1]
-            better = {"win": LABELS["local"], "loss": LABELS[other]}
-            name = f"{better[outcome]} better" if outcome in better else outcome
-            comparisons.add_row(r, g // r, f"{LABELS['local']} - {LABELS[other]}", pct_cell(diff), name)
+            found = decide(LABELS["local"], cells[("local", r)], LABELS[other], cells[(other, r)],
+                           margin=ctx.margin)
+            verdicts[(r, other)] = found
+            name = f"{found.winner} better" if found.word == WIN else found.word
+            comparisons.add_row(r, g // r, f"{LABELS['local']} - {LABELS[other]}",
+                                pct_cell((found.diff, (found.high - found.low) / 2)), name)
 
-    verdict, agrees, discrepancy = judge(cells, verdicts, p["replicas"], g, halves)
+    verdict, agrees, discrepancy = judge(cells, p["replicas"], g, ctx.margin, verdicts)
     figure = ctx.save_figure(_plot(cells, p), "acc_vs_replica_batch",
                              "Test accuracy vs per-replica batch (mean ± 95% CI): local BN depends on it, "
                              "sync BN and GN do not (one set of runs each).")
     data = {
         "test_acc": {f"{v}/{r}": [x.final_test_acc for x in runs] for (v, r), runs in cells.items()},
         "converged": {f"{v}/{r}": c for (v, r), c in converged.items()},
-        "verdicts": {f"local-{o}/{r}": v for (r, o), v in verdicts.items()},
+        "verdicts": {f"local-{o}/{r}": v.word for (r, o), v in verdicts.items()},
+        "slopes": [rec["slope"] for rec in slope_records(cells, p["replicas"], g)],
     }
-    return StudyOutcome([table, comparisons], [figure], verdict, agrees, discrepancy, data)
+    return StudyOutcome([table, comparisons], [figure], verdict, agrees, discrepancy, data,
+                        key_figures(cells, p["replicas"], g))
 
 
 def _log_every(p: dict[str, Any], g: int) -> int:
@@ -162,67 +173,85 @@ def _acc(runs: list[Any]) -> tuple[float, float]:
     return mean_ci(x.final_test_acc for x in finished(runs))
 
 
-def word(verdict: Verdict) -> tuple[str, tuple[float, float]]:
-    """``win`` (local BN better), ``loss``, ``tie`` or ``inconclusive``, and the difference local - other
-    with the half-width of its 95% interval."""
-    half = (verdict.high - verdict.low) / 2
-    if verdict.word == INCONCLUSIVE:
-        return "inconclusive", (verdict.diff, half)
-    if verdict.word in (EQUIVALENT, UNRESOLVED):
-        return "tie", (verdict.diff, half)
-    return ("win" if verdict.winner == verdict.a else "loss"), (verdict.diff, half)
+def slope_records(cells: dict, replicas: list[int], g: int) -> list[dict[str, Any]]:
+    """Per seed: the least-squares slope of local BN's test accuracy against ``log2(G / R)`` over
+    ``replicas`` (accuracy per doubling of the per-replica batch; R = 1 is plain BN) and the worst
+    convergence status among that seed's runs (a seed with a run that did not converge is not a result)."""
+    xs = [math.log2(g // r) for r in replicas]
+    x_mean = sum(xs) / len(xs)
+    sxx = sum((x - x_mean) ** 2 for x in xs)
+    arms = [cells[("local", r)] for r in replicas]
+    out = []
+    for seed_runs in zip(*arms, strict=True):
+        recs = [record(run) for run in seed_runs]
+        bad = [rec for rec in recs if rec["convergence"] != "converged"]
+        ys = [float(run.final_test_acc) if run.status == "finished" else math.nan for run in seed_runs]
+        y_mean = sum(ys) / len(ys)
+        slope = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys, strict=True)) / sxx
+        out.append({"slope": slope,
+                    "convergence": bad[0]["convergence"] if bad else "converged",
+                    "convergence_reason": bad[0]["convergence_reason"] if bad else ""})
+    return out
 
 
-def judge(cells: dict, verdicts: dict[tuple[int, str], str], replicas: list[int], g: int,
-          halves: dict[tuple[int, str], float] | None = None) -> tuple[str, bool | None, str | None]:
-    """The claim at the largest R (smallest per-replica batch): sync BN beats local BN.
+def trend(cells: dict, replicas: list[int], g: int, margin: float = DEFAULT_MARGIN) -> Verdict:
+    """Local BN's slope (accuracy per log2 step of the per-replica batch) over seeds against 0, by the
+    shared rule with ``margin`` per log2 step (module docstring)."""
+    slopes = slope_records(cells, replicas, g)
+    flat = [{"slope": 0.0} for _ in slopes]  # no dependence: what sync BN and GN are by construction
+    return compare_records("local BN's slope", slopes, "no dependence", flat, "slope", margin=margin)
 
-    A tie is "inconclusive at this scale" when Table 2's own rise of BN's error from per-GPU batch 32 to
-    this per-replica batch is no larger than the half-width of our interval (``halves``, fractions; the
-    scale cannot resolve it, or unknown); a tie that could have resolved it disagrees."""
-    r = max(replicas)
-    if (r, "sync") not in verdicts:
-        return "Undecided: the recipe has no local-vs-sync comparison at R > 1.", None, None
-    outcome = verdicts[(r, "sync")]
-    local, sync = _acc(cells[("local", r)]), _acc(cells[("sync", r)])
-    sentence = (f"With global batch {g} over {r} replicas (per-replica batch {g // r}), local BN reaches "
-                f"{pct(local[0])} and sync BN {pct(sync[0])} ({pts(local[0] - sync[0])}, local - sync)")
-    if ("gn", r) in cells:
-        sentence += f"; GN {pct(_acc(cells[('gn', r)])[0])}"
-    r0 = min(replicas)
-    if ("local", r0) in cells and r0 != r:
-        gaps = [mean_ci(x.train_eval_gap for x in finished(cells[("local", k)]))[0] for k in (r0, r)]
-        sentence += (f"; local BN's train/eval gap goes from {pts(gaps[0])} at per-replica batch {g // r0} "
-                     f"to {pts(gaps[1])} at {g // r}")
-    if outcome == "loss":
-        return sentence + ": synchronizing BN's statistics helps at this per-replica batch, as claimed.", \
+
+def key_figures(cells: dict, replicas: list[int], g: int) -> str:
+    if not all(("local", r) in cells for r in replicas) or len(replicas) < 2:
+        return ""
+    slopes = [rec["slope"] for rec in slope_records(cells, replicas, g)]
+    lo, hi = g // max(replicas), g // min(replicas)
+    return (f"local BN per doubling of the per-replica batch {ci_text(slopes, unit=' pts')} "
+            f"(batch {lo}: {pct(_acc(cells[('local', max(replicas))])[0])}, batch {hi}: "
+            f"{pct(_acc(cells[('local', min(replicas))])[0])})")
+
+
+def judge(cells: dict, replicas: list[int], g: int, margin: float = DEFAULT_MARGIN,
+          verdicts: dict[tuple[int, str], Verdict] | None = None) -> tuple[str, bool | None, str | None]:
+    """The claim as a trend (module docstring): local BN's accuracy rises with ``log2`` of the per-replica
+    batch by more than ``margin`` per doubling. ``verdicts`` (local vs sync / GN per R) are quoted at the
+    smallest per-replica batch."""
+    replicas = sorted(replicas)
+    if "local" not in {v for v, _ in cells} or len(replicas) < 3:
+        return "Undecided: the trend test needs local BN at 3 or more replica counts.", None, None
+    found = trend(cells, replicas, g, margin)
+    r = replicas[-1]
+    b_lo, b_hi = g // r, g // replicas[0]
+    local_lo, local_hi = _acc(cells[("local", r)])[0], _acc(cells[("local", replicas[0])])[0]
+    sentence = (f"With global batch {g} over R = {', '.join(map(str, replicas))} replicas, local BN reaches "
+                f"{pct(local_hi)} at per-replica batch {b_hi} and {pct(local_lo)} at {b_lo}")
+    if ("sync", r) in cells:
+        sentence += f" (sync BN {pct(_acc(cells[('sync', r)])[0])}"
+        sentence += f", GN {pct(_acc(cells[('gn', r)])[0])})" if ("gn", r) in cells else ")"
+    gaps = [mean_ci(x.train_eval_gap for x in finished(cells[("local", k)]))[0] for k in (replicas[0], r)]
+    sentence += (f"; its train/eval gap goes from {pts(gaps[0])} to {pts(gaps[1])}. "
+                 + found.sentence(f"accuracy per doubling of the per-replica batch (batch {b_lo} to {b_hi})"))
+    if verdicts and (r, "sync") in verdicts:
+        sentence += " At per-replica batch " + f"{b_lo}: " + verdicts[(r, "sync")].sentence()
+    if found.word == INCONCLUSIVE:
+        return inconclusive_text([found.reason], key_figures(cells, replicas, g), found.settle), None, None
+    if found.word == UNRESOLVED:
+        return sentence + " Inconclusive at this scale: " + (
+            f"{found.seeds} seeds ({found.settle}) would resolve the slope." if found.seeds
+            else "the slope's spread is too wide to resolve with seeds."), None, None
+    if found.word == WIN and found.winner == found.a:
+        return sentence + " Local BN depends on the per-replica batch and sync BN removes it, as claimed.", \
             True, None
-    if outcome == "win":
-        return sentence + ": local BN is better here.", False, (
-            f"local BN's per-replica statistics (batch {g // r}) beat the global batch's beyond the seeds' "
-            "spread: at this budget the extra noise regularizes (as Hoffer et al.'s ghost BN) rather than "
-            "hurts.")
-    if outcome == "tie":
-        b = g // r
-        paper = REFERENCE_BN.get(b)
-        rise = None if paper is None else paper - REFERENCE_BN[32]
-        half = None if halves is None else halves.get((r, "sync"))
-        seeds = len(cells[("sync", r)])
-        if rise is not None and half is not None and math.isfinite(half) and rise > 100 * half:
-            sentence += (f": a tie (95% interval half-width {100 * half:.1f} pts), although Table 2's "
-                         f"rise of BN's error from per-GPU batch 32 to {b} ({rise:.1f} pts) is larger.")
-            why = (f"Wu & He's BN loses {rise:.1f} pts from per-GPU batch 32 to {b} (Table 2); here local BN "
-                   f"over {r} replicas of batch {b} ties sync BN within {100 * half:.1f} pts over {seeds} "
-                   f"seeds. Table 2 shrinks the total batch with the per-GPU one (8 GPUs x {b}); here the "
-                   f"global batch stays {g}, so each gradient averages the noise of {r} sub-batches' "
-                   "statistics (see acc_vs_replica_batch).")
-            return sentence, False, why
-        why = (f" Wu & He's own rise of BN's error from per-GPU batch 32 to {b} is {rise:.1f} pts (Table 2), "
-               f"below what {seeds} seeds resolve here; per-replica batches of 2-4 (where Table 2's rise is "
-               "3.7-11.1 pts) settle it") if rise is not None else ""
-        return (sentence + ": a tie (the 95% interval of the difference contains 0), inconclusive at this "
-                "scale." + why + "."), None, None
-    return sentence + ": inconclusive (an arm did not converge at this budget).", None, None
+    paper = REFERENCE_BN[2] - REFERENCE_BN[32]
+    direction = ("is flat within the margin" if found.word == EQUIVALENT
+                 else "falls as the per-replica batch grows")
+    return sentence, False, (
+        f"Wu & He's BN loses {paper:.1f} pts from per-GPU batch 32 to 2 (Table 2, {paper / 4:.1f} pts per "
+        f"doubling); here local BN's accuracy {direction} (±{100 * margin:.3g} pts per doubling) over per-"
+        f"replica batches {b_lo}-{b_hi}. Table 2 shrinks the total batch with the per-GPU one (8 GPUs x b); "
+        f"here the global batch stays {g}, so each gradient averages the noise of R sub-batches' statistics "
+        "(see acc_vs_replica_batch).")
 
 
 def _plot(cells: dict, p: dict[str, Any]) -> Any:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from normlab.stats import INCONCLUSIVE, WIN
+from normlab.stats import INCONCLUSIVE, UNRESOLVED, WIN
 from normlab.studies._series import ci, mean_curve
 from normlab.studies._verdict import decide_values, inconclusive_text, training_gate, untrained_clause
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
@@ -43,6 +43,8 @@ PARAMS: dict[str, Any] = {
 LABELS = {"bn": "BN", "none": "no norm", "skipinit": "SkipInit"}
 #: De & Smith: branch/skip ratio ~ depth^-1/2 for BN; accepted window for the fitted exponent.
 SLOPE_WINDOW = (-0.75, -0.25)
+#: The default margin of the branch/skip comparison: a log ratio of 10% (the recipe sets its own).
+LOG_MARGIN = math.log(1.1)
 
 
 def variant_options(variant: str) -> dict[str, Any]:
@@ -123,6 +125,7 @@ def judge(
     depths: list[int],
     ratios: dict[str, dict[int, list[list[float]]]],
     runs: dict[str, list[Any]],
+    margin: float = LOG_MARGIN,
 ) -> tuple[str, bool | None, str | None, str]:
     """Agreement with De & Smith from the per-seed measurements: ``(sentence, agrees, discrepancy, key
     figures)``.
@@ -130,7 +133,8 @@ def judge(
     - BN's fitted exponent (one per seed): its 95% interval must reach the window ``SLOPE_WINDOW`` around
       -1/2 (an interval wholly outside it disagrees);
     - at the deepest depth the unnormalized net's last-block branch/skip ratio beats BN's by the shared rule
-      (:func:`normlab.stats.compare_arms`, paired by seed);
+      (:func:`normlab.stats.compare_arms`, paired by seed) on a log scale against ``margin`` (a log ratio);
+      an equivalence or a BN win disagrees, an unresolved comparison is inconclusive with its seeds;
     - the trained arms the claim ranks train: every run of BN and SkipInit converged (else inconclusive at
       this scale). The unnormalized arm is De & Smith's counterexample (deep unnormalized ResNets without
       SkipInit are unstable at such learning rates, as their experiments show): a run of it that stalls
@@ -156,12 +160,15 @@ def judge(
     undecided = []
     if "none" in ratios:
         none_hi, bn_hi = [r[-1] for r in ratios["none"][hi]], [r[-1] for r in ratios["bn"][hi]]
-        found = decide_values("no norm", none_hi, "BN", bn_hi)
-        sentences.append(found.sentence(f"branch/skip ratio at depth {hi}", 1.0, ""))
+        found = decide_values("no norm", [_log(r) for r in none_hi], "BN", [_log(r) for r in bn_hi],
+                              margin=margin)
+        sentences.append(found.sentence(f"log branch/skip ratio at depth {hi}", 1.0, ""))
         key += f"; depth {hi} ratio none {ci(mean_ci(r[-1] for r in ratios['none'][hi]))} vs BN " \
                f"{ci(mean_ci(r[-1] for r in ratios['bn'][hi]))}"
         if found.word == INCONCLUSIVE:
             undecided.append(found.reason)
+        elif found.word == UNRESOLVED:
+            undecided.append(found.sentence(f"log branch/skip ratio at depth {hi}", 1.0, ""))
         elif not (found.word == WIN and found.winner == "no norm"):
             failed.append(f"at depth {hi} the unnormalized net's branch ratio is not above BN's beyond the "
                           "seeds' spread")
@@ -176,7 +183,8 @@ def judge(
                          "not gated (no comparison uses its accuracy).")
     sentence = " ".join(sentences)
     if undecided:
-        return inconclusive_text(undecided, key), None, None, key
+        settle = found.settle if "none" in ratios and found.word == UNRESOLVED else None
+        return inconclusive_text(undecided, key, settle), None, None, key
     discrepancy = (
         ("De & Smith predict an order-sqrt(depth) downscaling by BN, but " + "; ".join(failed) + ".")
         if failed
@@ -226,7 +234,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
 
     diverged = {v: f"{sum(r.status == 'diverged' for r in rs)}/{len(rs)}" for v, rs in by_variant.items()}
     sentence, _, _ = verdict(depths, last, slope, acc, diverged)
-    extra, agrees, discrepancy, key_figures = judge(depths, ratios, by_variant)
+    extra, agrees, discrepancy, key_figures = judge(depths, ratios, by_variant, ctx.margin)
     sentence = (extra + " " + sentence).strip() if extra.startswith("Inconclusive") else f"{sentence} {extra}"
     init_table = Table(
         "Residual branch scale at initialization: std(branch contribution) / std(skip path)",
@@ -352,3 +360,7 @@ def _curve_figure(ctx: StudyContext, by_variant: dict[str, list[Any]]) -> Any:
 def _diverged(diverged: dict[str, str] | None, variant: str) -> str:
     count = (diverged or {}).get(variant, "0/")
     return "" if count.startswith("0/") else f" ({count} runs diverged)"
+
+
+def _log(value: float) -> float:
+    return math.log(value) if value > 0 and math.isfinite(value) else math.nan

@@ -27,7 +27,7 @@ from normlab.reports.document import ReportFiles, Section, write_report
 from normlab.studies.base import SCALES, Study, StudyContext, StudyOutcome
 from normlab.studies.outcome_file import read_outcome_file
 from normlab.studies.overrides import apply_overrides, override_flags
-from normlab.studies.recipe import validate_params
+from normlab.studies.recipe import check_margin, validate_params
 from normlab.studies.registry import get_study
 
 OUTCOME_FILE = "outcome.json"
@@ -49,6 +49,7 @@ def run_study(
     overrides: dict[str, Any] | None = None,
     dataset: str | None = None,
     data_root: str | None = None,
+    margin: float | None = None,
 ) -> tuple[StudyOutcome, ReportFiles]:
     """Run study ``name`` (a built-in name or a recipe path) and write its report under ``<out>/<name>``.
 
@@ -66,11 +67,13 @@ def run_study(
             ``data_root``. The report's subtitle, configuration and ``outcome.json`` name model and data.
         overrides: fields of the scale table to change (dotted path -> value, ``--set``; see
             :mod:`normlab.studies.overrides`), e.g. ``{"steps": 6000}`` for a longer budget.
+        margin: the equivalence margin of every verdict, in the recipe's ``margin_unit`` (``--margin``);
+            None: the recipe's ``margin``. outcome.json and the report state the margin used.
 
     Raises:
         NormlabError: unknown study or scale, ``seeds < 1``, an output folder that is a file, a bad recipe,
-            an override of a field the scale table does not have or of another type; every run of the
-            study failed (the first run's error, in one line).
+            an override of a field the scale table does not have or of another type, a margin that is
+            not a positive number; every run of the study failed (the first run's error, in one line).
     """
     if scale not in SCALES:
         raise NormlabError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
@@ -79,6 +82,8 @@ def run_study(
     from normlab.sweep.compare import check_seeds
 
     check_seeds(seeds, "seeds")
+    if margin is not None:
+        margin = check_margin(margin)
     study = get_study(name)
     if overrides:
         study = overridden(study, scale, overrides)
@@ -108,6 +113,7 @@ def run_study(
         overrides=dict(overrides or {}),
         dataset=dataset,
         data_root=data_root,
+        margin=study.margin if margin is None else margin,
     )
     start = time.perf_counter()
     outcome = study.load_module().run(ctx)
@@ -123,6 +129,7 @@ def run_study(
                            f"{first[-1] if first else ''}")
     wall = time.perf_counter() - start
     meta = study_meta(study, ctx, wall)
+    meta["margin_source"] = "recipe" if margin is None else "--margin"
     atomic_write(out_dir / OUTCOME_FILE,
                  json.dumps({"meta": meta, "outcome": outcome.to_dict()}, indent=1, default=_json_default))
     files = write_study_report(out_dir, meta, outcome)
@@ -169,6 +176,8 @@ def study_meta(study: Study, ctx: StudyContext, wall_time: float) -> dict[str, A
         "model": _model_name(ctx.model),
         "model_options": ctx.model_options,
         "dataset": ctx.dataset,
+        "margin": ctx.margin,
+        "margin_unit": study.margin_unit,
         "store": str(getattr(ctx.store, "path", ctx.store)),
         "wall_time_s": round(wall_time, 2),
         "environment": environment_info(ctx.device),
@@ -184,8 +193,13 @@ def write_study_report(out_dir: Path, meta: dict[str, Any], outcome: StudyOutcom
     else:
         kind, agreement = "warn", "Disagrees with the paper"
     # Summary first: the verdict and the result tables, then the figures, then the claim in words.
-    sections = [Section("Summary", tables=outcome.tables, callout=f"{agreement}. {outcome.verdict}",
-                        callout_kind=kind)]
+    margin_text = []
+    if "margin" in meta:  # outcome.json written before margins existed has none
+        source = "set by --margin" if meta.get("margin_source") == "--margin" else "the recipe's"
+        margin_text.append(f"Margin: ±{meta['margin']:.4g} ({meta.get('margin_unit', '')}; {source}): "
+                           "every difference is read against it (science.md section 8).")
+    sections = [Section("Summary", text=margin_text, tables=outcome.tables,
+                        callout=f"{agreement}. {outcome.verdict}", callout_kind=kind)]
     if outcome.figures:
         sections.append(Section("Figures", figures=outcome.figures))
     reading = [f"Paper's claim ({meta['paper']}): {meta['claim']}"]
@@ -210,6 +224,7 @@ def write_study_report(out_dir: Path, meta: dict[str, Any], outcome: StudyOutcom
     subtitle = f"normlab study {meta['name']} --scale {meta['scale']} --seeds {len(meta['seeds'])}"
     subtitle += f" {user}" if user else ""
     subtitle += f" {flags}" if flags else ""
+    subtitle += f" --margin {meta['margin']:g}" if meta.get("margin_source") == "--margin" else ""
     return write_report(out_dir, meta["title"], sections, subtitle=subtitle)
 
 
