@@ -68,29 +68,37 @@ def test_tiny_noisy_bn_verdict_quotes_its_table(tiny_outcomes):
     assert all(math.isfinite(c[0]) for c in table.column("|mu_t+1 - mu_t|"))
 
 
-def test_tiny_ics_verdict_quotes_its_table(tiny_outcomes):
+def test_tiny_ics_tables_per_band_and_per_paper_layer(tiny_outcomes):
     outcome, _ = tiny_outcomes["ics"]
-    table = outcome.tables[0]
-    for i, net in enumerate(table.column("network")):
-        l2 = table.column("ICS l2 ||G - G'||")[i][0]
-        assert math.isfinite(l2) and l2 >= 0
-        assert f"{l2:.3g}" in outcome.key_figures.split(f"{net}:")[1]
+    table, layers = outcome.tables
     assert set(table.column("network")) == {"vgg", "dln"}
+    bands = table.column("band")
+    # Per network and norm: each band of the recipe, the matched mean, the post-convergence phase and the
+    # three same-step windows.
+    assert bands.count("matched") == 4 and bands.count("first third of steps") == 4
+    assert bands.count("[3, 2)") == 2 and bands.count("[100, 5)") == 2
+    # Every same-step window has probes at tiny scale (steps 2, 4 and 8): finite raw ||G - G'||.
+    thirds = [i for i, b in enumerate(bands) if b.endswith("third of steps")]
+    assert all(math.isfinite(table.column("||G - G'|| (raw)")[i][0]) for i in thirds)
+    assert set(layers.column("layer")) >= {"#5 (features.15)", "#10 (head.4)", "#2 (layers.3)"}
+    # Two seeds at tiny scale: never a verdict.
+    assert outcome.agrees_with_paper is None and outcome.verdict.startswith("Inconclusive at this scale")
 
 
 def test_tiny_landscape_table_has_hessian_in_both_modes(tiny_outcomes):
     outcome, _ = tiny_outcomes["landscape"]
-    table = outcome.tables[0]
-    beta = {label: table.column("beta-smoothness")[i][0] for i, label in enumerate(table.column("network"))}
-    assert f"beta-smoothness std {beta['standard']:.3g} ± " in outcome.key_figures
-    assert f"-> BN {beta['BN']:.3g}" in outcome.key_figures
+    table, probe = outcome.tables
+    matched = [i for i, b in enumerate(table.column("band")) if b == "matched"]
     for column in ("lambda_max train", "lambda_max eval"):
-        assert all(math.isfinite(c[0]) for c in table.column(column))
+        assert all(math.isfinite(table.column(column)[i][0]) for i in matched)
     # Without BN train and eval mode are the same function: the same top eigenvalue.
-    i = table.column("network").index("standard")
+    i = next(i for i in matched if table.column("network")[i] == "standard")
     assert table.column("lambda_max train")[i][0] == pytest.approx(
         table.column("lambda_max eval")[i][0], rel=1e-4
     )
+    # The standard net's short runs at the divergence grid say where the line search ends.
+    assert probe.column("lr") == [0.2, 0.4]
+    assert outcome.verdict.startswith("Step range: ")
 
 
 def test_tiny_residual_skipinit_branch_is_zero_at_init(tiny_outcomes):

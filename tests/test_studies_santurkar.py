@@ -178,8 +178,10 @@ def landscape_records(beta: float, gate: str = _bands.TRAINED, spread=(1.0, 1.05
 
 def test_line_search_ends_below_the_standard_nets_divergence_lr():
     trained, stalled = _bands.TRAINED, "stalled"
-    statuses = {0.2: [trained] * 3, 0.28: [trained, stalled, trained], 0.4: [stalled] * 3}
+    # The quick scale's measured grid: a seed slow to leave chance at 0.2, every seed at chance at 0.28.
+    statuses = {0.2: [trained, trained, stalled], 0.28: [stalled] * 3, 0.4: [stalled, "diverged", stalled]}
     assert landscape.line_search_end([0.2, 0.28, 0.4], statuses) == (0.2, 0.28)
+    assert landscape.line_search_end([0.4, 0.2, 0.28], statuses) == (0.2, 0.28)  # the grid is sorted
     assert landscape.line_search_end([0.2], {0.2: [trained]}) == (0.2, None)
     assert landscape.line_search_end([0.2], {0.2: ["diverged"]}) == (None, 0.2)
 
