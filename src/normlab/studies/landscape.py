@@ -347,7 +347,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
     sentence, agrees, discrepancy, key_figures = verdict(lrs[0], first, margin, settle)
     step_range = _step_range_text(lrs[0], eta[lrs[0]], end, divergence, probe_lrs,
                                   ctx.param("divergence_steps", int))
-    sentence = f"{step_range} {sentence}"
+    sentence = f"{sentence} {step_range}"  # after the verdict: an inconclusive one still opens with the word
     tables = [_band_table(ctx, lrs, norms, runs, bands, margin), _probe_table(probe_lrs, probe_status, end,
                                                                              divergence)]
     figures = [f for lr in lrs for f in (_figure(ctx, lr, norms, runs), _band_figure(ctx, lr, norms, runs,
