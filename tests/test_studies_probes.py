@@ -214,10 +214,15 @@ def test_landscape_summary_by_hand():
         "probe/landscape/beta_smoothness": [(4, 10.0), (8, 6.0), (12, 2.0), (16, 2.0)],
         "probe/hessian/top_eigenvalue/train": [(8, 5.0), (16, 7.0)],
     }
-    s = landscape_study.summarize_run(metrics)
-    assert s["loss_range"] == pytest.approx((2.0 + 0.5 + 1.0 + 0.5) / 4)
-    assert s["grad_change"] == pytest.approx(4.0) and s["beta"] == pytest.approx(5.0)
-    assert s["early_beta"] == pytest.approx(10.0)  # first quarter of 4 probe steps = the first one
+    # Training loss (window 4: the log at the probe's own step): steps 4 and 8 in [2, 1), 12 in [1, 0.5),
+    # 16 below the lowest band (the post-convergence phase).
+    loss = [(4, 1.8), (8, 1.2), (12, 0.7), (16, 0.01)]
+    s = landscape_study.summarize_run(metrics, loss, [(2.0, 1.0), (1.0, 0.5), (0.5, 0.05)], 4, 16)
+    assert s["loss_range_bands"][:2] == [pytest.approx((2.0 + 0.5) / 2), pytest.approx(1.0)]
+    assert math.isnan(s["loss_range_bands"][2]) and math.isnan(s["loss_range"])  # no probe in [0.5, 0.05)
+    assert s["beta_bands"][:2] == [pytest.approx(8.0), pytest.approx(2.0)] and s["probes"] == [2, 1, 0]
+    assert s["beta_after"] == pytest.approx(2.0) and s["grad_change_after"] == pytest.approx(2.0)
+    assert s["beta_thirds"] == [pytest.approx(10.0), pytest.approx(6.0), pytest.approx(2.0)]  # (0,5] (5,10]..
     assert s["eig_train"] == 7.0 and math.isnan(s["eig_eval"])
 
 
@@ -270,17 +275,18 @@ def test_track_layers_out_of_range_is_refused():
         noisy_bn_study.check_track_layers([0, 11], 10, "recipe x")
 
 
-def test_landscape_eta_range_must_be_a_pair(tmp_path):
+def test_landscape_loss_bands_must_be_high_then_low(tmp_path):
     import tomllib
 
     from normlab.studies.registry import RECIPES_DIR
 
     raw = tomllib.loads((RECIPES_DIR / "landscape.toml").read_text())
-    raw["scale"]["tiny"]["eta_range"] = [0.5, 1.0, 4.0]
+    raw["scale"]["tiny"]["loss_bands"] = [[1.0, 2.0]]
     path = tmp_path / "landscape.toml"
     path.write_text(_to_toml(raw))
     with pytest.raises(
-        NormlabError, match=r"\[scale.tiny\]: eta_range must be \[low, high\], got \[0.5, 1.0, 4.0\]"
+        NormlabError,
+        match=r"\[scale.tiny\]: a loss band must be \[high, low\] with high > low >= 0, got \[1.0, 2.0\]",
     ):
         run_study(str(path), scale="tiny", seeds=1, out=tmp_path / "out")
 
