@@ -68,29 +68,37 @@ def test_tiny_noisy_bn_verdict_quotes_its_table(tiny_outcomes):
     assert all(math.isfinite(c[0]) for c in table.column("|mu_t+1 - mu_t|"))
 
 
-def test_tiny_ics_verdict_quotes_its_table(tiny_outcomes):
+def test_tiny_ics_tables_per_band_and_per_paper_layer(tiny_outcomes):
     outcome, _ = tiny_outcomes["ics"]
-    table = outcome.tables[0]
-    for i, net in enumerate(table.column("network")):
-        l2 = table.column("ICS l2 ||G - G'||")[i][0]
-        assert math.isfinite(l2) and l2 >= 0
-        assert f"{l2:.3g}" in outcome.key_figures.split(f"{net}:")[1]
+    table, layers = outcome.tables
     assert set(table.column("network")) == {"vgg", "dln"}
+    bands = table.column("band")
+    # Per network and norm: each band of the recipe, the matched mean, the post-convergence phase and the
+    # three same-step windows.
+    assert bands.count("matched") == 4 and bands.count("first third of steps") == 4
+    assert bands.count("[3, 2)") == 2 and bands.count("[100, 5)") == 2
+    # Every same-step window has probes at tiny scale (steps 2, 4 and 8): finite raw ||G - G'||.
+    thirds = [i for i, b in enumerate(bands) if b.endswith("third of steps")]
+    assert all(math.isfinite(table.column("||G - G'|| (raw)")[i][0]) for i in thirds)
+    assert set(layers.column("layer")) >= {"#5 (features.15)", "#10 (head.4)", "#2 (layers.3)"}
+    # Two seeds at tiny scale: never a verdict.
+    assert outcome.agrees_with_paper is None and outcome.verdict.startswith("Inconclusive at this scale")
 
 
 def test_tiny_landscape_table_has_hessian_in_both_modes(tiny_outcomes):
     outcome, _ = tiny_outcomes["landscape"]
-    table = outcome.tables[0]
-    beta = {label: table.column("beta-smoothness")[i][0] for i, label in enumerate(table.column("network"))}
-    assert f"beta-smoothness std {beta['standard']:.3g} ± " in outcome.key_figures
-    assert f"-> BN {beta['BN']:.3g}" in outcome.key_figures
+    table, probe = outcome.tables
+    matched = [i for i, b in enumerate(table.column("band")) if b == "matched"]
     for column in ("lambda_max train", "lambda_max eval"):
-        assert all(math.isfinite(c[0]) for c in table.column(column))
+        assert all(math.isfinite(table.column(column)[i][0]) for i in matched)
     # Without BN train and eval mode are the same function: the same top eigenvalue.
-    i = table.column("network").index("standard")
+    i = next(i for i in matched if table.column("network")[i] == "standard")
     assert table.column("lambda_max train")[i][0] == pytest.approx(
         table.column("lambda_max eval")[i][0], rel=1e-4
     )
+    # The standard net's short runs at the divergence grid say where the line search ends.
+    assert probe.column("lr") == [0.2, 0.4]
+    assert "Step range: the standard net stops training at LR " in outcome.verdict
 
 
 def test_tiny_residual_skipinit_branch_is_zero_at_init(tiny_outcomes):
@@ -206,10 +214,15 @@ def test_landscape_summary_by_hand():
         "probe/landscape/beta_smoothness": [(4, 10.0), (8, 6.0), (12, 2.0), (16, 2.0)],
         "probe/hessian/top_eigenvalue/train": [(8, 5.0), (16, 7.0)],
     }
-    s = landscape_study.summarize_run(metrics)
-    assert s["loss_range"] == pytest.approx((2.0 + 0.5 + 1.0 + 0.5) / 4)
-    assert s["grad_change"] == pytest.approx(4.0) and s["beta"] == pytest.approx(5.0)
-    assert s["early_beta"] == pytest.approx(10.0)  # first quarter of 4 probe steps = the first one
+    # Training loss (window 4: the log at the probe's own step): steps 4 and 8 in [2, 1), 12 in [1, 0.5),
+    # 16 below the lowest band (the post-convergence phase).
+    loss = [(4, 1.8), (8, 1.2), (12, 0.7), (16, 0.01)]
+    s = landscape_study.summarize_run(metrics, loss, [(2.0, 1.0), (1.0, 0.5), (0.5, 0.05)], 4, 16)
+    assert s["loss_range_bands"][:2] == [pytest.approx((2.0 + 0.5) / 2), pytest.approx(1.0)]
+    assert math.isnan(s["loss_range_bands"][2]) and math.isnan(s["loss_range"])  # no probe in [0.5, 0.05)
+    assert s["beta_bands"][:2] == [pytest.approx(8.0), pytest.approx(2.0)] and s["probes"] == [2, 1, 0]
+    assert s["beta_after"] == pytest.approx(2.0) and s["grad_change_after"] == pytest.approx(2.0)
+    assert s["beta_thirds"] == [pytest.approx(10.0), pytest.approx(6.0), pytest.approx(2.0)]  # (0,5] (5,10]..
     assert s["eig_train"] == 7.0 and math.isnan(s["eig_eval"])
 
 
@@ -262,17 +275,18 @@ def test_track_layers_out_of_range_is_refused():
         noisy_bn_study.check_track_layers([0, 11], 10, "recipe x")
 
 
-def test_landscape_eta_range_must_be_a_pair(tmp_path):
+def test_landscape_loss_bands_must_be_high_then_low(tmp_path):
     import tomllib
 
     from normlab.studies.registry import RECIPES_DIR
 
     raw = tomllib.loads((RECIPES_DIR / "landscape.toml").read_text())
-    raw["scale"]["tiny"]["eta_range"] = [0.5, 1.0, 4.0]
+    raw["scale"]["tiny"]["loss_bands"] = [[1.0, 2.0]]
     path = tmp_path / "landscape.toml"
     path.write_text(_to_toml(raw))
     with pytest.raises(
-        NormlabError, match=r"\[scale.tiny\]: eta_range must be \[low, high\], got \[0.5, 1.0, 4.0\]"
+        NormlabError,
+        match=r"\[scale.tiny\]: a loss band must be \[high, low\] with high > low >= 0, got \[1.0, 2.0\]",
     ):
         run_study(str(path), scale="tiny", seeds=1, out=tmp_path / "out")
 

@@ -12,8 +12,6 @@ import pytest
 from normlab.stats import t_quantile_975
 from normlab.studies import (
     _verdict,
-    ics,
-    landscape,
     large_batch,
     mean_shift,
     noisy_bn,
@@ -83,131 +81,7 @@ def test_agreement_word_and_ci_text():
     assert _verdict.ci_text([math.nan]) == "n/a"
 
 
-# -- noisy-bn: Santurkar Fig. 2 is about training --------------------------------------------------
-
-
-def noisy_records(fit: float, change: float, convergence: str = "converged", spread=(0.0, 0.5, -0.5)):
-    return [{"fit_acc": fit + d, "fit_loss": 0.1, "test_acc": fit - 2 + d,
-             "mean_change": change * (1 + d / 10), "convergence": convergence,
-             "convergence_reason": "plateau"} for d in spread]
-
-
-def test_noisy_bn_agrees_when_it_trains_like_bn_and_noise_alone_hurts():
-    arms = {"none": noisy_records(90.0, 0.01), "bn": noisy_records(99.0, 0.02),
-            "noisy_bn": noisy_records(98.9, 0.4, spread=(0.4, -0.3, 0.1)), "noise": noisy_records(40.0, 0.5)}
-    sentence, agrees, discrepancy, key = noisy_bn.verdict(0.1, arms)
-    assert agrees is True and discrepancy is None
-    assert "noisy BN and BN tie on training accuracy" in sentence
-    assert "standard beats noise, no BN on training accuracy by +50.0 pts" in sentence
-    assert "BN beats noisy BN on step-to-step mean change (x 1e-3)" in sentence
-    assert key.startswith("train-mode training acc: noisy BN 99.0 ± 0.9%, BN 99.0 ± 1.2%, standard 90.0")
-
-
-def test_noisy_bn_disagrees_when_bn_trains_better_and_noise_is_harmless():
-    arms = {"none": noisy_records(90.0, 0.01), "bn": noisy_records(99.0, 0.4),
-            "noisy_bn": noisy_records(80.0, 0.02), "noise": noisy_records(90.0, 0.5, spread=(0.3, -0.2, 0.1))}
-    _, agrees, discrepancy, _ = noisy_bn.verdict(0.1, arms)
-    assert agrees is False
-    assert "BN trains better than noisy BN beyond the seeds' spread" in discrepancy
-    assert "the noise without BN does not train worse than the standard net" in discrepancy
-    assert "pre-norm inputs are not measurably less stable" in discrepancy
-
-
-def test_noisy_bn_needs_a_standard_net_that_trained():
-    # The issue's case: at 800 steps the standard net itself had not trained, so "noise prevents
-    # training" cannot be read off the noise arm.
-    arms = {"none": noisy_records(39.8, 0.01, "unconverged"), "bn": noisy_records(99.0, 0.02),
-            "noisy_bn": noisy_records(98.9, 0.4), "noise": noisy_records(32.5, 0.5)}
-    sentence, agrees, discrepancy, _ = noisy_bn.verdict(0.1, arms)
-    assert agrees is None and discrepancy is None
-    assert sentence.startswith("Inconclusive at this scale (3 run(s) of standard had not converged")
-    # The comparisons between converged arms are still reported, marked as not the verdict.
-    decided = sentence.split("Decided on converged arms (not the study's verdict): ")[1]
-    assert decided.startswith("BN beats noisy BN on training accuracy by +0.1 pts")
-    assert "BN beats noisy BN on step-to-step mean change (x 1e-3)" in decided
-    assert "noise, no BN" not in decided
-
-
-def test_noisy_bn_noise_arm_stalled_at_chance_is_the_papers_outcome():
-    # "The same noise without BN prevents training": a noise arm stalled at chance is a result (10%), and
-    # the standard net beats it; a stalled BN arm would still be no result.
-    arms = {"none": noisy_records(90.0, 0.01), "bn": noisy_records(99.0, 0.02),
-            "noisy_bn": noisy_records(98.9, 0.4, spread=(0.4, -0.3, 0.1)),
-            "noise": noisy_records(10.0, 0.5, "stalled")}
-    sentence, agrees, _, _ = noisy_bn.verdict(0.1, arms)
-    assert agrees is True and "standard beats noise, no BN on training accuracy by +80.0 pts" in sentence
-    arms["bn"] = noisy_records(10.0, 0.02, "stalled")
-    sentence, agrees, _, _ = noisy_bn.verdict(0.1, arms)
-    assert agrees is None and "3 run(s) of BN stalled at chance level" in sentence
-
-
-def test_santurkar_studies_name_the_flag_that_settles_an_unconverged_arm():
-    from normlab.studies._santurkar import longer_budget
-
-    settle = longer_budget({"steps": 1500})
-    assert settle["unconverged"] == "a longer budget, --set steps=3000, or --scale paper"
-    assert settle["stalled"] == _verdict.SETTLE["stalled"]  # only the budget's entry is concrete
-    arms = {"none": noisy_records(39.8, 0.01, "unconverged"), "bn": noisy_records(99.0, 0.02),
-            "noisy_bn": noisy_records(98.9, 0.4), "noise": noisy_records(32.5, 0.5)}
-    sentence, _, _, _ = noisy_bn.verdict(0.1, arms, settle)
-    assert ("had not converged when the budget ended); to settle it: a longer budget, --set steps=3000, or "
-            "--scale paper. As measured") in sentence
-    sentence, _, _, _ = landscape.verdict(
-        0.1, {"none": landscape_records(40.0, "unconverged"), "bn": landscape_records(4.0)}, settle)
-    assert "to settle it: a longer budget, --set steps=3000, or --scale paper." in sentence
-    both = {("vgg", "none"): ics_records(0.1, 0.9, "unconverged"), ("vgg", "bn"): ics_records(0.3, 0.5),
-            ("dln", "none"): ics_records(0.01, 0.99, "unconverged"), ("dln", "bn"): ics_records(1.0, 0.02)}
-    per_net = {net: longer_budget({f"nets.{net}.steps": 2000}) for net in ("vgg", "dln")}
-    sentence, _, _, _ = ics.verdict(both, per_net)
-    assert ("to settle it: a longer budget, --set nets.vgg.steps=4000, or --scale paper; "
-            "a longer budget, --set nets.dln.steps=4000, or --scale paper.") in sentence
-
-
-# -- ics, landscape --------------------------------------------------------------------------------
-
-
-def ics_records(l2: float, cos: float, convergence: str = "converged"):
-    return [{"l2": l2 * f, "cos": cos * f, "convergence": convergence} for f in (1.0, 1.02, 0.97)]
-
-
-def test_ics_verdict_follows_the_rule():
-    agree = {("vgg", "none"): ics_records(0.1, 0.9), ("vgg", "bn"): ics_records(0.3, 0.5)}
-    sentence, agrees, _, key = ics.verdict(agree)
-    assert agrees is True and sentence.endswith("BN does not reduce internal covariate shift.")
-    assert key == ("vgg: ||G-G'|| BN 0.299 ± 0.019 vs std 0.0997 ± 0.0063, "
-                   "cos BN 0.498 ± 0.031 vs std 0.897 ± 0.056")
-    flipped = {("vgg", "none"): ics_records(0.3, 0.5), ("vgg", "bn"): ics_records(0.1, 0.9)}
-    _, agrees, discrepancy, _ = ics.verdict(flipped)
-    assert agrees is False and "in the vgg BN has less ICS by ||G - G'||" in discrepancy
-    untrained = {("vgg", "none"): ics_records(0.1, 0.9, "unconverged"), ("vgg", "bn"): ics_records(0.3, 0.5)}
-    sentence, agrees, _, _ = ics.verdict(untrained)
-    assert agrees is None and sentence.startswith("Inconclusive at this scale (vgg ||G - G'||: 3 run(s)")
-    assert "Decided on converged arms" not in sentence
-    # A network whose arms converged is reported as decided beside the one that did not train.
-    mixed = {**untrained, ("dln", "none"): ics_records(0.01, 0.99), ("dln", "bn"): ics_records(1.0, 0.02)}
-    sentence, agrees, _, _ = ics.verdict(mixed)
-    decided = sentence.split("Decided on converged arms (not the study's verdict): ")[1]
-    assert agrees is None and decided.startswith("dln: standard beats BN on less ICS (lower ||G - G_prime||)")
-    assert "vgg" not in decided
-
-
-def landscape_records(beta: float, convergence: str = "converged"):
-    return [{"beta": beta * f, "grad_change": beta * f / 5, "loss_range": beta * f / 40, "eig_train": 1.0,
-             "eig_eval": 2.0, "convergence": convergence} for f in (1.0, 1.05, 0.93)]
-
-
-def test_landscape_verdict_follows_the_rule():
-    sentence, agrees, _, _ = landscape.verdict(0.1, {"none": landscape_records(40.0),
-                                                     "bn": landscape_records(4.0)})
-    assert agrees is True and "effective beta-smoothness: 39.7 ± 6 -> 3.97 ± 0.6" in sentence
-    assert "BN beats standard on lower effective beta-smoothness" in sentence
-    _, agrees, discrepancy, _ = landscape.verdict(0.1, {"none": landscape_records(4.0),
-                                                        "bn": landscape_records(40.0)})
-    assert agrees is False and "BN's effective beta-smoothness is not lower beyond the seeds' spread (win)" \
-        in discrepancy
-    sentence, agrees, _, _ = landscape.verdict(
-        0.1, {"none": landscape_records(40.0, "unconverged"), "bn": landscape_records(4.0)})
-    assert agrees is None and sentence.startswith("Inconclusive at this scale")
+# Santurkar et al.'s studies (noisy-bn, ics, landscape): tests/test_studies_santurkar.py.
 
 
 # -- grid studies ----------------------------------------------------------------------------------

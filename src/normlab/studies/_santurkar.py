@@ -9,12 +9,13 @@ from normlab.studies.base import StudyContext
 
 
 def longer_budget(fields: dict[str, int]) -> dict[str, str]:
-    """:data:`SETTLE` whose ``unconverged`` entry names the ``--set`` flags of a longer budget: each budget
-    field (dotted path -> its steps now) doubled. (Measured on the quick scale's standard VGG-16, plain SGD
-    at LR 0.1 on MNIST-1D: 2 of 3 seeds had plateaued at 6,500 steps and 1 of 3 at 10,000, the others
-    spiking again; the unconverged reason says which, a loss still falling or one that rose.)"""
+    """:data:`SETTLE` whose ``unconverged`` and ``stalled`` entries name the ``--set`` flags of a longer
+    budget: each budget field (dotted path -> its steps now) doubled. A trajectory claim's arm that has not
+    left chance level within its window (``stalled``) needs a longer window, not a smaller LR: the LR is
+    the paper's."""
     flags = " ".join(f"--set {field}={2 * steps}" for field, steps in fields.items())
-    return {**SETTLE, "unconverged": f"a longer budget, {flags}, or --scale paper"}
+    text = f"a longer budget, {flags}, or --scale paper"
+    return {**SETTLE, "unconverged": text, "stalled": text}
 
 
 def santurkar_base(ctx: StudyContext, group: str) -> dict[str, Any]:
@@ -22,6 +23,7 @@ def santurkar_base(ctx: StudyContext, group: str) -> dict[str, Any]:
     plain SGD with a fixed learning rate and no weight decay (the paper's setup)."""
     return {
         "model": ctx.param("model", str),
+        "depth": ctx.params.get("depth"),  # None: the model's default (VGG-16); quick scale takes VGG-11
         "width": ctx.param("width", (int, float)),
         "dataset": ctx.param("dataset", str),
         "subset": ctx.param("subset", int) or None,

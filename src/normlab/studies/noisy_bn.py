@@ -25,8 +25,21 @@ no weight decay), constant LR, for every LR of ``lrs`` and every seed.
   tracker's step-to-step mean change ``|mu_{t+1} - mu_t|``, variance change and drift from the first
   step (``probe/activation_stats/<field>/<layer>``).
 
-The verdict (:func:`verdict`, first LR) uses the shared rule on converged arms: noisy BN vs BN and the
-standard net vs the noise without BN on training accuracy, noisy BN vs BN on the mean change.
+The verdict (:func:`verdict`, first LR) decides the paper's three claims separately, each by the shared
+rule (:func:`normlab.stats.compare_arms`, paired over seeds) with its own margin:
+
+1. noisy BN trains about as well as BN (an equivalence claim): train-mode training accuracy, margin
+   ``margin`` (1 point); agrees on *equivalent*, disagrees on a win either way;
+2. the noise without BN prevents training: that arm alone against chance level (100 / classes %), margin
+   ``chance_margin``; stalled at chance *is* the result (agrees on *equivalent*), a run that trained well
+   above chance disagrees;
+3. noisy BN's layer inputs are less stable than BN's (a win claim): the step-to-step mean change, compared
+   as a log against the log-ratio ``stability_margin``; agrees when BN wins.
+
+Arms are gated on their trajectory, not on end-of-run convergence (:func:`normlab.studies._bands.
+trajectory_status`: left chance level and did not diverge within the window); the standard network is a
+control, reported and never blocking a verdict. The study disagrees when any claim does; otherwise an
+unresolved or inconclusive claim makes it inconclusive.
 """
 
 from __future__ import annotations
@@ -38,10 +51,11 @@ from typing import Any
 from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.stats import INCONCLUSIVE, WIN, Verdict, compare_arms
+from normlab.stats import EQUIVALENT, INCONCLUSIVE, UNRESOLVED, WIN, Verdict, compare_arms
+from normlab.studies import _bands
 from normlab.studies._santurkar import longer_budget, santurkar_base
 from normlab.studies._series import mean_curve
-from normlab.studies._verdict import SETTLE, settle_text
+from normlab.studies._verdict import SETTLE
 from normlab.studies.base import StudyContext, StudyOutcome, Table, mean_ci
 
 PARAMS: dict[str, Any] = {
@@ -57,6 +71,11 @@ PARAMS: dict[str, Any] = {
     "track_every": int,
     "track_layers": {"list": int},
     "units": int,
+    "window": int,
+    "chance_fraction": float,
+    "margin": float,
+    "chance_margin": float,
+    "stability_margin": float,
 }
 
 LABELS = {"none": "standard", "bn": "BN", "noisy_bn": "noisy BN", "noise": "noise, no BN"}
@@ -243,97 +262,118 @@ def final_fit(series: list[tuple[int, float]]) -> float:
     return math.fsum(tail) / len(tail) if tail else math.nan
 
 
-def _arm(
-    records: list[dict[str, Any]], key: str, stall_is_result: bool = False
-) -> tuple[list[float], list[str]]:
+def _statuses(records: list[dict[str, Any]], stall_is_result: bool = False) -> list[str]:
     # The noise without BN "prevents training" (Fig. 2): for that arm a run stalled at chance level is the
     # outcome the paper predicts, a measured training accuracy, not a run that failed to give a result.
-    statuses = [r["convergence"] for r in records]
-    if stall_is_result:
-        statuses = ["converged" if s == "stalled" else s for s in statuses]
-    return [r[key] for r in records], statuses
+    ok = (_bands.TRAINED, "stalled") if stall_is_result else (_bands.TRAINED,)
+    return ["converged" if r["gate"] in ok else r["gate"] for r in records]
 
 
-def _compare(
-    runs: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, better: bool = True,
-    settle: dict[str, str] | None = None,
-) -> Verdict:
-    (va, sa), (vb, sb) = _arm(runs[a], key, a == "noise"), _arm(runs[b], key, b == "noise")
-    return compare_arms(
-        LABELS[a], va, LABELS[b], vb, statuses_a=sa, statuses_b=sb, higher_is_better=better,
-        paired=len(va) == len(vb), settle=settle or SETTLE,
-    )
+def claims(
+    runs: dict[str, list[dict[str, Any]]], chance: float, margin: float = 1.0, chance_margin: float = 5.0,
+    stability_margin: float = math.log(1.25), settle: dict[str, str] | None = None,
+) -> dict[str, Verdict]:
+    """The three claims' verdicts from ``runs[norm]`` (records with ``gate``, ``fit_acc`` in % and
+    ``mean_change``): ``trains`` (noisy BN vs BN, equivalence within ``margin`` points), ``prevents`` (the
+    noise arm vs ``chance`` %, within ``chance_margin`` points) and ``stable`` (log mean change, noisy BN vs
+    BN, against ``stability_margin``)."""
+    settle = settle or SETTLE
+    noisy, bn, noise = runs["noisy_bn"], runs["bn"], runs["noise"]
+    trains = compare_arms(
+        LABELS["noisy_bn"], [r["fit_acc"] for r in noisy], LABELS["bn"], [r["fit_acc"] for r in bn],
+        statuses_a=_statuses(noisy), statuses_b=_statuses(bn), paired=len(noisy) == len(bn), margin=margin,
+        settle=settle)
+    prevents = compare_arms(
+        LABELS["noise"], [r["fit_acc"] for r in noise], "chance level", [chance] * len(noise),
+        statuses_a=_statuses(noise, stall_is_result=True), paired=True, margin=chance_margin, settle=settle)
+    stable = compare_arms(
+        LABELS["noisy_bn"], [_log(r["mean_change"]) for r in noisy], LABELS["bn"],
+        [_log(r["mean_change"]) for r in bn], statuses_a=_statuses(noisy), statuses_b=_statuses(bn),
+        higher_is_better=False, paired=len(noisy) == len(bn), margin=stability_margin, settle=settle)
+    return {"trains": trains, "prevents": prevents, "stable": stable}
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else math.nan
+
+
+def claim_outcome(name: str, v: Verdict) -> bool | None:
+    """True (agrees), False (disagrees) or None (unresolved / inconclusive) for one claim of
+    :func:`claims`."""
+    if v.word in (INCONCLUSIVE, UNRESOLVED):
+        return None
+    if name == "trains":
+        return v.word == EQUIVALENT
+    if name == "prevents":
+        return v.word == EQUIVALENT or (v.word == WIN and v.winner == "chance level")
+    return v.word == WIN and v.winner == LABELS["bn"]
+
+
+CLAIMS = {
+    "trains": "noisy BN trains about as well as BN",
+    "prevents": "the noise without BN prevents training",
+    "stable": "noisy BN's layer inputs are less stable than BN's",
+}
 
 
 def verdict(
-    lr: float, runs: dict[str, list[dict[str, Any]]], settle: dict[str, str] | None = None,
+    lr: float, runs: dict[str, list[dict[str, Any]]], chance: float = 10.0, margin: float = 1.0,
+    chance_margin: float = 5.0, stability_margin: float = math.log(1.25),
+    settle: dict[str, str] | None = None,
 ) -> tuple[str, bool | None, str | None, str]:
-    """The verdict on Santurkar et al.'s Fig. 2 claim at LR ``lr``: ``(sentence, agrees, discrepancy,
-    key figures)``.
-
-    ``runs[norm]`` holds one record per seed: ``convergence`` (the run's status), ``fit_acc`` / ``fit_loss``
-    (training-batch accuracy % and loss in train mode, noise on, over the last 10% of the logs: the
-    training performance Fig. 2 plots), ``test_acc`` (eval mode: the expected layer) and ``mean_change``
-    (step-to-step change of the tracked units' mean at the pre-norm conv outputs, where no noise is
-    injected). The claim holds when, by the shared rule (:func:`normlab.stats.compare_arms`), noisy BN's
-    training accuracy is not beaten by BN's (a tie or better: "about as well"), the standard net beats the
-    same noise without BN (the noise alone harms training), and BN's pre-norm inputs move less per step
-    than noisy BN's. Any comparison that is inconclusive (an arm did not converge, fewer than 3 seeds)
-    makes the study inconclusive; ``settle`` (default :data:`SETTLE`) says what would settle each kind.
+    """The verdict on Santurkar et al.'s Fig. 2 claims at LR ``lr``: ``(sentence, agrees, discrepancy, key
+    figures)``. ``runs[norm]`` holds one record per seed: ``gate`` (:func:`normlab.studies._bands.
+    trajectory_status`), ``fit_acc`` / ``fit_loss`` (training-batch accuracy % and loss in train mode, noise
+    on, over the last 10% of the logs: the training performance Fig. 2 plots), ``test_acc`` (eval mode: the
+    expected layer) and ``mean_change`` (step-to-step change of the tracked units' mean at the pre-norm conv
+    outputs, where no noise is injected). Each claim of :func:`claims` is decided alone; the standard
+    network (``none``) is a control, quoted and never deciding.
     """
-    needed = ("none", "bn", "noisy_bn", "noise")
+    needed = ("bn", "noisy_bn", "noise")
     if any(n not in runs for n in needed):
-        return "The recipe must train none, bn, noisy_bn and noise to test the claim.", None, None, ""
+        return "The recipe must train bn, noisy_bn and noise to test the claims.", None, None, ""
 
     def fig(norm: str, key: str, unit: str = "%") -> str:
-        mean, half = mean_ci(r[key] for r in runs[norm])
+        mean, half = mean_ci(r[key] for r in runs.get(norm, []))
         if not math.isfinite(mean):
             return "n/a"
-        digits = 3 if unit == "" else 1
-        return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if math.isfinite(half) else "") + unit
+        return f"{mean:.1f}" + (f" ± {half:.1f}" if math.isfinite(half) else "") + unit
 
-    trains = _compare(runs, "noisy_bn", "bn", "fit_acc", settle=settle)
-    harms = _compare(runs, "none", "noise", "fit_acc", settle=settle)
-    stable = _compare(runs, "noisy_bn", "bn", "mean_change", better=False, settle=settle)
-    key = (
-        "train-mode training acc: "
-        + ", ".join(f"{LABELS[n]} {fig(n, 'fit_acc')}" for n in ("noisy_bn", "bn", "none", "noise"))
-        + f"; eval-mode test acc: noisy BN {fig('noisy_bn', 'test_acc')}, BN {fig('bn', 'test_acc')}"
-    )
-    sentence = (
-        f"At LR {lr:g}, in train mode (noise on): {trains.sentence('training accuracy', 1.0)} "
-        f"{harms.sentence('training accuracy', 1.0)} At the norm layers' inputs (no noise injected there): "
-        f"{stable.sentence('step-to-step mean change (x 1e-3)', 1000.0, '')} Eval mode (the expected layer): "
-        f"noisy BN "
-        f"{fig('noisy_bn', 'test_acc')} test accuracy vs BN {fig('bn', 'test_acc')}."
-    )
-    parts = (trains, harms, stable)
-    if any(v.word == INCONCLUSIVE for v in parts):
-        reasons = "; ".join(dict.fromkeys(v.reason for v in parts if v.word == INCONCLUSIVE))
-        settle = settle_text(parts)
-        text = (f"Inconclusive at this scale ({reasons}); to settle it: {settle}. As measured at LR {lr:g} "
-                f"(not a verdict): {key}.")
-        decided = [sentence for v, sentence in (
-            (trains, trains.sentence('training accuracy', 1.0)),
-            (harms, harms.sentence('training accuracy', 1.0)),
-            (stable, stable.sentence('step-to-step mean change (x 1e-3)', 1000.0, '')),
-        ) if v.word != INCONCLUSIVE]
-        if decided:
-            # The comparisons whose arms both converged still say something: report them, not as the verdict.
-            text += " Decided on converged arms (not the study's verdict): " + " ".join(decided)
-        return text, None, None, key
-    failed = []
-    if trains.word == WIN and trains.winner == LABELS["bn"]:
-        failed.append("BN trains better than noisy BN beyond the seeds' spread")
-    if not (harms.word == WIN and harms.winner == LABELS["none"]):
-        failed.append("the noise without BN does not train worse than the standard net")
-    if not (stable.word == WIN and stable.winner == LABELS["bn"]):
-        failed.append("noisy BN's pre-norm inputs are not measurably less stable than BN's")
-    discrepancy = (
-        "Santurkar et al. find noisy BN trains about as well as BN despite less stable layer inputs and "
-        "the noise alone harmful, but " + "; ".join(failed) + " (see the accuracy figure)."
-    ) if failed else None
-    return sentence, not failed, discrepancy, key
+    found = claims(runs, chance, margin, chance_margin, stability_margin, settle)
+    outcome = {name: claim_outcome(name, v) for name, v in found.items()}
+    arms = [n for n in ("noisy_bn", "bn", "none", "noise") if n in runs]
+    key = ("train-mode training acc: " + ", ".join(f"{LABELS[n]} {fig(n, 'fit_acc')}" for n in arms)
+           + f"; eval-mode test acc: noisy BN {fig('noisy_bn', 'test_acc')}, BN {fig('bn', 'test_acc')}")
+    texts = {
+        "trains": found["trains"].sentence("train-mode training accuracy", 1.0),
+        "prevents": found["prevents"].sentence("train-mode training accuracy", 1.0),
+        "stable": found["stable"].sentence("log step-to-step mean change (lower)", 100.0, " x 0.01"),
+    }
+    word = {True: "agrees", False: "disagrees", None: "undecided"}
+    parts = [f"({i}) {CLAIMS[n]}: {word[outcome[n]]}. {texts[n]}" for i, n in enumerate(CLAIMS, 1)]
+    control = ""
+    if "none" in runs:
+        trained = sum(r["gate"] == _bands.TRAINED for r in runs["none"])
+        control = (f" Control (not decided on): the standard net reaches {fig('none', 'fit_acc')} train-mode "
+                   f"training accuracy ({trained}/{len(runs['none'])} runs left chance level).")
+    sentence = f"At LR {lr:g}, in train mode (noise on): " + " ".join(parts) + control + (
+        f" Eval mode (the expected layer): noisy BN {fig('noisy_bn', 'test_acc')} test accuracy vs BN "
+        f"{fig('bn', 'test_acc')}.")
+    failed = [f"{CLAIMS[n]} does not hold ({found[n].word}" + (f", {found[n].winner} ahead" if found[n].winner
+                                                              else "") + ")"
+              for n in CLAIMS if outcome[n] is False]
+    if failed:
+        discrepancy = ("Santurkar et al. find all three, but " + "; ".join(failed)
+                       + " (see the accuracy figure).")
+        return sentence, False, discrepancy, key
+    pending = [found[n] for n in CLAIMS if outcome[n] is None]
+    if pending:
+        why = "; ".join(dict.fromkeys(
+            f"{CLAIMS[n]}: {found[n].reason}" for n in CLAIMS if outcome[n] is None))
+        fixes = "; ".join(dict.fromkeys(v.settle for v in pending if v.settle)) or SETTLE["unconverged"]
+        return (f"Inconclusive at this scale ({why}); to settle it: {fixes}. As measured (not a verdict): "
+                f"{sentence}"), None, None, key
+    return sentence, True, None, key
 
 
 def run(ctx: StudyContext) -> StudyOutcome:
@@ -344,7 +384,10 @@ def run(ctx: StudyContext) -> StudyOutcome:
     # Check the tracked slots against the model before training (a worker would only record a failure).
     from normlab.train.build import build_model, load_data
 
-    probe_model = build_model(configs[0], load_data(configs[0]))
+    data = load_data(configs[0])
+    probe_model = build_model(configs[0], data)
+    chance = 100.0 / data.num_classes
+    window, chance_fraction = ctx.param("window", int), float(ctx.param("chance_fraction", (int, float)))
     where = f"{ctx.study.path or ctx.study.name} [scale.{ctx.scale}] track_layers"
     check_track_layers(ctx.param("track_layers", list), len(norm_slots(probe_model)), where)
     factory = functools.partial(
@@ -367,6 +410,9 @@ def run(ctx: StudyContext) -> StudyOutcome:
             "layer_eval_acc": 100.0 * result.final_test_acc if done else math.nan,
             "train_acc": 100.0 * result.final_train_acc if done else math.nan,
         }
+        loss = ctx.metrics(result.run_id, "train/loss") if result.run_id is not None else []
+        record["gate"] = _bands.trajectory_status(result.status, loss, math.log(data.num_classes),
+                                                  chance_fraction, window)
         metrics = {}
         if result.run_id is not None:
             metrics = {
@@ -397,7 +443,7 @@ def run(ctx: StudyContext) -> StudyOutcome:
             "|mu_t+1 - mu_t|",
             "|var_t+1 - var_t|",
             "|mu_T - mu_0|",
-            "converged",
+            "trained",
         ],
         notes=[
             f"mean ± 95% CI over {len(ctx.seeds)} seeds; units tracked at the inputs of norm slots "
@@ -409,6 +455,11 @@ def run(ctx: StudyContext) -> StudyOutcome:
             "noise on: the training performance of Santurkar et al. Fig. 2), mean over the last 10% of "
             "the logs. test / train acc (eval): the final model in eval mode, where noisy BN is the "
             "expectation of its training-time layer (output x E[s]).",
+            "trained: runs that left chance level and did not diverge within the window (the gate of the "
+            "claims; the noise arm's stalled runs are its result). Margins: noisy BN vs BN "
+            f"±{ctx.param('margin', (int, float)):g} pts; noise arm vs chance "
+            f"±{ctx.param('chance_margin', (int, float)):g} pts; the mean change as a log, "
+            f"±{ctx.param('stability_margin', (int, float)):.3g}.",
         ],
     )
     summary: dict[float, dict[str, dict[str, tuple[float, float]]]] = {}
@@ -431,11 +482,14 @@ def run(ctx: StudyContext) -> StudyOutcome:
                 s["mean_change"],
                 s["var_change"],
                 s["mean_drift"],
-                f"{sum(r['convergence'] == 'converged' for r in rs)}/{len(rs)}",
+                f"{sum(r['gate'] == _bands.TRAINED for r in rs)}/{len(rs)}",
             )
     lr0 = lrs[0]
     settle = longer_budget({"steps": ctx.param("steps", int)})
-    sentence, agrees, discrepancy, key_figures = verdict(lr0, {n: runs[(lr0, n)] for n in norms}, settle)
+    sentence, agrees, discrepancy, key_figures = verdict(
+        lr0, {n: runs[(lr0, n)] for n in norms}, chance, float(ctx.param("margin", (int, float))),
+        float(ctx.param("chance_margin", (int, float))), float(ctx.param("stability_margin", (int, float))),
+        settle)
     figures = [_accuracy_figure(ctx, lrs, norms, runs)] + [_band_figure(ctx, lr, norms, runs) for lr in lrs]
     data = {
         f"{lr}/{norm}": [{k: v for k, v in r.items()} for r in runs[(lr, norm)]]
