@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.probes._data import LossFn, check_batch, check_positive_int, default_loss, model_device, unpack
+from normlab.probes._data import LossFn, check_positive_int, model_device
 from normlab.probes._result import ProbeResult
-from normlab.probes._state import check_batch_for_mode, check_mode, preserved, set_mode
-from normlab.probes.hessian_spectrum import hvp_operator, lanczos_tridiagonal, tridiagonal
+from normlab.probes._state import check_mode, preserved, set_mode
+from normlab.probes.hessian_spectrum import hvp_operator, lanczos_tridiagonal, loss_inputs, tridiagonal
 
 
 @dataclasses.dataclass
@@ -115,15 +115,7 @@ def hessian_density(
     check_mode(mode)
     for value, name in ((iterations, "iterations"), (runs, "runs"), (num_moments, "num_moments")):
         check_positive_int(value, name)
-    x, y = unpack(batch)
-    if y is None:
-        raise NormlabError("hessian_density needs a batch (x, y) with targets for the loss, got x only")
-    check_batch(x, y)
-    check_batch_for_mode(model, x.shape[0], mode)
-    loss_fn = loss_fn or default_loss
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise NormlabError(f"{type(model).__name__} has no trainable parameters")
+    x, y, loss_fn, params = loss_inputs(model, batch, mode, loss_fn, "hessian_density")
     device = model_device(model)
     x, y = x.to(device), y.to(device)
     gen = torch.Generator().manual_seed(seed)

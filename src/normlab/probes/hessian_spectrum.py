@@ -185,15 +185,7 @@ def hessian(
         raise NormlabError(f"trace_method must be 'hutchinson' or 'exact', got {trace_method!r}")
     for value, name in ((top_k, "top_k"), (max_iter, "max_iter"), (trace_samples, "trace_samples")):
         check_positive_int(value, name)
-    x, y = unpack(batch)
-    if y is None:
-        raise NormlabError("hessian needs a batch (x, y) with targets to compute the loss, got x only")
-    check_batch(x, y)
-    check_batch_for_mode(model, x.shape[0], mode)
-    loss_fn = loss_fn or default_loss
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise NormlabError(f"{type(model).__name__} has no trainable parameters")
+    x, y, loss_fn, params = loss_inputs(model, batch, mode, loss_fn, "hessian")
     layers = weight_layers(model) if per_layer else []
     if per_layer:
         require_layers(layers, model, "layer with its own weight")
@@ -225,3 +217,17 @@ def hessian(
             result.layer_top_eigenvalue[name] = top[0]
             result.layer_trace[name] = layer_trace
     return result
+
+
+def loss_inputs(model: nn.Module, batch, mode: str, loss_fn, probe: str):
+    """``(x, y, loss_fn, params)`` of a curvature probe: a batch with targets checked for ``mode``, the
+    default loss when None, the model's trainable parameters (at least one)."""
+    x, y = unpack(batch)
+    if y is None:
+        raise NormlabError(f"{probe} needs a batch (x, y) with targets to compute the loss, got x only")
+    check_batch(x, y)
+    check_batch_for_mode(model, x.shape[0], mode)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise NormlabError(f"{type(model).__name__} has no trainable parameters")
+    return x, y, loss_fn or default_loss, params
