@@ -65,3 +65,20 @@ def unpack(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(batch, (tuple, list)) and len(batch) in (1, 2) and isinstance(batch[0], torch.Tensor):
         return batch[0], (batch[1] if len(batch) == 2 else None)
     raise NormlabError(f"a batch must be a tensor x or a pair (x, y), got {type(batch).__name__}")
+
+
+def loss_inputs(model: nn.Module, batch, mode: str, loss_fn, probe: str, purpose: str = ""):
+    """``(x, y, loss_fn, params)`` of a probe that evaluates the loss: a batch with targets checked for
+    ``mode``, the default loss when None, the model's trainable parameters (at least one; ``purpose`` ends
+    that message, e.g. " to move along")."""
+    from normlab.probes._state import check_batch_for_mode
+
+    x, y = unpack(batch)
+    if y is None:
+        raise NormlabError(f"{probe} needs a batch (x, y) with targets to compute the loss, got x only")
+    check_batch(x, y)
+    check_batch_for_mode(model, x.shape[0], mode)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise NormlabError(f"{type(model).__name__} has no trainable parameters{purpose}")
+    return x, y, loss_fn or default_loss, params

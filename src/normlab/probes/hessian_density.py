@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.probes._data import LossFn, check_positive_int, model_device
+from normlab.probes._data import LossFn, check_positive_int, loss_inputs, model_device
 from normlab.probes._result import ProbeResult
 from normlab.probes._state import check_mode, preserved, set_mode
-from normlab.probes.hessian_spectrum import hvp_operator, lanczos_tridiagonal, loss_inputs, tridiagonal
+from normlab.probes.hessian_spectrum import hvp_operator, lanczos_tridiagonal, tridiagonal
 
 
 @dataclasses.dataclass

@@ -31,10 +31,15 @@ import torch
 from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.probes._data import LossFn, check_batch, check_positive_int, default_loss, model_device, unpack
+from normlab.probes._data import (
+    LossFn,
+    check_positive_int,
+    loss_inputs,
+    model_device,
+)
 from normlab.probes._layers import own_parameters, require_layers, weight_layers
 from normlab.probes._result import ProbeResult
-from normlab.probes._state import check_batch_for_mode, check_mode, preserved, set_mode
+from normlab.probes._state import check_mode, preserved, set_mode
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 METHODS = ("lanczos", "power")
@@ -217,17 +222,3 @@ def hessian(
             result.layer_top_eigenvalue[name] = top[0]
             result.layer_trace[name] = layer_trace
     return result
-
-
-def loss_inputs(model: nn.Module, batch, mode: str, loss_fn, probe: str):
-    """``(x, y, loss_fn, params)`` of a curvature probe: a batch with targets checked for ``mode``, the
-    default loss when None, the model's trainable parameters (at least one)."""
-    x, y = unpack(batch)
-    if y is None:
-        raise NormlabError(f"{probe} needs a batch (x, y) with targets to compute the loss, got x only")
-    check_batch(x, y)
-    check_batch_for_mode(model, x.shape[0], mode)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise NormlabError(f"{type(model).__name__} has no trainable parameters")
-    return x, y, loss_fn or default_loss, params

@@ -32,9 +32,14 @@ import torch
 from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.probes._data import LossFn, check_batch, check_positive_int, default_loss, model_device, unpack
+from normlab.probes._data import (
+    LossFn,
+    check_positive_int,
+    loss_inputs,
+    model_device,
+)
 from normlab.probes._result import ProbeResult
-from normlab.probes._state import check_batch_for_mode, check_mode, preserved, set_mode
+from normlab.probes._state import check_mode, preserved, set_mode
 from normlab.probes.loss_landscape import _norm, filter_normalized_direction
 
 Weights = Mapping[str, torch.Tensor] | nn.Module
@@ -130,15 +135,7 @@ def landscape_2d(
     grid = coordinates(span or ((-0.25, 1.25) if through is not None else (-1.0, 1.0)), num_points)
     alphas = _check_axis(grid if alphas is None else alphas, "alphas")
     betas = _check_axis(grid if betas is None else betas, "betas")
-    x, y = unpack(batch)
-    if y is None:
-        raise NormlabError("landscape_2d needs a batch (x, y) with targets to compute the loss, got x only")
-    check_batch(x, y)
-    check_batch_for_mode(model, x.shape[0], mode)
-    loss_fn = loss_fn or default_loss
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise NormlabError(f"{type(model).__name__} has no trainable parameters to move along")
+    x, y, loss_fn, params = loss_inputs(model, batch, mode, loss_fn, "landscape_2d", " to move along")
     if through is not None:
         if not isinstance(through, (tuple, list)) or len(through) != 2:
             raise NormlabError(f"through must be a pair of weights (A, B), got {type(through).__name__}")

@@ -28,9 +28,14 @@ import torch
 from torch import nn
 
 from normlab.errors import NormlabError
-from normlab.probes._data import LossFn, check_batch, check_positive_int, default_loss, model_device, unpack
+from normlab.probes._data import (
+    LossFn,
+    check_positive_int,
+    loss_inputs,
+    model_device,
+)
 from normlab.probes._result import ProbeResult
-from normlab.probes._state import check_batch_for_mode, check_mode, preserved, set_mode
+from normlab.probes._state import check_mode, preserved, set_mode
 
 DIRECTIONS = ("gradient", "random")
 
@@ -133,15 +138,7 @@ def landscape(
     else:
         lr = None  # an explicit grid: no lr behind it
     etas = check_etas(etas)
-    x, y = unpack(batch)
-    if y is None:
-        raise NormlabError("landscape needs a batch (x, y) with targets to compute the loss, got x only")
-    check_batch(x, y)
-    check_batch_for_mode(model, x.shape[0], mode)
-    loss_fn = loss_fn or default_loss
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise NormlabError(f"{type(model).__name__} has no trainable parameters to move along")
+    x, y, loss_fn, params = loss_inputs(model, batch, mode, loss_fn, "landscape", " to move along")
     device = model_device(model)
     x, y = x.to(device), y.to(device)
 
